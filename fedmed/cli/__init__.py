@@ -1,0 +1,1 @@
+"""fedmed's command-line tools."""

@@ -1,0 +1,171 @@
+"""Decode a site's DICOM files once and keep the results on the site's disk.
+
+Each file is keyed by its identity (absolute path, size, modification time); the whole
+cache is keyed by the preprocessing options, so a changed file is decoded again and a
+changed option starts a fresh cache. Decoded images live in one ``.npy`` file that later
+loads memory-map; failures are cached too, so an unchanged bad file is not retried.
+Every write goes to a temporary file first and is moved into place, so a crash never
+leaves a half-written cache behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedmed.data.dicom import DicomReadError, ReadOptions, read_dicom
+from fedmed.data.report import SkipReason
+
+# Bump when the preprocessing in fedmed.data.dicom changes what an image looks like.
+PREPROCESSING_VERSION = 1
+INDEX_NAME = "index.json"
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What one file gave: a row of the image array, or the reason it has none."""
+
+    row: int | None
+    reason: SkipReason | None = None
+    detail: str = ""
+    sop_instance_uid: str = ""
+    patient_id: str = ""
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    images: np.ndarray  # (rows, size, size) float32; may be a read-only memory map
+    files: list[Decoded]  # one per requested path, in order
+    decoded: int  # files decoded by this call
+    from_cache: int  # files answered from the cache
+
+
+def decode_files(
+    paths: list[Path], options: ReadOptions, cache_dir: Path | None = None
+) -> DecodeResult:
+    """Decode ``paths`` (in order), reusing and refreshing the cache in ``cache_dir``."""
+    store = _CacheStore(cache_dir, options) if cache_dir is not None else None
+    old_entries, old_images = store.load() if store else ({}, None)
+
+    entries: dict[str, dict] = {}
+    files: list[Decoded] = []
+    rows: list[int | np.ndarray] = []  # an old row number, or a freshly decoded image
+    decoded = from_cache = 0
+    for path in paths:
+        key = str(path.resolve())
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            files.append(Decoded(None, SkipReason.UNREADABLE, f"{type(exc).__name__}: {exc}"))
+            continue
+        identity = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        old = old_entries.get(key)
+        if old is not None and all(old[k] == v for k, v in identity.items()):
+            from_cache += 1
+            result = _from_entry(old, len(rows))
+            if result.row is not None:
+                rows.append(old["row"])
+        else:
+            decoded += 1
+            result, image = _decode_one(path, options, len(rows))
+            if image is not None:
+                rows.append(image)
+        files.append(result)
+        entries[key] = {**identity, **_to_entry(result)}
+
+    images = _assemble(rows, old_images, options.image_size)
+    if store is not None and (decoded or entries.keys() != old_entries.keys() or images is not old_images):
+        store.save(entries, images)
+    return DecodeResult(images=images, files=files, decoded=decoded, from_cache=from_cache)
+
+
+def _decode_one(path: Path, options: ReadOptions, row: int) -> tuple[Decoded, np.ndarray | None]:
+    try:
+        image = read_dicom(path, options)
+    except DicomReadError as exc:
+        return Decoded(None, exc.reason, exc.detail), None
+    return Decoded(row, None, "", image.sop_instance_uid, image.patient_id), image.pixels
+
+
+def _to_entry(result: Decoded) -> dict:
+    entry = asdict(result)
+    entry["reason"] = result.reason.value if result.reason else None
+    return entry
+
+
+def _from_entry(entry: dict, row: int) -> Decoded:
+    reason = SkipReason(entry["reason"]) if entry["reason"] else None
+    return Decoded(
+        row=None if reason else row,
+        reason=reason,
+        detail=entry["detail"],
+        sop_instance_uid=entry["sop_instance_uid"],
+        patient_id=entry["patient_id"],
+    )
+
+
+def _assemble(
+    rows: list[int | np.ndarray], old_images: np.ndarray | None, size: int
+) -> np.ndarray:
+    """Stack the images in order; hand back the memory map untouched when nothing moved."""
+    if old_images is not None and len(rows) == len(old_images):
+        if all(isinstance(r, int) and r == i for i, r in enumerate(rows)):
+            return old_images
+    images = np.empty((len(rows), size, size), dtype=np.float32)
+    for i, source in enumerate(rows):
+        images[i] = old_images[source] if isinstance(source, int) else source
+    return images
+
+
+class _CacheStore:
+    """The cache folder of one site and one set of preprocessing options."""
+
+    def __init__(self, cache_dir: Path, options: ReadOptions) -> None:
+        key = f"size{options.image_size}-{options.multiframe}-v{PREPROCESSING_VERSION}"
+        self.directory = Path(cache_dir) / key
+
+    def load(self) -> tuple[dict[str, dict], np.ndarray | None]:
+        index_path = self.directory / INDEX_NAME
+        try:
+            index = json.loads(index_path.read_text())
+            images = np.load(self.directory / index["images"], mmap_mode="r")
+        except (OSError, ValueError, KeyError):
+            return {}, None  # no cache yet, or an unreadable one: start afresh
+        return index["files"], images
+
+    def save(self, entries: dict[str, dict], images: np.ndarray) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16]
+        images_name = f"images-{digest}.npy"
+        self._write_atomic(images_name, lambda handle: np.save(handle, images))
+        index = {"images": images_name, "files": entries}
+        self._write_atomic(INDEX_NAME, lambda handle: handle.write(json.dumps(index).encode()))
+        for stale in self.directory.glob("images-*.npy"):
+            if stale.name != images_name:
+                stale.unlink(missing_ok=True)
+
+    def _write_atomic(self, name: str, write) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.directory / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def default_cache_dir() -> Path:
+    """``$FEDMED_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedmed``, else ``~/.cache/fedmed``."""
+    if os.environ.get("FEDMED_CACHE_DIR"):
+        return Path(os.environ["FEDMED_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fedmed"
