@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import torch
-import torch.nn.functional as F
+from PIL import Image
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -239,11 +238,9 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
         square[top : top + rows, left : left + cols] = image
         image = square
     if side != size:
-        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-        tensor = F.interpolate(
-            tensor, size=(size, size), mode="bilinear", antialias=side > size, align_corners=False
-        )
-        image = tensor[0, 0].numpy()
+        # Pillow's bilinear filter widens with the scale factor, so downsizing is antialiased.
+        as_float = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
+        image = np.asarray(as_float.resize((size, size), Image.Resampling.BILINEAR))
     return np.ascontiguousarray(np.clip(image, 0.0, 1.0), dtype=np.float32)
 
 

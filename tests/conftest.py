@@ -1,0 +1,81 @@
+"""Shared fixtures: real DICOM files, a small exported site, and the shared data set."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from fedmed.data.export import SITE_STYLES, export_site
+from fedmed.data.synthetic import synthesize, synthetic_labels
+
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+SHARED_DATA = Path(os.environ.get("FEDMED_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+PNEUMONIA_NPZ = SHARED_DATA / "pneumoniamnist.npz"
+
+
+def pydicom_file(name: str) -> Path:
+    """A real DICOM test file shipped inside the pydicom wheel."""
+    path = PYDICOM_FILES / name
+    assert path.is_file(), f"pydicom test file {name} missing from {PYDICOM_FILES}"
+    return path
+
+
+def tree_state(root: Path) -> dict[str, tuple[str, int, int]]:
+    """Content hash, size and mtime of every file under ``root``."""
+    state = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        state[str(path.relative_to(root))] = (digest, stat.st_size, stat.st_mtime_ns)
+    return state
+
+
+def write_synthetic_site(out: Path, n_images: int = 24, style_index: int = 0, seed: int = 0, size: int = 32) -> Path:
+    labels, patients = synthetic_labels(n_images, 0.5, seed)
+    images = synthesize(labels, patients, size=size, seed=seed)
+    export_site(images, out, out.name, SITE_STYLES[style_index], seed)
+    return out
+
+
+@pytest.fixture
+def synthetic_site(tmp_path: Path) -> Path:
+    return write_synthetic_site(tmp_path / "site")
+
+
+@pytest.fixture
+def mixed_site(tmp_path: Path) -> Path:
+    """Good synthetic files plus one of every kind of bad file a hospital folder holds."""
+    root = write_synthetic_site(tmp_path / "mixed", n_images=20)
+    (root / "normal" / "notes.txt").write_text("scanner maintenance notes\n")
+    shutil.copy(pydicom_file("MR_truncated.dcm"), root / "pneumonia" / "truncated.dcm")
+    shutil.copy(pydicom_file("rtplan.dcm"), root / "normal" / "rtplan.dcm")
+    shutil.copy(pydicom_file("examples_ybr_color.dcm"), root / "normal" / "cine.dcm")
+    good = sorted((root / "normal").glob("SYN*.dcm"))[0]
+    corrupt = bytearray(good.read_bytes())
+    corrupt[140:400] = bytes(range(130)) * 2  # header elements overwritten with junk
+    (root / "normal" / "corrupt.dcm").write_bytes(bytes(corrupt))
+    shutil.copy(good, root / "normal" / "zz-copy.dcm")
+    (root / "edema").mkdir()
+    shutil.copy(good, root / "edema" / "case.dcm")
+    (root / "README.txt").write_text("site export\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def pneumonia_npz() -> Path:
+    if not PNEUMONIA_NPZ.is_file():
+        pytest.skip(f"real chest X-ray data not found at {PNEUMONIA_NPZ} (set FEDMED_SHARED_DATA)")
+    return PNEUMONIA_NPZ
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve by the rank statistic (ties count half)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))

@@ -1,0 +1,75 @@
+"""The preprocessing cache: later loads decode nothing that did not change."""
+
+import os
+
+import numpy as np
+
+from fedmed.data import ReadOptions, SiteSource, load_site
+from tests.conftest import write_synthetic_site
+
+
+def test_second_load_decodes_nothing_and_gives_the_same_images(mixed_site, tmp_path):
+    source = SiteSource(mixed_site, classes=("normal", "pneumonia"))
+    first = load_site(source, cache_dir=tmp_path / "cache")
+    second = load_site(source, cache_dir=tmp_path / "cache")
+    # Everything is decoded but the two files skipped by their place: edema/ and README.txt.
+    assert first.report.decoded == len(first.report.outcomes) - 2
+    assert second.report.decoded == 0
+    assert second.report.from_cache == first.report.decoded
+    np.testing.assert_array_equal(first.images, second.images)
+    assert first.paths == second.paths
+    assert [o.reason for o in first.report.outcomes] == [o.reason for o in second.report.outcomes]
+
+
+def test_touching_one_file_decodes_just_that_file(synthetic_site, tmp_path):
+    source = SiteSource(synthetic_site)
+    first = load_site(source, cache_dir=tmp_path / "cache")
+    touched = sorted(synthetic_site.rglob("*.dcm"))[3]
+    stat = touched.stat()
+    os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    second = load_site(source, cache_dir=tmp_path / "cache")
+    assert second.report.decoded == 1
+    assert second.report.from_cache == len(first) - 1
+    np.testing.assert_array_equal(first.images, second.images)
+    assert load_site(source, cache_dir=tmp_path / "cache").report.decoded == 0
+
+
+def test_a_replaced_file_gets_its_new_image(tmp_path):
+    root = write_synthetic_site(tmp_path / "site", n_images=12)
+    other = write_synthetic_site(tmp_path / "other", n_images=12, seed=5)
+    source = SiteSource(root)
+    first = load_site(source, cache_dir=tmp_path / "cache")
+    target = root / first.paths[0]
+    target.write_bytes((other / first.paths[0].split("/")[0]).glob("*.dcm").__next__().read_bytes())
+    second = load_site(source, cache_dir=tmp_path / "cache")
+    assert second.report.decoded == 1
+    assert not np.array_equal(second.images[0], first.images[0])
+    np.testing.assert_array_equal(second.images[1:], first.images[1:])
+
+
+def test_new_and_removed_files_update_the_cache(synthetic_site, tmp_path):
+    source = SiteSource(synthetic_site)
+    first = load_site(source, cache_dir=tmp_path / "cache")
+    removed = synthetic_site / first.paths[-1]
+    removed.unlink()
+    second = load_site(source, cache_dir=tmp_path / "cache")
+    assert second.report.decoded == 0 and len(second) == len(first) - 1
+    np.testing.assert_array_equal(second.images, first.images[:-1])
+
+
+def test_other_preprocessing_options_use_their_own_cache(synthetic_site, tmp_path):
+    source = SiteSource(synthetic_site)
+    load_site(source, ReadOptions(image_size=32), tmp_path / "cache")
+    bigger = load_site(source, ReadOptions(image_size=48), tmp_path / "cache")
+    assert bigger.report.decoded == len(bigger) and bigger.images.shape[1:] == (48, 48)
+    assert load_site(source, ReadOptions(image_size=32), tmp_path / "cache").report.decoded == 0
+
+
+def test_a_damaged_cache_is_rebuilt_not_trusted(synthetic_site, tmp_path):
+    source = SiteSource(synthetic_site)
+    first = load_site(source, cache_dir=tmp_path / "cache")
+    for index in (tmp_path / "cache").rglob("index.json"):
+        index.write_text("{ torn")
+    again = load_site(source, cache_dir=tmp_path / "cache")
+    assert again.report.decoded == len(first)
+    np.testing.assert_array_equal(again.images, first.images)
