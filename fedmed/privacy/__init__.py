@@ -1,0 +1,1 @@
+"""Differential privacy at the site: clipping, accounting, ledger and budget."""

@@ -1,0 +1,238 @@
+"""Per-sample gradient clipping in one backward pass ("book-keeping" DP-SGD).
+
+DP-SGD needs, for every sample i of a batch, its gradient g_i clipped to norm C, and then
+the sum over i of the clipped gradients. Materialising every g_i for the whole network is
+what makes DP training slow. This module instead:
+
+1. records each layer's input during the forward pass;
+2. runs one backward pass that computes only the gradients with respect to layer outputs
+   (no parameter gradients);
+3. gets each sample's gradient norm layer by layer, by the cheapest of three routes for
+   that layer's shape, chosen by timing each once (see :class:`_Autotuner`):
+   * ``grouped``: per-sample weight gradients from one grouped convolution,
+   * ``unfold``: per-sample weight gradients from unfolded patches and a batched product,
+   * ``ghost``: the norm without the gradient, from ||sum_t g_t a_t^T||^2 =
+     sum_{t,t'} (a_t . a_t')(g_t . g_t'), where the patch Gram matrix a_t . a_t' is
+     assembled from the Gram matrix of input pixels (no unfolding) — cheap when a layer
+     has few positions and many channels;
+4. computes each sample's clip factor c_i = min(1, C / ||g_i||) and forms the parameter
+   gradients sum_i c_i g_i directly from the recorded inputs and output gradients.
+
+Supported parameterised layers: Conv2d (groups=1, zero padding), Linear and GroupNorm; a
+model with any other parameterised layer is refused with the layer's name.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm)
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    inputs: torch.Tensor
+    output: torch.Tensor
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ValueError naming every layer the clipper cannot handle."""
+    problems = []
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if not isinstance(module, SUPPORTED):
+            problems.append(f"{name or 'model'} ({type(module).__name__})")
+        elif isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+            problems.append(f"{name} (Conv2d with groups={module.groups}, padding_mode={module.padding_mode})")
+    if problems:
+        raise ValueError(
+            "per-sample clipping supports Conv2d (groups=1, zero padding), Linear and GroupNorm "
+            f"layers only; unsupported: {', '.join(problems)}"
+        )
+
+
+class PerSampleClipper:
+    """Accumulates sum_i clip(g_i) into ``param.grad`` for batches of a model."""
+
+    def __init__(self, model: nn.Module, max_grad_norm: float, conv_route: str | None = None) -> None:
+        """``conv_route`` forces one of ``CONV_ROUTES`` for every Conv2d (default: autotune)."""
+        if conv_route is not None and conv_route not in CONV_ROUTES:
+            raise ValueError(f"conv_route must be one of {', '.join(CONV_ROUTES)}, got {conv_route!r}")
+        if max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
+        check_supported(model)
+        self.model = model
+        self.max_grad_norm = max_grad_norm
+        self._calls: list[_Call] = []
+        self._recording = False
+        self._tuner = _Autotuner(conv_route)
+        self._handles = [
+            module.register_forward_hook(self._record)
+            for module in model.modules()
+            if isinstance(module, SUPPORTED) and any(p.requires_grad for p in module.parameters(recurse=False))
+        ]
+
+    def _record(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if self._recording and output.requires_grad:
+            self._calls.append(_Call(module, inputs[0].detach(), output))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def accumulate(self, inputs: torch.Tensor, per_sample_loss) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the model on ``inputs``; add the clipped per-sample gradients of
+        ``per_sample_loss(outputs)`` (a vector, one loss per sample) to ``param.grad``.
+
+        Returns (per-sample losses, per-sample gradient norms before clipping).
+        """
+        self._calls = []
+        self._recording = True
+        try:
+            losses = per_sample_loss(self.model(inputs))
+        finally:
+            self._recording = False
+        calls, self._calls = self._calls, []
+        output_grads = torch.autograd.grad(losses.sum(), [c.output for c in calls])
+        batch = inputs.shape[0]
+        with torch.no_grad():
+            pieces = [_layer_pieces(call, grad, self._tuner) for call, grad in zip(calls, output_grads)]
+            squared = torch.zeros(batch, dtype=torch.float64)
+            for piece in pieces:
+                squared += piece.squared_norms().double()
+            norms = squared.sqrt().float()
+            factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            for call, piece in zip(calls, pieces):
+                for param, grad in piece.weighted_sums(factors):
+                    if param.grad is None:
+                        param.grad = grad.clone()
+                    else:
+                        param.grad += grad
+        return losses.detach(), norms
+
+
+class _Pieces(ABC):
+    """A layer's contribution: per-sample squared norms and weighted gradient sums."""
+
+    @abstractmethod
+    def squared_norms(self) -> torch.Tensor: ...
+
+    @abstractmethod
+    def weighted_sums(self, factors: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]: ...
+
+
+class _Instantiated(_Pieces):
+    """Per-sample gradients held in full: ``per_sample[name]`` is (B, *param.shape)."""
+
+    def __init__(self, per_sample: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+        self.per_sample = [(p, ps) for p, ps in per_sample if p is not None and p.requires_grad]
+
+    def squared_norms(self) -> torch.Tensor:
+        return sum(ps.flatten(1).pow(2).sum(dim=1) for _, ps in self.per_sample)
+
+    def weighted_sums(self, factors: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        return [(p, torch.tensordot(factors, ps, dims=1)) for p, ps in self.per_sample]
+
+
+class _GhostConv(_Pieces):
+    """Conv2d norms without per-sample gradients; gradient sums by one weight-gradient pass."""
+
+    def __init__(self, module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> None:
+        self.module, self.x, self.g = module, x, g
+
+    def squared_norms(self) -> torch.Tensor:
+        m, x, g = self.module, self.x, self.g
+        ph, pw = m.padding
+        padded = F.pad(x, (pw, pw, ph, ph))
+        width = padded.shape[3]
+        pixels = padded.flatten(2)  # (B, C, P)
+        pixel_gram = torch.bmm(pixels.transpose(1, 2), pixels)  # (B, P, P)
+        rows, cols = g.shape[2], g.shape[3]
+        starts = (torch.arange(rows)[:, None] * m.stride[0] * width + torch.arange(cols)[None, :] * m.stride[1]).flatten()
+        kh, kw = m.kernel_size
+        offsets = (torch.arange(kh)[:, None] * m.dilation[0] * width + torch.arange(kw)[None, :] * m.dilation[1]).flatten()
+        index = offsets[:, None] + starts[None, :]  # (kernel positions, T)
+        patch_gram = pixel_gram[:, index[:, :, None], index[:, None, :]].sum(dim=1)  # (B, T, T)
+        grads = g.flatten(2)  # (B, out, T)
+        grad_gram = torch.bmm(grads.transpose(1, 2), grads)
+        squared = (patch_gram * grad_gram).sum(dim=(1, 2))
+        if m.bias is not None and m.bias.requires_grad:
+            squared = squared + grads.sum(dim=2).pow(2).sum(dim=1)
+        return squared
+
+    def weighted_sums(self, factors: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        m = self.module
+        scaled = self.g * factors[:, None, None, None]
+        sums = []
+        if m.weight.requires_grad:
+            weight = torch.nn.grad.conv2d_weight(self.x, m.weight.shape, scaled, m.stride, m.padding, m.dilation)
+            sums.append((m.weight, weight))
+        if m.bias is not None and m.bias.requires_grad:
+            sums.append((m.bias, scaled.sum(dim=(0, 2, 3))))
+        return sums
+
+
+def _conv_unfold(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> _Pieces:
+    patches = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, d, T)
+    per_sample = torch.bmm(g.flatten(2), patches.transpose(1, 2))  # (B, out, d)
+    return _Instantiated([(m.weight, per_sample.view(-1, *m.weight.shape)), (m.bias, g.sum(dim=(2, 3)))])
+
+
+def _conv_grouped(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> _Pieces:
+    # Correlating sample b's input with its own output gradient gives its weight gradient:
+    # one convolution with the batch as groups, the gradients as kernels.
+    batch, in_channels = x.shape[:2]
+    out_channels = g.shape[1]
+    kernels = g.reshape(batch * out_channels, 1, *g.shape[2:])
+    result = F.conv2d(x.transpose(0, 1), kernels, stride=m.dilation, padding=m.padding, dilation=m.stride, groups=batch)
+    kh, kw = m.kernel_size
+    result = result[:, :, :kh, :kw].reshape(in_channels, batch, out_channels, kh, kw)
+    return _Instantiated([(m.weight, result.permute(1, 2, 0, 3, 4)), (m.bias, g.sum(dim=(2, 3)))])
+
+
+CONV_ROUTES = {"grouped": _conv_grouped, "unfold": _conv_unfold, "ghost": _GhostConv}
+
+
+class _Autotuner:
+    """Remembers, per layer and input shape, which conv route ran fastest when first timed."""
+
+    def __init__(self, forced: str | None = None) -> None:
+        self.forced = forced
+        self.choice: dict[tuple, str] = {}
+
+    def pieces(self, m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> _Pieces:
+        if self.forced:
+            return CONV_ROUTES[self.forced](m, x, g)
+        key = (id(m), tuple(x.shape))
+        if key not in self.choice:
+            timings = {}
+            for name, route in CONV_ROUTES.items():
+                start = time.perf_counter()
+                route(m, x, g).squared_norms()
+                timings[name] = time.perf_counter() - start
+            self.choice[key] = min(timings, key=timings.get)
+        return CONV_ROUTES[self.choice[key]](m, x, g)
+
+
+def _layer_pieces(call: _Call, grad: torch.Tensor, tuner: _Autotuner) -> _Pieces:
+    module, x = call.module, call.inputs
+    if isinstance(module, nn.Conv2d):
+        return tuner.pieces(module, x, grad)
+    if isinstance(module, nn.GroupNorm):
+        normalised = F.group_norm(x, module.num_groups, eps=module.eps)
+        return _Instantiated(
+            [(module.weight, (normalised * grad).flatten(2).sum(dim=2)), (module.bias, grad.flatten(2).sum(dim=2))]
+        )
+    # Linear: any dimensions between batch and features count as positions.
+    a = x.reshape(x.shape[0], -1, x.shape[-1])
+    g = grad.reshape(grad.shape[0], -1, grad.shape[-1])
+    return _Instantiated([(module.weight, torch.bmm(g.transpose(1, 2), a)), (module.bias, g.sum(dim=1))])
