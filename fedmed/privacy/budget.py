@@ -1,0 +1,110 @@
+"""Each site's privacy settings, noise calibration and budget enforcement.
+
+The site, not the server, decides how much noise it adds and whether it trains at all:
+
+* the noise multiplier is calibrated at a run's first round so that the site's whole
+  history plus the run's planned rounds lands at (not above) ``target_epsilon``, and is
+  then kept for every later round of that run, also after a restart;
+* before each round the site computes the epsilon it would reach; if that exceeds
+  ``max_epsilon`` it refuses the round.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fedmed.privacy.accounting import (
+    calibrate_noise,
+    check_delta,
+    default_delta,
+    epsilon,
+    extend,
+    round_plan,
+)
+from fedmed.privacy.ledger import PrivacyLedger
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """A site's privacy settings. ``dp=False`` is for non-private baselines only."""
+
+    dp: bool = True
+    target_epsilon: float = 8.0
+    max_epsilon: float | None = None  # the hard budget; defaults to target_epsilon
+    delta: float | None = None  # defaults to default_delta(n)
+    max_grad_norm: float = 1.0
+    planned_rounds: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dp and self.target_epsilon <= 0:
+            raise ValueError(f"target_epsilon must be positive, got {self.target_epsilon}")
+        if self.max_epsilon is not None and self.max_epsilon <= 0:
+            raise ValueError(f"max_epsilon must be positive, got {self.max_epsilon}")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
+        if self.planned_rounds < 1:
+            raise ValueError(f"planned_rounds must be at least 1, got {self.planned_rounds}")
+
+    @property
+    def budget(self) -> float | None:
+        return self.max_epsilon if self.max_epsilon is not None else (self.target_epsilon if self.dp else None)
+
+
+@dataclass(frozen=True)
+class RoundPrivacy:
+    """The site's decision for one round and the mechanism it will run."""
+
+    allowed: bool
+    dp: bool
+    delta: float
+    sample_rate: float
+    steps: int
+    noise_multiplier: float
+    epsilon_before: float
+    epsilon_after: float
+    reason: str = ""
+
+
+def plan_round_privacy(
+    config: PrivacyConfig, ledger: PrivacyLedger, run_id: str, examples: int, batch_size: int, epochs: int
+) -> RoundPrivacy:
+    """Decide whether this round may run, and with how much noise."""
+    delta = config.delta if config.delta is not None else default_delta(examples)
+    check_delta(delta, examples)
+    sample_rate, steps = round_plan(examples, batch_size, epochs)
+    before = ledger.epsilon(delta)
+
+    def refuse(reason: str, after: float = math.inf, sigma: float = 0.0) -> RoundPrivacy:
+        return RoundPrivacy(False, config.dp, delta, sample_rate, steps, sigma, before, after, reason)
+
+    if not config.dp:
+        if config.max_epsilon is not None:
+            return refuse(
+                f"non-private training would spend an unbounded budget, and this site has "
+                f"max_epsilon={config.max_epsilon:g}; remove max_epsilon for a non-private baseline"
+            )
+        return RoundPrivacy(True, False, delta, sample_rate, steps, 0.0, before, math.inf,
+                            "NON-PRIVATE round: no differential privacy guarantee")
+    if ledger.non_private_rounds:
+        return refuse(f"the ledger {ledger.path} holds non-private rounds, so no privacy budget is left")
+
+    budget = config.budget
+    earlier = ledger.run_entries(run_id)
+    if earlier:
+        sigma = earlier[0].noise_multiplier
+    else:
+        try:
+            sigma = calibrate_noise(config.target_epsilon, delta, sample_rate, steps * config.planned_rounds,
+                                    ledger.history)
+        except ValueError as exc:
+            return refuse(f"budget exhausted: {exc}")
+    after = epsilon(extend(ledger.history, sigma, sample_rate, steps), delta)
+    if budget is not None and after > budget:
+        return refuse(
+            f"budget exhausted: this round would take epsilon from {before:.3f} to {after:.3f} "
+            f"(delta={delta:g}), above the site's max_epsilon {budget:g}",
+            after,
+            sigma,
+        )
+    return RoundPrivacy(True, True, delta, sample_rate, steps, sigma, before, after)

@@ -1,0 +1,203 @@
+"""One round of local training at a site, private by default, and evaluation.
+
+A private round runs DP-SGD: Poisson sampling of each logical batch (Opacus's
+``UniformWithReplacementSampler``), per-sample clipping to ``max_grad_norm``, Gaussian noise
+of standard deviation ``noise_multiplier * max_grad_norm`` on the summed gradient, and an
+average over the expected batch size. A logical batch is processed in physical chunks of
+``physical_batch_size``, so memory does not grow with the logical batch.
+
+Unbalanced classes are handled with ``class_weights`` in the loss. They must not be
+computed from the site's own data (that would make every sample's gradient depend on the
+other records and void the DP analysis): use public prevalence figures or the
+coordinator's setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+
+from fedmed.metrics import classification_metrics
+from fedmed.privacy.accounting import ACCOUNTANT, extend
+from fedmed.privacy.budget import PrivacyConfig, plan_round_privacy
+from fedmed.privacy.clipping import PerSampleClipper
+from fedmed.privacy.ledger import LedgerEntry, PrivacyLedger
+
+log = logging.getLogger("fedmed")
+
+TRAINED = "trained"
+BUDGET_EXHAUSTED = "budget_exhausted"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1  # local epochs per round
+    batch_size: int = 64  # logical (expected) batch size
+    physical_batch_size: int = 64  # memory bound of one forward/backward pass
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    class_weights: tuple[float, ...] | None = None
+    seed: int = 0  # shuffling of non-private rounds; DP rounds draw secret randomness
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a site reports about one round: scalars only."""
+
+    status: str
+    dp: bool
+    examples: int
+    steps: int
+    loss: float | None
+    epsilon: float  # cumulative after the round (before it, when refused); inf if non-private
+    delta: float
+    noise_multiplier: float
+    message: str = ""
+
+
+def train_round(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    train: TrainConfig,
+    privacy: PrivacyConfig,
+    ledger: PrivacyLedger,
+    site: str,
+    run_id: str,
+    round_number: int,
+) -> RoundResult:
+    """Train ``model`` in place for one round unless the site's budget forbids it."""
+    examples = len(labels)
+    with ledger.locked():
+        plan = plan_round_privacy(privacy, ledger, run_id, examples, train.batch_size, train.epochs)
+        if not plan.allowed:
+            log.warning("site %s refuses round %s of run %s: %s", site, round_number, run_id, plan.reason)
+            return RoundResult(BUDGET_EXHAUSTED, plan.dp, examples, 0, None, plan.epsilon_before, plan.delta,
+                               plan.noise_multiplier, plan.reason)
+        if plan.dp:
+            loss = _train_private(model, images, labels, train, plan.sample_rate, plan.steps,
+                                  plan.noise_multiplier, privacy.max_grad_norm)
+        else:
+            log.warning("site %s: NON-PRIVATE training in round %s of run %s; no privacy guarantee",
+                        site, round_number, run_id)
+            loss = _train_plain(model, images, labels, train, plan.steps, round_number)
+        ledger.append(
+            LedgerEntry(
+                site=site,
+                run_id=run_id,
+                round=round_number,
+                timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                dp=plan.dp,
+                examples=examples,
+                steps=plan.steps,
+                sample_rate=plan.sample_rate,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=privacy.max_grad_norm if plan.dp else 0.0,
+                delta=plan.delta,
+                epsilon=plan.epsilon_after if plan.dp else None,
+                accountant=ACCOUNTANT,
+                accountant_state=extend(ledger.history, plan.noise_multiplier, plan.sample_rate, plan.steps)
+                if plan.dp else ledger.history,
+            )
+        )
+    return RoundResult(TRAINED, plan.dp, examples, plan.steps, loss, plan.epsilon_after, plan.delta,
+                       plan.noise_multiplier, plan.reason)
+
+
+def _loss_function(train: TrainConfig, labels: torch.Tensor):
+    weights = torch.tensor(train.class_weights, dtype=torch.float32) if train.class_weights else None
+
+    def per_sample(outputs: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs, labels, weight=weights, reduction="none")
+
+    return per_sample
+
+
+def _optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=train.learning_rate, momentum=train.momentum,
+                           weight_decay=train.weight_decay)
+
+
+def _batch(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(np.ascontiguousarray(images[indices], dtype=np.float32)).unsqueeze(1)
+    return x, torch.from_numpy(np.asarray(labels[indices], dtype=np.int64))
+
+
+def _train_private(model, images, labels, train, sample_rate, steps, noise_multiplier, max_grad_norm) -> float:
+    model.train()
+    n = len(labels)
+    sampling = torch.Generator().manual_seed(secrets.randbits(63))
+    noise = torch.Generator().manual_seed(secrets.randbits(63))
+    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=sampling, steps=steps)
+    clipper = PerSampleClipper(model, max_grad_norm)
+    optimizer = _optimizer(model, train)
+    params = [p for p in model.parameters() if p.requires_grad]
+    total_loss, seen = 0.0, 0
+    try:
+        for batch_indices in sampler:
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            batch_indices = np.asarray(batch_indices, dtype=np.int64)
+            for start in range(0, len(batch_indices), train.physical_batch_size):
+                x, y = _batch(images, labels, batch_indices[start : start + train.physical_batch_size])
+                losses, _ = clipper.accumulate(x, _loss_function(train, y))
+                total_loss += float(losses.sum())
+                seen += len(y)
+            for p in params:
+                p.grad += torch.normal(0.0, noise_multiplier * max_grad_norm, p.shape, generator=noise)
+                p.grad /= sample_rate * n
+            optimizer.step()
+    finally:
+        clipper.remove()
+    return total_loss / seen if seen else math.nan
+
+
+def _train_plain(model, images, labels, train, steps, round_number) -> float:
+    model.train()
+    n = len(labels)
+    rng = np.random.default_rng([train.seed, round_number])
+    optimizer = _optimizer(model, train)
+    total_loss, seen, order = 0.0, 0, np.array([], dtype=np.int64)
+    for _ in range(steps):
+        if len(order) < min(train.batch_size, n):
+            order = np.concatenate([order, rng.permutation(n)])
+        batch_indices, order = order[: train.batch_size], order[train.batch_size :]
+        optimizer.zero_grad()
+        for start in range(0, len(batch_indices), train.physical_batch_size):
+            x, y = _batch(images, labels, batch_indices[start : start + train.physical_batch_size])
+            losses = _loss_function(train, y)(model(x))
+            (losses.sum() / len(batch_indices)).backward()
+            total_loss += float(losses.detach().sum())
+            seen += len(y)
+        optimizer.step()
+    return total_loss / seen if seen else math.nan
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities, (n, classes)."""
+    model.eval()
+    outputs = [
+        torch.softmax(model(_batch(images, np.zeros(len(images)), np.arange(s, min(s + batch_size, len(images))))[0]), 1)
+        for s in range(0, len(images), batch_size)
+    ]
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0, 2), dtype=np.float32)
+
+
+def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> dict:
+    """Loss and classification metrics of ``model`` on a labelled set."""
+    probabilities = predict(model, images, batch_size)
+    metrics = classification_metrics(labels, probabilities)
+    picked = probabilities[np.arange(len(labels)), labels] if len(labels) else np.array([1.0])
+    metrics["loss"] = float(-np.log(np.clip(picked, 1e-12, None)).mean())
+    return metrics
