@@ -5,7 +5,7 @@ or small images want:
 
 * GroupNorm instead of BatchNorm (BatchNorm mixes samples of a batch, which breaks
   per-sample gradients and so DP-SGD);
-* every ReLU out-of-place;
+* every ReLU and the residual add out-of-place;
 * a 1-channel input and, for images of ``SMALL_INPUT_MAX`` pixels or less, a 3x3 stride-1
   stem without max-pooling, so a 28x28 image is not shrunk to 7x7 before the first block.
 
@@ -17,14 +17,39 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 SMALL_INPUT_MAX = 64
+
+
+class OutOfPlaceBasicBlock(BasicBlock):
+    """torchvision's BasicBlock with ``out = out + identity`` instead of ``out += identity``:
+    the in-place add rewrites a hooked layer's output, which per-sample gradient hooks forbid."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class OutOfPlaceBottleneck(Bottleneck):
+    """torchvision's Bottleneck with an out-of-place residual add (see OutOfPlaceBasicBlock)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
 DEPTHS: dict[int, tuple[type[nn.Module], list[int]]] = {
-    18: (BasicBlock, [2, 2, 2, 2]),
-    34: (BasicBlock, [3, 4, 6, 3]),
-    50: (Bottleneck, [3, 4, 6, 3]),
+    18: (OutOfPlaceBasicBlock, [2, 2, 2, 2]),
+    34: (OutOfPlaceBasicBlock, [3, 4, 6, 3]),
+    50: (OutOfPlaceBottleneck, [3, 4, 6, 3]),
 }
 
 

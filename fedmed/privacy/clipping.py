@@ -106,10 +106,10 @@ class PerSampleClipper:
         batch = inputs.shape[0]
         with torch.no_grad():
             pieces = [_layer_pieces(call, grad, self._tuner) for call, grad in zip(calls, output_grads)]
-            squared = torch.zeros(batch, dtype=torch.float64)
+            squared = torch.zeros(batch, dtype=torch.float64)  # summed over layers in double
             for piece in pieces:
                 squared += piece.squared_norms().double()
-            norms = squared.sqrt().float()
+            norms = squared.sqrt().to(inputs.dtype)
             factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
             for call, piece in zip(calls, pieces):
                 for param, grad in piece.weighted_sums(factors):
@@ -202,8 +202,24 @@ def _conv_grouped(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> _Pieces:
 CONV_ROUTES = {"grouped": _conv_grouped, "unfold": _conv_unfold, "ghost": _GhostConv}
 
 
+def _route_costs(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> dict[str, float]:
+    """Multiply-adds per sample of each route, to rule out hopeless ones before timing."""
+    positions = g.shape[2] * g.shape[3]
+    padded = (x.shape[2] + 2 * m.padding[0]) * (x.shape[3] + 2 * m.padding[1])
+    kernel = m.kernel_size[0] * m.kernel_size[1]
+    instantiate = positions * x.shape[1] * kernel * g.shape[1]
+    ghost = padded**2 * x.shape[1] + positions**2 * (kernel + g.shape[1])
+    return {"grouped": instantiate, "unfold": instantiate, "ghost": ghost}
+
+
 class _Autotuner:
-    """Remembers, per layer and input shape, which conv route ran fastest when first timed."""
+    """Remembers, per layer and per-sample input shape, which conv route ran fastest.
+
+    Routes estimated at more than ``SLACK`` times the cheapest one's multiply-adds are not
+    even tried; the rest are timed once, on the first batch that reaches the layer.
+    """
+
+    SLACK = 4.0
 
     def __init__(self, forced: str | None = None) -> None:
         self.forced = forced
@@ -214,11 +230,14 @@ class _Autotuner:
             return CONV_ROUTES[self.forced](m, x, g)
         key = (id(m), tuple(x.shape[1:]))  # Poisson batches vary in size; the choice holds
         if key not in self.choice:
+            costs = _route_costs(m, x, g)
+            cheapest = min(costs.values())
             timings = {}
-            for name, route in CONV_ROUTES.items():
-                start = time.perf_counter()
-                route(m, x, g).squared_norms()
-                timings[name] = time.perf_counter() - start
+            for name, cost in costs.items():
+                if cost <= self.SLACK * cheapest:
+                    start = time.perf_counter()
+                    CONV_ROUTES[name](m, x, g).squared_norms()
+                    timings[name] = time.perf_counter() - start
             self.choice[key] = min(timings, key=timings.get)
         return CONV_ROUTES[self.choice[key]](m, x, g)
 

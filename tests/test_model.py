@@ -1,0 +1,60 @@
+"""The ResNet variants: Opacus accepts them and one DP step trains them."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from fedmed.model import ModelConfig, build_model
+from fedmed.privacy.clipping import PerSampleClipper
+
+VARIANTS = [
+    ModelConfig(depth=18, width=8, image_size=28),
+    ModelConfig(depth=34, width=8, image_size=28),
+    ModelConfig(depth=50, width=8, image_size=28),
+    ModelConfig(depth=18, width=32, image_size=64),
+    ModelConfig(depth=18, width=8, image_size=128, num_classes=3),
+    ModelConfig(depth=50, width=8, image_size=96),
+]
+
+
+@pytest.mark.parametrize("config", VARIANTS, ids=lambda c: f"resnet{c.depth}-w{c.width}-{c.image_size}px")
+def test_variant_passes_opacus_validation_and_trains_one_dp_step(config):
+    model = build_model(config)
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert not any(getattr(m, "inplace", False) for m in model.modules())
+    x = torch.rand(3, 1, config.image_size, config.image_size)
+    y = torch.tensor([0, 1, 1])
+    assert model(x).shape == (3, config.num_classes)
+    before = [p.detach().clone() for p in model.parameters()]
+    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    _, norms = clipper.accumulate(x, lambda out: F.cross_entropy(out, y, reduction="none"))
+    clipper.remove()
+    assert norms.shape == (3,) and bool((norms > 0).all())
+    total = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
+    assert total <= 3 * 1.0 + 1e-4, "three clipped samples sum to norm at most 3 C"
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    for old, p in zip(before, model.parameters()):
+        assert torch.equal(old, p) == (not p.grad.any()), "exactly the parameters with gradients moved"
+    assert not torch.equal(before[0], model.conv1.weight) and not torch.equal(before[-1], model.fc.bias)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_small_images_keep_their_resolution_in_the_stem():
+    small = build_model(ModelConfig(image_size=28))
+    large = build_model(ModelConfig(image_size=224))
+    assert small.conv1.kernel_size == (3, 3) and isinstance(small.maxpool, nn.Identity)
+    assert large.conv1.kernel_size == (7, 7) and isinstance(large.maxpool, nn.MaxPool2d)
+
+
+def test_width_sets_the_channels():
+    model = build_model(ModelConfig(width=16))
+    assert model.conv1.out_channels == 16 and model.fc.in_features == 128
+
+
+@pytest.mark.parametrize("bad", [dict(depth=20), dict(width=12), dict(num_classes=1)])
+def test_bad_configurations_are_explained(bad):
+    with pytest.raises(ValueError, match="depth|width|num_classes"):
+        ModelConfig(**bad)
