@@ -1,0 +1,43 @@
+"""Small private training runs shared by the privacy tests."""
+
+from __future__ import annotations
+
+import dp_accounting
+import numpy as np
+import torch
+
+from fedmed.model import ModelConfig, build_model
+from fedmed.privacy.accounting import RDP_ORDERS
+from fedmed.privacy.budget import PrivacyConfig
+from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.train import TrainConfig, train_round
+
+TINY_MODEL = ModelConfig(depth=18, width=8, image_size=16)
+TINY_TRAIN = TrainConfig(batch_size=16, learning_rate=0.05)
+
+
+def tiny_site(n: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    images = rng.random((n, 16, 16), dtype=np.float32) * 0.5 + labels[:, None, None] * 0.3
+    return images.astype(np.float32), labels.astype(np.int64)
+
+
+def run_rounds(ledger_path, rounds, privacy: PrivacyConfig, run_id="run-a", first_round=1, site="site-a", n=64):
+    torch.manual_seed(0)
+    model = build_model(TINY_MODEL)
+    images, labels = tiny_site(n)
+    ledger = PrivacyLedger(ledger_path)
+    return [
+        train_round(model, images, labels, TINY_TRAIN, privacy, ledger, site, run_id, r)
+        for r in range(first_round, first_round + rounds)
+    ]
+
+
+def independent_epsilon(history, delta: float) -> float:
+    """Epsilon of the same Poisson-subsampled Gaussian steps, by Google's dp-accounting."""
+    accountant = dp_accounting.rdp.RdpAccountant(orders=RDP_ORDERS)
+    for sigma, rate, steps in history:
+        event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma))
+        accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    return accountant.get_epsilon(delta)

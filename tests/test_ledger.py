@@ -1,0 +1,137 @@
+"""The site's ledger: restarts keep composing, refusals change nothing, torn writes lose nothing."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from fedmed.privacy.budget import PrivacyConfig
+from fedmed.privacy.ledger import LedgerError, PrivacyLedger
+from fedmed.train import BUDGET_EXHAUSTED, TRAINED
+from tests.privacy_helpers import run_rounds
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLAN = PrivacyConfig(target_epsilon=3.0, planned_rounds=3)
+
+
+def run_in_new_process(ledger_path, rounds: int, first_round: int) -> None:
+    script = textwrap.dedent(
+        f"""
+        from fedmed.privacy.budget import PrivacyConfig
+        from tests.privacy_helpers import run_rounds
+        run_rounds({str(ledger_path)!r}, {rounds}, PrivacyConfig(target_epsilon=3.0, planned_rounds=3),
+                   first_round={first_round})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=300)
+
+
+def test_restarted_site_keeps_composing(tmp_path):
+    run_in_new_process(tmp_path / "restarted.jsonl", rounds=2, first_round=1)
+    run_in_new_process(tmp_path / "restarted.jsonl", rounds=1, first_round=3)
+    run_rounds(tmp_path / "one-process.jsonl", 3, PLAN)
+    restarted = PrivacyLedger(tmp_path / "restarted.jsonl")
+    continuous = PrivacyLedger(tmp_path / "one-process.jsonl")
+    assert [e.round for e in restarted.entries] == [1, 2, 3]
+    assert restarted.entries[-1].epsilon == pytest.approx(continuous.entries[-1].epsilon, rel=1e-9)
+    assert restarted.entries[-1].accountant_state == continuous.entries[-1].accountant_state
+    assert len({e.noise_multiplier for e in restarted.entries}) == 1, "one noise level for the whole run"
+    assert 0.95 * 3.0 <= restarted.entries[-1].epsilon <= 3.0
+
+
+def test_a_round_past_max_epsilon_is_refused_and_leaves_the_ledger_alone(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    tight = PrivacyConfig(target_epsilon=3.0, max_epsilon=2.0, planned_rounds=3)
+    results = run_rounds(path, 3, tight)
+    assert results[0].status == TRAINED and results[-1].status == BUDGET_EXHAUSTED
+    refused = [r for r in results if r.status == BUDGET_EXHAUSTED]
+    assert refused, "the third round would pass 2.0"
+    trained = [r for r in results if r.status == TRAINED]
+    assert all(r.epsilon <= 2.0 for r in trained)
+    first_refusal = refused[0]
+    assert "budget exhausted" in first_refusal.message and "max_epsilon 2" in first_refusal.message
+    assert first_refusal.steps == 0 and first_refusal.loss is None
+    before = path.read_bytes()
+    again = run_rounds(path, 1, tight, first_round=9)
+    assert again[0].status == BUDGET_EXHAUSTED
+    assert path.read_bytes() == before
+    assert len(PrivacyLedger(path).entries) == len(trained)
+
+
+def test_budgets_differ_per_site(tmp_path):
+    generous = run_rounds(tmp_path / "a.jsonl", 3, PrivacyConfig(target_epsilon=3.0, max_epsilon=10.0, planned_rounds=3))
+    strict = run_rounds(tmp_path / "b.jsonl", 3, PrivacyConfig(target_epsilon=3.0, max_epsilon=1.5, planned_rounds=3))
+    assert all(r.status == TRAINED for r in generous)
+    assert any(r.status == BUDGET_EXHAUSTED for r in strict)
+
+
+def test_non_private_rounds_are_loud_and_spend_everything(tmp_path, caplog):
+    path = tmp_path / "ledger.jsonl"
+    [result] = run_rounds(path, 1, PrivacyConfig(dp=False))
+    assert result.status == TRAINED and not result.dp and math.isinf(result.epsilon)
+    assert "NON-PRIVATE" in result.message
+    assert any("NON-PRIVATE" in record.message for record in caplog.records)
+    entry = json.loads(path.read_text().splitlines()[0])
+    assert entry["dp"] is False and entry["epsilon"] is None and entry["noise_multiplier"] == 0.0
+    assert math.isinf(PrivacyLedger(path).epsilon(1e-5))
+    [after] = run_rounds(path, 1, PrivacyConfig(target_epsilon=8.0), first_round=2, run_id="run-b")
+    assert after.status == BUDGET_EXHAUSTED and "non-private" in after.message
+    [capped] = run_rounds(tmp_path / "capped.jsonl", 1, PrivacyConfig(dp=False, max_epsilon=5.0))
+    assert capped.status == BUDGET_EXHAUSTED and "unbounded" in capped.message
+
+
+def test_torn_last_line_is_ignored_with_a_warning_and_the_next_write_heals_it(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    run_rounds(path, 2, PLAN)
+    good = path.read_text()
+    path.write_text(good + good.splitlines()[-1][:37])  # a write cut short
+    torn = PrivacyLedger(path)
+    assert [e.round for e in torn.entries] == [1, 2]
+    assert "line 3 is incomplete" in torn.warnings[0]
+    run_rounds(path, 1, PLAN, first_round=3)
+    healed = PrivacyLedger(path)
+    assert [e.round for e in healed.entries] == [1, 2, 3] and healed.warnings == []
+    assert path.read_text().startswith(good)
+
+
+def test_damage_before_the_last_line_stops_the_site(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    run_rounds(path, 2, PLAN)
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0][:-5] + "\n" + lines[1] + "\n")
+    with pytest.raises(LedgerError, match=r"line 1 of 2 is damaged.*Restore the ledger"):
+        PrivacyLedger(path)
+
+
+def test_killing_a_writer_mid_append_never_corrupts_the_ledger(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    run_rounds(path, 1, PLAN)
+    template = path.read_text().splitlines()[0]
+    writer = textwrap.dedent(
+        f"""
+        import dataclasses, json
+        from fedmed.privacy.ledger import LedgerEntry, PrivacyLedger
+        ledger = PrivacyLedger({str(path)!r})
+        entry = LedgerEntry.from_dict(json.loads({template!r}))
+        for number in range(2, 100000):
+            ledger.append(dataclasses.replace(entry, round=number))
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", writer], cwd=ROOT)
+    try:
+        deadline = time.time() + 60
+        while len(PrivacyLedger(path).entries) < 20 and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    survivor = PrivacyLedger(path)
+    rounds = [e.round for e in survivor.entries]
+    assert len(rounds) >= 20 and rounds == list(range(1, len(rounds) + 1))
+    assert survivor.warnings == []

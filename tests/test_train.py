@@ -1,0 +1,92 @@
+"""Local training on real chest X-rays, metrics, and the weights that leave a site."""
+
+import numpy as np
+import pytest
+import torch
+from opacus import GradSampleModule
+
+from fedmed.data.npz import load_npz
+from fedmed.metrics import auroc, classification_metrics
+from fedmed.model import ModelConfig, build_model
+from fedmed.privacy.budget import PrivacyConfig
+from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.train import TRAINED, TrainConfig, evaluate, train_round
+from fedmed.weights import InvalidWeights, check_state, load_state, model_state
+from tests.conftest import auroc as brute_force_auroc
+
+
+def test_a_few_dp_rounds_on_real_chest_xrays_learn(pneumonia_npz, tmp_path):
+    train = load_npz(pneumonia_npz, "train")
+    test = load_npz(pneumonia_npz, "test")
+    pick = np.random.default_rng(0).permutation(len(train.labels))[:1200]
+    images, labels = train.images[pick].astype(np.float32) / 255, train.labels[pick]
+    test_images = test.images.astype(np.float32) / 255
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=16, image_size=28))
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    before = evaluate(model, test_images, test.labels)
+    config = TrainConfig(batch_size=128, learning_rate=0.3, class_weights=(2.0, 0.7))
+    privacy = PrivacyConfig(target_epsilon=8.0, planned_rounds=3)
+    results = [train_round(model, images, labels, config, privacy, ledger, "site-1", "run", r) for r in (1, 2, 3)]
+    after = evaluate(model, test_images, test.labels)
+    assert all(r.status == TRAINED and r.dp for r in results)
+    assert results[-1].loss < results[0].loss, "the training loss falls round by round"
+    assert after["auroc"] > 0.75 and after["auroc"] > before["auroc"] + 0.1
+    assert results[-1].epsilon <= 8.0 and len(ledger.entries) == 3
+
+
+def test_metrics_on_an_unbalanced_set():
+    labels = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
+    probabilities = np.zeros((10, 2))
+    probabilities[:, 1] = [0.1, 0.2, 0.3, 0.1, 0.6, 0.2, 0.1, 0.3, 0.9, 0.4]
+    probabilities[:, 0] = 1 - probabilities[:, 1]
+    metrics = classification_metrics(labels, probabilities)
+    assert metrics["confusion_matrix"] == [[7, 1], [1, 1]]
+    assert metrics["accuracy"] == pytest.approx(0.8)
+    assert metrics["sensitivity"] == pytest.approx(0.5)
+    assert metrics["specificity"] == pytest.approx(7 / 8)
+    assert metrics["balanced_accuracy"] == pytest.approx((0.5 + 7 / 8) / 2)
+    assert metrics["auroc"] == pytest.approx(brute_force_auroc(probabilities[:, 1], labels))
+
+
+def test_auroc_with_ties_matches_pair_counting():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 5, 200).astype(float)
+    labels = rng.integers(0, 2, 200)
+    assert auroc(scores, labels == 1) == pytest.approx(brute_force_auroc(scores, labels))
+    assert np.isnan(auroc(scores, np.zeros(200, dtype=bool)))
+
+
+def test_weights_leave_as_plain_named_arrays_and_load_into_a_fresh_model():
+    config = ModelConfig(width=8, image_size=16)
+    trained = build_model(config)
+    wrapped = GradSampleModule(trained)
+    assert any(k.startswith("_module.") for k in wrapped.state_dict())
+    state = model_state(wrapped)
+    wrapped._close()
+    assert not any(k.startswith("_module.") for k in state)
+    assert set(state) == set(build_model(config).state_dict())
+    fresh = build_model(config)
+    load_state(fresh, state)
+    x = torch.rand(2, 1, 16, 16)
+    trained.eval(), fresh.eval()
+    torch.testing.assert_close(fresh(x), trained(x))
+
+
+def test_bad_incoming_states_are_refused_with_every_problem_named():
+    model = build_model(ModelConfig(width=8, image_size=16))
+    good = model_state(model)
+    bad = dict(good)
+    bad["fc.weight"] = np.full_like(good["fc.weight"], np.nan)
+    bad["conv1.weight"] = np.zeros((3, 3), dtype=np.float32)
+    bad["layer1.0.bn1.bias"] = good["layer1.0.bn1.bias"].astype(np.float64)
+    del bad["fc.bias"]
+    bad["extra"] = np.zeros(1, dtype=np.float32)
+    problems = check_state(bad, good)
+    joined = "; ".join(problems)
+    for fragment in ("missing arrays: fc.bias", "unexpected arrays: extra", "conv1.weight: shape (3, 3)",
+                     "layer1.0.bn1.bias: dtype float64", f"fc.weight: {good['fc.weight'].size} non-finite values"):
+        assert fragment in joined
+    with pytest.raises(InvalidWeights):
+        load_state(model, bad)
+    assert check_state(good, good) == []
