@@ -31,6 +31,7 @@ from fedmed.privacy.accounting import ACCOUNTANT, extend
 from fedmed.privacy.budget import PrivacyConfig, plan_round_privacy
 from fedmed.privacy.clipping import PerSampleClipper
 from fedmed.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedmed.runtime import keep_freed_memory
 
 log = logging.getLogger("fedmed")
 
@@ -77,6 +78,7 @@ def train_round(
     round_number: int,
 ) -> RoundResult:
     """Train ``model`` in place for one round unless the site's budget forbids it."""
+    keep_freed_memory()
     examples = len(labels)
     with ledger.locked():
         plan = plan_round_privacy(privacy, ledger, run_id, examples, train.batch_size, train.epochs)
