@@ -130,9 +130,13 @@ def _optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
                            weight_decay=train.weight_decay)
 
 
+def _images(images: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+    """Selected images as a (batch, 1, H, W) tensor; only these rows are read from a memory map."""
+    return torch.from_numpy(np.ascontiguousarray(images[indices], dtype=np.float32)).unsqueeze(1)
+
+
 def _batch(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.from_numpy(np.ascontiguousarray(images[indices], dtype=np.float32)).unsqueeze(1)
-    return x, torch.from_numpy(np.asarray(labels[indices], dtype=np.int64))
+    return _images(images, indices), torch.from_numpy(np.asarray(labels[indices], dtype=np.int64))
 
 
 def _train_private(model, images, labels, train, sample_rate, steps, noise_multiplier, max_grad_norm) -> float:
@@ -190,7 +194,7 @@ def predict(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.n
     """Class probabilities, (n, classes)."""
     model.eval()
     outputs = [
-        torch.softmax(model(_batch(images, np.zeros(len(images)), np.arange(s, min(s + batch_size, len(images))))[0]), 1)
+        torch.softmax(model(_images(images, np.arange(s, min(s + batch_size, len(images))))), 1)
         for s in range(0, len(images), batch_size)
     ]
     return torch.cat(outputs).numpy() if outputs else np.zeros((0, 2), dtype=np.float32)
