@@ -49,6 +49,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     class_weights: tuple[float, ...] | None = None
     seed: int = 0  # shuffling of non-private rounds; DP rounds draw secret randomness
+    # Reproducible DP sampling and noise, for experiments only: noise an observer can
+    # regenerate gives no protection, so sites leave this None (OS randomness).
+    insecure_noise_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ def train_round(
             return RoundResult(BUDGET_EXHAUSTED, plan.dp, examples, 0, None, plan.epsilon_before, plan.delta,
                                plan.noise_multiplier, plan.reason)
         if plan.dp:
-            loss = _train_private(model, images, labels, train, plan.sample_rate, plan.steps,
+            loss = _train_private(model, images, labels, train, round_number, plan.sample_rate, plan.steps,
                                   plan.noise_multiplier, privacy.max_grad_norm)
         else:
             log.warning("site %s: NON-PRIVATE training in round %s of run %s; no privacy guarantee",
@@ -139,11 +142,11 @@ def _batch(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> tuple
     return _images(images, indices), torch.from_numpy(np.asarray(labels[indices], dtype=np.int64))
 
 
-def _train_private(model, images, labels, train, sample_rate, steps, noise_multiplier, max_grad_norm) -> float:
+def _train_private(model, images, labels, train, round_number, sample_rate, steps, noise_multiplier,
+                   max_grad_norm) -> float:
     model.train()
     n = len(labels)
-    sampling = torch.Generator().manual_seed(secrets.randbits(63))
-    noise = torch.Generator().manual_seed(secrets.randbits(63))
+    sampling, noise = _dp_generators(train.insecure_noise_seed, round_number)
     sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=sampling, steps=steps)
     clipper = PerSampleClipper(model, max_grad_norm)
     optimizer = _optimizer(model, train)
@@ -166,6 +169,16 @@ def _train_private(model, images, labels, train, sample_rate, steps, noise_multi
     finally:
         clipper.remove()
     return total_loss / seen if seen else math.nan
+
+
+def _dp_generators(insecure_seed: int | None, round_number: int) -> tuple[torch.Generator, torch.Generator]:
+    """Generators for Poisson sampling and Gaussian noise; secret unless a seed is forced
+    (then each round still gets its own streams)."""
+    if insecure_seed is None:
+        return (torch.Generator().manual_seed(secrets.randbits(63)),
+                torch.Generator().manual_seed(secrets.randbits(63)))
+    seeds = np.random.SeedSequence([insecure_seed, round_number]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(seeds[0] >> 1)), torch.Generator().manual_seed(int(seeds[1] >> 1))
 
 
 def _train_plain(model, images, labels, train, steps, round_number) -> float:
