@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from fedmed.data.dicom import DicomReadError, ReadOptions, read_dicom
 from fedmed.data.report import SkipReason
+from fedmed.files import write_atomic
 
 # Bump when the preprocessing in fedmed.data.dicom changes what an image looks like.
 PREPROCESSING_VERSION = 1
@@ -151,16 +151,7 @@ class _CacheStore:
                 stale.unlink(missing_ok=True)
 
     def _write_atomic(self, name: str, write) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.directory / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self.directory / name, write)
 
 
 def default_cache_dir() -> Path:

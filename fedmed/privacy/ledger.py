@@ -16,13 +16,12 @@ from __future__ import annotations
 import fcntl
 import json
 import math
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from fedmed.files import write_atomic
 from fedmed.privacy.accounting import ACCOUNTANT, History, epsilon
 
 LEDGER_VERSION = 1
@@ -110,19 +109,8 @@ class PrivacyLedger:
 
     def append(self, entry: LedgerEntry) -> None:
         """Add ``entry`` atomically; earlier entries are rewritten byte for byte."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         text = "".join(e.to_json() + "\n" for e in [*self.entries, entry])
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_directory(self.path.parent)
+        write_atomic(self.path, text.encode("utf-8"))
         self.entries.append(entry)
 
     @contextmanager
@@ -137,11 +125,3 @@ class PrivacyLedger:
                 yield self
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

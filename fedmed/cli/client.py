@@ -1,0 +1,103 @@
+"""``fedmed-client``: one hospital. Validates the site's data, then runs a Flower SuperNode
+that connects out to the coordinator and trains privately when asked."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from fedmed.data.cache import default_cache_dir
+from fedmed.deploy.launch import node_config_text
+from fedmed.deploy.processes import ManagedProcess, flower_command, free_port
+from fedmed.flower.settings import RunSettings, SiteSettings
+from fedmed.flower.site_data import load_site_split
+
+DEFAULT_RUN = RunSettings()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedmed-client",
+        description="Join fedmed training as one hospital. Images never leave this machine: only "
+                    "model weights and a few whitelisted numbers are sent, after differentially "
+                    "private training whose spending is kept in this site's ledger.")
+    p.add_argument("--server", required=True, help="the coordinator, HOST:PORT")
+    p.add_argument("--data", required=True, type=Path,
+                   help="folder with one sub-folder per class, or a CSV manifest (path,label[,patient_id])")
+    p.add_argument("--site", required=True, help="this hospital's name, as shown in reports")
+    p.add_argument("--max-epsilon", type=float, default=8.0,
+                   help="the site's lifetime privacy budget; rounds that would pass it are refused")
+    p.add_argument("--target-epsilon", type=float, default=0.0,
+                   help="cumulative epsilon to reach by the end of this run (default: --max-epsilon)")
+    p.add_argument("--delta", type=float, default=0.0, help="default: a power of ten below 1/(10 n)")
+    p.add_argument("--no-dp", action="store_true",
+                   help="train WITHOUT differential privacy (non-private baselines only)")
+    p.add_argument("--state-dir", type=Path,
+                   help="where the site's privacy ledger and logs live (default ~/.fedmed/sites/SITE)")
+    p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default ~/.cache/fedmed)")
+    p.add_argument("--root-certificates", type=Path, help="CA certificate that signed the server's")
+    p.add_argument("--insecure", action="store_true", help="no TLS: trusted test networks only")
+    p.add_argument("--auth-key", type=Path, help="this site's private key, if the server requires node keys")
+    p.add_argument("--classes", default=DEFAULT_RUN.classes, help="as the coordinator's --classes")
+    p.add_argument("--image-size", type=int, default=DEFAULT_RUN.image_size,
+                   help="as the coordinator's --image-size (fills the cache before the first round)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.insecure == (args.root_certificates is not None):
+        print("error: give --root-certificates CA_FILE for TLS (the default), or --insecure to connect "
+              "without encryption on a trusted test network", file=sys.stderr)
+        return 2
+    if args.root_certificates is not None and not args.root_certificates.is_file():
+        print(f"error: root certificate {args.root_certificates} not found", file=sys.stderr)
+        return 2
+    state_dir = (args.state_dir or Path.home() / ".fedmed" / "sites" / args.site).resolve()
+    site = SiteSettings(
+        data=str(args.data.resolve()), site=args.site, ledger=str(state_dir / "ledger.jsonl"),
+        cache_dir=str((args.cache_dir or default_cache_dir()).resolve()), max_epsilon=args.max_epsilon,
+        target_epsilon=args.target_epsilon, delta=args.delta, dp=not args.no_dp,
+    )
+    try:
+        split = load_site_split(RunSettings(classes=args.classes, image_size=args.image_size), site)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(split.data.report.to_text(), flush=True)
+    print(f"site {args.site}: {len(split.train)} training and {len(split.val)} validation images; "
+          f"ledger {site.ledger}", flush=True)
+    if args.no_dp:
+        print("WARNING: --no-dp: this site trains WITHOUT differential privacy.", file=sys.stderr)
+    if args.insecure:
+        print("WARNING: --insecure: the connection to the coordinator is NOT encrypted.", file=sys.stderr)
+    return _run_supernode(args, site, state_dir)
+
+
+def _run_supernode(args: argparse.Namespace, site: SiteSettings, state_dir: Path) -> int:
+    node_config = {"data": site.data, "site": site.site, "ledger": site.ledger, "cache-dir": site.cache_dir,
+                   "max-epsilon": site.max_epsilon, "target-epsilon": site.target_epsilon,
+                   "delta": site.delta, "dp": site.dp}
+    command = [flower_command("flower-supernode"), "--superlink", args.server,
+               "--host", "127.0.0.1", "--port", str(free_port()),
+               "--node-config", node_config_text(node_config)]
+    command += ["--insecure"] if args.insecure else ["--root-certificates", str(args.root_certificates)]
+    if args.auth_key is not None:
+        command += ["--auth-supernode-private-key", str(args.auth_key)]
+    # The SuperNode hands each message to a fresh ClientApp process; look for work often.
+    env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+    supernode = ManagedProcess(command, state_dir / "logs" / "supernode.log", env)
+    print(f"site {args.site} connecting to {args.server} (log {supernode.log_path}); "
+          "it reconnects by itself if the coordinator restarts", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        code = supernode.process.wait()
+        print(f"error: the SuperNode exited with code {code}:\n{supernode.log_tail()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        supernode.stop()

@@ -1,0 +1,1 @@
+"""Running fedmed's coordinator and sites as processes: Flower daemons, certificates."""

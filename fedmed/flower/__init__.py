@@ -1,0 +1,1 @@
+"""fedmed on Flower: the ServerApp, the ClientApp and what they exchange."""

@@ -1,0 +1,356 @@
+"""The coordinator's round loop on Flower's Grid: sample sites, check replies, FedAvg, record.
+
+Every reply is checked before anything of it is used: only the expected records, only
+whitelisted scalars, and arrays with exactly the model's names, shapes and dtypes and
+finite values. A bad reply is dropped for that round with its reason in the records.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedmed.flower import protocol
+from fedmed.flower.client_app import arrays_to_state, state_to_arrays
+from fedmed.flower.fedavg import SiteUpdate, validate_update, weighted_average
+from fedmed.flower.model_card import model_card, model_card_markdown
+from fedmed.flower.rundir import RunDirectory
+from fedmed.flower.settings import RunSettings
+from fedmed.model import build_model
+from fedmed.weights import load_state, model_state
+
+log = logging.getLogger("fedmed.coordinator")
+
+
+@dataclass
+class RoundOutcome:
+    """What happened to every site asked to take part in one round."""
+
+    updates: list[SiteUpdate] = field(default_factory=list)
+    budget_exhausted: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    site_metrics: dict[str, dict] = field(default_factory=dict)
+
+
+class FederatedRun:
+    def __init__(self, grid: Grid, run: RunSettings, poll_interval: float = 0.1) -> None:
+        self.grid = grid
+        self.run = run
+        self.poll_interval = poll_interval
+        self.run_dir = RunDirectory(run.run_dir)
+        self.names: dict[int, str] = {}  # node id -> site name, learnt from replies
+        self.sites: dict[str, dict] = {}  # per-site summary for the model card
+        torch.manual_seed(run.seed)
+        self.model = build_model(run.model_config())
+        self.reference = model_state(self.model)
+        self.server_eval = _load_server_eval(run)
+
+    def execute(self) -> str:
+        """Run the remaining rounds; returns the final phase ("completed" or "stopped")."""
+        state, first = self._starting_point()
+        nodes = self._wait_for_sites()
+        rounds_done = first - 1
+        for round_number in range(first, self.run.rounds + 1):
+            started = time.monotonic()
+            nodes = self._available_nodes() or nodes
+            chosen = self._sample(nodes, round_number)
+            self._status("training", round_number, connected=len(nodes), asked=len(chosen))
+            messages = [self._message(MessageType.TRAIN, node, state, round_number) for node in chosen]
+            replies, missing = self._exchange(messages)
+            outcome = self._collect(round_number, replies, missing)
+            self._record_validation(round_number - 1, outcome.site_metrics)
+            aggregated = len(outcome.updates) >= self.run.min_sites
+            if aggregated:
+                state = weighted_average(outcome.updates)
+            else:
+                log.warning("round %d: %d valid updates, fewer than the minimum of %d sites; "
+                            "the global model is kept unchanged", round_number, len(outcome.updates),
+                            self.run.min_sites)
+            self.run_dir.save_checkpoint(round_number, state)
+            rounds_done = round_number
+            self._record_round(round_number, outcome, aggregated, state, time.monotonic() - started)
+            if not outcome.updates and outcome.budget_exhausted and not outcome.failed and not outcome.missing:
+                log.warning("every site that answered has exhausted its privacy budget; stopping")
+                self._finish(state, rounds_done)
+                self._status("stopped", round_number, reason="every site's privacy budget is exhausted")
+                return "stopped"
+        self._final_validation(state, rounds_done)
+        self._finish(state, rounds_done)
+        self._status("completed", rounds_done)
+        return "completed"
+
+    # -- rounds ------------------------------------------------------------------------
+
+    def _starting_point(self) -> tuple[dict[str, np.ndarray], int]:
+        if self.run.start_round == 1:
+            return self.reference, 1
+        checkpoint = self.run_dir.last_checkpoint()
+        if checkpoint is None or checkpoint[0] != self.run.start_round - 1:
+            found = "none" if checkpoint is None else f"round {checkpoint[0]}"
+            raise RuntimeError(f"cannot resume at round {self.run.start_round}: it needs the checkpoint of "
+                               f"round {self.run.start_round - 1} in {self.run_dir.path}, found {found}")
+        problems = validate_update(checkpoint[1], 1, self.reference)
+        if problems:
+            raise RuntimeError(f"checkpoint of round {checkpoint[0]} does not fit the model: {'; '.join(problems)}")
+        log.info("resuming at round %d from the checkpoint of round %d", self.run.start_round, checkpoint[0])
+        for record in self.run_dir.metrics():
+            for name, site in record.get("sites", {}).items():
+                self._remember_site(name, site)
+        return checkpoint[1], self.run.start_round
+
+    def _wait_for_sites(self) -> list[int]:
+        deadline = time.monotonic() + self.run.site_wait_timeout
+        while True:
+            nodes = self._available_nodes()
+            self._status("waiting", self.run.start_round, connected=len(nodes))
+            if len(nodes) >= self.run.min_sites:
+                log.info("%d sites connected (minimum %d)", len(nodes), self.run.min_sites)
+                return nodes
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(nodes)} of the minimum {self.run.min_sites} sites connected "
+                                   f"within {self.run.site_wait_timeout:.0f} s")
+            time.sleep(0.5)
+
+    def _available_nodes(self) -> list[int]:
+        return sorted(self.grid.get_node_ids())
+
+    def _sample(self, nodes: list[int], round_number: int) -> list[int]:
+        count = max(self.run.min_sites, math.ceil(self.run.fraction_train * len(nodes)))
+        if count >= len(nodes):
+            return list(nodes)
+        rng = np.random.default_rng([self.run.seed, round_number])
+        return sorted(int(n) for n in rng.choice(nodes, size=count, replace=False))
+
+    def _message(self, kind: str, node: int, state: dict[str, np.ndarray], round_number: int) -> Message:
+        content = RecordDict({
+            protocol.ARRAYS: state_to_arrays(state),
+            protocol.CONFIG: ConfigRecord({"round": round_number}),
+        })
+        return Message(content, dst_node_id=node, message_type=kind, group_id=str(round_number))
+
+    def _exchange(self, messages: list[Message]) -> tuple[list[Message], list[int]]:
+        """Send, then collect replies until all are in or the round timeout passes."""
+        destinations = {}
+        for message_id, message in zip(self.grid.push_messages(messages), messages):
+            destinations[message_id] = message.metadata.dst_node_id
+        waiting = set(destinations)
+        replies: list[Message] = []
+        deadline = time.monotonic() + self.run.round_timeout
+        while waiting and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(waiting):
+                waiting.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+            if waiting:
+                time.sleep(self.poll_interval)
+        return replies, [destinations[m] for m in waiting]
+
+    def _collect(self, round_number: int, replies: list[Message], missing: list[int]) -> RoundOutcome:
+        outcome = RoundOutcome(missing=[self._name(n) for n in missing])
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                outcome.failed[self._name(node)] = str(reply.error.reason)[:300]
+                continue
+            problems, name, metrics, state = self._read_reply(reply)
+            self._audit(round_number, node, name, reply)
+            if problems:
+                outcome.rejected[name] = "; ".join(problems)
+                log.warning("round %d: update of %s dropped: %s", round_number, name, outcome.rejected[name])
+                continue
+            outcome.site_metrics[name] = metrics
+            if int(metrics.get("status", -1)) == protocol.BUDGET_EXHAUSTED:
+                outcome.budget_exhausted.append(name)
+            else:
+                outcome.updates.append(SiteUpdate(name, int(metrics["examples"]), state))
+        for name, reason in outcome.failed.items():
+            log.warning("round %d: site %s failed: %s", round_number, name, reason)
+        if outcome.missing:
+            log.warning("round %d: no reply within %.0f s from %s", round_number, self.run.round_timeout,
+                        ", ".join(outcome.missing))
+        return outcome
+
+    def _read_reply(self, reply: Message) -> tuple[list[str], str, dict, dict]:
+        """Check a site's reply against the protocol; returns problems, name, scalars, arrays."""
+        node = reply.metadata.src_node_id
+        content = reply.content
+        problems = []
+        extra = sorted(set(content.keys()) - {protocol.ARRAYS, protocol.METRICS, protocol.SITE})
+        if extra:
+            problems.append(f"unexpected records: {', '.join(extra)}")
+        site = dict(content.get(protocol.SITE, {}))
+        name = str(site.get("name") or self._name(node))[:100]
+        self.names[node] = name
+        if set(site) - protocol.REPLY_TEXT or any(len(str(v)) > protocol.MAX_TEXT for v in site.values()):
+            problems.append("site record has fields or text beyond the protocol")
+        metrics = dict(content.get(protocol.METRICS, {}))
+        unknown = sorted(set(metrics) - protocol.REPLY_METRICS)
+        if unknown:
+            problems.append(f"metrics outside the whitelist: {', '.join(unknown)}")
+        if any(not isinstance(v, (int, float)) for v in metrics.values()):
+            problems.append("metrics must be single numbers")
+        status = metrics.get("status")
+        state: dict = {}
+        if status == protocol.TRAINED:
+            if protocol.ARRAYS not in content:
+                problems.append("a trained reply without model arrays")
+            else:
+                try:
+                    state = arrays_to_state(content[protocol.ARRAYS])
+                except Exception as error:  # any undecodable array
+                    problems.append(f"arrays cannot be read: {error}")
+                else:
+                    problems += validate_update(state, metrics.get("examples", math.nan), self.reference)
+        elif status == protocol.BUDGET_EXHAUSTED:
+            if protocol.ARRAYS in content:
+                problems.append("a budget-exhausted reply must not carry arrays")
+        else:
+            problems.append(f"unknown status {status!r}")
+        return problems, name, metrics, state
+
+    def _audit(self, round_number: int, node: int, name: str, reply: Message) -> None:
+        """Record what this reply carried, so anyone can check what left each site."""
+        content = reply.content
+        arrays = {}
+        if protocol.ARRAYS in content:
+            arrays = {k: [list(a.shape), str(a.dtype)] for k, a in content[protocol.ARRAYS].items()}
+        self.run_dir.append_received({
+            "round": round_number, "site": name, "node_id": node,
+            "records": sorted(content.keys()), "arrays": arrays,
+            "metrics": dict(content.get(protocol.METRICS, {})),
+            "text": dict(content.get(protocol.SITE, {})),
+        })
+
+    def _name(self, node: int) -> str:
+        return self.names.get(node, f"node-{node}")
+
+    # -- records -----------------------------------------------------------------------
+
+    def _record_round(self, round_number: int, outcome: RoundOutcome, aggregated: bool,
+                      state: dict[str, np.ndarray], seconds: float) -> None:
+        for name, metrics in outcome.site_metrics.items():
+            self._remember_site(name, metrics)
+        trained = [u.site for u in outcome.updates]
+        examples = sum(u.examples for u in outcome.updates)
+        losses = [(outcome.site_metrics[u.site].get("loss", math.nan), u.examples) for u in outcome.updates]
+        record = {
+            "event": "round", "round": round_number, "rounds": self.run.rounds,
+            "seconds": seconds, "aggregated": aggregated, "min_sites": self.run.min_sites,
+            "trained": trained, "budget_exhausted": outcome.budget_exhausted,
+            "rejected": outcome.rejected, "failed": outcome.failed, "missing": outcome.missing,
+            "examples": examples, "train_loss": _weighted(losses),
+            "slowest_site_train_seconds": max(
+                (m.get("seconds-train", 0.0) for m in outcome.site_metrics.values()), default=0.0),
+            "sites": {name: _site_fields(m) for name, m in outcome.site_metrics.items()},
+        }
+        if self.server_eval is not None:
+            record["server_validation"] = self._evaluate_on_server(state)
+        if not aggregated:
+            record["note"] = (f"only {len(trained)} valid updates, below the minimum of {self.run.min_sites} "
+                              "sites: global model unchanged this round")
+        self.run_dir.append_metrics(record)
+        log.info("round %d/%d: %d trained, %d budget exhausted, %d rejected, %d failed, %d missing (%.1f s)",
+                 round_number, self.run.rounds, len(trained), len(outcome.budget_exhausted),
+                 len(outcome.rejected), len(outcome.failed), len(outcome.missing), seconds)
+
+    def _record_validation(self, model_round: int, site_metrics: dict[str, dict]) -> None:
+        """Each site's validation of the global model after ``model_round`` (0: the initial one)."""
+        sites = {name: {k: v for k, v in m.items() if k.startswith("val-")} for name, m in site_metrics.items()
+                 if m.get("val-examples", 0) > 0}
+        if not sites:
+            return
+        weighted = {}
+        for key in protocol.VALIDATION_METRICS[1:]:
+            weighted[key] = _weighted([(s.get(key, math.nan), s["val-examples"]) for s in sites.values()])
+        weighted["val-examples"] = sum(s["val-examples"] for s in sites.values())
+        self.run_dir.append_metrics({"event": "validation", "round": model_round, "sites": sites,
+                                     "weighted": weighted})
+        self.last_validation = weighted
+
+    def _final_validation(self, state: dict[str, np.ndarray], rounds_done: int) -> None:
+        nodes = self._available_nodes()
+        self._status("evaluating", rounds_done, connected=len(nodes))
+        replies, missing = self._exchange([self._message(MessageType.EVALUATE, n, state, rounds_done) for n in nodes])
+        metrics = {}
+        for reply in replies:
+            if reply.has_error():
+                continue
+            problems, name, values, _ = self._read_reply_metrics_only(reply)
+            if not problems:
+                metrics[name] = values
+        self._record_validation(rounds_done, metrics)
+
+    def _read_reply_metrics_only(self, reply: Message) -> tuple[list[str], str, dict, None]:
+        content = reply.content
+        site = dict(content.get(protocol.SITE, {}))
+        name = str(site.get("name") or self._name(reply.metadata.src_node_id))[:100]
+        metrics = dict(content.get(protocol.METRICS, {}))
+        problems = []
+        if set(content.keys()) - {protocol.METRICS, protocol.SITE}:
+            problems.append("an evaluation reply must carry metrics only")
+        if set(metrics) - set(protocol.VALIDATION_METRICS):
+            problems.append("metrics outside the whitelist")
+        self._audit(0, reply.metadata.src_node_id, name, reply)
+        return problems, name, metrics, None
+
+    def _remember_site(self, name: str, metrics: dict) -> None:
+        site = self.sites.setdefault(name, {"rounds_trained": 0})
+        if metrics.get("status") == protocol.TRAINED:
+            site["rounds_trained"] += 1
+        for key in ("examples", "epsilon", "delta", "dp"):
+            if key in metrics:
+                site[key] = metrics[key]
+        if "dp" in site:
+            site["dp"] = bool(site["dp"])
+        site["status"] = protocol.STATUS_NAMES.get(metrics.get("status"), site.get("status", ""))
+
+    def _evaluate_on_server(self, state: dict[str, np.ndarray]) -> dict:
+        from fedmed.train import evaluate
+
+        load_state(self.model, state)
+        images, labels = self.server_eval
+        scores = evaluate(self.model, images, labels)
+        return {k: v for k, v in scores.items() if isinstance(v, float)} | {"examples": int(len(labels))}
+
+    def _finish(self, state: dict[str, np.ndarray], rounds_done: int) -> None:
+        card = model_card(self.run, self.sites, rounds_done, getattr(self, "last_validation", None))
+        self.run_dir.write_final_model(state, card, model_card_markdown(card))
+
+    def _status(self, phase: str, round_number: int, **extra) -> None:
+        self.run_dir.write_status(phase=phase, round=round_number, rounds=self.run.rounds,
+                                  validation=getattr(self, "last_validation", None), **extra)
+
+
+def _site_fields(metrics: dict) -> dict:
+    fields = {k: v for k, v in metrics.items() if not k.startswith("val-")}
+    fields["status_name"] = protocol.STATUS_NAMES.get(fields.get("status"), "unknown")
+    return fields
+
+
+def _weighted(pairs: list[tuple[float, float]]) -> float:
+    pairs = [(v, w) for v, w in pairs if v is not None and math.isfinite(v) and w > 0]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else math.nan
+
+
+def _load_server_eval(run: RunSettings) -> tuple[np.ndarray, np.ndarray] | None:
+    """The coordinator's own held-out set, if it has one."""
+    if not run.server_eval_data:
+        return None
+    from fedmed.data.cache import default_cache_dir
+    from fedmed.data.dicom import ReadOptions
+    from fedmed.data.site import SiteSource, load_site
+
+    data = load_site(SiteSource.from_path(run.server_eval_data, run.class_names),
+                     ReadOptions(image_size=run.image_size), default_cache_dir())
+    if len(data) == 0:
+        raise ValueError(f"server evaluation data {run.server_eval_data} has no usable images")
+    return np.asarray(data.images), data.labels

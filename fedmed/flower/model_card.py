@@ -1,0 +1,68 @@
+"""The model card written next to the final model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import datetime, timezone
+
+from fedmed.data.cache import PREPROCESSING_VERSION
+from fedmed.flower.settings import RunSettings
+
+PREPROCESSING = (
+    "DICOM pixel data -> Modality LUT (rescale slope/intercept) -> VOI LUT or the first "
+    "window centre/width, else the image's min-max -> MONOCHROME1 inverted -> colour to grey "
+    "-> zero-padded to square -> antialiased resize -> float32 in [0, 1], one channel"
+)
+
+
+def model_card(run: RunSettings, sites: dict[str, dict], rounds_done: int, validation: dict | None) -> dict:
+    """Facts a user of the model needs: what it is, what it was trained on, at what privacy cost."""
+    return {
+        "format": "fedmed-model/1: numpy .npz of named float arrays (model.npz); "
+                  "rebuild with fedmed.model.build_model(ModelConfig(**architecture))",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_id": run.run_id,
+        "architecture": asdict(run.model_config()),
+        "classes": list(run.class_names),
+        "input": {"image_size": run.image_size, "channels": 1, "range": [0.0, 1.0],
+                  "preprocessing": PREPROCESSING, "preprocessing_version": PREPROCESSING_VERSION},
+        "training": {"rounds_planned": run.rounds, "rounds_completed": rounds_done,
+                     "local_epochs": run.local_epochs, "batch_size": run.batch_size,
+                     "learning_rate": run.learning_rate, "max_grad_norm": run.max_grad_norm,
+                     "aggregation": "FedAvg weighted by each site's training examples"},
+        "sites": sites,
+        "validation": validation,
+    }
+
+
+def model_card_markdown(card: dict) -> str:
+    arch = card["architecture"]
+    lines = [
+        f"# fedmed model card: run {card['run_id']}",
+        "",
+        f"- Architecture: GroupNorm ResNet-{arch['depth']}, width {arch['width']}, "
+        f"{arch['in_channels']} input channel, {arch['num_classes']} classes ({', '.join(card['classes'])})",
+        f"- Input: {card['input']['image_size']} x {card['input']['image_size']} px; {card['input']['preprocessing']}",
+        f"- Training: {card['training']['rounds_completed']} of {card['training']['rounds_planned']} rounds, "
+        f"{card['training']['aggregation']}",
+        f"- File: {card['format']}",
+        "",
+        "## Sites",
+        "",
+        "| site | training examples | rounds trained | epsilon | delta | private | last status |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, site in sorted(card["sites"].items()):
+        private = "yes" if site.get("dp", True) else "**NO (non-private baseline)**"
+        lines.append(f"| {name} | {site.get('examples', '')} | {site.get('rounds_trained', 0)} | "
+                     f"{_number(site.get('epsilon'))} | {_number(site.get('delta'))} | {private} | "
+                     f"{site.get('status', '')} |")
+    validation = card.get("validation") or {}
+    if validation:
+        lines += ["", "## Validation of the final model", ""]
+        lines += [f"- {key}: {_number(value)}" for key, value in sorted(validation.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value if value is not None else "")

@@ -1,0 +1,133 @@
+"""A federated run's directory: the coordinator's record of one training run.
+
+    config.json            settings the run was started with
+    status.json            phase, current round, connected sites (for live progress)
+    metrics.jsonl          one JSON object per event: a round's training, a validation
+    received.jsonl         what each site's reply contained (names, shapes, scalars)
+    checkpoints/round-NNNN.npz   the global model after every round
+    model/model.npz        the final model (named float arrays, no pickled code)
+    model/model_card.json  architecture, preprocessing, classes, data and privacy per site
+    model/model_card.md    the same for people
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from fedmed.files import write_atomic
+
+CHECKPOINT = re.compile(r"round-(\d+)\.npz")
+
+
+class RunDirectory:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def received_path(self) -> Path:
+        return self.path / "received.jsonl"
+
+    @property
+    def status_path(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    def write_config(self, config: dict) -> None:
+        write_atomic(self.config_path, _json_bytes(config))
+
+    def read_config(self) -> dict:
+        if not self.config_path.is_file():
+            raise FileNotFoundError(f"{self.path} is not a fedmed run directory (no config.json)")
+        return json.loads(self.config_path.read_text(encoding="utf-8"))
+
+    def write_status(self, **status) -> None:
+        write_atomic(self.status_path, _json_bytes(status))
+
+    def status(self) -> dict:
+        try:
+            return json.loads(self.status_path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def append_metrics(self, record: dict) -> None:
+        _append_line(self.metrics_path, record)
+
+    def append_received(self, record: dict) -> None:
+        _append_line(self.received_path, record)
+
+    def metrics(self) -> list[dict]:
+        return _read_lines(self.metrics_path)
+
+    def received(self) -> list[dict]:
+        return _read_lines(self.received_path)
+
+    def save_checkpoint(self, round_number: int, state: dict[str, np.ndarray]) -> Path:
+        path = self.path / "checkpoints" / f"round-{round_number:04d}.npz"
+        write_atomic(path, _npz_bytes(state))
+        return path
+
+    def last_checkpoint(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        """The latest round with a saved global model, and that model."""
+        rounds = sorted(
+            int(m.group(1)) for p in (self.path / "checkpoints").glob("round-*.npz")
+            if (m := CHECKPOINT.fullmatch(p.name))
+        )
+        if not rounds:
+            return None
+        return rounds[-1], load_arrays(self.path / "checkpoints" / f"round-{rounds[-1]:04d}.npz")
+
+    def write_final_model(self, state: dict[str, np.ndarray], card: dict, card_text: str) -> None:
+        write_atomic(self.model_dir / "model.npz", _npz_bytes(state))
+        write_atomic(self.model_dir / "model_card.json", _json_bytes(card))
+        write_atomic(self.model_dir / "model_card.md", card_text.encode("utf-8"))
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Named arrays from a checkpoint or final model (never unpickles objects)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def _npz_bytes(state: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **state)
+    return buffer.getvalue()
+
+
+def _json_bytes(value: dict) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True, allow_nan=True) + "\n").encode("utf-8")
+
+
+def _append_line(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+        handle.flush()
+
+
+def _read_lines(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    return records
