@@ -88,7 +88,7 @@ def _run_supernode(args: argparse.Namespace, site: SiteSettings, state_dir: Path
     if args.auth_key is not None:
         command += ["--auth-supernode-private-key", str(args.auth_key)]
     # The SuperNode hands each message to a fresh ClientApp process; look for work often.
-    env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+    env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "FLWR_HOME": str(state_dir / "flwr")}
     supernode = ManagedProcess(command, state_dir / "logs" / "supernode.log", env)
     print(f"site {args.site} connecting to {args.server} (log {supernode.log_path}); "
           "it reconnects by itself if the coordinator restarts", flush=True)

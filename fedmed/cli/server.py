@@ -136,6 +136,7 @@ class Coordinator:
         args, run = self.args, self.run_settings
         logs = self.run_dir.path / "logs"
         self.superlink = start_superlink(args.host, args.port, args.certificates, logs / "superlink.log",
+                                         self.run_dir.path / ".flwr",
                                          node_auth=args.authorized_keys is not None)
         local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         wait_for_port(local, args.port, 60, self.superlink)

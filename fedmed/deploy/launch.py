@@ -26,7 +26,7 @@ def check_tls_choice(certificates: Path | None, insecure: bool, files: tuple[str
             raise ValueError(f"{certificates} lacks {', '.join(missing)}")
 
 
-def start_superlink(host: str, port: int, certificates: Path | None, log_path: Path,
+def start_superlink(host: str, port: int, certificates: Path | None, log_path: Path, flwr_home: Path,
                     node_auth: bool = False) -> ManagedProcess:
     command = [flower_command("flower-superlink"), "--disable-runtime-dependency-installation",
                "--host", host, "--port", str(port)]
@@ -38,7 +38,7 @@ def start_superlink(host: str, port: int, certificates: Path | None, log_path: P
                     "--ssl-keyfile", str(certificates / SERVER_KEY)]
     if node_auth:
         command.append("--enable-supernode-auth")
-    return ManagedProcess(command, log_path)
+    return ManagedProcess(command, log_path, {"FLWR_HOME": str(flwr_home)})
 
 
 def write_flower_home(flwr_home: Path, address: str, root_certificate: Path | None) -> dict[str, str]:

@@ -1,0 +1,132 @@
+"""Real fedmed-server / fedmed-client processes on loopback, always stopped by pgid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedmed.deploy.processes import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def process_env(tmp: Path) -> dict[str, str]:
+    """Keep Flower's and fedmed's files out of the user's home."""
+    return {**os.environ, "FLWR_HOME": str(tmp / "flwr-home"), "FEDMED_CACHE_DIR": str(tmp / "cache"),
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+class Federation:
+    """A coordinator and sites started as separate processes, each in its own group."""
+
+    def __init__(self, tmp: Path, sites_dir: Path, certificates: Path | None) -> None:
+        self.tmp = tmp
+        self.sites_dir = sites_dir
+        self.certificates = certificates
+        self.port = free_port()
+        self.env = process_env(tmp)
+        self.server: subprocess.Popen | None = None
+        self.clients: dict[str, subprocess.Popen] = {}
+        self.seen_pids: set[int] = set()
+
+    def start_server(self, *extra: str) -> subprocess.Popen:
+        tls = ["--certificates", str(self.certificates)] if self.certificates else ["--insecure"]
+        command = [str(BIN / "fedmed-server"), "--host", "127.0.0.1", "--port", str(self.port), *tls,
+                   "--width", "8", "--image-size", "16", "--batch-size", "32", *extra]
+        self.server = self._start(command, self.tmp / "server.out")
+        return self.server
+
+    def start_client(self, site: str, *extra: str) -> subprocess.Popen:
+        tls = (["--root-certificates", str(self.certificates / "ca.crt")] if self.certificates
+               else ["--insecure"])
+        host = "localhost" if self.certificates else "127.0.0.1"
+        command = [str(BIN / "fedmed-client"), "--server", f"{host}:{self.port}",
+                   "--data", str(self.sites_dir / site), "--site", site, *tls,
+                   "--state-dir", str(self.tmp / "state" / site), "--image-size", "16", *extra]
+        self.clients[site] = self._start(command, self.tmp / f"{site}.out")
+        return self.clients[site]
+
+    def ledger(self, site: str) -> Path:
+        return self.tmp / "state" / site / "ledger.jsonl"
+
+    def _start(self, command: list[str], log: Path) -> subprocess.Popen:
+        with open(log, "ab") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                       start_new_session=True)
+        self.seen_pids.add(process.pid)
+        return process
+
+    def remember_descendants(self) -> None:
+        self.seen_pids |= descendants({p.pid for p in self.processes()})
+
+    def processes(self) -> list[subprocess.Popen]:
+        return [p for p in [self.server, *self.clients.values()] if p is not None]
+
+    def wait_server(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        assert self.server is not None
+        while self.server.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fedmed-server still running after {timeout} s:\n{self.output('server')}")
+            self.remember_descendants()
+            time.sleep(1)
+        return self.server.returncode
+
+    def output(self, name: str) -> str:
+        path = self.tmp / f"{name}.out"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def kill(self, process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        self.remember_descendants()
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        process.wait(30)
+
+    def stop_all(self) -> None:
+        """Stop every process this federation started, then check none of theirs survives."""
+        self.remember_descendants()
+        for process in self.processes():
+            if process.poll() is None:
+                self.kill(process, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while (alive := [p for p in self.seen_pids if _alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in alive:  # report, then clean up by pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert not alive, f"processes outlived the federation: {alive}"
+
+
+def descendants(roots: set[int]) -> set[int]:
+    """Every living descendant of ``roots`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = set(), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

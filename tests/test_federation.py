@@ -1,0 +1,122 @@
+"""fedmed-server and three fedmed-client processes on loopback over TLS, two rounds."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import numpy as np
+import pytest
+
+from fedmed.data.make_sites import export_sites, synthetic_sites
+from fedmed.deploy.certificates import make_dev_certificates
+from fedmed.flower import protocol
+from fedmed.flower.rundir import RunDirectory, load_arrays
+from fedmed.flower.settings import RunSettings
+from fedmed.model import build_model
+from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.weights import model_state
+from tests.federation_helpers import BIN, Federation, process_env
+
+SITES = ("site-1", "site-2", "site-3")
+ROUNDS = 2
+
+
+@pytest.fixture(scope="module")
+def sites_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hospitals") / "sites"
+    images, parts = synthetic_sites(180, 3, alpha=0.5, size=32, seed=1)
+    export_sites(images, parts, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    out = tmp_path_factory.mktemp("certs")
+    make_dev_certificates(out, ["localhost", "127.0.0.1"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, sites_dir, certificates):
+    tmp = tmp_path_factory.mktemp("federation")
+    federation = Federation(tmp, sites_dir, certificates)
+    try:
+        federation.start_server("--rounds", str(ROUNDS), "--min-sites", "3", "--run-dir", str(tmp / "run"),
+                                "--round-timeout", "300")
+        for site in SITES:
+            federation.start_client(site)
+        code = federation.wait_server(600)
+        assert code == 0, federation.output("server")
+    finally:
+        federation.stop_all()
+    return federation, RunDirectory(tmp / "run")
+
+
+def test_run_directory_is_complete(finished_run):
+    _, run_dir = finished_run
+    config = RunSettings.from_run_config(run_dir.read_config())
+    assert config.rounds == ROUNDS and run_dir.status()["phase"] == "completed"
+    rounds = [r for r in run_dir.metrics() if r["event"] == "round"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(sorted(r["trained"]) == list(SITES) and r["aggregated"] for r in rounds)
+    validations = {r["round"]: r for r in run_dir.metrics() if r["event"] == "validation"}
+    assert sorted(validations) == [0, 1, 2], "each global model, initial and after every round, is validated"
+    for record in validations.values():
+        assert 0.0 <= record["weighted"]["val-auroc"] <= 1.0 and sorted(record["sites"]) == list(SITES)
+    for round_number in (1, 2):
+        state = load_arrays(run_dir.path / "checkpoints" / f"round-{round_number:04d}.npz")
+        assert all(np.isfinite(a).all() for a in state.values())
+    final = load_arrays(run_dir.model_dir / "model.npz")
+    last = load_arrays(run_dir.path / "checkpoints" / "round-0002.npz")
+    assert all(np.array_equal(final[k], last[k]) for k in final)
+    card = json.loads((run_dir.model_dir / "model_card.json").read_text())
+    assert card["architecture"]["width"] == 8 and card["classes"] == ["normal", "pneumonia"]
+    assert sorted(card["sites"]) == list(SITES)
+    for name, site in card["sites"].items():
+        assert site["rounds_trained"] == ROUNDS and site["dp"] is True and site["examples"] > 0
+    assert "| site-1 |" in (run_dir.model_dir / "model_card.md").read_text()
+
+
+def test_each_ledger_holds_the_rounds_with_growing_epsilon(finished_run):
+    federation, run_dir = finished_run
+    run_id = run_dir.read_config()["run-id"]
+    reported = {}
+    for record in run_dir.metrics():
+        if record["event"] == "round":
+            for name, site in record["sites"].items():
+                reported[(name, record["round"])] = site["epsilon"]
+    for site in SITES:
+        entries = PrivacyLedger(federation.ledger(site)).entries
+        assert [(e.run_id, e.round) for e in entries] == [(run_id, 1), (run_id, 2)]
+        assert 0 < entries[0].epsilon < entries[1].epsilon <= 8.0
+        for entry in entries:
+            assert reported[(site, entry.round)] == pytest.approx(entry.epsilon, rel=1e-9)
+
+
+def test_only_model_arrays_and_whitelisted_scalars_leave_a_site(finished_run):
+    _, run_dir = finished_run
+    config = RunSettings.from_run_config(run_dir.read_config())
+    expected = {k: [list(a.shape), str(a.dtype)] for k, a in model_state(build_model(config.model_config())).items()}
+    received = run_dir.received()
+    assert len(received) == len(SITES) * (ROUNDS + 1)  # two training replies and one evaluation each
+    image_shape = [config.image_size, config.image_size]
+    for reply in received:
+        assert set(reply["records"]) <= {protocol.ARRAYS, protocol.METRICS, protocol.SITE}
+        if reply["arrays"]:
+            assert reply["arrays"] == expected
+            assert not any(shape[-2:] == image_shape for shape, _ in reply["arrays"].values())
+        assert set(reply["metrics"]) <= protocol.REPLY_METRICS
+        assert all(isinstance(v, (int, float)) for v in reply["metrics"].values())
+        assert set(reply["text"]) <= protocol.REPLY_TEXT
+
+
+def test_no_tls_choice_is_a_clear_error(tmp_path):
+    result = subprocess.run([str(BIN / "fedmed-server"), "--rounds", "1", "--run-dir", str(tmp_path / "r")],
+                            capture_output=True, text=True, env=process_env(tmp_path), timeout=120)
+    assert result.returncode == 2 and "--certificates" in result.stderr and "--insecure" in result.stderr
+    assert not (tmp_path / "r").exists()
+    result = subprocess.run([str(BIN / "fedmed-client"), "--server", "localhost:1", "--data", str(tmp_path),
+                             "--site", "a"], capture_output=True, text=True, env=process_env(tmp_path), timeout=120)
+    assert result.returncode == 2 and "--root-certificates" in result.stderr and "--insecure" in result.stderr
