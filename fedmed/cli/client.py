@@ -20,7 +20,7 @@ DEFAULT_RUN = RunSettings()
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fedmed-client",
+        prog="fedmed-client", fromfile_prefix_chars="@",
         description="Join fedmed training as one hospital. Images never leave this machine: only "
                     "model weights and a few whitelisted numbers are sent, after differentially "
                     "private training whose spending is kept in this site's ledger.")

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from fedmed import __version__
-from fedmed.cli import data
+from fedmed.cli import certificates, data
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedmed {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data.register(commands)
+    certificates.register(commands)
     return parser
 
 

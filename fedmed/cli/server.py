@@ -26,7 +26,7 @@ DEFAULTS = RunSettings()
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fedmed-server",
+        prog="fedmed-server", fromfile_prefix_chars="@",
         description="Coordinate a fedmed training run: start the Flower SuperLink, wait for the "
                     "hospitals, run FedAvg rounds and write a run directory.")
     p.add_argument("--rounds", type=int, default=DEFAULTS.rounds)
