@@ -49,6 +49,7 @@ class FederatedRun:
         self.run_dir = RunDirectory(run.run_dir)
         self.names: dict[int, str] = {}  # node id -> site name, learnt from replies
         self.sites: dict[str, dict] = {}  # per-site summary for the model card
+        self.last_validation: dict | None = None  # sites' weighted validation of the latest model
         torch.manual_seed(run.seed)
         self.model = build_model(run.model_config())
         self.reference = model_state(self.model)
@@ -283,12 +284,12 @@ class FederatedRun:
         for reply in replies:
             if reply.has_error():
                 continue
-            problems, name, values, _ = self._read_reply_metrics_only(reply)
+            problems, name, values = self._read_evaluation(reply, rounds_done)
             if not problems:
                 metrics[name] = values
         self._record_validation(rounds_done, metrics)
 
-    def _read_reply_metrics_only(self, reply: Message) -> tuple[list[str], str, dict, None]:
+    def _read_evaluation(self, reply: Message, round_number: int) -> tuple[list[str], str, dict]:
         content = reply.content
         site = dict(content.get(protocol.SITE, {}))
         name = str(site.get("name") or self._name(reply.metadata.src_node_id))[:100]
@@ -298,8 +299,8 @@ class FederatedRun:
             problems.append("an evaluation reply must carry metrics only")
         if set(metrics) - set(protocol.VALIDATION_METRICS):
             problems.append("metrics outside the whitelist")
-        self._audit(0, reply.metadata.src_node_id, name, reply)
-        return problems, name, metrics, None
+        self._audit(round_number, reply.metadata.src_node_id, name, reply)
+        return problems, name, metrics
 
     def _remember_site(self, name: str, metrics: dict) -> None:
         site = self.sites.setdefault(name, {"rounds_trained": 0})
@@ -321,12 +322,12 @@ class FederatedRun:
         return {k: v for k, v in scores.items() if isinstance(v, float)} | {"examples": int(len(labels))}
 
     def _finish(self, state: dict[str, np.ndarray], rounds_done: int) -> None:
-        card = model_card(self.run, self.sites, rounds_done, getattr(self, "last_validation", None))
+        card = model_card(self.run, self.sites, rounds_done, self.last_validation)
         self.run_dir.write_final_model(state, card, model_card_markdown(card))
 
     def _status(self, phase: str, round_number: int, **extra) -> None:
         self.run_dir.write_status(phase=phase, round=round_number, rounds=self.run.rounds,
-                                  validation=getattr(self, "last_validation", None), **extra)
+                                  validation=self.last_validation, **extra)
 
 
 def _site_fields(metrics: dict) -> dict:
