@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedmed.flower import protocol
-from fedmed.flower.client_app import state_to_arrays
 from fedmed.flower.coordinator import FederatedRun
 from fedmed.flower.fedavg import SiteUpdate, weighted_average
+from fedmed.flower.packing import pack, unpack, vector_to_record
 from fedmed.flower.settings import RunSettings
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -22,15 +22,15 @@ def task_identity():
     TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
 
 
-def _reply(run: FederatedRun, node: int, name: str, state: dict | None, **metrics) -> Message:
+def _reply(run: FederatedRun, node: int, name: str, arrays: ArrayRecord | None, **metrics) -> Message:
     request = run._message(MessageType.TRAIN, node, run.reference, 1)
     request.metadata.__dict__["_message_id"] = f"m{node}"
     content = RecordDict({
         protocol.METRICS: MetricRecord({"status": protocol.TRAINED, "examples": 10, **metrics}),
         protocol.SITE: ConfigRecord({"name": name, "message": ""}),
     })
-    if state is not None:
-        content[protocol.ARRAYS] = state_to_arrays(state)
+    if arrays is not None:
+        content[protocol.ARRAYS] = arrays
     reply = Message(content, reply_to=request)
     reply.metadata.__dict__["_src_node_id"] = node
     return reply
@@ -38,32 +38,43 @@ def _reply(run: FederatedRun, node: int, name: str, state: dict | None, **metric
 
 def test_poisoned_updates_are_dropped_and_the_average_stays_finite(tmp_path):
     run = FederatedRun(grid=None, run=RunSettings(run_dir=str(tmp_path), model_width=8, image_size=16))
-    good = {k: v + 0.01 for k, v in run.reference.items()}
-    nan = {k: v.copy() for k, v in run.reference.items()}
-    nan["fc.weight"][0, 0] = np.nan
-    wrong_shape = dict(run.reference, **{"fc.bias": np.zeros(3, dtype=np.float32)})
-    extra_key = dict(run.reference, secret=np.zeros((16, 16), dtype=np.float32))
+    vector = pack(run.reference)
+    good = vector_to_record(vector + 0.01)
+    nan = vector.copy()
+    nan[-1] = np.nan
+    extra = ArrayRecord({"model": Array(vector), "secret": Array(np.zeros((16, 16), dtype=np.float32))})
     replies = [
         _reply(run, 1, "good", good),
-        _reply(run, 2, "nan", nan),
-        _reply(run, 3, "shape", wrong_shape),
-        _reply(run, 4, "extra", extra_key),
-        _reply(run, 5, "leaky", good, **{"per-sample-loss-0": 0.3}),
-        _reply(run, 6, "no-count", good, examples=0),
+        _reply(run, 2, "nan", vector_to_record(nan)),
+        _reply(run, 3, "short", vector_to_record(vector[:-3])),
+        _reply(run, 4, "float64", vector_to_record(vector.astype(np.float64))),
+        _reply(run, 5, "extra", extra),
+        _reply(run, 6, "leaky", good, **{"per-sample-loss-0": 0.3}),
+        _reply(run, 7, "no-count", good, examples=0),
     ]
-    outcome = run._collect(1, replies, missing=[7])
+    outcome = run._collect(1, replies, missing=[8])
     assert [u.site for u in outcome.updates] == ["good"]
     assert "non-finite" in outcome.rejected["nan"]
-    assert "shape (3,)" in outcome.rejected["shape"]
-    assert "unexpected arrays: secret" in outcome.rejected["extra"]
+    assert f"expected float32[{vector.size}]" in outcome.rejected["short"]
+    assert "float64" in outcome.rejected["float64"]
+    assert "expected one array named 'model'" in outcome.rejected["extra"]
     assert "whitelist" in outcome.rejected["leaky"]
     assert "example count" in outcome.rejected["no-count"]
-    assert outcome.missing == ["node-7"]
+    assert outcome.missing == ["node-8"]
     averaged = weighted_average(outcome.updates)
     assert all(np.isfinite(a).all() for a in averaged.values())
     audit = run.run_dir.received()
-    assert len(audit) == len(replies) and {r["site"] for r in audit} == {"good", "nan", "shape", "extra",
-                                                                        "leaky", "no-count"}
+    assert len(audit) == len(replies)
+    assert {r["site"] for r in audit} == {"good", "nan", "short", "float64", "extra", "leaky", "no-count"}
+
+
+def test_the_model_travels_as_one_vector_and_unpacks_exactly(tmp_path):
+    run = FederatedRun(grid=None, run=RunSettings(run_dir=str(tmp_path), model_width=8, image_size=16))
+    message = run._message(MessageType.TRAIN, 1, run.reference, 1)
+    assert list(message.content[protocol.ARRAYS].keys()) == ["model"]
+    restored = unpack(message.content[protocol.ARRAYS]["model"].numpy(), run.reference)
+    assert list(restored) == list(run.reference)
+    assert all(np.array_equal(restored[k], run.reference[k]) for k in run.reference)
 
 
 def test_budget_exhausted_sites_are_counted_not_failed(tmp_path):

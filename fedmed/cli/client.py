@@ -11,9 +11,10 @@ from pathlib import Path
 
 from fedmed.data.cache import default_cache_dir
 from fedmed.deploy.launch import node_config_text
-from fedmed.deploy.processes import ManagedProcess, flower_command, free_port
+from fedmed.deploy.processes import ManagedProcess, free_port
 from fedmed.flower.settings import RunSettings, SiteSettings
-from fedmed.flower.site_data import load_site_split
+from fedmed.flower.site_work import SiteWork
+from fedmed.flower.site_worker import SiteWorker, worker_address
 
 DEFAULT_RUN = RunSettings()
 
@@ -62,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir=str((args.cache_dir or default_cache_dir()).resolve()), max_epsilon=args.max_epsilon,
         target_epsilon=args.target_epsilon, delta=args.delta, dp=not args.no_dp,
     )
+    work = SiteWork(site)
     try:
-        split = load_site_split(RunSettings(classes=args.classes, image_size=args.image_size), site)
+        split = work.split(RunSettings(classes=args.classes, image_size=args.image_size))
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -74,20 +76,26 @@ def main(argv: list[str] | None = None) -> int:
         print("WARNING: --no-dp: this site trains WITHOUT differential privacy.", file=sys.stderr)
     if args.insecure:
         print("WARNING: --insecure: the connection to the coordinator is NOT encrypted.", file=sys.stderr)
-    return _run_supernode(args, site, state_dir)
+    worker = SiteWorker(work, worker_address(state_dir))
+    worker.start()
+    try:
+        return _run_supernode(args, site, state_dir, worker.address)
+    finally:
+        worker.close()
 
 
-def _run_supernode(args: argparse.Namespace, site: SiteSettings, state_dir: Path) -> int:
+def _run_supernode(args: argparse.Namespace, site: SiteSettings, state_dir: Path, worker: Path) -> int:
     node_config = {"data": site.data, "site": site.site, "ledger": site.ledger, "cache-dir": site.cache_dir,
                    "max-epsilon": site.max_epsilon, "target-epsilon": site.target_epsilon,
-                   "delta": site.delta, "dp": site.dp}
-    command = [flower_command("flower-supernode"), "--superlink", args.server,
+                   "delta": site.delta, "dp": site.dp, "worker": str(worker)}
+    command = [sys.executable, "-m", "fedmed.deploy.supernode", "--superlink", args.server,
                "--host", "127.0.0.1", "--port", str(free_port()),
                "--node-config", node_config_text(node_config)]
     command += ["--insecure"] if args.insecure else ["--root-certificates", str(args.root_certificates)]
     if args.auth_key is not None:
         command += ["--auth-supernode-private-key", str(args.auth_key)]
-    # The SuperNode hands each message to a fresh ClientApp process; look for work often.
+    # The SuperNode hands each message to a fresh ClientApp process, which passes it to the
+    # worker above; let it look for work often.
     env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "FLWR_HOME": str(state_dir / "flwr")}
     supernode = ManagedProcess(command, state_dir / "logs" / "supernode.log", env)
     print(f"site {args.site} connecting to {args.server} (log {supernode.log_path}); "

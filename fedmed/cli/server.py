@@ -15,8 +15,8 @@ from datetime import datetime
 from pathlib import Path
 
 from fedmed.deploy.certificates import CA_CERT, SERVER_CERT, SERVER_KEY
-from fedmed.deploy.launch import (CONNECTION, check_tls_choice, run_status, start_superlink, submit_run,
-                                  write_app, write_flower_home)
+from fedmed.deploy.launch import (CONNECTION, check_tls_choice, run_status, start_superlink, stop_run,
+                                  submit_run, write_app, write_flower_home)
 from fedmed.deploy.processes import child_environ, flower_command, wait_for_port
 from fedmed.flower.rundir import RunDirectory
 from fedmed.flower.settings import RunSettings
@@ -136,7 +136,7 @@ class Coordinator:
         args, run = self.args, self.run_settings
         logs = self.run_dir.path / "logs"
         self.superlink = start_superlink(args.host, args.port, args.certificates, logs / "superlink.log",
-                                         self.run_dir.path / ".flwr",
+                                         self.run_dir.path / ".flwr", self.run_dir.superlink_database,
                                          node_auth=args.authorized_keys is not None)
         local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         wait_for_port(local, args.port, 60, self.superlink)
@@ -144,8 +144,11 @@ class Coordinator:
         env = write_flower_home(self.run_dir.path / ".flwr", f"{_connect_host(local, ca)}:{args.port}", ca)
         if args.authorized_keys is not None:
             _register_keys(args.authorized_keys, env)
+        for earlier in self.run_dir.flower_runs():
+            stop_run(earlier, env)  # a crashed coordinator's run must not hand out stale work
         app = write_app(self.run_dir.path / "app" / f"from-round-{run.start_round}", run)
         flower_run = submit_run(app, env)
+        self.run_dir.add_flower_run(flower_run, run.start_round)
         print(f"fedmed run {run.run_id} (Flower run {flower_run}) on port {args.port}; "
               f"run directory {self.run_dir.path}", flush=True)
         return self._follow(flower_run, env)

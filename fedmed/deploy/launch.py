@@ -27,9 +27,11 @@ def check_tls_choice(certificates: Path | None, insecure: bool, files: tuple[str
 
 
 def start_superlink(host: str, port: int, certificates: Path | None, log_path: Path, flwr_home: Path,
-                    node_auth: bool = False) -> ManagedProcess:
+                    database: Path, node_auth: bool = False) -> ManagedProcess:
+    """The SuperLink keeps its state (registered sites, runs) in ``database``, so the sites'
+    SuperNodes find themselves known again when a crashed coordinator is restarted."""
     command = [flower_command("flower-superlink"), "--disable-runtime-dependency-installation",
-               "--host", host, "--port", str(port)]
+               "--host", host, "--port", str(port), "--database", str(database)]
     if certificates is None:
         command.append("--insecure")
     else:
@@ -94,6 +96,13 @@ def submit_run(app_dir: Path, env: dict[str, str]) -> str:
         detail = answer.get("error-message") or (result.stderr or result.stdout).strip()[-2000:]
         raise RuntimeError(f"Flower refused the run: {detail}")
     return str(answer["run-id"])
+
+
+def stop_run(run_id: str, env: dict[str, str]) -> bool:
+    """Ask the SuperLink to stop a Flower run (e.g. one whose coordinator crashed)."""
+    result = subprocess.run([flower_command("flwr"), "stop", run_id, CONNECTION, "--format", "json"],
+                            capture_output=True, text=True, env=child_environ(env), timeout=60)
+    return result.returncode == 0
 
 
 def run_status(run_id: str, env: dict[str, str]) -> str:

@@ -22,9 +22,13 @@ def flower_command(name: str) -> str:
 
 def child_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This environment plus ``extra``, with this Python's scripts first on PATH (Flower
-    starts its helpers, e.g. flower-superexec and flwr-clientapp, by name)."""
+    starts its helpers, e.g. flower-superexec and flwr-clientapp, by name).
+
+    Flower's usage telemetry (events sent to flower.ai) is off unless the user turned it
+    on explicitly: a hospital's processes should not contact third parties."""
     scripts = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": scripts + os.pathsep + os.environ.get("PATH", ""), **(extra or {})}
+    return {"FLWR_TELEMETRY_ENABLED": "0", **os.environ,
+            "PATH": scripts + os.pathsep + os.environ.get("PATH", ""), **(extra or {})}
 
 
 def _stop_with_parent() -> None:

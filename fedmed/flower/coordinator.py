@@ -18,9 +18,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedmed.flower import protocol
-from fedmed.flower.client_app import arrays_to_state, state_to_arrays
 from fedmed.flower.fedavg import SiteUpdate, validate_update, weighted_average
 from fedmed.flower.model_card import model_card, model_card_markdown
+from fedmed.flower.packing import pack, record_to_vector, unpack, vector_to_record
 from fedmed.flower.rundir import RunDirectory
 from fedmed.flower.settings import RunSettings
 from fedmed.model import build_model
@@ -39,6 +39,7 @@ class RoundOutcome:
     failed: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     site_metrics: dict[str, dict] = field(default_factory=dict)
+    reply_seconds: dict[str, float] = field(default_factory=dict)  # from sending to the reply's arrival
 
 
 class FederatedRun:
@@ -66,8 +67,9 @@ class FederatedRun:
             chosen = self._sample(nodes, round_number)
             self._status("training", round_number, connected=len(nodes), asked=len(chosen))
             messages = [self._message(MessageType.TRAIN, node, state, round_number) for node in chosen]
-            replies, missing = self._exchange(messages)
+            replies, missing, arrivals = self._exchange(messages)
             outcome = self._collect(round_number, replies, missing)
+            outcome.reply_seconds = {self._name(node): t for node, t in arrivals.items()}
             self._record_validation(round_number - 1, outcome.site_metrics)
             aggregated = len(outcome.updates) >= self.run.min_sites
             if aggregated:
@@ -106,6 +108,8 @@ class FederatedRun:
         for record in self.run_dir.metrics():
             for name, site in record.get("sites", {}).items():
                 self._remember_site(name, site)
+        for record in self.run_dir.received():
+            self.names[int(record["node_id"])] = str(record["site"])
         return checkpoint[1], self.run.start_round
 
     def _wait_for_sites(self) -> list[int]:
@@ -133,26 +137,30 @@ class FederatedRun:
 
     def _message(self, kind: str, node: int, state: dict[str, np.ndarray], round_number: int) -> Message:
         content = RecordDict({
-            protocol.ARRAYS: state_to_arrays(state),
+            protocol.ARRAYS: vector_to_record(pack(state)),
             protocol.CONFIG: ConfigRecord({"round": round_number}),
         })
         return Message(content, dst_node_id=node, message_type=kind, group_id=str(round_number))
 
-    def _exchange(self, messages: list[Message]) -> tuple[list[Message], list[int]]:
-        """Send, then collect replies until all are in or the round timeout passes."""
+    def _exchange(self, messages: list[Message]) -> tuple[list[Message], list[int], dict[int, float]]:
+        """Send, then collect replies until all are in or the round timeout passes.
+        Returns the replies, the nodes that did not answer, and each answer's seconds."""
+        sent = time.monotonic()
         destinations = {}
         for message_id, message in zip(self.grid.push_messages(messages), messages):
             destinations[message_id] = message.metadata.dst_node_id
         waiting = set(destinations)
         replies: list[Message] = []
-        deadline = time.monotonic() + self.run.round_timeout
+        arrivals: dict[int, float] = {}
+        deadline = sent + self.run.round_timeout
         while waiting and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(waiting):
                 waiting.discard(reply.metadata.reply_to_message_id)
                 replies.append(reply)
+                arrivals[destinations[reply.metadata.reply_to_message_id]] = time.monotonic() - sent
             if waiting:
                 time.sleep(self.poll_interval)
-        return replies, [destinations[m] for m in waiting]
+        return replies, [destinations[m] for m in waiting], arrivals
 
     def _collect(self, round_number: int, replies: list[Message], missing: list[int]) -> RoundOutcome:
         outcome = RoundOutcome(missing=[self._name(n) for n in missing])
@@ -205,9 +213,9 @@ class FederatedRun:
                 problems.append("a trained reply without model arrays")
             else:
                 try:
-                    state = arrays_to_state(content[protocol.ARRAYS])
-                except Exception as error:  # any undecodable array
-                    problems.append(f"arrays cannot be read: {error}")
+                    state = unpack(record_to_vector(content[protocol.ARRAYS]), self.reference)
+                except Exception as error:  # any undecodable or misshapen array
+                    problems.append(f"model arrays cannot be used: {error}")
                 else:
                     problems += validate_update(state, metrics.get("examples", math.nan), self.reference)
         elif status == protocol.BUDGET_EXHAUSTED:
@@ -251,6 +259,7 @@ class FederatedRun:
             "slowest_site_train_seconds": max(
                 (m.get("seconds-train", 0.0) for m in outcome.site_metrics.values()), default=0.0),
             "sites": {name: _site_fields(m) for name, m in outcome.site_metrics.items()},
+            "reply_seconds": outcome.reply_seconds,
         }
         if self.server_eval is not None:
             record["server_validation"] = self._evaluate_on_server(state)
@@ -279,7 +288,7 @@ class FederatedRun:
     def _final_validation(self, state: dict[str, np.ndarray], rounds_done: int) -> None:
         nodes = self._available_nodes()
         self._status("evaluating", rounds_done, connected=len(nodes))
-        replies, missing = self._exchange([self._message(MessageType.EVALUATE, n, state, rounds_done) for n in nodes])
+        replies, _, _ = self._exchange([self._message(MessageType.EVALUATE, n, state, rounds_done) for n in nodes])
         metrics = {}
         for reply in replies:
             if reply.has_error():

@@ -7,6 +7,7 @@ reply that carries anything else.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 # Status codes (MetricRecord values must be numbers).
 TRAINED = 0
@@ -38,3 +39,15 @@ def finite_or_nan(value: float | None) -> float:
     if value is None or not math.isfinite(value):
         return math.nan
     return float(value)
+
+
+@dataclass
+class SiteReply:
+    """A site's answer to one message before it becomes a Flower reply: whitelisted
+    scalars, a short message, and the trained model packed as one vector (None when it
+    did not train; see ``fedmed.flower.packing``)."""
+
+    site: str
+    metrics: dict
+    message: str = ""
+    model: object = None  # numpy float32 vector

@@ -8,6 +8,8 @@
     model/model.npz        the final model (named float arrays, no pickled code)
     model/model_card.json  architecture, preprocessing, classes, data and privacy per site
     model/model_card.md    the same for people
+    superlink.db           the SuperLink's state, kept so a restarted coordinator knows its sites
+    flower-runs.jsonl      the Flower runs that carried this fedmed run (one per start or resume)
 """
 
 from __future__ import annotations
@@ -47,6 +49,16 @@ class RunDirectory:
     @property
     def model_dir(self) -> Path:
         return self.path / "model"
+
+    @property
+    def superlink_database(self) -> Path:
+        return self.path / "superlink.db"
+
+    def add_flower_run(self, flower_run: str, start_round: int) -> None:
+        _append_line(self.path / "flower-runs.jsonl", {"flower_run": flower_run, "start_round": start_round})
+
+    def flower_runs(self) -> list[str]:
+        return [str(r["flower_run"]) for r in _read_lines(self.path / "flower-runs.jsonl") if "flower_run" in r]
 
     def write_config(self, config: dict) -> None:
         write_atomic(self.config_path, _json_bytes(config))

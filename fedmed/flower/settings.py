@@ -96,6 +96,7 @@ class SiteSettings:
     target_epsilon: float = 0.0  # 0: spend up to max_epsilon by the end of this run
     delta: float = 0.0  # 0: below 1/n for the site's n
     dp: bool = True  # false only for non-private baselines
+    worker: str = ""  # socket of the site's long-lived worker (set by fedmed-client)
 
     @classmethod
     def from_node_config(cls, config: dict) -> SiteSettings:

@@ -1,0 +1,72 @@
+"""A coordinator and three hospitals on loopback over TLS, then the round overhead table.
+
+Usage: python benchmarks/federation_rounds.py [--rounds 4] [--images 240] [--out DIR]
+
+Creates three synthetic DICOM sites and development certificates, starts ``fedmed-server``
+and three ``fedmed-client`` processes, waits for the run to finish, stops every process
+by its process group, and prints ``benchmarks/round_overhead.py`` for the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from round_overhead import main as overhead_table  # noqa: E402
+
+from fedmed.deploy.certificates import make_dev_certificates  # noqa: E402
+from fedmed.deploy.processes import ManagedProcess, free_port  # noqa: E402
+
+BIN = Path(sys.executable).parent
+SITES = ("site-1", "site-2", "site-3")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--images", type=int, default=240, help="images over all three sites")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/output/federation"))
+    args = parser.parse_args()
+    shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True)
+    env = {"FEDMED_CACHE_DIR": str(args.out / "cache"), "FLWR_HOME": str(args.out / "flwr-home")}
+    subprocess.run([str(BIN / "fedmed"), "data", "make-sites", "--synthetic", "--sites", "3", "--images",
+                    str(args.images), "--seed", "3", "--out", str(args.out / "sites")], check=True,
+                   stdout=subprocess.DEVNULL)
+    make_dev_certificates(args.out / "certs", ["localhost", "127.0.0.1"])
+    port = free_port()
+    run_dir = args.out / "run"
+    server = ManagedProcess(
+        [str(BIN / "fedmed-server"), "--rounds", str(args.rounds), "--min-sites", "3", "--host", "127.0.0.1",
+         "--port", str(port), "--certificates", str(args.out / "certs"), "--run-dir", str(run_dir),
+         "--width", "8", "--image-size", "28"],
+        args.out / "server.out", env)
+    clients = [
+        ManagedProcess(
+            [str(BIN / "fedmed-client"), "--server", f"localhost:{port}", "--site", site,
+             "--data", str(args.out / "sites" / site), "--root-certificates", str(args.out / "certs" / "ca.crt"),
+             "--state-dir", str(args.out / "state" / site), "--image-size", "28"],
+            args.out / f"{site}.out", env)
+        for site in SITES
+    ]
+    started = time.monotonic()
+    try:
+        code = server.process.wait(timeout=60 * 30)
+    finally:
+        for process in [server, *clients]:
+            process.stop()
+    print(f"fedmed-server exited with {code} after {time.monotonic() - started:.0f} s")
+    if code != 0:
+        print(server.log_tail(40), file=sys.stderr)
+        return 1
+    return overhead_table(str(run_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""One hospital's work in a round, with no Flower types: validate the received global
+model on the site's validation split, then train one private round through the ledger.
+
+A ``SiteWork`` keeps the site's decoded, split data between rounds, so a long-lived
+process (the site worker of ``fedmed-client``, or a simulation actor) loads it once.
+"""
+
+from __future__ import annotations
+
+import time
+import numpy as np
+
+from fedmed.flower import protocol
+from fedmed.flower.packing import pack, unpack
+from fedmed.flower.protocol import SiteReply
+from fedmed.flower.settings import RunSettings, SiteSettings
+from fedmed.flower.site_data import SiteSplit, load_site_split
+from fedmed.model import build_model
+from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.train import BUDGET_EXHAUSTED, evaluate, train_round
+from fedmed.weights import load_state, model_state
+
+
+class SiteWork:
+    """One site's rounds. The run's settings come with each message; the site's own
+    settings (data, ledger, budget) are fixed when the site starts."""
+
+    def __init__(self, site: SiteSettings) -> None:
+        self.site = site
+        self._splits: dict[tuple, SiteSplit] = {}
+
+    def split(self, run: RunSettings) -> SiteSplit:
+        """The site's data for this run's preprocessing and split, loaded once per process."""
+        key = (run.classes, run.image_size, run.val_fraction, run.seed)
+        if key not in self._splits:
+            self._splits[key] = load_site_split(run, self.site)
+        return self._splits[key]
+
+    def train(self, run_config: dict, vector: np.ndarray, round_number: int) -> SiteReply:
+        """Validate the received model (a packed vector), then train one private round."""
+        started = time.perf_counter()
+        run = RunSettings.from_run_config(run_config)
+        site = self.site
+        split = self.split(run)
+        model = _received_model(run, vector)
+        metrics = validation_metrics(model, split)
+        loaded = time.perf_counter()
+        result = train_round(
+            model, split.train_images, split.train_labels, run.train_config(),
+            site.privacy_config(run.rounds, run.max_grad_norm), PrivacyLedger(site.ledger),
+            site.site, run.run_id, round_number,
+        )
+        trained = result.status != BUDGET_EXHAUSTED
+        metrics.update({
+            "status": protocol.TRAINED if trained else protocol.BUDGET_EXHAUSTED,
+            "dp": int(result.dp),
+            "examples": result.examples,
+            "steps": result.steps,
+            "loss": protocol.finite_or_nan(result.loss),
+            "epsilon": protocol.finite_or_nan(result.epsilon),
+            "delta": float(result.delta),
+            "noise-multiplier": float(result.noise_multiplier),
+            "seconds-setup": loaded - started,
+            "seconds-train": time.perf_counter() - loaded,
+        })
+        return SiteReply(site.site, metrics, result.message[: protocol.MAX_TEXT],
+                         pack(model_state(model)) if trained else None)
+
+    def evaluate(self, run_config: dict, vector: np.ndarray) -> SiteReply:
+        run = RunSettings.from_run_config(run_config)
+        return SiteReply(self.site.site, validation_metrics(_received_model(run, vector), self.split(run)))
+
+
+def _received_model(run: RunSettings, vector: np.ndarray):
+    """The run's model with the coordinator's weights; refuses a vector that does not fit
+    it or holds non-finite values."""
+    model = build_model(run.model_config())
+    load_state(model, unpack(vector, model_state(model)))
+    return model
+
+
+def validation_metrics(model, split: SiteSplit) -> dict[str, float]:
+    """The received model on the site's validation split, as whitelisted scalars."""
+    if len(split.val) == 0:
+        return {"val-examples": 0}
+    scores = evaluate(model, split.val_images, split.val_labels)
+    return {
+        "val-examples": int(len(split.val)),
+        "val-loss": protocol.finite_or_nan(scores["loss"]),
+        "val-accuracy": protocol.finite_or_nan(scores["accuracy"]),
+        "val-balanced-accuracy": protocol.finite_or_nan(scores["balanced_accuracy"]),
+        "val-auroc": protocol.finite_or_nan(scores["auroc"]),
+        "val-sensitivity": protocol.finite_or_nan(scores.get("sensitivity")),
+        "val-specificity": protocol.finite_or_nan(scores.get("specificity")),
+    }
