@@ -52,7 +52,7 @@ def test_poisoned_updates_are_dropped_and_the_average_stays_finite(tmp_path):
         _reply(run, 6, "leaky", good, **{"per-sample-loss-0": 0.3}),
         _reply(run, 7, "no-count", good, examples=0),
     ]
-    outcome = run._collect(1, replies, missing=[8])
+    outcome = run._collect(1, {reply.metadata.src_node_id: reply for reply in replies}, missing=[8])
     assert [u.site for u in outcome.updates] == ["good"]
     assert "non-finite" in outcome.rejected["nan"]
     assert f"expected float32[{vector.size}]" in outcome.rejected["short"]
@@ -80,7 +80,7 @@ def test_the_model_travels_as_one_vector_and_unpacks_exactly(tmp_path):
 def test_budget_exhausted_sites_are_counted_not_failed(tmp_path):
     run = FederatedRun(grid=None, run=RunSettings(run_dir=str(tmp_path), model_width=8, image_size=16))
     refused = _reply(run, 1, "spent", None, status=protocol.BUDGET_EXHAUSTED)
-    outcome = run._collect(1, [refused], missing=[])
+    outcome = run._collect(1, {1: refused}, missing=[])
     assert outcome.budget_exhausted == ["spent"] and not outcome.rejected and not outcome.failed
 
 

@@ -142,34 +142,36 @@ class FederatedRun:
         })
         return Message(content, dst_node_id=node, message_type=kind, group_id=str(round_number))
 
-    def _exchange(self, messages: list[Message]) -> tuple[list[Message], list[int], dict[int, float]]:
+    def _exchange(self, messages: list[Message]) -> tuple[dict[int, Message], list[int], dict[int, float]]:
         """Send, then collect replies until all are in or the round timeout passes.
-        Returns the replies, the nodes that did not answer, and each answer's seconds."""
+        Returns each node's reply, the nodes that did not answer, and each answer's seconds.
+        (A reply is matched to the node it was sent to: Flower's own error replies, e.g.
+        "node unavailable", do not come from the site.)"""
         sent = time.monotonic()
         destinations = {}
         for message_id, message in zip(self.grid.push_messages(messages), messages):
             destinations[message_id] = message.metadata.dst_node_id
         waiting = set(destinations)
-        replies: list[Message] = []
+        replies: dict[int, Message] = {}
         arrivals: dict[int, float] = {}
         deadline = sent + self.run.round_timeout
         while waiting and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(waiting):
+                node = destinations[reply.metadata.reply_to_message_id]
                 waiting.discard(reply.metadata.reply_to_message_id)
-                replies.append(reply)
-                arrivals[destinations[reply.metadata.reply_to_message_id]] = time.monotonic() - sent
+                replies[node] = reply
+                arrivals[node] = time.monotonic() - sent
             if waiting:
                 time.sleep(self.poll_interval)
         return replies, [destinations[m] for m in waiting], arrivals
 
-    def _collect(self, round_number: int, replies: list[Message], missing: list[int]) -> RoundOutcome:
+    def _collect(self, round_number: int, replies: dict[int, Message], missing: list[int]) -> RoundOutcome:
         outcome = RoundOutcome(missing=[self._name(n) for n in missing])
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        for node, reply in replies.items():
             if reply.has_error():
                 outcome.failed[self._name(node)] = str(reply.error.reason)[:300]
                 continue
-            problems, name, metrics, state = self._read_reply(reply)
+            problems, name, metrics, state = self._read_reply(node, reply)
             self._audit(round_number, node, name, reply)
             if problems:
                 outcome.rejected[name] = "; ".join(problems)
@@ -187,9 +189,8 @@ class FederatedRun:
                         ", ".join(outcome.missing))
         return outcome
 
-    def _read_reply(self, reply: Message) -> tuple[list[str], str, dict, dict]:
+    def _read_reply(self, node: int, reply: Message) -> tuple[list[str], str, dict, dict]:
         """Check a site's reply against the protocol; returns problems, name, scalars, arrays."""
-        node = reply.metadata.src_node_id
         content = reply.content
         problems = []
         extra = sorted(set(content.keys()) - {protocol.ARRAYS, protocol.METRICS, protocol.SITE})
@@ -290,25 +291,25 @@ class FederatedRun:
         self._status("evaluating", rounds_done, connected=len(nodes))
         replies, _, _ = self._exchange([self._message(MessageType.EVALUATE, n, state, rounds_done) for n in nodes])
         metrics = {}
-        for reply in replies:
+        for node, reply in replies.items():
             if reply.has_error():
                 continue
-            problems, name, values = self._read_evaluation(reply, rounds_done)
+            problems, name, values = self._read_evaluation(node, reply, rounds_done)
             if not problems:
                 metrics[name] = values
         self._record_validation(rounds_done, metrics)
 
-    def _read_evaluation(self, reply: Message, round_number: int) -> tuple[list[str], str, dict]:
+    def _read_evaluation(self, node: int, reply: Message, round_number: int) -> tuple[list[str], str, dict]:
         content = reply.content
         site = dict(content.get(protocol.SITE, {}))
-        name = str(site.get("name") or self._name(reply.metadata.src_node_id))[:100]
+        name = str(site.get("name") or self._name(node))[:100]
         metrics = dict(content.get(protocol.METRICS, {}))
         problems = []
         if set(content.keys()) - {protocol.METRICS, protocol.SITE}:
             problems.append("an evaluation reply must carry metrics only")
         if set(metrics) - set(protocol.VALIDATION_METRICS):
             problems.append("metrics outside the whitelist")
-        self._audit(round_number, reply.metadata.src_node_id, name, reply)
+        self._audit(round_number, node, name, reply)
         return problems, name, metrics
 
     def _remember_site(self, name: str, metrics: dict) -> None:

@@ -7,7 +7,10 @@ process (the site worker of ``fedmed-client``, or a simulation actor) loads it o
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import time
+
 import numpy as np
 
 from fedmed.flower import protocol
@@ -28,6 +31,7 @@ class SiteWork:
     def __init__(self, site: SiteSettings) -> None:
         self.site = site
         self._splits: dict[tuple, SiteSplit] = {}
+        self._last_trained: tuple[tuple, SiteReply] | None = None
 
     def split(self, run: RunSettings) -> SiteSplit:
         """The site's data for this run's preprocessing and split, loaded once per process."""
@@ -37,9 +41,18 @@ class SiteWork:
         return self._splits[key]
 
     def train(self, run_config: dict, vector: np.ndarray, round_number: int) -> SiteReply:
-        """Validate the received model (a packed vector), then train one private round."""
+        """Validate the received model (a packed vector), then train one private round.
+
+        A round asked again with the same model (a restarted coordinator repeats the round it
+        lost) gets the update already computed: resending a private result spends nothing,
+        training again would."""
         started = time.perf_counter()
         run = RunSettings.from_run_config(run_config)
+        request = (run.run_id, round_number, hashlib.sha256(vector.tobytes()).hexdigest())
+        if self._last_trained is not None and self._last_trained[0] == request:
+            return dataclasses.replace(self._last_trained[1], message=(
+                f"round {round_number} asked again with the same model: earlier update resent, "
+                "no new privacy spending"))
         site = self.site
         split = self.split(run)
         model = _received_model(run, vector)
@@ -63,8 +76,10 @@ class SiteWork:
             "seconds-setup": loaded - started,
             "seconds-train": time.perf_counter() - loaded,
         })
-        return SiteReply(site.site, metrics, result.message[: protocol.MAX_TEXT],
-                         pack(model_state(model)) if trained else None)
+        reply = SiteReply(site.site, metrics, result.message[: protocol.MAX_TEXT],
+                          pack(model_state(model)) if trained else None)
+        self._last_trained = (request, reply)
+        return reply
 
     def evaluate(self, run_config: dict, vector: np.ndarray) -> SiteReply:
         run = RunSettings.from_run_config(run_config)

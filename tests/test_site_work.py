@@ -1,0 +1,56 @@
+"""A site's round work outside Flower: validation, private training, and repeated rounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedmed.data.make_sites import export_sites, synthetic_sites
+from fedmed.flower import protocol
+from fedmed.flower.packing import pack
+from fedmed.flower.settings import RunSettings, SiteSettings
+from fedmed.flower.site_work import SiteWork
+from fedmed.model import build_model
+from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.weights import model_state
+
+RUN = RunSettings(run_id="run-test", rounds=3, model_width=8, image_size=16, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> SiteSettings:
+    tmp = tmp_path_factory.mktemp("site-work")
+    images, parts = synthetic_sites(60, 1, alpha=10.0, size=32, seed=2)
+    export_sites(images, parts, tmp / "sites")
+    return SiteSettings(data=str(tmp / "sites" / "site-1"), site="site-1", ledger=str(tmp / "ledger.jsonl"),
+                        cache_dir=str(tmp / "cache"))
+
+
+def _initial_model() -> np.ndarray:
+    return pack(model_state(build_model(RUN.model_config())))
+
+
+def test_a_round_asked_twice_with_the_same_model_is_not_paid_twice(site):
+    work = SiteWork(site)
+    model = _initial_model()
+    first = work.train(RUN.to_run_config(), model, 1)
+    assert first.metrics["status"] == protocol.TRAINED and first.model.shape == model.shape
+    assert not np.array_equal(first.model, model)
+    again = work.train(RUN.to_run_config(), model.copy(), 1)
+    assert "resent" in again.message and np.array_equal(again.model, first.model)
+    assert again.metrics["epsilon"] == first.metrics["epsilon"]
+    assert [e.round for e in PrivacyLedger(site.ledger).entries] == [1]
+
+    changed = work.train(RUN.to_run_config(), first.model, 1)  # same round, another model: real work
+    assert "resent" not in changed.message and changed.metrics["epsilon"] > first.metrics["epsilon"]
+    assert [e.round for e in PrivacyLedger(site.ledger).entries] == [1, 1]
+
+
+def test_a_model_that_does_not_fit_the_run_is_refused(site):
+    work = SiteWork(site)
+    with pytest.raises(ValueError, match="expected float32"):
+        work.train(RUN.to_run_config(), _initial_model()[:-1], 1)
+    broken = _initial_model()
+    broken[0] = np.inf
+    with pytest.raises(ValueError, match="non-finite"):
+        work.evaluate(RUN.to_run_config(), broken)
