@@ -4,8 +4,9 @@ overhead = round wall time (coordinator) - slowest site's local training time (s
 
 Usage: python benchmarks/round_overhead.py RUN_DIR
 Produce RUN_DIR with fedmed-server and fedmed-client on loopback (see server/README.md).
-The sites also report their set-up time (process start to data and model ready), shown
-separately because it is part of the overhead.
+The sites also report their set-up time (receiving the model to validation done), shown
+separately because it is part of the overhead; "site transport" is, per site, the time from
+sending its message to its reply arriving minus the site's own set-up and training.
 """
 
 from __future__ import annotations
@@ -21,14 +22,18 @@ def main(run_dir: str) -> int:
     if not rounds:
         print(f"error: no finished rounds in {run_dir}", file=sys.stderr)
         return 2
-    print("round  sites  wall s  slowest train s  overhead s  max site set-up s")
+    print("round  sites  wall s  slowest train s  overhead s  max site set-up s  site transport s")
     overheads = []
     for r in rounds:
         overhead = r["seconds"] - r["slowest_site_train_seconds"]
         overheads.append(overhead)
         setup = max((s.get("seconds-setup", 0.0) for s in r["sites"].values()), default=0.0)
+        # per site: time from sending to its reply, minus its own set-up and training
+        transport = [seconds - r["sites"][name].get("seconds-setup", 0.0) - r["sites"][name].get("seconds-train", 0.0)
+                     for name, seconds in r.get("reply_seconds", {}).items() if name in r["sites"]]
+        spread = f"{min(transport):.1f}-{max(transport):.1f}" if transport else "n/a"
         print(f"{r['round']:>5}  {len(r['sites']):>5}  {r['seconds']:>6.1f}  {r['slowest_site_train_seconds']:>15.1f}"
-              f"  {overhead:>10.1f}  {setup:>17.1f}")
+              f"  {overhead:>10.1f}  {setup:>17.1f}  {spread:>16}")
     print(f"mean overhead per round: {sum(overheads) / len(overheads):.1f} s")
     return 0
 

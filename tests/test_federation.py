@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 
 import numpy as np
 import pytest
 
 from fedmed.data.make_sites import export_sites, synthetic_sites
-from fedmed.deploy.certificates import make_dev_certificates
+from fedmed.deploy.certificates import make_dev_certificates, make_site_key
 from fedmed.flower import protocol
 from fedmed.flower.rundir import RunDirectory, load_arrays
 from fedmed.flower.settings import RunSettings
@@ -119,3 +120,25 @@ def test_no_tls_choice_is_a_clear_error(tmp_path):
     result = subprocess.run([str(BIN / "fedmed-client"), "--server", "localhost:1", "--data", str(tmp_path),
                              "--site", "a"], capture_output=True, text=True, env=process_env(tmp_path), timeout=120)
     assert result.returncode == 2 and "--root-certificates" in result.stderr and "--insecure" in result.stderr
+
+
+def test_only_sites_with_an_authorized_key_may_join(tmp_path, sites_dir, certificates):
+    make_site_key(tmp_path / "keys", "site-1")
+    make_site_key(tmp_path / "keys", "site-2")
+    (tmp_path / "authorized").mkdir()
+    shutil.copy(tmp_path / "keys" / "site-1.pub", tmp_path / "authorized")
+    federation = Federation(tmp_path, sites_dir, certificates)
+    try:
+        federation.start_server("--rounds", "1", "--min-sites", "1", "--run-dir", str(tmp_path / "run"),
+                                "--authorized-keys", str(tmp_path / "authorized"))
+        for site in ("site-1", "site-2"):
+            federation.start_client(site, "--auth-key", str(tmp_path / "keys" / f"{site}.key"))
+        assert federation.wait_server(300) == 0, federation.output("server")
+        assert "did not accept this site (is site-2's public key in its --authorized-keys" in \
+            federation.output("site-2")
+        assert federation.clients["site-2"].poll() is None, "a refused site keeps trying, it does not crash"
+    finally:
+        federation.stop_all()
+    rounds = [r for r in RunDirectory(tmp_path / "run").metrics() if r["event"] == "round"]
+    assert [r["trained"] for r in rounds] == [["site-1"]]
+    assert not federation.ledger("site-2").exists()

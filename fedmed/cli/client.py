@@ -7,6 +7,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from fedmed.data.cache import default_cache_dir
@@ -17,6 +18,7 @@ from fedmed.flower.site_work import SiteWork
 from fedmed.flower.site_worker import SiteWorker, worker_address
 
 DEFAULT_RUN = RunSettings()
+ACTIVATION_RETRY = 10.0  # seconds between attempts while the coordinator refuses this site
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,15 +99,27 @@ def _run_supernode(args: argparse.Namespace, site: SiteSettings, state_dir: Path
     # The SuperNode hands each message to a fresh ClientApp process, which passes it to the
     # worker above; let it look for work often.
     env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "FLWR_HOME": str(state_dir / "flwr")}
-    supernode = ManagedProcess(command, state_dir / "logs" / "supernode.log", env)
-    print(f"site {args.site} connecting to {args.server} (log {supernode.log_path}); "
+    print(f"site {args.site} connecting to {args.server} (log {state_dir / 'logs' / 'supernode.log'}); "
           "it reconnects by itself if the coordinator restarts", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    supernode = None
     try:
-        code = supernode.process.wait()
-        print(f"error: the SuperNode exited with code {code}:\n{supernode.log_tail()}", file=sys.stderr)
-        return 1
+        while True:
+            supernode = ManagedProcess(command, state_dir / "logs" / "supernode.log", env)
+            code = supernode.process.wait()
+            log = supernode.log_tail()
+            supernode.stop()
+            if "Failed to activate SuperNode" not in log:
+                print(f"error: the SuperNode exited with code {code}:\n{log}", file=sys.stderr)
+                return 1
+            # Not (yet) accepted: the coordinator may still be starting or registering keys.
+            hint = (f"is {args.site}'s public key in its --authorized-keys folder?" if args.auth_key else
+                    "it may require site keys: ask for --authorized-keys and pass --auth-key")
+            print(f"the coordinator did not accept this site ({hint}); trying again in "
+                  f"{ACTIVATION_RETRY:.0f} s", file=sys.stderr, flush=True)
+            time.sleep(ACTIVATION_RETRY)
     except KeyboardInterrupt:
         return 130
     finally:
-        supernode.stop()
+        if supernode is not None:
+            supernode.stop()
