@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedmed.deploy.processes import free_port
+from fedmed.deploy.processes import alive, descendants, free_port
 
 BIN = Path(sys.executable).parent
 
@@ -95,38 +95,11 @@ class Federation:
             if process.poll() is None:
                 self.kill(process, signal.SIGTERM)
         deadline = time.monotonic() + 20
-        while (alive := [p for p in self.seen_pids if _alive(p)]) and time.monotonic() < deadline:
+        while (living := [p for p in self.seen_pids if alive(p)]) and time.monotonic() < deadline:
             time.sleep(0.5)
-        for pid in alive:  # report, then clean up by pid
+        for pid in living:  # report, then clean up by pid
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        assert not alive, f"processes outlived the federation: {alive}"
-
-
-def descendants(roots: set[int]) -> set[int]:
-    """Every living descendant of ``roots`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = set(), list(roots)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+        assert not living, f"processes outlived the federation: {living}"

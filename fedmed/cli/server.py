@@ -4,20 +4,19 @@ progress and leaves a run directory behind."""
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
 from fedmed.deploy.certificates import CA_CERT, SERVER_CERT, SERVER_KEY
-from fedmed.deploy.launch import (CONNECTION, check_tls_choice, run_status, start_superlink, stop_run,
+from fedmed.deploy.launch import (CONNECTION, check_tls_choice, start_superlink, stop_run,
                                   submit_run, write_app, write_flower_home)
 from fedmed.deploy.processes import child_environ, flower_command, wait_for_port
+from fedmed.deploy.progress import follow_run
 from fedmed.flower.rundir import RunDirectory
 from fedmed.flower.settings import RunSettings
 
@@ -154,53 +153,7 @@ class Coordinator:
         return self._follow(flower_run, env)
 
     def _follow(self, flower_run: str, env: dict[str, str]) -> int:
-        shown_rounds: set[int] = set()
-        last_line = ""
-        next_check = time.monotonic() + 5
-        while True:
-            status = self.run_dir.status()
-            for record in self.run_dir.metrics():
-                if record.get("event") == "round" and record["round"] not in shown_rounds:
-                    shown_rounds.add(record["round"])
-                    self._print_round(record)
-            line = _progress_line(status)
-            if line != last_line:
-                if self.live:
-                    print("\r" + line.ljust(100), end="", flush=True)
-                else:
-                    print(line, flush=True)
-                last_line = line
-            phase = status.get("phase")
-            if phase in ("completed", "stopped", "failed"):
-                if self.live:
-                    print()
-                return self._finish(status)
-            if not self.superlink.running():
-                raise RuntimeError(f"the SuperLink stopped:\n{self.superlink.log_tail()}")
-            if time.monotonic() > next_check:
-                next_check = time.monotonic() + 5
-                flower_status = run_status(flower_run, env)
-                if flower_status.startswith("finished") and phase not in ("completed", "stopped"):
-                    time.sleep(1)
-                    if self.run_dir.status().get("phase") in ("completed", "stopped", "failed"):
-                        continue
-                    raise RuntimeError(f"the Flower run ended ({flower_status}) before fedmed finished; "
-                                       f"see {self.run_dir.path / 'server.log'}")
-            time.sleep(0.5)
-
-    def _print_round(self, record: dict) -> None:
-        if self.live:
-            print()
-        parts = [f"round {record['round']}/{record['rounds']}: {len(record['trained'])} sites trained"]
-        for key in ("budget_exhausted", "missing"):
-            if record.get(key):
-                parts.append(f"{key.replace('_', ' ')}: {', '.join(record[key])}")
-        for key in ("rejected", "failed"):
-            if record.get(key):
-                parts.append(f"{key}: {', '.join(record[key])}")
-        if not record.get("aggregated"):
-            parts.append("model unchanged (below --min-sites)")
-        print("; ".join(parts), flush=True)
+        return self._finish(follow_run(self.run_dir, flower_run, env, self.superlink, self.live))
 
     def _finish(self, status: dict) -> int:
         phase = status.get("phase")
@@ -211,26 +164,6 @@ class Coordinator:
             print(f"run stopped early: {status.get('reason', '')}", file=sys.stderr)
         print(f"final model and model card: {self.run_dir.model_dir}")
         return 0 if phase == "completed" else 3
-
-
-def _progress_line(status: dict) -> str:
-    phase = status.get("phase", "starting")
-    rounds = status.get("rounds", "?")
-    done = max(0, int(status.get("round", 1)) - (0 if phase in ("completed", "evaluating") else 1))
-    bar = ""
-    if isinstance(rounds, int) and rounds:
-        filled = round(20 * done / rounds)
-        bar = "[" + "#" * filled + "." * (20 - filled) + "] "
-    text = f"{bar}{done}/{rounds} rounds, {phase}"
-    if phase == "waiting":
-        text += f" for sites: {status.get('connected', 0)} connected"
-    elif phase == "training":
-        text += f" round {status.get('round')}: {status.get('asked', 0)} sites asked"
-    validation = status.get("validation") or {}
-    auroc = validation.get("val-auroc")
-    if isinstance(auroc, float) and math.isfinite(auroc):
-        text += f", validation AUROC {auroc:.3f}, balanced accuracy {validation.get('val-balanced-accuracy', math.nan):.3f}"
-    return text
 
 
 def _connect_host(local: str, ca: Path | None) -> str:

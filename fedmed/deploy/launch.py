@@ -84,10 +84,20 @@ clientapp = "fedmed.flower.client_app:app"
     return app_dir
 
 
-def submit_run(app_dir: Path, env: dict[str, str]) -> str:
-    """Submit the run with ``flwr run``; returns Flower's run id."""
-    result = subprocess.run([flower_command("flwr"), "run", str(app_dir), CONNECTION, "--format", "json"],
-                            capture_output=True, text=True, env=child_environ(env), timeout=120)
+def start_simulation_superlink(port: int, log_path: Path, flwr_home: Path, env: dict[str, str]) -> ManagedProcess:
+    """A loopback SuperLink that runs submitted apps on Flower's Simulation Runtime (Ray)."""
+    command = [flower_command("flower-superlink"), "--simulation", "--insecure",
+               "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)]
+    return ManagedProcess(command, log_path, {"FLWR_HOME": str(flwr_home), **env})
+
+
+def submit_run(app_dir: Path, env: dict[str, str], federation_config: str = "") -> str:
+    """Submit the run with ``flwr run``; returns Flower's run id. ``federation_config``
+    carries simulation settings, e.g. ``"num-supernodes=4 client-resources-num-cpus=1"``."""
+    command = [flower_command("flwr"), "run", str(app_dir), CONNECTION, "--format", "json"]
+    if federation_config:
+        command += ["--federation-config", federation_config]
+    result = subprocess.run(command, capture_output=True, text=True, env=child_environ(env), timeout=120)
     try:
         answer = json.loads(result.stdout)
     except json.JSONDecodeError:

@@ -105,3 +105,56 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def descendants(roots: set[int]) -> set[int]:
+    """Every living descendant of ``roots`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = set(), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie does not count)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class ProcessWatch:
+    """Remembers every process started under some roots, so that helpers which leave their
+    parent's process group (e.g. Ray's) can still be stopped by pid at the end."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    def look(self, roots: set[int]) -> None:
+        self.seen |= roots | descendants(roots)
+
+    def stop_survivors(self, grace: float = 10.0) -> list[int]:
+        """SIGTERM, then SIGKILL, every remembered process still alive; returns those found."""
+        survivors = [pid for pid in self.seen if alive(pid)]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in survivors:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while any(alive(pid) for pid in survivors) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        return survivors

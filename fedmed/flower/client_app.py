@@ -10,6 +10,8 @@ Under ``fedmed-client`` the work runs in the site's long-lived worker (node conf
 
 from __future__ import annotations
 
+import json
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -19,7 +21,8 @@ from fedmed.flower.protocol import SiteReply
 from fedmed.flower.site_worker import ask_worker, handle_request
 
 app = ClientApp()
-_local_work: dict[tuple, object] = {}  # node config -> SiteWork, for in-process use
+_local_work: dict[tuple, object] = {}  # site settings -> SiteWork, for in-process use (simulation)
+MAX_SITES_PER_PROCESS = 4  # a simulation actor serves many virtual sites; keep a few warm
 
 
 @app.train()
@@ -44,11 +47,22 @@ def _do(request: dict, context: Context) -> SiteReply:
     from fedmed.flower.settings import SiteSettings
     from fedmed.flower.site_work import SiteWork
 
-    key = tuple(sorted((k, str(v)) for k, v in context.node_config.items()))
+    site_config = _site_config(context)
+    key = tuple(sorted((k, str(v)) for k, v in site_config.items()))
     if key not in _local_work:
-        _local_work.clear()  # one site per process at a time; drop the previous site's data
-        _local_work[key] = SiteWork(SiteSettings.from_node_config(context.node_config))
+        if len(_local_work) >= MAX_SITES_PER_PROCESS:
+            _local_work.pop(next(iter(_local_work)))  # drop the oldest site's data
+        _local_work[key] = SiteWork(SiteSettings.from_node_config(site_config))
     return handle_request(_local_work[key], request)
+
+
+def _site_config(context: Context) -> dict:
+    """The site's settings: its SuperNode's node config, or in a simulation the entry of
+    the run's site list for this virtual site's partition id."""
+    sites = str(context.run_config.get("simulation-sites", ""))
+    if sites and "partition-id" in context.node_config:
+        return json.loads(sites)[int(context.node_config["partition-id"])]
+    return dict(context.node_config)
 
 
 def _reply(reply: SiteReply, message: Message) -> Message:

@@ -51,6 +51,9 @@ class RunSettings:
     val_fraction: float = 0.2
     server_eval_data: str = ""  # a DICOM folder or manifest the coordinator owns
     seed: int = 0
+    # Simulation only: JSON list of each virtual site's settings (as a SuperNode's node
+    # config), indexed by Flower's partition id. Empty in real deployments.
+    simulation_sites: str = ""
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or not 1 <= self.start_round <= self.rounds:

@@ -1,0 +1,90 @@
+"""Following a submitted fedmed run: live progress from its run directory until it ends."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+from fedmed.deploy.launch import run_status
+from fedmed.deploy.processes import ManagedProcess
+from fedmed.flower.rundir import RunDirectory
+
+FINAL_PHASES = ("completed", "stopped", "failed")
+
+
+def follow_run(run_dir: RunDirectory, flower_run: str, env: dict[str, str], superlink: ManagedProcess,
+               live: bool, on_tick: Callable[[], None] | None = None) -> dict:
+    """Print each finished round and a progress line (a bar redrawn in place when ``live``,
+    plain lines otherwise) until the run reaches a final phase; returns its status.
+    Raises RuntimeError when the SuperLink or the Flower run ends first."""
+    shown_rounds: set[int] = set()
+    last_line = ""
+    next_check = time.monotonic() + 5
+    while True:
+        if on_tick is not None:
+            on_tick()
+        status = run_dir.status()
+        for record in run_dir.metrics():
+            if record.get("event") == "round" and record["round"] not in shown_rounds:
+                shown_rounds.add(record["round"])
+                if live:
+                    print()
+                print(round_line(record), flush=True)
+        line = progress_line(status)
+        if line != last_line:
+            print("\r" + line.ljust(100) if live else line, end="" if live else "\n", flush=True)
+            last_line = line
+        if status.get("phase") in FINAL_PHASES:
+            if live:
+                print()
+            return status
+        if not superlink.running():
+            raise RuntimeError(f"the SuperLink stopped:\n{superlink.log_tail()}")
+        if time.monotonic() > next_check:
+            next_check = time.monotonic() + 5
+            flower_status = run_status(flower_run, env)
+            if flower_status.startswith("finished"):
+                time.sleep(1)
+                if run_dir.status().get("phase") in FINAL_PHASES:
+                    continue
+                raise RuntimeError(f"the Flower run ended ({flower_status}) before fedmed finished; "
+                                   f"see {run_dir.path / 'server.log'}")
+        time.sleep(0.5)
+
+
+def round_line(record: dict) -> str:
+    parts = [f"round {record['round']}/{record['rounds']}: {len(record['trained'])} sites trained"]
+    for key in ("budget_exhausted", "missing"):
+        if record.get(key):
+            parts.append(f"{key.replace('_', ' ')}: {', '.join(record[key])}")
+    for key in ("rejected", "failed"):
+        if record.get(key):
+            parts.append(f"{key}: {', '.join(record[key])}")
+    if not record.get("aggregated"):
+        parts.append("model unchanged (below --min-sites)")
+    test = record.get("server_validation") or {}
+    if isinstance(test.get("auroc"), float) and math.isfinite(test["auroc"]):
+        parts.append(f"held-out AUROC {test['auroc']:.3f}")
+    return "; ".join(parts)
+
+
+def progress_line(status: dict) -> str:
+    phase = status.get("phase", "starting")
+    rounds = status.get("rounds", "?")
+    done = max(0, int(status.get("round", 1)) - (0 if phase in ("completed", "evaluating") else 1))
+    bar = ""
+    if isinstance(rounds, int) and rounds:
+        filled = round(20 * done / rounds)
+        bar = "[" + "#" * filled + "." * (20 - filled) + "] "
+    text = f"{bar}{done}/{rounds} rounds, {phase}"
+    if phase == "waiting":
+        text += f" for sites: {status.get('connected', 0)} connected"
+    elif phase == "training":
+        text += f" round {status.get('round')}: {status.get('asked', 0)} sites asked"
+    validation = status.get("validation") or {}
+    auroc = validation.get("val-auroc")
+    if isinstance(auroc, float) and math.isfinite(auroc):
+        text += (f", validation AUROC {auroc:.3f}, balanced accuracy "
+                 f"{validation.get('val-balanced-accuracy', math.nan):.3f}")
+    return text

@@ -1,0 +1,1 @@
+"""Local multi-site simulation: `fedmed-simulate`."""

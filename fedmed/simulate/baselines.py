@@ -1,0 +1,109 @@
+"""Baselines to compare a federation against, trained on the same schedule (rounds x local
+epochs) through the same site code and ledger as a real site:
+
+* centralized: all sites' data pooled at one place, one model (non-private and private);
+* local: every site alone on its own data.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from fedmed.data.dicom import ReadOptions
+from fedmed.data.site import SiteSource, load_site
+from fedmed.flower.packing import pack, unpack
+from fedmed.flower.settings import RunSettings, SiteSettings
+from fedmed.flower.site_work import SiteWork
+from fedmed.model import build_model
+from fedmed.simulate.scenario import Scenario
+from fedmed.simulate.sites import SimulationData
+from fedmed.train import evaluate
+from fedmed.weights import load_state, model_state
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+def load_test_set(run: RunSettings, data: SimulationData, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    test = load_site(SiteSource.from_path(data.test_dir, run.class_names), ReadOptions(image_size=run.image_size),
+                     cache_dir)
+    return np.asarray(test.images), test.labels
+
+
+def test_scores(run: RunSettings, vector: np.ndarray, test: tuple[np.ndarray, np.ndarray]) -> dict:
+    """A packed model's scores on the held-out test set."""
+    model = build_model(run.model_config())
+    load_state(model, unpack(vector, model_state(model)))
+    return evaluate(model, *test)
+
+
+def train_alone(run: RunSettings, site: SiteSettings) -> tuple[np.ndarray, dict]:
+    """Train one model on one site's data for the run's rounds; returns the packed model
+    and the last round's reply metrics (epsilon, examples, validation of the previous model)."""
+    work = SiteWork(site)
+    vector = pack(model_state(build_model(run.model_config())))
+    metrics: dict = {}
+    for round_number in range(1, run.rounds + 1):
+        reply = work.train(run.to_run_config(), vector, round_number)
+        metrics = reply.metrics
+        if reply.model is None:  # budget exhausted: keep the last model
+            break
+        vector = reply.model
+    metrics = {**metrics, **work.evaluate(run.to_run_config(), vector).metrics}
+    return vector, metrics
+
+
+def pooled_manifest(data: SimulationData, path: Path) -> Path:
+    """A CSV manifest of every site's files (folder-per-class layout), for the pooled baseline."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        for folder in data.site_dirs:
+            for label_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+                for file in sorted(label_dir.rglob("*")):
+                    if file.suffix.lower() in DICOM_SUFFIXES:
+                        writer.writerow([str(file.resolve()), label_dir.name])
+    return path
+
+
+def run_centralized(scenario: Scenario, run: RunSettings, data: SimulationData, out_dir: Path, cache_dir: Path,
+                    test: tuple[np.ndarray, np.ndarray]) -> list[dict]:
+    """Pooled data, one model: non-private, then private at the scenario's largest budget."""
+    manifest = pooled_manifest(data, out_dir / "pooled.csv")
+    budget = max(scenario.per_site("max_epsilon", i) for i in range(scenario.site_count))
+    rows = []
+    for dp in (False, True):
+        name = "centralized-dp" if dp else "centralized"
+        site = SiteSettings(data=str(manifest), site=name, ledger=str(out_dir / name / "ledger.jsonl"),
+                            cache_dir=str(cache_dir), max_epsilon=budget, target_epsilon=budget,
+                            delta=scenario.delta, dp=dp)
+        vector, metrics = train_alone(run, site)
+        rows.append(_row(name, "pooled", dp, metrics, test_scores(run, vector, test)))
+    return rows
+
+
+def run_local(scenario: Scenario, run: RunSettings, sites: list[dict], test: tuple[np.ndarray, np.ndarray],
+              out_dir: Path) -> list[dict]:
+    """Every site alone, with its own privacy settings and a ledger of its own."""
+    rows = []
+    for config in sites:
+        site = replace(SiteSettings.from_node_config(config),
+                       ledger=str(out_dir / config["site"] / "ledger.jsonl"))
+        vector, metrics = train_alone(run, site)
+        rows.append(_row("local", site.site, site.dp, metrics, test_scores(run, vector, test)))
+    return rows
+
+
+def _row(mode: str, model: str, dp: bool, metrics: dict, scores: dict) -> dict:
+    return {
+        "mode": mode, "model": model, "dp": dp,
+        "epsilon": float(metrics.get("epsilon", float("nan"))) if dp else float("inf"),
+        "train_examples": int(metrics.get("examples", 0)),
+        "test_auroc": scores["auroc"], "test_balanced_accuracy": scores["balanced_accuracy"],
+        "test_accuracy": scores["accuracy"],
+        "val_auroc": float(metrics.get("val-auroc", float("nan"))),
+    }
