@@ -16,13 +16,7 @@ $(INSTALLED): pyproject.toml
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)
-	rm -rf $(DEMO)
-	$(BIN)/fedmed data make-sites --synthetic --sites 4 --images 800 --seed 7 --out $(DEMO)/sites
-	for site in $(DEMO)/sites/site-*; do \
-		$(BIN)/fedmed data validate $$site --cache-dir $(DEMO)/cache || exit 1; echo; \
-	done
-	@echo "Four simulated hospitals are in $(DEMO)/sites (one DICOM folder each, see sites.json)."
-	@echo "Check your own data the same way: $(BIN)/fedmed data validate /path/to/site"
+	$(BIN)/fedmed-simulate simulations/default.toml --mode all --out $(DEMO)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest

@@ -8,6 +8,7 @@ epochs) through the same site code and ledger as a real site:
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def train_alone(run: RunSettings, site: SiteSettings) -> tuple[np.ndarray, dict]
     for round_number in range(1, run.rounds + 1):
         reply = work.train(run.to_run_config(), vector, round_number)
         metrics = reply.metrics
+        outcome = reply.message or f"loss {metrics.get('loss', math.nan):.3f}"
+        spent = f", epsilon {metrics.get('epsilon', math.nan):.2f}" if site.dp else ""
+        print(f"  {site.site} round {round_number}/{run.rounds}: {outcome}{spent}", flush=True)
         if reply.model is None:  # budget exhausted: keep the last model
             break
         vector = reply.model

@@ -7,9 +7,13 @@ overridden on the command line with ``--set section.key=value``.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 SECTIONS = {
     "data": ("source", "path", "site_dirs", "test_dir", "images", "image_size", "classes", "test_fraction"),

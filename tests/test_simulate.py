@@ -1,0 +1,135 @@
+"""`fedmed-simulate`: the Simulation Runtime end to end, its baselines, scenarios and data."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fedmed.deploy.processes import ProcessWatch, alive
+from fedmed.flower.rundir import RunDirectory
+from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.simulate.scenario import load_scenario
+from fedmed.simulate.sites import prepare_sites
+from tests.federation_helpers import BIN, process_env
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["data.images=240", "data.image_size=16", "partition.sites=3", "partition.min_site_size=15",
+        "training.rounds=2", "training.batch_size=32", "model.width=8"]
+
+
+@pytest.fixture(scope="module")
+def simulation(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("simulate")
+    command = [str(BIN / "fedmed-simulate"), "--mode", "all", "--out", str(tmp / "out"),
+               "--set", "privacy.max_epsilon=[8.0, 8.0, 4.0]", "--set", "privacy.target_epsilon=[8.0, 8.0, 4.0]"]
+    for value in TINY:
+        command += ["--set", value]
+    watch = ProcessWatch()
+    with open(tmp / "simulate.out", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=process_env(tmp),
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 900
+        while process.poll() is None and time.monotonic() < deadline:
+            watch.look({process.pid})
+            time.sleep(0.3)
+        assert process.poll() == 0, (tmp / "simulate.out").read_text()
+        survivors = [pid for pid in watch.seen if alive(pid)]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        watch.stop_survivors()
+    results = sorted((tmp / "out").glob("results-*"))[-1]
+    return results, survivors, len(watch.seen), (tmp / "simulate.out").read_text()
+
+
+def test_a_federated_simulation_writes_a_complete_run_directory(simulation):
+    results, _, _, output = simulation
+    run_dir = RunDirectory(results / "federated")
+    assert run_dir.status()["phase"] == "completed"
+    rounds = [r for r in run_dir.metrics() if r["event"] == "round"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(sorted(r["trained"]) == ["site-1", "site-2", "site-3"] for r in rounds)
+    assert all(0.0 <= r["server_validation"]["auroc"] <= 1.0 for r in rounds), "held-out test set scored"
+    assert [p.name for p in sorted((run_dir.path / "checkpoints").iterdir())] == ["round-0001.npz", "round-0002.npz"]
+    card = json.loads((run_dir.model_dir / "model_card.json").read_text())
+    assert sorted(card["sites"]) == ["site-1", "site-2", "site-3"]
+    assert "results:" in output and (results / "summary.md").is_file()
+
+
+def test_no_process_outlives_the_simulation(simulation):
+    _, survivors, seen, _ = simulation
+    assert seen > 3, "the simulation's helper processes were observed"
+    assert survivors == []
+
+
+def test_each_sites_epsilon_is_what_its_ledger_says(simulation):
+    results, _, _, _ = simulation
+    summary = json.loads((results / "summary.json").read_text())
+    last_round = [r for r in RunDirectory(results / "federated").metrics() if r["event"] == "round"][-1]
+    for site in summary["federated_sites"]:
+        entries = PrivacyLedger(site["ledger"]).entries
+        assert [e.round for e in entries] == [1, 2]
+        assert site["epsilon"] == pytest.approx(entries[-1].epsilon, rel=1e-12)
+        assert last_round["sites"][site["site"]]["epsilon"] == pytest.approx(entries[-1].epsilon, rel=1e-9)
+    budgets = {s["site"]: s["epsilon"] for s in summary["federated_sites"]}
+    assert budgets["site-3"] <= 4.0 < budgets["site-1"] <= 8.0, "per-site budgets differ as configured"
+
+
+def test_centralized_and_local_baselines_are_compared(simulation):
+    results, _, _, output = simulation
+    rows = json.loads((results / "summary.json").read_text())["comparison"]
+    assert [(r["mode"], r["model"]) for r in rows] == [
+        ("federated", "global"), ("centralized", "pooled"), ("centralized-dp", "pooled"),
+        ("local", "site-1"), ("local", "site-2"), ("local", "site-3")]
+    assert rows[1]["dp"] is False and math.isinf(rows[1]["epsilon"])
+    assert all(r["dp"] and 0 < r["epsilon"] <= 8.0 for r in rows if r["mode"] != "centralized")
+    assert all(0.0 <= r["test_auroc"] <= 1.0 for r in rows)
+    pooled = (results / "centralized" / "pooled.csv").read_text().splitlines()[1:]
+    site_files = list((results.parent / "data" / "sites").rglob("*.dcm"))
+    assert len(pooled) == len(site_files), "the pooled baseline sees every site's images"
+    assert abs(sum(r["train_examples"] for r in rows[3:]) - rows[1]["train_examples"]) <= 0.1 * rows[1]["train_examples"]
+    markdown = (results / "summary.md").read_text()
+    assert "| centralized | pooled | NO |" in markdown and "non-private baselines" in markdown
+    assert "| local | site-2 | yes |" in output
+
+
+def test_the_same_seed_gives_the_same_sites(tmp_path):
+    scenario = load_scenario(None, TINY)
+    first = prepare_sites(scenario, tmp_path / "a")
+    again = prepare_sites(scenario, tmp_path / "b")
+    other = prepare_sites(load_scenario(None, TINY + ["partition.seed=5"]), tmp_path / "c")
+    sizes = [_sizes(data) for data in (first, again, other)]
+    assert sizes[0] == sizes[1] and first.table == again.table
+    assert sizes[0] != sizes[2]
+    reused = prepare_sites(scenario, tmp_path / "a")  # unchanged settings: nothing rewritten
+    assert _sizes(reused) == sizes[0] and (tmp_path / "a" / "fingerprint.json").is_file()
+
+
+def _sizes(data) -> dict:
+    return {name: sorted(p.name for p in folder.rglob("*.dcm")) for name, folder in zip(data.names, data.site_dirs)}
+
+
+def test_shipped_scenarios_load():
+    default = load_scenario(REPO / "simulations" / "default.toml")
+    assert default.sites == 4 and default.dp and default.max_epsilon == 8.0
+    with pytest.raises(ValueError, match="needs data.path"):
+        load_scenario(REPO / "simulations" / "pneumonia-5-sites.toml")
+    pneumonia = load_scenario(REPO / "simulations" / "pneumonia-5-sites.toml", ["data.path=x.npz"])
+    assert pneumonia.sites == 5 and pneumonia.alpha == 0.5
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.epochs=3", "unknown setting training.epochs"),
+    ("privacy.max_epsilon=[8.0, 4.0]", "lists 2 values for 4 sites"),
+    ("training.rounds=two", "must be a whole number"),
+    ("data.source=\"tape\"", "data.source must be one of"),
+])
+def test_bad_scenario_values_are_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_scenario(None, [override])
