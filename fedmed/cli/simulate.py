@@ -78,8 +78,7 @@ def _simulate(scenario, modes: tuple[str, ...], out: Path) -> int:
             comparison += run_centralized(scenario, run, data, results / "centralized", cache, test)
         if "local" in modes:
             print("local baselines (each site alone) ...", flush=True)
-            comparison += run_local(scenario, run, site_settings(scenario, data, results / "local", cache), test,
-                                    results / "local")
+            comparison += run_local(run, site_settings(scenario, data, results / "local", cache), test)
     write_summary(results, scenario.to_dict(), comparison, per_site, time.monotonic() - started)
     if per_site:
         print("\nfederated model per site:\n" + sites_table(per_site))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -90,13 +89,12 @@ def run_centralized(scenario: Scenario, run: RunSettings, data: SimulationData, 
     return rows
 
 
-def run_local(scenario: Scenario, run: RunSettings, sites: list[dict], test: tuple[np.ndarray, np.ndarray],
-              out_dir: Path) -> list[dict]:
-    """Every site alone, with its own privacy settings and a ledger of its own."""
+def run_local(run: RunSettings, sites: list[dict], test: tuple[np.ndarray, np.ndarray]) -> list[dict]:
+    """Every site alone, with its own privacy settings; ``sites`` are node-config-style
+    settings whose ledgers are this baseline's own (not the federation's)."""
     rows = []
     for config in sites:
-        site = replace(SiteSettings.from_node_config(config),
-                       ledger=str(out_dir / config["site"] / "ledger.jsonl"))
+        site = SiteSettings.from_node_config(config)
         vector, metrics = train_alone(run, site)
         rows.append(_row("local", site.site, site.dp, metrics, test_scores(run, vector, test)))
     return rows
