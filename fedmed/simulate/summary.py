@@ -52,22 +52,22 @@ def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:
 
 
 def sites_table(rows: list[dict]) -> str:
-    lines = ["| site | rounds trained | train images | val images | val AUROC | val balanced acc | val acc | epsilon spent |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['site']} | {r['rounds_trained']} | {r['train_examples']} | {r['val_examples']} | "
-                     f"{_num(r['val_auroc'])} | {_num(r['val_balanced_accuracy'])} | {_num(r['val_accuracy'])} | "
-                     f"{_eps(r['epsilon'])} |")
-    return "\n".join(lines)
+    return _table(["site", "rounds trained", "train images", "val images", "val AUROC", "val balanced acc",
+                   "val acc", "epsilon spent"],
+                  [[r["site"], r["rounds_trained"], r["train_examples"], r["val_examples"], _num(r["val_auroc"]),
+                    _num(r["val_balanced_accuracy"]), _num(r["val_accuracy"]), _eps(r["epsilon"])] for r in rows])
 
 
 def comparison_table(rows: list[dict]) -> str:
-    lines = ["| mode | model | DP | epsilon | train images | test AUROC | test balanced acc | test acc |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['mode']} | {r['model']} | {'yes' if r['dp'] else 'NO'} | {_eps(r['epsilon'])} | "
-                     f"{r['train_examples']} | {_num(r['test_auroc'])} | {_num(r['test_balanced_accuracy'])} | "
-                     f"{_num(r['test_accuracy'])} |")
+    return _table(["mode", "model", "DP", "epsilon", "train images", "test AUROC", "test balanced acc", "test acc"],
+                  [[r["mode"], r["model"], "yes" if r["dp"] else "NO", _eps(r["epsilon"]), r["train_examples"],
+                    _num(r["test_auroc"]), _num(r["test_balanced_accuracy"]), _num(r["test_accuracy"])]
+                   for r in rows])
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
