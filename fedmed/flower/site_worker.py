@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import traceback
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
@@ -109,6 +110,8 @@ def ask_worker(address: str, request: dict) -> SiteReply:
         with Client(str(path), family="AF_UNIX", authkey=key) as connection:
             connection.send(request)
             answer = connection.recv()
+    except AuthenticationError as error:
+        raise RuntimeError(f"the site's worker at {address} refused the key in {_key_path(path)}") from error
     except (OSError, EOFError) as error:
         raise RuntimeError(f"the site's fedmed-client worker at {address} is not reachable: {error}") from error
     if "error" in answer:
