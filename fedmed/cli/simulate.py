@@ -4,6 +4,7 @@ Flower's Simulation Runtime, and baselines (pooled data, each site alone) to com
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from datetime import datetime
@@ -44,11 +45,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = (args.out or Path("runs") / scenario.name).resolve()
+    # SIGTERM unwinds like Ctrl-C, so the SuperLink and Ray's processes are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return _simulate(scenario, modes, out)
     except (RuntimeError, TimeoutError, ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 def _simulate(scenario, modes: tuple[str, ...], out: Path) -> int:
