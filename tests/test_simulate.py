@@ -133,3 +133,28 @@ def test_shipped_scenarios_load():
 def test_bad_scenario_values_are_named(override, message):
     with pytest.raises(ValueError, match=message):
         load_scenario(None, [override])
+
+
+def test_a_terminated_simulation_stops_all_its_processes(tmp_path):
+    command = [str(BIN / "fedmed-simulate"), "--out", str(tmp_path / "out")]
+    for value in TINY + ["training.rounds=20"]:
+        command += ["--set", value]
+    watch = ProcessWatch()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                               env=process_env(tmp_path), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "out").glob("results-*/federated/checkpoints/round-0001.npz")):
+            assert process.poll() is None and time.monotonic() < deadline, "no round finished"
+            watch.look({process.pid})
+            time.sleep(0.3)
+        watch.look({process.pid})
+        process.terminate()
+        assert process.wait(60) == 143
+        time.sleep(2)
+        survivors = [pid for pid in watch.seen if alive(pid)]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        watch.stop_survivors()
+    assert len(watch.seen) > 3 and survivors == []
