@@ -178,6 +178,7 @@ def _register_keys(folder: Path, env: dict[str, str]) -> None:
     for key in keys:
         result = subprocess.run([flower_command("flwr"), "supernode", "register", str(key), CONNECTION],
                                 capture_output=True, text=True, env=child_environ(env))
-        if result.returncode != 0:
-            raise RuntimeError(f"could not register {key}: {(result.stderr or result.stdout).strip()[-500:]}")
+        answer = (result.stderr or result.stdout).strip()
+        if result.returncode != 0 and "already in use" not in answer:  # known from before a --resume
+            raise RuntimeError(f"could not register {key}: {answer[-500:]}")
     print(f"{len(keys)} site keys registered; other SuperNodes are refused", flush=True)
