@@ -4,10 +4,10 @@ that connects out to the coordinator and trains privately when asked."""
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from fedmed.data.cache import default_cache_dir
@@ -87,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_supernode(args: argparse.Namespace, site: SiteSettings, state_dir: Path, worker: Path) -> int:
-    node_config = {"data": site.data, "site": site.site, "ledger": site.ledger, "cache-dir": site.cache_dir,
-                   "max-epsilon": site.max_epsilon, "target-epsilon": site.target_epsilon,
-                   "delta": site.delta, "dp": site.dp, "worker": str(worker)}
+    node_config = replace(site, worker=str(worker)).to_node_config()
     command = [sys.executable, "-m", "fedmed.deploy.supernode", "--superlink", args.server,
                "--host", "127.0.0.1", "--port", str(free_port()),
                "--node-config", node_config_text(node_config)]

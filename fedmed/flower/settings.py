@@ -25,6 +25,11 @@ def _parse(cls, values: dict, what: str):
     return cls(**kwargs)
 
 
+def _dashed(settings) -> dict:
+    """A settings dataclass as Flower config keys (dashes instead of underscores)."""
+    return {k.replace("_", "-"): v for k, v in asdict(settings).items()}
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """What every party of one run agrees on: rounds, model, local training."""
@@ -70,7 +75,7 @@ class RunSettings:
         return _parse(cls, dict(config), "run")
 
     def to_run_config(self) -> dict:
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+        return _dashed(self)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -100,6 +105,10 @@ class SiteSettings:
     delta: float = 0.0  # 0: below 1/n for the site's n
     dp: bool = True  # false only for non-private baselines
     worker: str = ""  # socket of the site's long-lived worker (set by fedmed-client)
+
+    def to_node_config(self) -> dict:
+        """The settings as a SuperNode's node config (keys with dashes)."""
+        return _dashed(self)
 
     @classmethod
     def from_node_config(cls, config: dict) -> SiteSettings:

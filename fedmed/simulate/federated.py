@@ -10,7 +10,7 @@ from fedmed.deploy.launch import start_simulation_superlink, submit_run, write_a
 from fedmed.deploy.processes import ProcessWatch, free_port, wait_for_port
 from fedmed.deploy.progress import follow_run
 from fedmed.flower.rundir import RunDirectory
-from fedmed.flower.settings import RunSettings
+from fedmed.flower.settings import RunSettings, SiteSettings
 from fedmed.simulate.scenario import Scenario
 from fedmed.simulate.sites import SimulationData
 
@@ -18,9 +18,10 @@ from fedmed.simulate.sites import SimulationData
 def site_settings(scenario: Scenario, data: SimulationData, state_dir: Path, cache_dir: Path) -> list[dict]:
     """Each virtual site's settings, as a real site's node config would hold them."""
     return [
-        {"data": str(folder), "site": name, "ledger": str(state_dir / name / "ledger.jsonl"),
-         "cache-dir": str(cache_dir), "max-epsilon": scenario.per_site("max_epsilon", i),
-         "target-epsilon": scenario.per_site("target_epsilon", i), "delta": scenario.delta, "dp": scenario.dp}
+        SiteSettings(data=str(folder), site=name, ledger=str(state_dir / name / "ledger.jsonl"),
+                     cache_dir=str(cache_dir), max_epsilon=scenario.per_site("max_epsilon", i),
+                     target_epsilon=scenario.per_site("target_epsilon", i), delta=scenario.delta,
+                     dp=scenario.dp).to_node_config()
         for i, (name, folder) in enumerate(zip(data.names, data.site_dirs))
     ]
 
