@@ -30,7 +30,7 @@ from fedmed.metrics import classification_metrics
 from fedmed.privacy.accounting import ACCOUNTANT, extend
 from fedmed.privacy.budget import PrivacyConfig, plan_round_privacy
 from fedmed.privacy.clipping import PerSampleClipper
-from fedmed.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedmed.privacy.ledger import LedgerEntry, LedgerRefusal, PrivacyLedger
 from fedmed.runtime import keep_freed_memory
 
 log = logging.getLogger("fedmed")
@@ -85,8 +85,14 @@ def train_round(
     examples = len(labels)
     with ledger.locked():
         plan = plan_round_privacy(privacy, ledger, run_id, examples, train.batch_size, train.epochs)
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if not plan.allowed:
             log.warning("site %s refuses round %s of run %s: %s", site, round_number, run_id, plan.reason)
+            ledger.append(LedgerRefusal(
+                site=site, run_id=run_id, round=round_number, timestamp=now, reason=plan.reason,
+                epsilon_before=_finite_or_none(plan.epsilon_before),
+                epsilon_after=_finite_or_none(plan.epsilon_after), delta=plan.delta, max_epsilon=privacy.budget,
+            ))
             return RoundResult(BUDGET_EXHAUSTED, plan.dp, examples, 0, None, plan.epsilon_before, plan.delta,
                                plan.noise_multiplier, plan.reason)
         if plan.dp:
@@ -101,7 +107,7 @@ def train_round(
                 site=site,
                 run_id=run_id,
                 round=round_number,
-                timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                timestamp=now,
                 dp=plan.dp,
                 examples=examples,
                 steps=plan.steps,
@@ -113,10 +119,16 @@ def train_round(
                 accountant=ACCOUNTANT,
                 accountant_state=extend(ledger.history, plan.noise_multiplier, plan.sample_rate, plan.steps)
                 if plan.dp else ledger.history,
+                max_epsilon=privacy.budget,
+                target_epsilon=privacy.target_epsilon if plan.dp else None,
             )
         )
     return RoundResult(TRAINED, plan.dp, examples, plan.steps, loss, plan.epsilon_after, plan.delta,
                        plan.noise_multiplier, plan.reason)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _loss_function(train: TrainConfig, labels: torch.Tensor):

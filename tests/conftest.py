@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ import pytest
 
 from fedmed.data.export import SITE_STYLES, export_site
 from fedmed.data.synthetic import synthesize, synthetic_labels
+from fedmed.deploy.processes import ProcessWatch, alive
+from tests.federation_helpers import BIN, process_env
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 SHARED_DATA = Path(os.environ.get("FEDMED_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -79,3 +83,35 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     pos, neg = scores[labels == 1], scores[labels == 0]
     greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(greater / (len(pos) * len(neg)))
+
+
+TINY_SCENARIO = ["data.images=240", "data.image_size=16", "partition.sites=3", "partition.min_site_size=15",
+                 "training.rounds=2", "training.batch_size=32", "model.width=8"]
+
+
+@pytest.fixture(scope="session")
+def simulation(tmp_path_factory):
+    """A 3-site, 2-round fedmed-simulate run in all modes (about a minute); shared by the
+    simulation and report tests. Returns (results dir, survivors, processes seen, output)."""
+    tmp = tmp_path_factory.mktemp("simulate")
+    command = [str(BIN / "fedmed-simulate"), "--mode", "all", "--out", str(tmp / "out"),
+               "--set", "privacy.max_epsilon=[8.0, 8.0, 4.0]", "--set", "privacy.target_epsilon=[8.0, 8.0, 4.0]"]
+    for value in TINY_SCENARIO:
+        command += ["--set", value]
+    watch = ProcessWatch()
+    with open(tmp / "simulate.out", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=process_env(tmp),
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 900
+        while process.poll() is None and time.monotonic() < deadline:
+            watch.look({process.pid})
+            time.sleep(0.3)
+        assert process.poll() == 0, (tmp / "simulate.out").read_text()
+        survivors = [pid for pid in watch.seen if alive(pid)]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        watch.stop_survivors()
+    results = sorted((tmp / "out").glob("results-*"))[-1]
+    return results, survivors, len(watch.seen), (tmp / "simulate.out").read_text()

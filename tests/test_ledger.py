@@ -45,7 +45,7 @@ def test_restarted_site_keeps_composing(tmp_path):
     assert 0.95 * 3.0 <= restarted.entries[-1].epsilon <= 3.0
 
 
-def test_a_round_past_max_epsilon_is_refused_and_leaves_the_ledger_alone(tmp_path):
+def test_a_round_past_max_epsilon_is_refused_recorded_and_spends_nothing(tmp_path):
     path = tmp_path / "ledger.jsonl"
     tight = PrivacyConfig(target_epsilon=3.0, max_epsilon=2.0, planned_rounds=3)
     results = run_rounds(path, 3, tight)
@@ -57,11 +57,18 @@ def test_a_round_past_max_epsilon_is_refused_and_leaves_the_ledger_alone(tmp_pat
     first_refusal = refused[0]
     assert "budget exhausted" in first_refusal.message and "max_epsilon 2" in first_refusal.message
     assert first_refusal.steps == 0 and first_refusal.loss is None
-    before = path.read_bytes()
+    ledger = PrivacyLedger(path)
+    spent = ledger.epsilon(ledger.entries[-1].delta)
     again = run_rounds(path, 1, tight, first_round=9)
     assert again[0].status == BUDGET_EXHAUSTED
-    assert path.read_bytes() == before
-    assert len(PrivacyLedger(path).entries) == len(trained)
+    after = PrivacyLedger(path)
+    assert len(after.entries) == len(trained) and after.epsilon(after.entries[-1].delta) == spent
+    assert [r.round for r in after.refusals] == [r + 1 for r, res in enumerate(results)
+                                                 if res.status == BUDGET_EXHAUSTED] + [9]
+    last = after.refusals[-1]
+    assert last.max_epsilon == 2.0 and last.epsilon_before == pytest.approx(spent)
+    assert last.epsilon_after > 2.0 and "max_epsilon 2" in last.reason
+    assert after.entries[0].max_epsilon == 2.0 and after.entries[0].target_epsilon == 3.0
 
 
 def test_budgets_differ_per_site(tmp_path):

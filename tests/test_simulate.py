@@ -15,39 +15,10 @@ from fedmed.flower.rundir import RunDirectory
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.simulate.scenario import load_scenario
 from fedmed.simulate.sites import prepare_sites
+from tests.conftest import TINY_SCENARIO as TINY
 from tests.federation_helpers import BIN, process_env
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["data.images=240", "data.image_size=16", "partition.sites=3", "partition.min_site_size=15",
-        "training.rounds=2", "training.batch_size=32", "model.width=8"]
-
-
-@pytest.fixture(scope="module")
-def simulation(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("simulate")
-    command = [str(BIN / "fedmed-simulate"), "--mode", "all", "--out", str(tmp / "out"),
-               "--set", "privacy.max_epsilon=[8.0, 8.0, 4.0]", "--set", "privacy.target_epsilon=[8.0, 8.0, 4.0]"]
-    for value in TINY:
-        command += ["--set", value]
-    watch = ProcessWatch()
-    with open(tmp / "simulate.out", "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=process_env(tmp),
-                                   start_new_session=True)
-    try:
-        deadline = time.monotonic() + 900
-        while process.poll() is None and time.monotonic() < deadline:
-            watch.look({process.pid})
-            time.sleep(0.3)
-        assert process.poll() == 0, (tmp / "simulate.out").read_text()
-        survivors = [pid for pid in watch.seen if alive(pid)]
-    finally:
-        if process.poll() is None:
-            process.kill()
-        watch.stop_survivors()
-    results = sorted((tmp / "out").glob("results-*"))[-1]
-    return results, survivors, len(watch.seen), (tmp / "simulate.out").read_text()
-
-
 def test_a_federated_simulation_writes_a_complete_run_directory(simulation):
     results, _, _, output = simulation
     run_dir = RunDirectory(results / "federated")
@@ -129,6 +100,7 @@ def test_shipped_scenarios_load():
     ("privacy.max_epsilon=[8.0, 4.0]", "lists 2 values for 4 sites"),
     ("training.rounds=two", "must be a whole number"),
     ("data.source=\"tape\"", "data.source must be one of"),
+    ("privacy.max_epsilon=0", "max_epsilon must be positive"),
 ])
 def test_bad_scenario_values_are_named(override, message):
     with pytest.raises(ValueError, match=message):

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--local-epochs", type=int, default=DEFAULTS.local_epochs)
     model.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     model.add_argument("--learning-rate", type=float, default=DEFAULTS.learning_rate)
+    model.add_argument("--momentum", type=float, default=DEFAULTS.momentum, help="the sites' SGD momentum")
+    model.add_argument("--server-learning-rate", type=float, default=DEFAULTS.server_learning_rate,
+                       help="step size towards the sites' average (1.0: plain FedAvg)")
+    model.add_argument("--server-momentum", type=float, default=DEFAULTS.server_momentum,
+                       help="server momentum over rounds (FedAvgM when > 0)")
     model.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm)
     model.add_argument("--class-weights", default=DEFAULTS.class_weights,
                        help="comma-separated loss weights per class, from public figures")
@@ -99,7 +104,9 @@ def _settings(args: argparse.Namespace) -> tuple[RunSettings, RunDirectory]:
         min_sites=args.min_sites, fraction_train=args.fraction, round_timeout=args.round_timeout,
         site_wait_timeout=args.site_wait_timeout, classes=args.classes, image_size=args.image_size,
         model_depth=args.depth, model_width=args.width, local_epochs=args.local_epochs,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, max_grad_norm=args.max_grad_norm,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, momentum=args.momentum,
+        server_learning_rate=args.server_learning_rate, server_momentum=args.server_momentum,
+        max_grad_norm=args.max_grad_norm,
         class_weights=args.class_weights,
         server_eval_data=str(Path(args.server_eval_data).resolve()) if args.server_eval_data else "",
         seed=args.seed,
@@ -163,6 +170,11 @@ class Coordinator:
         if phase == "stopped":
             print(f"run stopped early: {status.get('reason', '')}", file=sys.stderr)
         print(f"final model and model card: {self.run_dir.model_dir}")
+        from fedmed.report.write import write_run_report  # imports torch; only needed now
+
+        report = write_run_report(self.run_dir.path)
+        if report is not None:
+            print(f"privacy report: {report}")
         return 0 if phase == "completed" else 3
 
 

@@ -61,6 +61,7 @@ def _simulate(scenario, modes: tuple[str, ...], out: Path) -> int:
     from fedmed.simulate.baselines import load_test_set, run_centralized, run_local
     from fedmed.simulate.federated import run_federated, run_settings, site_settings
     from fedmed.simulate.sites import prepare_sites
+    from fedmed.report.write import write_run_report
     from fedmed.simulate.summary import comparison_table, federated_rows, sites_table, write_summary
 
     started = time.monotonic()
@@ -92,6 +93,9 @@ def _simulate(scenario, modes: tuple[str, ...], out: Path) -> int:
     print(f"\nresults: {results / 'summary.md'}")
     if "federated" in modes:
         print(f"federated run directory (model, model card, metrics, ledgers): {results / 'federated'}")
+        report = write_run_report(results / "federated")
+        if report is not None:
+            print(f"privacy report: {report}")
     return 0
 
 

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedmed.flower import protocol
-from fedmed.flower.fedavg import SiteUpdate, validate_update, weighted_average
+from fedmed.flower.fedavg import SiteUpdate, server_step, validate_update, weighted_average
 from fedmed.flower.model_card import model_card, model_card_markdown
 from fedmed.flower.packing import pack, record_to_vector, unpack, vector_to_record
 from fedmed.flower.rundir import RunDirectory
@@ -55,6 +55,7 @@ class FederatedRun:
         self.model = build_model(run.model_config())
         self.reference = model_state(self.model)
         self.server_eval = _load_server_eval(run)
+        self.velocity: dict[str, np.ndarray] | None = None  # server momentum (FedAvgM)
 
     def execute(self) -> str:
         """Run the remaining rounds; returns the final phase ("completed" or "stopped")."""
@@ -73,12 +74,13 @@ class FederatedRun:
             self._record_validation(round_number - 1, outcome.site_metrics)
             aggregated = len(outcome.updates) >= self.run.min_sites
             if aggregated:
-                state = weighted_average(outcome.updates)
+                state, self.velocity = server_step(state, weighted_average(outcome.updates), self.velocity,
+                                                   self.run.server_learning_rate, self.run.server_momentum)
             else:
                 log.warning("round %d: %d valid updates, fewer than the minimum of %d sites; "
                             "the global model is kept unchanged", round_number, len(outcome.updates),
                             self.run.min_sites)
-            self.run_dir.save_checkpoint(round_number, state)
+            self.run_dir.save_checkpoint(round_number, state, self.velocity)
             rounds_done = round_number
             self._record_round(round_number, outcome, aggregated, state, time.monotonic() - started)
             if not outcome.updates and outcome.budget_exhausted and not outcome.failed and not outcome.missing:
@@ -105,6 +107,10 @@ class FederatedRun:
         if problems:
             raise RuntimeError(f"checkpoint of round {checkpoint[0]} does not fit the model: {'; '.join(problems)}")
         log.info("resuming at round %d from the checkpoint of round %d", self.run.start_round, checkpoint[0])
+        self.velocity = self.run_dir.server_velocity(checkpoint[0])
+        if self.run.server_momentum and self.velocity is None:
+            log.warning("no server velocity saved with the checkpoint of round %d; server momentum restarts "
+                        "from zero", checkpoint[0])
         for record in self.run_dir.metrics():
             for name, site in record.get("sites", {}).items():
                 self._remember_site(name, site)

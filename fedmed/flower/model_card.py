@@ -28,11 +28,19 @@ def model_card(run: RunSettings, sites: dict[str, dict], rounds_done: int, valid
                   "preprocessing": PREPROCESSING, "preprocessing_version": PREPROCESSING_VERSION},
         "training": {"rounds_planned": run.rounds, "rounds_completed": rounds_done,
                      "local_epochs": run.local_epochs, "batch_size": run.batch_size,
-                     "learning_rate": run.learning_rate, "max_grad_norm": run.max_grad_norm,
-                     "aggregation": "FedAvg weighted by each site's training examples"},
+                     "learning_rate": run.learning_rate, "momentum": run.momentum,
+                     "max_grad_norm": run.max_grad_norm, "aggregation": _aggregation(run)},
         "sites": sites,
         "validation": validation,
     }
+
+
+def _aggregation(run: RunSettings) -> str:
+    text = "FedAvg weighted by each site's training examples"
+    if run.server_learning_rate != 1.0 or run.server_momentum != 0.0:
+        text += (f", server step {run.server_learning_rate:g} with server momentum {run.server_momentum:g}"
+                 " (FedAvgM)")
+    return text
 
 
 def model_card_markdown(card: dict) -> str:

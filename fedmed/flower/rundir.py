@@ -5,6 +5,7 @@
     metrics.jsonl          one JSON object per event: a round's training, a validation
     received.jsonl         what each site's reply contained (names, shapes, scalars)
     checkpoints/round-NNNN.npz   the global model after every round
+    checkpoints/velocity-NNNN.npz the server momentum after that round (FedAvgM only)
     model/model.npz        the final model (named float arrays, no pickled code)
     model/model_card.json  architecture, preprocessing, classes, data and privacy per site
     model/model_card.md    the same for people
@@ -89,10 +90,25 @@ class RunDirectory:
     def received(self) -> list[dict]:
         return _read_lines(self.received_path)
 
-    def save_checkpoint(self, round_number: int, state: dict[str, np.ndarray]) -> Path:
+    def save_checkpoint(self, round_number: int, state: dict[str, np.ndarray],
+                        velocity: dict[str, np.ndarray] | None = None) -> Path:
+        """Save the global model after ``round_number`` (and the server velocity, if any).
+
+        The velocity is written first, so a model checkpoint never lacks the velocity it needs.
+        """
+        if velocity is not None:
+            write_atomic(self._velocity_path(round_number), _npz_bytes(velocity))
         path = self.path / "checkpoints" / f"round-{round_number:04d}.npz"
         write_atomic(path, _npz_bytes(state))
         return path
+
+    def server_velocity(self, round_number: int) -> dict[str, np.ndarray] | None:
+        """The server momentum saved with the checkpoint of ``round_number``, if any."""
+        path = self._velocity_path(round_number)
+        return load_arrays(path) if path.is_file() else None
+
+    def _velocity_path(self, round_number: int) -> Path:
+        return self.path / "checkpoints" / f"velocity-{round_number:04d}.npz"
 
     def last_checkpoint(self) -> tuple[int, dict[str, np.ndarray]] | None:
         """The latest round with a saved global model, and that model."""

@@ -51,6 +51,8 @@ class RunSettings:
     physical_batch_size: int = 64
     learning_rate: float = 0.1
     momentum: float = 0.9
+    server_learning_rate: float = 1.0  # 1.0 with server_momentum 0.0 is plain FedAvg
+    server_momentum: float = 0.0  # FedAvgM when > 0
     max_grad_norm: float = 1.0
     class_weights: str = ""  # comma-separated, from public or coordinator figures
     val_fraction: float = 0.2
@@ -68,6 +70,9 @@ class RunSettings:
             raise ValueError(f"min_sites must be at least 1, got {self.min_sites}")
         if not 0 < self.fraction_train <= 1:
             raise ValueError(f"fraction_train must be in (0, 1], got {self.fraction_train}")
+        if self.server_learning_rate <= 0 or not 0 <= self.server_momentum < 1:
+            raise ValueError(f"server_learning_rate must be > 0 and server_momentum in [0, 1), got "
+                             f"{self.server_learning_rate} and {self.server_momentum}")
         self.model_config()  # validates depth and width
 
     @classmethod

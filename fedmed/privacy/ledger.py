@@ -1,8 +1,10 @@
 """The site's privacy ledger: every round the hospital trained, kept on its own disk.
 
 One JSON object per line, in the order the rounds happened. Each entry carries the
-mechanism parameters of its round and the accountant's state (the site's whole composed
-history) after it, so a restarted site continues composing from the last entry.
+mechanism parameters of its round, the site's budget at the time, and the accountant's
+state (the site's whole composed history) after it, so a restarted site continues
+composing from the last entry. A round the site refused (its budget would be exceeded) is
+recorded too, as a line with ``"kind": "refusal"``; it spends nothing.
 
 Writes are atomic: the new ledger is written to a temporary file, flushed to disk and
 renamed over the old one, so a crash leaves either the old ledger or the new one. A torn
@@ -50,6 +52,8 @@ class LedgerEntry:
     accountant: str = ACCOUNTANT
     accountant_state: History = field(default_factory=list)
     version: int = LEDGER_VERSION
+    max_epsilon: float | None = None  # the site's hard budget when the round ran (None: none set)
+    target_epsilon: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
@@ -61,35 +65,92 @@ class LedgerEntry:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class LedgerRefusal:
+    """A round the site refused to train; nothing was spent."""
+
+    site: str
+    run_id: str
+    round: int
+    timestamp: str
+    reason: str
+    epsilon_before: float | None  # None once any round was non-private
+    epsilon_after: float | None  # what the round would have reached; None when unknown
+    delta: float
+    max_epsilon: float | None
+    kind: str = "refusal"
+    version: int = LEDGER_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LedgerRefusal:
+        return cls(**data)
+
+
+LedgerRecord = LedgerEntry | LedgerRefusal
+
+
+def parse_ledger(text: str) -> tuple[list[LedgerRecord], list[tuple[int, str]]]:
+    """The records of a ledger file's text, and (line number, problem) for each bad line."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    records: list[LedgerRecord] = []
+    problems = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            data = json.loads(line)
+            kind = data.pop("kind", "round") if isinstance(data, dict) else None
+            if kind == "round":
+                records.append(LedgerEntry.from_dict(data))
+            elif kind == "refusal":
+                records.append(LedgerRefusal.from_dict(data))
+            else:
+                raise ValueError(f"unknown record kind {kind!r}")
+        except (ValueError, TypeError) as exc:
+            problems.append((number, f"{type(exc).__name__}: {exc}"))
+    return records, problems
+
+
+def line_count(text: str) -> int:
+    return len(text.rstrip("\n").split("\n")) if text.strip() else 0
+
+
 class PrivacyLedger:
     """Append-only record of a site's privacy spending."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.warnings: list[str] = []
-        self.entries: list[LedgerEntry] = self._load()
+        self.records: list[LedgerRecord] = self._load()
 
-    def _load(self) -> list[LedgerEntry]:
+    def _load(self) -> list[LedgerRecord]:
         if not self.path.exists():
             return []
-        lines = self.path.read_text(encoding="utf-8").split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        entries = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                entries.append(LedgerEntry.from_dict(json.loads(line)))
-            except (ValueError, TypeError) as exc:
-                if number == len(lines):
-                    self.warnings.append(
-                        f"{self.path}: line {number} is incomplete and was ignored (a write cut short): {exc}"
-                    )
-                    continue
+        text = self.path.read_text(encoding="utf-8")
+        records, problems = parse_ledger(text)
+        lines = line_count(text)
+        for number, problem in problems:
+            if number != lines:
                 raise LedgerError(
-                    f"{self.path}: line {number} of {len(lines)} is damaged ({exc}); the site cannot "
+                    f"{self.path}: line {number} of {lines} is damaged ({problem}); the site cannot "
                     "prove what it has spent. Restore the ledger from a backup before training again."
-                ) from exc
-        return entries
+                )
+            self.warnings.append(
+                f"{self.path}: line {number} is incomplete and was ignored (a write cut short): {problem}"
+            )
+        return records
+
+    @property
+    def entries(self) -> list[LedgerEntry]:
+        """The rounds the site trained, oldest first."""
+        return [r for r in self.records if isinstance(r, LedgerEntry)]
+
+    @property
+    def refusals(self) -> list[LedgerRefusal]:
+        return [r for r in self.records if isinstance(r, LedgerRefusal)]
 
     @property
     def history(self) -> History:
@@ -107,11 +168,11 @@ class PrivacyLedger:
     def run_entries(self, run_id: str) -> list[LedgerEntry]:
         return [e for e in self.entries if e.run_id == run_id]
 
-    def append(self, entry: LedgerEntry) -> None:
-        """Add ``entry`` atomically; earlier entries are rewritten byte for byte."""
-        text = "".join(e.to_json() + "\n" for e in [*self.entries, entry])
+    def append(self, record: LedgerRecord) -> None:
+        """Add ``record`` atomically; earlier records are rewritten byte for byte."""
+        text = "".join(r.to_json() + "\n" for r in [*self.records, record])
         write_atomic(self.path, text.encode("utf-8"))
-        self.entries.append(entry)
+        self.records.append(record)
 
     @contextmanager
     def locked(self) -> Iterator[PrivacyLedger]:
@@ -121,7 +182,7 @@ class PrivacyLedger:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 self.warnings = []
-                self.entries = self._load()
+                self.records = self._load()
                 yield self
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)

@@ -33,7 +33,9 @@ def run_settings(scenario: Scenario, data: SimulationData, run_dir: Path, cache_
         min_sites=len(sites), round_timeout=24 * 3600.0, site_wait_timeout=600.0, classes=scenario.classes,
         image_size=scenario.image_size, model_depth=scenario.depth, model_width=scenario.width,
         local_epochs=scenario.local_epochs, batch_size=scenario.batch_size,
-        learning_rate=scenario.learning_rate, momentum=scenario.momentum, max_grad_norm=scenario.max_grad_norm,
+        learning_rate=scenario.learning_rate, momentum=scenario.momentum,
+        server_learning_rate=scenario.server_learning_rate, server_momentum=scenario.server_momentum,
+        max_grad_norm=scenario.max_grad_norm,
         class_weights=scenario.class_weights, server_eval_data=str(data.test_dir), seed=scenario.seed,
         simulation_sites=json.dumps(sites),
     )

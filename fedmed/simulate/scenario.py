@@ -20,7 +20,7 @@ SECTIONS = {
     "partition": ("sites", "alpha", "quantity_alpha", "seed", "min_site_size"),
     "model": ("depth", "width"),
     "training": ("rounds", "local_epochs", "batch_size", "learning_rate", "momentum", "max_grad_norm",
-                 "class_weights"),
+                 "class_weights", "server_learning_rate", "server_momentum"),
     "privacy": ("dp", "max_epsilon", "target_epsilon", "delta"),
     "resources": ("cpus_per_site", "ray_address"),
 }
@@ -56,6 +56,8 @@ class Scenario:
     momentum: float = 0.9
     max_grad_norm: float = 1.0
     class_weights: str = ""
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.0
     # privacy, per site: one value for all sites or a list with one value per site
     dp: bool = True
     max_epsilon: float | tuple[float, ...] = 8.0
@@ -81,6 +83,9 @@ class Scenario:
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) != self.site_count:
                 raise ValueError(f"privacy.{name} lists {len(value)} values for {self.site_count} sites")
+        if any(self.per_site("max_epsilon", i) <= 0 for i in range(self.site_count)):
+            raise ValueError(f"privacy.max_epsilon must be positive, got {self.max_epsilon}; it is each site's "
+                             "budget, and the private centralized baseline's, also when privacy.dp = false")
 
     @property
     def site_count(self) -> int:

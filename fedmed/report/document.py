@@ -1,0 +1,171 @@
+"""The report as a document for people: headings, text, tables, warnings and figures.
+
+Markdown and HTML are both rendered from this one document, so they always say the same.
+Numbers are written with six significant digits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass
+class Text:
+    text: str
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Alerts:
+    items: list[dict]  # findings: level, code, site, message
+
+
+@dataclass
+class Figure:
+    name: str  # file name of the PNG, e.g. "epsilon.png"
+    caption: str
+
+
+@dataclass
+class Document:
+    title: str
+    blocks: list = field(default_factory=list)
+
+
+NONE = "-"
+NON_PRIVATE = "inf (non-private)"
+
+
+def number(value) -> str:
+    if value is None:
+        return NONE
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.6g}"
+
+
+def epsilon_text(value, dp: bool = True) -> str:
+    return NON_PRIVATE if not dp else number(value)
+
+
+def report_document(report: dict, figures: list[Figure]) -> Document:
+    doc = Document("fedmed privacy report")
+    sources = report["sources"]
+    what = []
+    if sources["run_dir"]:
+        what.append(f"run directory {sources['run_dir']}")
+    if sources["ledgers"]:
+        what.append(f"{len(sources['ledgers'])} site ledger(s)")
+    doc.blocks.append(Text(f"Generated {report['generated']} from {' and '.join(what)}. "
+                           f"Schema {report['schema']}. Ledger accountant: {report['accountants']['ledger']}. "
+                           f"Second opinion: {report['accountants']['second_opinion']}."))
+    counts = report["counts"]
+    doc.blocks.append(Heading(f"Warnings ({counts['critical']} critical, {counts['warning']} other)"))
+    doc.blocks.append(Alerts(report["warnings"]) if report["warnings"] else Text("No warnings."))
+    if report["sites"]:
+        doc.blocks += [Heading("Privacy budget per site"), _budget_table(report["sites"])]
+    by_name = {f.name: f for f in figures}
+    if "epsilon.png" in by_name:
+        doc.blocks.append(by_name["epsilon.png"])
+    if report["run"]:
+        doc.blocks += _run_blocks(report["run"], by_name)
+    for account in report["sites"]:
+        doc.blocks += _site_blocks(account)
+    return doc
+
+
+def _budget_table(accounts: list[dict]) -> Table:
+    header = ["site", "budget (epsilon)", "spent (RDP, ledger)", "spent (PLD, second opinion)", "left", "used",
+              "delta", "rounds", "non-private rounds", "refused rounds"]
+    rows = []
+    for a in accounts:
+        used = NONE if a["budget_used"] is None else f"{a['budget_used']:.1%}"
+        dp = not a["non_private_rounds"]
+        rows.append([a["site"], number(a["budget"]), epsilon_text(a["epsilon_spent"], dp),
+                     epsilon_text(a["epsilon_second_opinion"], dp), number(a["budget_left"]), used,
+                     number(a["delta"]), number(len(a["rounds"])), number(a["non_private_rounds"]),
+                     number(len(a["refused"]))])
+    return Table(header, rows)
+
+
+def _run_blocks(run: dict, figures: dict[str, Figure]) -> list:
+    settings = ", ".join(f"{k} {v}" for k, v in run["settings"].items())
+    blocks = [Heading(f"Run {run['run_id']}"),
+              Text(f"Run directory {run['run_dir']}: {run['phase']}, {run['rounds_recorded']} of "
+                   f"{run['rounds_planned']} rounds recorded. Settings: {settings}.")]
+    blocks += [figures[name] for name in ("validation.png", "sites.png") if name in figures]
+    blocks.append(Heading("Rounds", 3))
+    header = ["round", "aggregated", "trained", "budget exhausted", "rejected", "failed", "missing",
+              "train loss", "val AUROC", "val accuracy", "val balanced accuracy", "held-out AUROC"]
+    rows = []
+    for r in run["rounds"]:
+        val = r["validation"] or {}
+        held_out = r["server_validation"] or {}
+        rows.append([str(r["round"]), number(r["aggregated"]), _names(r["trained"]), _names(r["budget_exhausted"]),
+                     _names(r["rejected"]), _names(r["failed"]), _names(r["missing"]), number(r["train_loss"]),
+                     number(val.get("auroc")), number(val.get("accuracy")), number(val.get("balanced_accuracy")),
+                     number(held_out.get("auroc"))])
+    blocks.append(Table(header, rows))
+    blocks.append(Heading("Epsilon per round, as the sites reported it", 3))
+    rows = []
+    for r in run["rounds"]:
+        row = [str(r["round"])]
+        for name in run["sites"]:
+            site = r["sites"].get(name)
+            row.append(NONE if site is None or site["status"] != "trained"
+                       else epsilon_text(site["epsilon"], site["dp"]))
+        rows.append(row)
+    blocks.append(Table(["round", *run["sites"]], rows))
+    return blocks
+
+
+def _site_blocks(a: dict) -> list:
+    blocks = [Heading(f"Site {a['site']}"),
+              Text(f"Ledger {a['ledger']} ({a['ledger_lines']} lines). Accountant {a['accountant']}; "
+                   f"second opinion {a['second_opinion_accountant']}.")]
+    blocks.append(Heading(f"{a['site']}: runs", 3))
+    rows = [[r["run_id"], _rounds_text(r["rounds"]), number(r["dp"]),
+             ", ".join(number(s) for s in r["noise_multipliers"]), number(r["sample_rate"]), number(r["steps"]),
+             number(r["examples"]), epsilon_text(r["epsilon_after"], r["dp"]),
+             epsilon_text(r["epsilon_second_opinion_after"], r["dp"]), number(r["delta"]), r["started"], r["ended"]]
+            for r in a["runs"]]
+    blocks.append(Table(["run", "rounds", "DP", "noise multiplier", "sample rate", "steps", "examples",
+                         "epsilon after (RDP)", "epsilon after (PLD)", "delta", "first round at", "last round at"],
+                        rows))
+    blocks.append(Heading(f"{a['site']}: rounds", 3))
+    rows = [[r["run_id"], str(r["round"]), r["timestamp"], number(r["dp"]), number(r["examples"]),
+             number(r["steps"]), number(r["sample_rate"]), number(r["noise_multiplier"]),
+             number(r["max_grad_norm"]), number(r["delta"]), epsilon_text(r["epsilon"], r["dp"]),
+             epsilon_text(r["epsilon_second_opinion"], r["dp"])] for r in a["rounds"]]
+    blocks.append(Table(["run", "round", "time", "DP", "examples", "steps", "sample rate", "noise multiplier",
+                         "clip norm", "delta", "epsilon (RDP)", "epsilon (PLD)"], rows))
+    if a["refused"]:
+        blocks.append(Heading(f"{a['site']}: refused rounds", 3))
+        rows = [[r["run_id"], str(r["round"]), r["timestamp"], number(r["epsilon_before"]),
+                 number(r["epsilon_would_be"]), number(r["max_epsilon"]), r["reason"]] for r in a["refused"]]
+        blocks.append(Table(["run", "round", "time", "epsilon before", "epsilon it would reach", "budget", "reason"],
+                            rows))
+    return blocks
+
+
+def _names(values) -> str:
+    return ", ".join(values) if values else NONE
+
+
+def _rounds_text(rounds: list[int]) -> str:
+    if rounds == list(range(rounds[0], rounds[-1] + 1)) and len(rounds) > 1:
+        return f"{rounds[0]}-{rounds[-1]}"
+    return ", ".join(str(r) for r in rounds)

@@ -1,0 +1,48 @@
+"""Warnings a privacy report raises, with a stable code for automation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+CRITICAL = "critical"
+WARNING = "warning"
+
+# code -> what it means (documented in the report schema)
+CODES = {
+    "non-private-rounds": "rounds were trained without differential privacy: no guarantee holds",
+    "budget-exceeded": "the site's spent epsilon is above its budget",
+    "budget-nearly-spent": "more than 80% of the site's budget is spent",
+    "delta-too-large": "a round ran with delta >= 1/n, which permits leaking a whole record",
+    "ledger-missing": "the ledger file does not exist or cannot be read",
+    "ledger-damaged": "a ledger line other than the last cannot be read",
+    "ledger-torn-line": "the ledger's last line is incomplete (a write cut short) and was ignored",
+    "ledger-arithmetic": "a ledger entry's epsilon or accountant state does not follow from its parameters",
+    "ledger-duplicate-round": "the ledger holds the same run and round twice",
+    "ledger-missing-round": "the run directory says the site trained a round its ledger lacks",
+    "ledger-extra-round": "the ledger holds a round of this run that the run directory does not record",
+    "epsilon-mismatch": "the epsilon a site reported to the coordinator differs from its ledger",
+    "second-opinion-unavailable": "the independent accountant could not evaluate a history",
+    "rounds-refused": "the site refused rounds because its budget would have been exceeded",
+    "sites-dropped": "sites that were asked to train did not return a usable update",
+}
+
+NEARLY_SPENT = 0.8
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "critical" or "warning"
+    code: str
+    message: str
+    site: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def critical(code: str, message: str, site: str | None = None) -> Finding:
+    return Finding(CRITICAL, code, message, site)
+
+
+def warning(code: str, message: str, site: str | None = None) -> Finding:
+    return Finding(WARNING, code, message, site)

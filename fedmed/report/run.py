@@ -1,0 +1,133 @@
+"""The coordinator's view of one run, read from its run directory, and its cross-check
+against the sites' own ledgers where those are at hand (a simulation keeps them in
+``RUN_DIR/sites/NAME/ledger.jsonl``; a hospital's officer can pass theirs)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from fedmed.flower.rundir import RunDirectory
+from fedmed.report.findings import Finding, critical, warning
+
+SETTINGS = ("rounds", "min-sites", "local-epochs", "batch-size", "learning-rate", "momentum",
+            "server-learning-rate", "server-momentum", "max-grad-norm", "model-depth", "model-width",
+            "image-size", "classes", "seed")
+VALIDATION = ("auroc", "accuracy", "balanced-accuracy", "loss", "examples")
+EPSILON_TOLERANCE = 1e-6
+
+
+def run_view(path: Path) -> tuple[dict, list[Finding]]:
+    """The run directory's record, one row per round; raises FileNotFoundError if not a run."""
+    run_dir = RunDirectory(path)
+    config = run_dir.read_config()
+    status = run_dir.status()
+    rounds = _last_per_round([r for r in run_dir.metrics() if r.get("event") == "round"])
+    validations = _last_per_round([r for r in run_dir.metrics() if r.get("event") == "validation"])
+    rows = [_round_row(record, validations.get(number)) for number, record in sorted(rounds.items())]
+    sites = sorted({name for row in rows for name in row["sites"]})
+    initial = validations.get(0)
+    view = {
+        "run_dir": str(run_dir.path), "run_id": config.get("run-id", ""), "phase": status.get("phase", "unknown"),
+        "rounds_planned": int(config.get("rounds", 0)), "rounds_recorded": len(rows),
+        "settings": {key: config[key] for key in SETTINGS if key in config},
+        "sites": sites, "rounds": rows,
+        "initial_validation": _validation(initial["weighted"]) if initial else None,
+    }
+    findings = []
+    dropped = {(row["round"], name) for row in rows for name in [*row["failed"], *row["missing"],
+                                                                     *row["rejected"]]}
+    if dropped:
+        findings.append(warning("sites-dropped", f"{len(dropped)} site update(s) were lost: "
+                                + "; ".join(f"round {r}: {n}" for r, n in sorted(dropped))))
+    return view, findings
+
+
+def _last_per_round(records: list[dict]) -> dict[int, dict]:
+    """The last record of each round (a resumed run may have repeated one)."""
+    return {int(r["round"]): r for r in records if "round" in r}
+
+
+def _round_row(record: dict, validation: dict | None) -> dict:
+    sites = {}
+    for name, metrics in record.get("sites", {}).items():
+        sites[name] = {
+            "status": metrics.get("status_name", ""), "dp": bool(metrics.get("dp", 0)),
+            "epsilon": _finite(metrics.get("epsilon")), "delta": metrics.get("delta"),
+            "noise_multiplier": metrics.get("noise-multiplier"), "steps": metrics.get("steps"),
+            "examples": metrics.get("examples"),
+        }
+    return {
+        "round": int(record["round"]), "aggregated": bool(record.get("aggregated")),
+        "trained": list(record.get("trained", [])), "budget_exhausted": list(record.get("budget_exhausted", [])),
+        "rejected": dict(record.get("rejected", {})), "failed": dict(record.get("failed", {})),
+        "missing": list(record.get("missing", [])), "examples": record.get("examples"),
+        "train_loss": _finite(record.get("train_loss")), "seconds": record.get("seconds"),
+        "validation": _validation(validation["weighted"]) if validation else None,
+        "server_validation": _server_validation(record.get("server_validation")),
+        "sites": sites,
+    }
+
+
+def _validation(weighted: dict) -> dict:
+    return {key.replace("-", "_"): _finite(weighted.get(f"val-{key}")) for key in VALIDATION}
+
+
+def _server_validation(scores: dict | None) -> dict | None:
+    if not scores:
+        return None
+    return {key.replace("-", "_"): _finite(scores.get(key.replace("-", "_"))) for key in VALIDATION}
+
+
+def _finite(value) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def ledger_paths(path: Path) -> list[Path]:
+    """The sites' ledgers kept in a run directory (simulations), if any."""
+    return sorted((Path(path) / "sites").glob("*/ledger.jsonl"))
+
+
+def cross_check(view: dict, accounts: list[dict]) -> list[Finding]:
+    """Compare what the sites reported to the coordinator with what their ledgers hold."""
+    findings = []
+    by_site = {account["site"]: account for account in accounts}
+    run_id = view["run_id"]
+    for name in view["sites"]:
+        account = by_site.get(name)
+        if account is None:
+            continue
+        ledger_rounds = {row["round"]: row for row in account["rounds"] if row["run_id"] == run_id}
+        trained = [row for row in view["rounds"] if name in row["trained"]]
+        for row in trained:
+            entry = ledger_rounds.get(row["round"])
+            if entry is None:
+                findings.append(critical("ledger-missing-round", f"the run directory says {name} trained round "
+                                         f"{row['round']} of run {run_id}, but its ledger has no entry for it",
+                                         name))
+                continue
+            reported = row["sites"].get(name, {}).get("epsilon")
+            if not _same_epsilon(reported, entry["epsilon"]):
+                findings.append(warning("epsilon-mismatch", f"round {row['round']}: {name} reported epsilon "
+                                        f"{_text(reported)} to the coordinator, its ledger says "
+                                        f"{_text(entry['epsilon'])}", name))
+        recorded = {row["round"] for row in view["rounds"]}
+        extra = sorted(r for r in ledger_rounds if r not in {row["round"] for row in trained} and r in recorded)
+        if extra:
+            findings.append(warning("ledger-extra-round", f"{name}'s ledger holds round(s) {extra} of run {run_id} "
+                                    "that the coordinator did not aggregate from it (a reply lost or rejected "
+                                    "after the site spent budget)", name))
+    return findings
+
+
+def _same_epsilon(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return math.isclose(a, b, rel_tol=EPSILON_TOLERANCE, abs_tol=1e-9)
+
+
+def _text(value: float | None) -> str:
+    return "none (non-private)" if value is None else f"{value:.6g}"
