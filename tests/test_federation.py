@@ -17,6 +17,7 @@ from fedmed.flower.rundir import RunDirectory, load_arrays
 from fedmed.flower.settings import RunSettings
 from fedmed.model import build_model
 from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.report import build_report
 from fedmed.weights import model_state
 from tests.federation_helpers import BIN, Federation, process_env
 
@@ -94,6 +95,18 @@ def test_each_ledger_holds_the_rounds_with_growing_epsilon(finished_run):
         assert 0 < entries[0].epsilon < entries[1].epsilon <= 8.0
         for entry in entries:
             assert reported[(site, entry.round)] == pytest.approx(entry.epsilon, rel=1e-9)
+
+
+def test_the_coordinator_writes_the_run_report_and_a_site_ledger_checks_against_it(finished_run, tmp_path):
+    federation, run_dir = finished_run
+    report = json.loads((run_dir.path / "report" / "privacy-report.json").read_text())
+    assert report["run"]["sites"] == list(SITES) and report["sites"] == [], "the sites' ledgers stay at the sites"
+    assert [r["round"] for r in report["run"]["rounds"]] == [1, 2]
+    assert "privacy report:" in federation.output("server")
+    ledger = federation.ledger(SITES[0])
+    checked = build_report(run_dir.path, [ledger])
+    assert checked["sites"][0]["epsilon_spent"] == PrivacyLedger(ledger).entries[-1].epsilon
+    assert not [w for w in checked["warnings"] if w["code"] in ("ledger-missing-round", "epsilon-mismatch")]
 
 
 def test_only_model_arrays_and_whitelisted_scalars_leave_a_site(finished_run):

@@ -1,7 +1,7 @@
 """``fedmed-report``: how much privacy budget each site has spent, in which runs and rounds.
 
-    fedmed-report --ledger /var/lib/fedmed/site-a/privacy-ledger.jsonl   # a hospital's own record
-    fedmed-report RUN_DIR                                                # the coordinator's view of a run
+    fedmed-report --ledger ~/.fedmed/sites/st-mary/ledger.jsonl   # a hospital's own record
+    fedmed-report RUN_DIR                                        # the coordinator's view of a run
 
 Writes privacy-report.json (for automation), privacy-report.md (for a ticket or an email)
 and privacy-report.html (self-contained, with plots; the plots also as PNG files).
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("give a run directory, a site ledger (--ledger LEDGER), or both")
         for ledger in args.ledger:
             if not ledger.is_file():
-                raise FileNotFoundError(f"no ledger at {ledger}; a site's ledger is the file given to "
-                                        "fedmed-client as --ledger (default STATE_DIR/privacy-ledger.jsonl)")
+                raise FileNotFoundError(f"no ledger at {ledger}; a site's ledger is STATE_DIR/ledger.jsonl "
+                                        "of its fedmed-client (default ~/.fedmed/sites/SITE/ledger.jsonl)")
         if args.budget is not None and args.budget <= 0:
             raise ValueError(f"--budget must be a positive epsilon, got {args.budget:g}")
         report = build_report(args.run_dir, args.ledger, args.budget)

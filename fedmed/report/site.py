@@ -181,7 +181,7 @@ def _budget_findings(account: dict) -> list[Finding]:
     if spent > budget * (1 + RELATIVE_TOLERANCE):
         return [critical("budget-exceeded", f"epsilon {spent:.4g} spent, above the budget {budget:g}", site)]
     if spent > NEARLY_SPENT * budget:
-        return [warning("budget-nearly-spent", f"{spent / budget:.0%} of the budget spent (epsilon {spent:.4g} of "
+        return [warning("budget-nearly-spent", f"{spent / budget:.1%} of the budget spent (epsilon {spent:.4g} of "
                         f"{budget:g}); {budget - spent:.4g} left", site)]
     return []
 
