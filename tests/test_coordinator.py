@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedmed.flower import protocol
 from fedmed.flower.coordinator import FederatedRun
-from fedmed.flower.fedavg import SiteUpdate, weighted_average
+from fedmed.flower.fedavg import SiteUpdate, server_step, weighted_average
 from fedmed.flower.packing import pack, unpack, vector_to_record
 from fedmed.flower.settings import RunSettings
 from flwr.supercore.task_identity import TaskIdentity
@@ -90,3 +92,28 @@ def test_fedavg_weights_by_examples():
     averaged = weighted_average([SiteUpdate("a", 30, a), SiteUpdate("b", 10, b)])
     np.testing.assert_allclose(averaged["w"], [1.0, 2.0])
     assert averaged["w"].dtype == np.float32
+
+
+def test_the_server_step_is_fedavg_by_default_and_fedavgm_with_momentum():
+    current = {"w": np.array([0.0, 0.0], dtype=np.float32), "n": np.array([3], dtype=np.int64)}
+    average = {"w": np.array([1.0, -2.0], dtype=np.float32), "n": np.array([4], dtype=np.int64)}
+    plain, velocity = server_step(current, average, None)
+    assert plain is average and velocity is None
+    first, velocity = server_step(current, average, None, learning_rate=2.0, momentum=0.5)
+    np.testing.assert_allclose(first["w"], [2.0, -4.0])  # 2 x the move
+    assert first["n"] is average["n"] and first["w"].dtype == np.float32
+    second, velocity = server_step(first, {"w": first["w"] + 1.0, "n": average["n"]}, velocity,
+                                   learning_rate=2.0, momentum=0.5)
+    np.testing.assert_allclose(velocity["w"], [1.5, 0.0])  # 0.5 x (1, -2) + the new move (1, 1)
+    np.testing.assert_allclose(second["w"], [5.0, -4.0])
+
+
+def test_the_server_velocity_is_checkpointed_for_resume(tmp_path):
+    settings = RunSettings(run_dir=str(tmp_path), model_width=8, image_size=16, rounds=3, server_momentum=0.9)
+    first = FederatedRun(grid=None, run=settings)
+    velocity = {name: np.full_like(array, 0.25) for name, array in first.reference.items()}
+    first.run_dir.save_checkpoint(1, first.reference, velocity)
+    resumed = FederatedRun(grid=None, run=dataclasses.replace(settings, start_round=2))
+    state, start = resumed._starting_point()
+    assert start == 2 and set(state) == set(first.reference)
+    assert all(np.array_equal(resumed.velocity[k], velocity[k]) for k in velocity)
