@@ -69,6 +69,7 @@ def _out_dir(args: argparse.Namespace, report: dict) -> Path:
 
 def _print_summary(report: dict) -> None:
     from fedmed.report.document import epsilon_text, number
+    from fedmed.report.findings import finding_line
 
     for account in report["sites"]:
         dp = not account["non_private_rounds"]
@@ -81,6 +82,4 @@ def _print_summary(report: dict) -> None:
         print(f"run {run['run_id']}: {run['phase']}, {run['rounds_recorded']}/{run['rounds_planned']} rounds, "
               f"sites {', '.join(run['sites']) or 'none'}")
     for item in report["warnings"]:
-        label = "CRITICAL" if item["level"] == "critical" else "warning"
-        site = f"{item['site']}: " if item["site"] else ""
-        print(f"{label} [{item['code']}] {site}{item['message']}")
+        print(finding_line(item))

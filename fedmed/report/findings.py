@@ -46,3 +46,10 @@ def critical(code: str, message: str, site: str | None = None) -> Finding:
 
 def warning(code: str, message: str, site: str | None = None) -> Finding:
     return Finding(WARNING, code, message, site)
+
+
+def finding_line(item: dict) -> str:
+    """A finding (as in a report's ``warnings``) on one line of console text."""
+    label = "CRITICAL" if item["level"] == CRITICAL else "warning"
+    site = f"{item['site']}: " if item["site"] else ""
+    return f"{label} [{item['code']}] {site}{item['message']}"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fedmed.files import write_atomic
 from fedmed.report.document import report_document
+from fedmed.report.findings import CRITICAL, finding_line
 from fedmed.report.plots import report_figures
 from fedmed.report.render import to_html, to_markdown
 
@@ -54,9 +55,8 @@ def write_run_report(run_dir: Path) -> Path | None:
               file=sys.stderr)
         return None
     for item in report["warnings"]:
-        if item["level"] == "critical":
-            site = f"{item['site']}: " if item["site"] else ""
-            print(f"CRITICAL [{item['code']}] {site}{item['message']}", file=sys.stderr)
+        if item["level"] == CRITICAL:
+            print(finding_line(item), file=sys.stderr)
     return next(p for p in written if p.suffix == ".html")
 
 
