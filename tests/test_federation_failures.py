@@ -84,6 +84,10 @@ def test_a_site_killed_mid_round_is_named_and_the_run_goes_on(failed_and_recover
     assert DROPPED in rounds[2]["missing"] or DROPPED in rounds[2]["failed"]
     assert DROPPED in federation.output("server"), "the console names the site that dropped out"
     assert DROPPED not in rounds[3]["trained"]
+    report = json.loads((run_dir.path / "report" / "privacy-report.json").read_text())
+    dropped = [w["message"] for w in report["warnings"] if w["code"] == "sites-dropped"]
+    assert len(dropped) == 1 and f"round 2: {DROPPED}" in dropped[0], "the run's report names the dropout"
+    assert [r["round"] for r in report["run"]["rounds"]] == [1, 2, 3], "a repeated round is reported once"
 
 
 def _flower_runs(run_dir: RunDirectory) -> list[dict]:
