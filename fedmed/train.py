@@ -85,11 +85,10 @@ def train_round(
     examples = len(labels)
     with ledger.locked():
         plan = plan_round_privacy(privacy, ledger, run_id, examples, train.batch_size, train.epochs)
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if not plan.allowed:
             log.warning("site %s refuses round %s of run %s: %s", site, round_number, run_id, plan.reason)
             ledger.append(LedgerRefusal(
-                site=site, run_id=run_id, round=round_number, timestamp=now, reason=plan.reason,
+                site=site, run_id=run_id, round=round_number, timestamp=_now(), reason=plan.reason,
                 epsilon_before=_finite_or_none(plan.epsilon_before),
                 epsilon_after=_finite_or_none(plan.epsilon_after), delta=plan.delta, max_epsilon=privacy.budget,
             ))
@@ -107,7 +106,7 @@ def train_round(
                 site=site,
                 run_id=run_id,
                 round=round_number,
-                timestamp=now,
+                timestamp=_now(),  # when the round's training ended
                 dp=plan.dp,
                 examples=examples,
                 steps=plan.steps,
@@ -125,6 +124,10 @@ def train_round(
         )
     return RoundResult(TRAINED, plan.dp, examples, plan.steps, loss, plan.epsilon_after, plan.delta,
                        plan.noise_multiplier, plan.reason)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _finite_or_none(value: float) -> float | None:
