@@ -94,9 +94,7 @@ LedgerRecord = LedgerEntry | LedgerRefusal
 
 def parse_ledger(text: str) -> tuple[list[LedgerRecord], list[tuple[int, str]]]:
     """The records of a ledger file's text, and (line number, problem) for each bad line."""
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
+    lines = _lines(text)
     records: list[LedgerRecord] = []
     problems = []
     for number, line in enumerate(lines, start=1):
@@ -115,7 +113,14 @@ def parse_ledger(text: str) -> tuple[list[LedgerRecord], list[tuple[int, str]]]:
 
 
 def line_count(text: str) -> int:
-    return len(text.rstrip("\n").split("\n")) if text.strip() else 0
+    return len(_lines(text))
+
+
+def _lines(text: str) -> list[str]:
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 class PrivacyLedger:

@@ -47,13 +47,16 @@ def site_account(ledger_path: Path, budget: float | None = None) -> tuple[dict, 
     )
     if entries:
         last = entries[-1]
-        recorded_budget = last.max_epsilon
-        account["budget"] = budget if budget is not None else recorded_budget
-        account["target_epsilon"] = last.target_epsilon
-        account["delta"] = last.delta
-        account["non_private_rounds"] = sum(not e.dp for e in entries)
-        account["epsilon_spent"] = rounds[-1]["epsilon"]
-        account["epsilon_second_opinion"] = rounds[-1]["epsilon_second_opinion"]
+        non_private = sum(not e.dp for e in entries)
+        account.update(
+            budget=budget if budget is not None else last.max_epsilon,
+            target_epsilon=last.target_epsilon,
+            delta=last.delta,
+            non_private_rounds=non_private,
+            # unbounded (null) once any round was non-private
+            epsilon_spent=None if non_private else rounds[-1]["epsilon"],
+            epsilon_second_opinion=None if non_private else rounds[-1]["epsilon_second_opinion"],
+        )
     elif budget is not None:
         account["budget"] = budget
     findings += _budget_findings(account)
