@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _simulate(scenario, modes: tuple[str, ...], out: Path) -> int:
+    from fedmed.report.write import write_run_report
     from fedmed.simulate.baselines import load_test_set, run_centralized, run_local
     from fedmed.simulate.federated import run_federated, run_settings, site_settings
     from fedmed.simulate.sites import prepare_sites
-    from fedmed.report.write import write_run_report
     from fedmed.simulate.summary import comparison_table, federated_rows, sites_table, write_summary
 
     started = time.monotonic()
