@@ -211,6 +211,9 @@ def test_missing_ledger_entries_and_torn_lines_are_reported(simulation, tmp_path
     assert ("ledger-missing-round", "site-2") in found and ("ledger-torn-line", "site-3") in found
     assert ("ledger-missing-round", "site-3") in found, "the torn round is missing too"
     assert "CRITICAL [ledger-missing-round] site-2" in done.stdout
+    strict = subprocess.run([str(BIN / "fedmed-report"), str(copy), "--format", "json", "--fail-on-critical"],
+                            capture_output=True, text=True)
+    assert strict.returncode == 3, "automated checks can fail on a critical finding"
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium package (/usr/bin/chromium); "

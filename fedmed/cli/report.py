@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default: RUN_DIR/report, or ./privacy-report-SITE for one ledger)")
     p.add_argument("--format", default=",".join(FORMATS),
                    help=f"comma-separated formats out of {', '.join(FORMATS)} (default: all)")
+    p.add_argument("--fail-on-critical", action="store_true",
+                   help="exit with status 3 when the report has a critical finding (for automated checks)")
     return p
 
 
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     _print_summary(report)
     for path in paths:
         print(f"wrote {path}")
-    return 0
+    return 3 if args.fail_on_critical and report["counts"]["critical"] else 0
 
 
 def _out_dir(args: argparse.Namespace, report: dict) -> Path:
