@@ -33,8 +33,9 @@ def _epsilon_plot(report: dict) -> bytes | None:
     run = report["run"]
     fig, ax = plt.subplots(figsize=(8, 4.2))
     drawn = False
-    for index, account in enumerate(report["sites"] or [{"site": s, "rounds": [], "budget": None}
-                                                       for s in (run["sites"] if run else [])]):
+    # Without ledgers (a deployment's coordinator), plot what the sites reported.
+    accounts = report["sites"] or [{"site": s, "rounds": [], "budget": None} for s in (run["sites"] if run else [])]
+    for index, account in enumerate(accounts):
         colour = f"C{index % 10}"
         rows = [r for r in account["rounds"] if r["dp"] and r["epsilon"] is not None
                 and (run is None or r["run_id"] == run["run_id"])]

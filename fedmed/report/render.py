@@ -28,9 +28,7 @@ def to_markdown(doc: Document) -> str:
         elif isinstance(block, Text):
             lines += [block.text, ""]
         elif isinstance(block, Table):
-            lines += [_md_row(block.header), "|" + "---|" * len(block.header)]
-            lines += [_md_row(row) for row in block.rows]
-            lines.append("")
+            lines += [markdown_table(block.header, block.rows), ""]
         elif isinstance(block, Alerts):
             for item in block.items:
                 label = "**CRITICAL**" if item["level"] == "critical" else "warning"
@@ -42,8 +40,14 @@ def to_markdown(doc: Document) -> str:
     return "\n".join(lines)
 
 
-def _md_row(cells: list[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table; cells are written with str() and may hold '|'."""
+    lines = [_md_row(header), "|" + "---|" * len(header)]
+    return "\n".join(lines + [_md_row(row) for row in rows])
+
+
+def _md_row(cells: list) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
 
 
 def to_html(doc: Document, images: dict[str, bytes]) -> str:

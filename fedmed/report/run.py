@@ -22,8 +22,9 @@ def run_view(path: Path) -> tuple[dict, list[Finding]]:
     run_dir = RunDirectory(path)
     config = run_dir.read_config()
     status = run_dir.status()
-    rounds = _last_per_round([r for r in run_dir.metrics() if r.get("event") == "round"])
-    validations = _last_per_round([r for r in run_dir.metrics() if r.get("event") == "validation"])
+    metrics = run_dir.metrics()
+    rounds = _last_per_round([r for r in metrics if r.get("event") == "round"])
+    validations = _last_per_round([r for r in metrics if r.get("event") == "validation"])
     rows = [_round_row(record, validations.get(number)) for number, record in sorted(rounds.items())]
     sites = sorted({name for row in rows for name in row["sites"]})
     initial = validations.get(0)

@@ -34,13 +34,14 @@ def site_account(ledger_path: Path, budget: float | None = None) -> tuple[dict, 
     entries = [r for r in records if isinstance(r, LedgerEntry)]
     refusals = [r for r in records if isinstance(r, LedgerRefusal)]
     site = entries[0].site if entries else (refusals[0].site if refusals else ledger_path.parent.name)
-    findings = _line_findings(ledger_path, problems, line_count(text), site)
+    lines = line_count(text)
+    findings = _line_findings(ledger_path, problems, lines, site)
 
     rounds, checks = _rounds(entries, site)
     findings += checks
     account = _empty_account(site, ledger_path)
     account.update(
-        ledger_lines=line_count(text),
+        ledger_lines=lines,
         rounds=rounds,
         runs=_runs(rounds),
         refused=[_refusal_row(r) for r in refusals],

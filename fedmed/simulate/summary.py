@@ -10,6 +10,7 @@ from pathlib import Path
 from fedmed.files import write_atomic
 from fedmed.flower.rundir import RunDirectory
 from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.report.render import markdown_table
 
 
 def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:
@@ -52,23 +53,18 @@ def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:
 
 
 def sites_table(rows: list[dict]) -> str:
-    return _table(["site", "rounds trained", "train images", "val images", "val AUROC", "val balanced acc",
-                   "val acc", "epsilon spent"],
-                  [[r["site"], r["rounds_trained"], r["train_examples"], r["val_examples"], _num(r["val_auroc"]),
-                    _num(r["val_balanced_accuracy"]), _num(r["val_accuracy"]), _eps(r["epsilon"])] for r in rows])
+    header = ["site", "rounds trained", "train images", "val images", "val AUROC", "val balanced acc", "val acc",
+              "epsilon spent"]
+    return markdown_table(header, [
+        [r["site"], r["rounds_trained"], r["train_examples"], r["val_examples"], _num(r["val_auroc"]),
+         _num(r["val_balanced_accuracy"]), _num(r["val_accuracy"]), _eps(r["epsilon"])] for r in rows])
 
 
 def comparison_table(rows: list[dict]) -> str:
-    return _table(["mode", "model", "DP", "epsilon", "train images", "test AUROC", "test balanced acc", "test acc"],
-                  [[r["mode"], r["model"], "yes" if r["dp"] else "NO", _eps(r["epsilon"]), r["train_examples"],
-                    _num(r["test_auroc"]), _num(r["test_balanced_accuracy"]), _num(r["test_accuracy"])]
-                   for r in rows])
-
-
-def _table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
+    header = ["mode", "model", "DP", "epsilon", "train images", "test AUROC", "test balanced acc", "test acc"]
+    return markdown_table(header, [
+        [r["mode"], r["model"], "yes" if r["dp"] else "NO", _eps(r["epsilon"]), r["train_examples"],
+         _num(r["test_auroc"]), _num(r["test_balanced_accuracy"]), _num(r["test_accuracy"])] for r in rows])
 
 
 def write_summary(out_dir: Path, scenario: dict, comparison: list[dict], sites: list[dict], seconds: float) -> str:
