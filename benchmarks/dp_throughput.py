@@ -26,6 +26,7 @@ from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.clipping import CONV_ROUTES, PerSampleClipper
 from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.runtime import keep_freed_memory
 from fedmed.train import TrainConfig, train_round
 
 MODEL = ModelConfig(depth=18, width=32, image_size=28)
@@ -140,6 +141,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per engine comparison")
     parser.add_argument("--memory-child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    keep_freed_memory()  # as a site's worker does (fedmed.runtime)
     torch.set_num_threads(args.threads)
     if args.memory_child:
         peak_memory_child(*args.memory_child)

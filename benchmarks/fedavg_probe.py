@@ -23,14 +23,13 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
-
-from fedmed.flower.coordinator import _load_server_eval
+from fedmed.config import RunSettings, SiteSettings
+from fedmed.flower.coordinator import load_server_eval
 from fedmed.flower.fedavg import SiteUpdate, server_step, weighted_average
 from fedmed.flower.packing import pack, unpack
-from fedmed.flower.settings import RunSettings, SiteSettings
 from fedmed.flower.site_work import SiteWork
-from fedmed.model import build_model
+from fedmed.model import ModelConfig, build_model
+from fedmed.runtime import keep_freed_memory
 from fedmed.train import evaluate
 from fedmed.weights import load_state, model_state
 
@@ -51,22 +50,22 @@ def main() -> None:
     logging.disable(logging.WARNING)  # every non-private round warns; the probe says so once
     work = Path(tempfile.mkdtemp(prefix="fedavg-probe-"))
     run = RunSettings(run_dir=str(work), run_id=f"probe-{uuid.uuid4().hex[:8]}", rounds=args.rounds,
-                      model_width=args.width, batch_size=args.batch_size, physical_batch_size=args.batch_size,
+                      width=args.width, batch_size=args.batch_size, physical_batch_size=args.batch_size,
                       learning_rate=args.learning_rate, momentum=args.momentum, server_learning_rate=args.server_lr,
                       server_momentum=args.server_momentum, server_eval_data=str(args.data / "test"))
-    sites = [SiteWork(SiteSettings(data=str(folder), site=folder.name, ledger=str(work / f"{folder.name}.jsonl"),
+    sites = [SiteWork(SiteSettings(data=str(folder), name=folder.name, ledger=str(work / f"{folder.name}.jsonl"),
                                    max_epsilon=args.epsilon or 1.0,
                                    dp=args.epsilon > 0))
              for folder in sorted((args.data / "sites").iterdir()) if folder.is_dir()]
-    torch.manual_seed(run.seed)
-    model = build_model(run.model_config())
+    keep_freed_memory()  # as a site's worker does
+    model = build_model(ModelConfig.from_settings(run), seed=run.seed)
     state, velocity, average = model_state(model), None, None
-    test = _load_server_eval(run)
+    test = load_server_eval(run)
     for round_number in range(1, args.rounds + 1):
         started = time.monotonic()
         updates, epsilons = [], []
         for site in sites:
-            reply = site.train(run.to_run_config(), pack(state), round_number)
+            reply = site.train(run, pack(state), round_number)
             updates.append(SiteUpdate(reply.site, int(reply.metrics["examples"]), unpack(reply.model, state)))
             epsilons.append(reply.metrics["epsilon"])
         state, velocity = server_step(state, weighted_average(updates), velocity, args.server_lr, args.server_momentum)

@@ -15,21 +15,21 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from fedmed.deploy.processes import ProcessWatch, alive
 
 BIN = Path(sys.executable).parent
 
 
 def resident_mib(pids: set[int]) -> float:
-    total_kib = 0
+    total = 0
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total_kib += int(line.split()[1])
-        except OSError:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
             continue
-    return total_kib / 1024
+    return total / 2**20
 
 
 def main(arguments: list[str]) -> int:

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from fedmed.config import NORM_GROUPS, RunSettings
+
 SMALL_INPUT_MAX = 64
 
 
@@ -57,12 +59,12 @@ DEPTHS: dict[int, tuple[type[nn.Module], list[int]]] = {
 class ModelConfig:
     """Everything needed to rebuild the same network elsewhere (sites, server, model card)."""
 
-    depth: int = 18
-    width: int = 32
+    depth: int = RunSettings.depth
+    width: int = RunSettings.width
     num_classes: int = 2
-    image_size: int = 28
+    image_size: int = RunSettings.image_size
     in_channels: int = 1
-    norm_groups: int = 8
+    norm_groups: int = NORM_GROUPS
 
     def __post_init__(self) -> None:
         if self.depth not in DEPTHS:
@@ -74,6 +76,10 @@ class ModelConfig:
             )
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
+
+    @classmethod
+    def from_settings(cls, run: RunSettings) -> ModelConfig:
+        return cls(depth=run.depth, width=run.width, num_classes=len(run.class_names), image_size=run.image_size)
 
 
 class GroupNormResNet(ResNet):
@@ -116,5 +122,11 @@ class GroupNormResNet(ResNet):
                 nn.init.zeros_(module.bn3.weight)
 
 
-def build_model(config: ModelConfig = ModelConfig()) -> GroupNormResNet:
-    return GroupNormResNet(config)
+def build_model(config: ModelConfig = ModelConfig(), seed: int | None = None) -> GroupNormResNet:
+    """The model with fresh weights; with ``seed``, the same weights every time, drawn from
+    a private generator state so that torch's global generator is left as it was."""
+    if seed is None:
+        return GroupNormResNet(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GroupNormResNet(config)

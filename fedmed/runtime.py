@@ -1,4 +1,8 @@
-"""Process settings that make CPU training faster."""
+"""Process-wide settings, taken only by entry points (each says where it calls them).
+
+* ``keep_freed_memory``: fedmed-client's site worker, fedmed-simulate and a simulation's
+  ClientApp actor call it at start; library code never does.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,19 @@ _M_MMAP_THRESHOLD = -3
 
 
 @lru_cache(maxsize=1)
+def libc() -> ctypes.CDLL | None:
+    """The C library, found by name through ctypes (None where there is none, e.g. macOS
+    without the glibc calls fedmed uses)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name, use_errno=True) if name else None
+    except OSError:
+        return None
+
+
+@lru_cache(maxsize=1)
 def keep_freed_memory() -> bool:
     """Ask glibc to keep large freed blocks instead of returning them to the system.
 
@@ -21,13 +38,9 @@ def keep_freed_memory() -> bool:
     machine (see BENCHMARKS.md). The process then holds on to its peak memory. Returns
     True when the setting took effect (Linux with glibc), False elsewhere.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
+    c = libc()
     try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
-    except (OSError, AttributeError):
+        return c is not None and bool(c.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(
+            c.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+    except AttributeError:  # a C library without mallopt
         return False

@@ -26,39 +26,47 @@ import torch.nn.functional as F
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
+from fedmed.config import RunSettings
+from fedmed.flower.protocol import RoundStatus
 from fedmed.metrics import classification_metrics
+from fedmed.numbers import finite_or_none
 from fedmed.privacy.accounting import ACCOUNTANT, extend
 from fedmed.privacy.budget import PrivacyConfig, plan_round_privacy
 from fedmed.privacy.clipping import PerSampleClipper
 from fedmed.privacy.ledger import LedgerEntry, LedgerRefusal, PrivacyLedger
-from fedmed.runtime import keep_freed_memory
 
 log = logging.getLogger("fedmed")
 
-TRAINED = "trained"
-BUDGET_EXHAUSTED = "budget_exhausted"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 1  # local epochs per round
-    batch_size: int = 64  # logical (expected) batch size
-    physical_batch_size: int = 64  # memory bound of one forward/backward pass
-    learning_rate: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    """Local training of one round; defaults and meanings are those of ``RunSettings``."""
+
+    epochs: int = RunSettings.local_epochs
+    batch_size: int = RunSettings.batch_size  # logical (expected) batch size
+    physical_batch_size: int = RunSettings.physical_batch_size  # memory bound of one pass
+    learning_rate: float = RunSettings.learning_rate
+    momentum: float = RunSettings.momentum
+    weight_decay: float = RunSettings.weight_decay
     class_weights: tuple[float, ...] | None = None
-    seed: int = 0  # shuffling of non-private rounds; DP rounds draw secret randomness
+    seed: int = RunSettings.seed  # shuffling of non-private rounds; DP rounds draw secret randomness
     # Reproducible DP sampling and noise, for experiments only: noise an observer can
     # regenerate gives no protection, so sites leave this None (OS randomness).
     insecure_noise_seed: int | None = None
+
+    @classmethod
+    def from_settings(cls, run: RunSettings) -> TrainConfig:
+        return cls(epochs=run.local_epochs, batch_size=run.batch_size, physical_batch_size=run.physical_batch_size,
+                   learning_rate=run.learning_rate, momentum=run.momentum, weight_decay=run.weight_decay,
+                   class_weights=run.class_weight_values, seed=run.seed)
 
 
 @dataclass(frozen=True)
 class RoundResult:
     """What a site reports about one round: scalars only."""
 
-    status: str
+    status: RoundStatus
     dp: bool
     examples: int
     steps: int
@@ -81,7 +89,6 @@ def train_round(
     round_number: int,
 ) -> RoundResult:
     """Train ``model`` in place for one round unless the site's budget forbids it."""
-    keep_freed_memory()
     examples = len(labels)
     with ledger.locked():
         plan = plan_round_privacy(privacy, ledger, run_id, examples, train.batch_size, train.epochs)
@@ -89,10 +96,10 @@ def train_round(
             log.warning("site %s refuses round %s of run %s: %s", site, round_number, run_id, plan.reason)
             ledger.append(LedgerRefusal(
                 site=site, run_id=run_id, round=round_number, timestamp=_now(), reason=plan.reason,
-                epsilon_before=_finite_or_none(plan.epsilon_before),
-                epsilon_after=_finite_or_none(plan.epsilon_after), delta=plan.delta, max_epsilon=privacy.budget,
+                epsilon_before=finite_or_none(plan.epsilon_before),
+                epsilon_after=finite_or_none(plan.epsilon_after), delta=plan.delta, max_epsilon=privacy.budget,
             ))
-            return RoundResult(BUDGET_EXHAUSTED, plan.dp, examples, 0, None, plan.epsilon_before, plan.delta,
+            return RoundResult(RoundStatus.BUDGET_EXHAUSTED, plan.dp, examples, 0, None, plan.epsilon_before, plan.delta,
                                plan.noise_multiplier, plan.reason)
         if plan.dp:
             loss = _train_private(model, images, labels, train, round_number, plan.sample_rate, plan.steps,
@@ -122,16 +129,12 @@ def train_round(
                 target_epsilon=privacy.target_epsilon if plan.dp else None,
             )
         )
-    return RoundResult(TRAINED, plan.dp, examples, plan.steps, loss, plan.epsilon_after, plan.delta,
+    return RoundResult(RoundStatus.TRAINED, plan.dp, examples, plan.steps, loss, plan.epsilon_after, plan.delta,
                        plan.noise_multiplier, plan.reason)
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 def _loss_function(train: TrainConfig, labels: torch.Tensor):

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from fedmed.config import RunSettings
 from fedmed.flower import protocol
 from fedmed.flower.coordinator import FederatedRun
 from fedmed.flower.fedavg import SiteUpdate, server_step, weighted_average
 from fedmed.flower.packing import pack, unpack, vector_to_record
-from fedmed.flower.settings import RunSettings
+from fedmed.flower.protocol import RoundStatus
 from flwr.supercore.task_identity import TaskIdentity
 
 
@@ -28,7 +29,7 @@ def _reply(run: FederatedRun, node: int, name: str, arrays: ArrayRecord | None, 
     request = run._message(MessageType.TRAIN, node, run.reference, 1)
     request.metadata.__dict__["_message_id"] = f"m{node}"
     content = RecordDict({
-        protocol.METRICS: MetricRecord({"status": protocol.TRAINED, "examples": 10, **metrics}),
+        protocol.METRICS: MetricRecord({"status": RoundStatus.TRAINED, "examples": 10, **metrics}),
         protocol.SITE: ConfigRecord({"name": name, "message": ""}),
     })
     if arrays is not None:
@@ -39,7 +40,7 @@ def _reply(run: FederatedRun, node: int, name: str, arrays: ArrayRecord | None, 
 
 
 def test_poisoned_updates_are_dropped_and_the_average_stays_finite(tmp_path):
-    run = FederatedRun(grid=None, run=RunSettings(run_dir=str(tmp_path), model_width=8, image_size=16))
+    run = FederatedRun(grid=None, run=RunSettings(run_dir=str(tmp_path), width=8, image_size=16))
     vector = pack(run.reference)
     good = vector_to_record(vector + 0.01)
     nan = vector.copy()
@@ -71,7 +72,7 @@ def test_poisoned_updates_are_dropped_and_the_average_stays_finite(tmp_path):
 
 
 def test_the_model_travels_as_one_vector_and_unpacks_exactly(tmp_path):
-    run = FederatedRun(grid=None, run=RunSettings(run_dir=str(tmp_path), model_width=8, image_size=16))
+    run = FederatedRun(grid=None, run=RunSettings(run_dir=str(tmp_path), width=8, image_size=16))
     message = run._message(MessageType.TRAIN, 1, run.reference, 1)
     assert list(message.content[protocol.ARRAYS].keys()) == ["model"]
     restored = unpack(message.content[protocol.ARRAYS]["model"].numpy(), run.reference)
@@ -80,8 +81,8 @@ def test_the_model_travels_as_one_vector_and_unpacks_exactly(tmp_path):
 
 
 def test_budget_exhausted_sites_are_counted_not_failed(tmp_path):
-    run = FederatedRun(grid=None, run=RunSettings(run_dir=str(tmp_path), model_width=8, image_size=16))
-    refused = _reply(run, 1, "spent", None, status=protocol.BUDGET_EXHAUSTED)
+    run = FederatedRun(grid=None, run=RunSettings(run_dir=str(tmp_path), width=8, image_size=16))
+    refused = _reply(run, 1, "spent", None, status=RoundStatus.BUDGET_EXHAUSTED)
     outcome = run._collect(1, {1: refused}, missing=[])
     assert outcome.budget_exhausted == ["spent"] and not outcome.rejected and not outcome.failed
 
@@ -109,7 +110,7 @@ def test_the_server_step_is_fedavg_by_default_and_fedavgm_with_momentum():
 
 
 def test_the_server_velocity_is_checkpointed_for_resume(tmp_path):
-    settings = RunSettings(run_dir=str(tmp_path), model_width=8, image_size=16, rounds=3, server_momentum=0.9)
+    settings = RunSettings(run_dir=str(tmp_path), width=8, image_size=16, rounds=3, server_momentum=0.9)
     first = FederatedRun(grid=None, run=settings)
     velocity = {name: np.full_like(array, 0.25) for name, array in first.reference.items()}
     first.run_dir.save_checkpoint(1, first.reference, velocity)

@@ -12,10 +12,10 @@ import pytest
 
 from fedmed.data.make_sites import export_sites, synthetic_sites
 from fedmed.deploy.certificates import make_dev_certificates, make_site_key
+from fedmed.config import RunSettings
 from fedmed.flower import protocol
 from fedmed.flower.rundir import RunDirectory, load_arrays
-from fedmed.flower.settings import RunSettings
-from fedmed.model import build_model
+from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.report import build_report
 from fedmed.weights import model_state
@@ -58,7 +58,7 @@ def finished_run(tmp_path_factory, sites_dir, certificates):
 
 def test_run_directory_is_complete(finished_run):
     _, run_dir = finished_run
-    config = RunSettings.from_run_config(run_dir.read_config())
+    config = RunSettings.from_flower(run_dir.read_config())
     assert config.rounds == ROUNDS and run_dir.status()["phase"] == "completed"
     rounds = [r for r in run_dir.metrics() if r["event"] == "round"]
     assert [r["round"] for r in rounds] == [1, 2]
@@ -111,8 +111,8 @@ def test_the_coordinator_writes_the_run_report_and_a_site_ledger_checks_against_
 
 def test_only_model_arrays_and_whitelisted_scalars_leave_a_site(finished_run):
     _, run_dir = finished_run
-    config = RunSettings.from_run_config(run_dir.read_config())
-    parameters = sum(a.size for a in model_state(build_model(config.model_config())).values())
+    config = RunSettings.from_flower(run_dir.read_config())
+    parameters = sum(a.size for a in model_state(build_model(ModelConfig.from_settings(config))).values())
     received = run_dir.received()
     assert len(received) == len(SITES) * (ROUNDS + 1)  # two training replies and one evaluation each
     assert sum(1 for reply in received if reply["arrays"]) == len(SITES) * ROUNDS

@@ -13,7 +13,7 @@ import pytest
 
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import LedgerError, PrivacyLedger
-from fedmed.train import BUDGET_EXHAUSTED, TRAINED
+from fedmed.flower.protocol import RoundStatus
 from tests.privacy_helpers import run_rounds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,10 +49,10 @@ def test_a_round_past_max_epsilon_is_refused_recorded_and_spends_nothing(tmp_pat
     path = tmp_path / "ledger.jsonl"
     tight = PrivacyConfig(target_epsilon=3.0, max_epsilon=2.0, planned_rounds=3)
     results = run_rounds(path, 3, tight)
-    assert results[0].status == TRAINED and results[-1].status == BUDGET_EXHAUSTED
-    refused = [r for r in results if r.status == BUDGET_EXHAUSTED]
+    assert results[0].status == RoundStatus.TRAINED and results[-1].status == RoundStatus.BUDGET_EXHAUSTED
+    refused = [r for r in results if r.status == RoundStatus.BUDGET_EXHAUSTED]
     assert refused, "the third round would pass 2.0"
-    trained = [r for r in results if r.status == TRAINED]
+    trained = [r for r in results if r.status == RoundStatus.TRAINED]
     assert all(r.epsilon <= 2.0 for r in trained)
     first_refusal = refused[0]
     assert "budget exhausted" in first_refusal.message and "max_epsilon 2" in first_refusal.message
@@ -60,11 +60,11 @@ def test_a_round_past_max_epsilon_is_refused_recorded_and_spends_nothing(tmp_pat
     ledger = PrivacyLedger(path)
     spent = ledger.epsilon(ledger.entries[-1].delta)
     again = run_rounds(path, 1, tight, first_round=9)
-    assert again[0].status == BUDGET_EXHAUSTED
+    assert again[0].status == RoundStatus.BUDGET_EXHAUSTED
     after = PrivacyLedger(path)
     assert len(after.entries) == len(trained) and after.epsilon(after.entries[-1].delta) == spent
     assert [r.round for r in after.refusals] == [r + 1 for r, res in enumerate(results)
-                                                 if res.status == BUDGET_EXHAUSTED] + [9]
+                                                 if res.status == RoundStatus.BUDGET_EXHAUSTED] + [9]
     last = after.refusals[-1]
     assert last.max_epsilon == 2.0 and last.epsilon_before == pytest.approx(spent)
     assert last.epsilon_after > 2.0 and "max_epsilon 2" in last.reason
@@ -74,23 +74,23 @@ def test_a_round_past_max_epsilon_is_refused_recorded_and_spends_nothing(tmp_pat
 def test_budgets_differ_per_site(tmp_path):
     generous = run_rounds(tmp_path / "a.jsonl", 3, PrivacyConfig(target_epsilon=3.0, max_epsilon=10.0, planned_rounds=3))
     strict = run_rounds(tmp_path / "b.jsonl", 3, PrivacyConfig(target_epsilon=3.0, max_epsilon=1.5, planned_rounds=3))
-    assert all(r.status == TRAINED for r in generous)
-    assert any(r.status == BUDGET_EXHAUSTED for r in strict)
+    assert all(r.status == RoundStatus.TRAINED for r in generous)
+    assert any(r.status == RoundStatus.BUDGET_EXHAUSTED for r in strict)
 
 
 def test_non_private_rounds_are_loud_and_spend_everything(tmp_path, caplog):
     path = tmp_path / "ledger.jsonl"
     [result] = run_rounds(path, 1, PrivacyConfig(dp=False))
-    assert result.status == TRAINED and not result.dp and math.isinf(result.epsilon)
+    assert result.status == RoundStatus.TRAINED and not result.dp and math.isinf(result.epsilon)
     assert "NON-PRIVATE" in result.message
     assert any("NON-PRIVATE" in record.message for record in caplog.records)
     entry = json.loads(path.read_text().splitlines()[0])
     assert entry["dp"] is False and entry["epsilon"] is None and entry["noise_multiplier"] == 0.0
     assert math.isinf(PrivacyLedger(path).epsilon(1e-5))
     [after] = run_rounds(path, 1, PrivacyConfig(target_epsilon=8.0), first_round=2, run_id="run-b")
-    assert after.status == BUDGET_EXHAUSTED and "non-private" in after.message
+    assert after.status == RoundStatus.BUDGET_EXHAUSTED and "non-private" in after.message
     [capped] = run_rounds(tmp_path / "capped.jsonl", 1, PrivacyConfig(dp=False, max_epsilon=5.0))
-    assert capped.status == BUDGET_EXHAUSTED and "unbounded" in capped.message
+    assert capped.status == RoundStatus.BUDGET_EXHAUSTED and "unbounded" in capped.message
 
 
 def test_torn_last_line_is_ignored_with_a_warning_and_the_next_write_heals_it(tmp_path):

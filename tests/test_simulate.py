@@ -88,11 +88,11 @@ def _sizes(data) -> dict:
 
 def test_shipped_scenarios_load():
     default = load_scenario(REPO / "simulations" / "default.toml")
-    assert default.sites == 4 and default.dp and default.max_epsilon == 8.0
+    assert default.simulation.sites == 4 and default.site_settings[0].dp and default.site_settings[0].max_epsilon == 8.0
     with pytest.raises(ValueError, match="needs data.path"):
         load_scenario(REPO / "simulations" / "pneumonia-5-sites.toml")
     pneumonia = load_scenario(REPO / "simulations" / "pneumonia-5-sites.toml", ["data.path=x.npz"])
-    assert pneumonia.sites == 5 and pneumonia.alpha == 0.5
+    assert pneumonia.simulation.sites == 5 and pneumonia.simulation.alpha == 0.5
 
 
 @pytest.mark.parametrize("override, message", [

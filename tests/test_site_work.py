@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 
 from fedmed.data.make_sites import export_sites, synthetic_sites
+from fedmed.config import RunSettings, SiteSettings
 from fedmed.flower import protocol
 from fedmed.flower.packing import pack
-from fedmed.flower.settings import RunSettings, SiteSettings
+from fedmed.flower.protocol import EvaluateRequest, RoundStatus, TrainRequest
 from fedmed.flower.site_work import SiteWork
 from fedmed.flower.site_worker import SiteWorker, ask_worker, worker_address
-from fedmed.model import build_model
+from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.weights import model_state
 
-RUN = RunSettings(run_id="run-test", rounds=3, model_width=8, image_size=16, batch_size=16)
+RUN = RunSettings(run_id="run-test", rounds=3, width=8, image_size=16, batch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -23,26 +24,26 @@ def site(tmp_path_factory) -> SiteSettings:
     tmp = tmp_path_factory.mktemp("site-work")
     images, parts = synthetic_sites(60, 1, alpha=10.0, size=32, seed=2)
     export_sites(images, parts, tmp / "sites")
-    return SiteSettings(data=str(tmp / "sites" / "site-1"), site="site-1", ledger=str(tmp / "ledger.jsonl"),
+    return SiteSettings(data=str(tmp / "sites" / "site-1"), name="site-1", ledger=str(tmp / "ledger.jsonl"),
                         cache_dir=str(tmp / "cache"))
 
 
 def _initial_model() -> np.ndarray:
-    return pack(model_state(build_model(RUN.model_config())))
+    return pack(model_state(build_model(ModelConfig.from_settings(RUN))))
 
 
 def test_a_round_asked_twice_with_the_same_model_is_not_paid_twice(site):
     work = SiteWork(site)
     model = _initial_model()
-    first = work.train(RUN.to_run_config(), model, 1)
-    assert first.metrics["status"] == protocol.TRAINED and first.model.shape == model.shape
+    first = work.train(RUN, model, 1)
+    assert first.metrics["status"] == RoundStatus.TRAINED and first.model.shape == model.shape
     assert not np.array_equal(first.model, model)
-    again = work.train(RUN.to_run_config(), model.copy(), 1)
+    again = work.train(RUN, model.copy(), 1)
     assert "resent" in again.message and np.array_equal(again.model, first.model)
     assert again.metrics["epsilon"] == first.metrics["epsilon"]
     assert [e.round for e in PrivacyLedger(site.ledger).entries] == [1]
 
-    changed = work.train(RUN.to_run_config(), first.model, 1)  # same round, another model: real work
+    changed = work.train(RUN, first.model, 1)  # same round, another model: real work
     assert "resent" not in changed.message and changed.metrics["epsilon"] > first.metrics["epsilon"]
     assert [e.round for e in PrivacyLedger(site.ledger).entries] == [1, 1]
 
@@ -50,21 +51,21 @@ def test_a_round_asked_twice_with_the_same_model_is_not_paid_twice(site):
 def test_a_model_that_does_not_fit_the_run_is_refused(site):
     work = SiteWork(site)
     with pytest.raises(ValueError, match="expected float32"):
-        work.train(RUN.to_run_config(), _initial_model()[:-1], 1)
+        work.train(RUN, _initial_model()[:-1], 1)
     broken = _initial_model()
     broken[0] = np.inf
     with pytest.raises(ValueError, match="non-finite"):
-        work.evaluate(RUN.to_run_config(), broken)
+        work.evaluate(RUN, broken)
 
 
 class _EchoWork:
     """Stands in for a site's SiteWork to test the worker's transport alone."""
 
-    def train(self, run_config, vector, round_number):
-        return protocol.SiteReply("echo", {"examples": int(vector.size), "status": protocol.TRAINED}, "", vector * 2)
-
-    def evaluate(self, run_config, vector):
-        raise ValueError("no validation data here")
+    def handle(self, request):
+        if isinstance(request, EvaluateRequest):
+            raise ValueError("no validation data here")
+        return protocol.SiteReply("echo", {"examples": int(request.model.size), "status": RoundStatus.TRAINED}, "",
+                                  request.model * 2)
 
 
 def test_the_site_worker_answers_only_holders_of_its_key(tmp_path):
@@ -72,15 +73,14 @@ def test_the_site_worker_answers_only_holders_of_its_key(tmp_path):
     worker.start()
     try:
         assert oct(worker.address.stat().st_mode & 0o777) == "0o600"
-        reply = ask_worker(str(worker.address), {"kind": "train", "run_config": {}, "model": np.ones(3, np.float32),
-                                                 "round": 1})
+        reply = ask_worker(str(worker.address), TrainRequest(RunSettings(), np.ones(3, np.float32), 1))
         assert reply.site == "echo" and np.array_equal(reply.model, np.full(3, 2, np.float32))
         with pytest.raises(RuntimeError, match="no validation data here"):
-            ask_worker(str(worker.address), {"kind": "evaluate", "run_config": {}, "model": np.ones(3, np.float32)})
+            ask_worker(str(worker.address), EvaluateRequest(RunSettings(), np.ones(3, np.float32)))
         key_file = worker.address.with_name(worker.address.name + ".key")
         key_file.write_bytes(b"not the key")
         with pytest.raises(RuntimeError, match="refused the key"):
-            ask_worker(str(worker.address), {"kind": "evaluate", "run_config": {}, "model": np.ones(1, np.float32)})
+            ask_worker(str(worker.address), EvaluateRequest(RunSettings(), np.ones(1, np.float32)))
     finally:
         worker.close()
     assert not worker.address.exists()

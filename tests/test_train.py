@@ -10,7 +10,8 @@ from fedmed.metrics import auroc, classification_metrics
 from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import PrivacyLedger
-from fedmed.train import TRAINED, TrainConfig, evaluate, train_round
+from fedmed.flower.protocol import RoundStatus
+from fedmed.train import TrainConfig, evaluate, train_round
 from fedmed.weights import InvalidWeights, check_state, load_state, model_state
 from tests.conftest import auroc as brute_force_auroc
 
@@ -30,7 +31,7 @@ def test_a_few_dp_rounds_on_real_chest_xrays_learn(pneumonia_npz, tmp_path):
     privacy = PrivacyConfig(target_epsilon=8.0, planned_rounds=3)
     results = [train_round(model, images, labels, config, privacy, ledger, "site-1", "run", r) for r in (1, 2, 3)]
     after = evaluate(model, test_images, test.labels)
-    assert all(r.status == TRAINED and r.dp for r in results)
+    assert all(r.status == RoundStatus.TRAINED and r.dp for r in results)
     assert results[-1].loss < results[0].loss, "the training loss falls round by round"
     assert after["auroc"] > 0.7 and after["auroc"] > before["auroc"] + 0.1
     assert results[-1].epsilon <= 8.0 and len(ledger.entries) == 3

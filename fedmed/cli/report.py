@@ -70,14 +70,14 @@ def _out_dir(args: argparse.Namespace, report: dict) -> Path:
 
 
 def _print_summary(report: dict) -> None:
-    from fedmed.report.document import epsilon_text, number
+    from fedmed.numbers import format_epsilon, format_number
     from fedmed.report.findings import finding_line
 
     for account in report["sites"]:
         dp = not account["non_private_rounds"]
-        print(f"{account['site']}: epsilon {epsilon_text(account['epsilon_spent'], dp)} (RDP), "
-              f"{epsilon_text(account['epsilon_second_opinion'], dp)} (PLD) at delta {number(account['delta'])}; "
-              f"budget {number(account['budget'])}, left {number(account['budget_left'])}; "
+        print(f"{account['site']}: epsilon {format_epsilon(account['epsilon_spent'], dp)} (RDP), "
+              f"{format_epsilon(account['epsilon_second_opinion'], dp)} (PLD) at delta {format_number(account['delta'])}; "
+              f"budget {format_number(account['budget'])}, left {format_number(account['budget_left'])}; "
               f"{len(account['rounds'])} rounds in {len(account['runs'])} run(s)")
     if report["run"]:
         run = report["run"]

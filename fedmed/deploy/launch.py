@@ -1,16 +1,27 @@
-"""Starting Flower's SuperLink and SuperNode, and submitting fedmed's apps as a run."""
+"""Flower's SuperLink and fedmed's run on it: the one launch path of ``fedmed-server``
+and ``fedmed-simulate``.
+
+Both start a SuperLink (TLS for a deployment, the Simulation Runtime for a simulation),
+then ``launch`` does the rest the same way: a private Flower config, the sites' keys,
+the app spec with the run's settings, ``flwr run``, and following the run to its end.
+"""
 
 from __future__ import annotations
 
 import json
 import subprocess
 from pathlib import Path
+from typing import Callable
 
+import tomli_w
+
+from fedmed.config import RunSettings
 from fedmed.deploy.certificates import CA_CERT, SERVER_CERT, SERVER_KEY
-from fedmed.deploy.processes import ManagedProcess, child_environ, flower_command
-from fedmed.flower.settings import RunSettings
+from fedmed.deploy.processes import ManagedProcess, child_environ, flower_command, wait_for_port
+from fedmed.deploy.progress import CONNECTION, follow_run
+from fedmed.flower.rundir import RunDirectory
 
-CONNECTION = "fedmed"
+APP_COMPONENTS = {"serverapp": "fedmed.flower.server_app:app", "clientapp": "fedmed.flower.client_app:app"}
 
 
 def check_tls_choice(certificates: Path | None, insecure: bool, files: tuple[str, ...]) -> None:
@@ -43,52 +54,79 @@ def start_superlink(host: str, port: int, certificates: Path | None, log_path: P
     return ManagedProcess(command, log_path, {"FLWR_HOME": str(flwr_home)})
 
 
-def write_flower_home(flwr_home: Path, address: str, root_certificate: Path | None) -> dict[str, str]:
-    """A private Flower config with one connection; returns the environment that uses it."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    lines = [f"[superlink.{CONNECTION}]", f'address = "{address}"']
-    if root_certificate is None:
-        lines.append("insecure = true")
-    else:
-        lines.append(f"root-certificates = {json.dumps(str(root_certificate.resolve()))}")
-    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {"FLWR_HOME": str(flwr_home)}
-
-
-def write_app(app_dir: Path, run: RunSettings) -> Path:
-    """The app spec ``flwr run`` submits: fedmed's installed apps with this run's settings."""
-    app_dir.mkdir(parents=True, exist_ok=True)
-    config = "\n".join(f"{key} = {_toml_value(value)}" for key, value in run.to_run_config().items())
-    text = f"""[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fedmed-run"
-version = "1.0.0"
-description = "fedmed federated run"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "fedmed"
-
-[tool.flwr.app.components]
-serverapp = "fedmed.flower.server_app:app"
-clientapp = "fedmed.flower.client_app:app"
-
-[tool.flwr.app.config]
-{config}
-"""
-    (app_dir / "pyproject.toml").write_text(text, encoding="utf-8")
-    return app_dir
-
-
 def start_simulation_superlink(port: int, log_path: Path, flwr_home: Path, env: dict[str, str]) -> ManagedProcess:
     """A loopback SuperLink that runs submitted apps on Flower's Simulation Runtime (Ray)."""
     command = [flower_command("flower-superlink"), "--simulation", "--insecure",
                "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)]
     return ManagedProcess(command, log_path, {"FLWR_HOME": str(flwr_home), **env})
+
+
+def launch(run: RunSettings, run_dir: RunDirectory, superlink: ManagedProcess, host: str, port: int, *,
+           root_certificate: Path | None = None, authorized_keys: Path | None = None,
+           federation_config: str = "", live: bool = False,
+           on_tick: Callable[[], None] | None = None) -> dict:
+    """Submit fedmed's apps with ``run``'s settings to a started SuperLink and follow the
+    run until it ends; returns its final status (see ``follow_run``)."""
+    wait_for_port(host, port, 60, superlink)
+    env = write_flower_home(run_dir.path / ".flwr", f"{host}:{port}", root_certificate)
+    if authorized_keys is not None:
+        register_keys(authorized_keys, env)
+    for earlier in run_dir.flower_runs():
+        stop_run(earlier, env)  # a crashed coordinator's run must not hand out stale work
+    app = write_app(run_dir.path / "app" / f"from-round-{run.start_round}", run)
+    flower_run = submit_run(app, env, federation_config)
+    run_dir.add_flower_run(flower_run, run.start_round)
+    print(f"fedmed run {run.run_id} (Flower run {flower_run}) on port {port}; run directory {run_dir.path}",
+          flush=True)
+    return follow_run(run_dir, flower_run, env, superlink, live, on_tick)
+
+
+def write_flower_home(flwr_home: Path, address: str, root_certificate: Path | None) -> dict[str, str]:
+    """A private Flower config with one connection; returns the environment that uses it."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    connection: dict[str, object] = {"address": address}
+    if root_certificate is None:
+        connection["insecure"] = True
+    else:
+        connection["root-certificates"] = str(root_certificate.resolve())
+    (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {CONNECTION: connection}}), encoding="utf-8")
+    return {"FLWR_HOME": str(flwr_home)}
+
+
+def write_app(app_dir: Path, run: RunSettings) -> Path:
+    """The app spec ``flwr run`` submits: fedmed's installed apps with this run's settings
+    as the app's config (which Flower hands every ServerApp and ClientApp as run config)."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "fedmed-run", "version": "1.0.0", "description": "fedmed federated run",
+                    "license": "Apache-2.0", "dependencies": []},
+        "tool": {"flwr": {"app": {"publisher": "fedmed", "components": APP_COMPONENTS,
+                                  "config": run.to_flower()}}},
+    }
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(spec), encoding="utf-8")
+    return app_dir
+
+
+def write_node_config(path: Path, values: dict[str, object]) -> Path:
+    """A SuperNode's node config as a TOML file (``flower-supernode --node-config FILE``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(values), encoding="utf-8")
+    return path
+
+
+def register_keys(folder: Path, env: dict[str, str]) -> None:
+    """Register every site public key (*.pub) in ``folder`` with the SuperLink."""
+    keys = sorted(folder.glob("*.pub"))
+    if not keys:
+        raise RuntimeError(f"--authorized-keys {folder} holds no *.pub files")
+    for key in keys:
+        result = subprocess.run([flower_command("flwr"), "supernode", "register", str(key), CONNECTION],
+                                capture_output=True, text=True, env=child_environ(env))
+        answer = (result.stderr or result.stdout).strip()
+        if result.returncode != 0 and "already in use" not in answer:  # known from before a --resume
+            raise RuntimeError(f"could not register {key}: {answer[-500:]}")
+    print(f"{len(keys)} site keys registered; other SuperNodes are refused", flush=True)
 
 
 def submit_run(app_dir: Path, env: dict[str, str], federation_config: str = "") -> str:
@@ -114,26 +152,3 @@ def stop_run(run_id: str, env: dict[str, str]) -> bool:
                             capture_output=True, text=True, env=child_environ(env), timeout=60)
     return result.returncode == 0
 
-
-def run_status(run_id: str, env: dict[str, str]) -> str:
-    """Flower's status of a run, e.g. "running" or "finished:completed" ("" if unknown)."""
-    result = subprocess.run([flower_command("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
-                            capture_output=True, text=True, env=child_environ(env), timeout=60)
-    try:
-        runs = json.loads(result.stdout).get("runs", [])
-    except json.JSONDecodeError:
-        return ""
-    return str(runs[0].get("status", "")) if runs else ""
-
-
-def node_config_text(values: dict[str, object]) -> str:
-    """Flower's ``--node-config`` string (TOML values, strings quoted and escaped)."""
-    return " ".join(f"{key}={_toml_value(value)}" for key, value in values.items())
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))

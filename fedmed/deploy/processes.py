@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -10,6 +9,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
+
+from fedmed.runtime import libc
 
 _PR_SET_PDEATHSIG = 1
 
@@ -32,11 +35,12 @@ def child_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def _stop_with_parent() -> None:
-    """In the child, before exec: ask Linux to send SIGTERM when the parent dies."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+    """In the child, before exec: ask Linux to send SIGTERM when the parent dies, so that
+    a coordinator or site killed outright leaves no SuperLink or SuperNode behind (psutil
+    has no call for this; elsewhere than glibc Linux the parent's own clean-up remains)."""
+    c = libc()
+    if c is not None:
+        c.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class ManagedProcess:
@@ -108,31 +112,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def descendants(roots: set[int]) -> set[int]:
-    """Every living descendant of ``roots`` (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = set(), list(roots)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
+    """Every living descendant of ``roots``."""
+    found: set[int] = set()
+    for pid in roots:
+        try:
+            found |= {child.pid for child in psutil.Process(pid).children(recursive=True)}
+        except psutil.Error:
+            continue
     return found
 
 
 def alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie does not count)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    return state != "Z"
 
 
 class ProcessWatch:
@@ -140,21 +135,40 @@ class ProcessWatch:
     parent's process group (e.g. Ray's) can still be stopped by pid at the end."""
 
     def __init__(self) -> None:
-        self.seen: set[int] = set()
+        self.seen: dict[int, psutil.Process] = {}
 
     def look(self, roots: set[int]) -> None:
-        self.seen |= roots | descendants(roots)
+        for pid in roots | descendants(roots):
+            if pid not in self.seen:
+                try:
+                    self.seen[pid] = psutil.Process(pid)  # remembers its start time, so a reused pid is not ours
+                except psutil.Error:
+                    continue
+
+    def survivors(self) -> list[int]:
+        return [pid for pid, process in self.seen.items() if _running(process)]
 
     def stop_survivors(self, grace: float = 10.0) -> list[int]:
         """SIGTERM, then SIGKILL, every remembered process still alive; returns those found."""
-        survivors = [pid for pid in self.seen if alive(pid)]
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in survivors:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + grace
-            while any(alive(pid) for pid in survivors) and time.monotonic() < deadline:
-                time.sleep(0.2)
-        return survivors
+        living = [process for process in self.seen.values() if _running(process)]
+        for process in living:
+            _send(process, signal.SIGTERM)
+        _, remaining = psutil.wait_procs(living, timeout=grace)
+        for process in remaining:
+            _send(process, signal.SIGKILL)
+        psutil.wait_procs(remaining, timeout=grace)
+        return [process.pid for process in living]
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _send(process: psutil.Process, sig: int) -> None:
+    try:
+        process.send_signal(sig)
+    except psutil.Error:
+        pass

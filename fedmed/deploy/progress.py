@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
 import time
 from typing import Callable
 
-from fedmed.deploy.launch import run_status
-from fedmed.deploy.processes import ManagedProcess
+from fedmed.deploy.processes import ManagedProcess, child_environ, flower_command
 from fedmed.flower.rundir import RunDirectory
+
+CONNECTION = "fedmed"  # the one connection in fedmed's private Flower config
 
 FINAL_PHASES = ("completed", "stopped", "failed")
 
@@ -88,3 +91,14 @@ def progress_line(status: dict) -> str:
         text += (f", validation AUROC {auroc:.3f}, balanced accuracy "
                  f"{validation.get('val-balanced-accuracy', math.nan):.3f}")
     return text
+
+
+def run_status(run_id: str, env: dict[str, str]) -> str:
+    """Flower's status of a run, e.g. "running" or "finished:completed" ("" if unknown)."""
+    result = subprocess.run([flower_command("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
+                            capture_output=True, text=True, env=child_environ(env), timeout=60)
+    try:
+        runs = json.loads(result.stdout).get("runs", [])
+    except json.JSONDecodeError:
+        return ""
+    return str(runs[0].get("status", "")) if runs else ""

@@ -1,8 +1,9 @@
 """fedmed's ClientApp: one hospital's side of a round.
 
-It hands the received global model and the run's settings to the site's work (validate
-the model on the site's validation split, then train one private round through the
-site's ledger) and replies with the model's arrays and whitelisted scalars only.
+It reads the run's settings once, hands the site's work a typed request (validate the
+received global model on the site's validation split, then train one private round
+through the site's ledger) and replies with the model's arrays and whitelisted scalars
+only.
 
 Under ``fedmed-client`` the work runs in the site's long-lived worker (node config
 ``worker``); elsewhere, e.g. in a simulation, it runs in this process.
@@ -15,45 +16,48 @@ import json
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedmed.config import RunSettings, SiteSettings
 from fedmed.flower import protocol
 from fedmed.flower.packing import record_to_vector, vector_to_record
-from fedmed.flower.protocol import SiteReply
-from fedmed.flower.site_worker import ask_worker, handle_request
+from fedmed.flower.protocol import EvaluateRequest, SiteReply, SiteRequest, TrainRequest
+from fedmed.flower.site_worker import ask_worker
 
 app = ClientApp()
-_local_work: dict[tuple, object] = {}  # site settings -> SiteWork, for in-process use (simulation)
+_local_work: dict[SiteSettings, object] = {}  # SiteWork per site, for in-process use (simulation)
 MAX_SITES_PER_PROCESS = 4  # a simulation actor serves many virtual sites; keep a few warm
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    request = {"kind": "train", "run_config": dict(context.run_config),
-               "model": record_to_vector(message.content[protocol.ARRAYS]),
-               "round": int(message.content[protocol.CONFIG]["round"])}
+    request = TrainRequest(RunSettings.from_flower(context.run_config),
+                           record_to_vector(message.content[protocol.ARRAYS]),
+                           int(message.content[protocol.CONFIG]["round"]))
     return _reply(_do(request, context), message)
 
 
 @app.evaluate()
 def evaluate_global(message: Message, context: Context) -> Message:
-    request = {"kind": "evaluate", "run_config": dict(context.run_config),
-               "model": record_to_vector(message.content[protocol.ARRAYS])}
+    request = EvaluateRequest(RunSettings.from_flower(context.run_config),
+                              record_to_vector(message.content[protocol.ARRAYS]))
     return _reply(_do(request, context), message)
 
 
-def _do(request: dict, context: Context) -> SiteReply:
+def _do(request: SiteRequest, context: Context) -> SiteReply:
     worker = str(context.node_config.get("worker", ""))
     if worker:
         return ask_worker(worker, request)
-    from fedmed.flower.settings import SiteSettings
+    # In-process (a simulation's Ray actor): this process is the site's, so it may take
+    # the allocator setting that fedmed-client's worker takes at start (fedmed.runtime).
     from fedmed.flower.site_work import SiteWork
+    from fedmed.runtime import keep_freed_memory
 
-    site_config = _site_config(context)
-    key = tuple(sorted((k, str(v)) for k, v in site_config.items()))
-    if key not in _local_work:
+    keep_freed_memory()
+    site = SiteSettings.from_flower(_site_config(context))
+    if site not in _local_work:
         if len(_local_work) >= MAX_SITES_PER_PROCESS:
             _local_work.pop(next(iter(_local_work)))  # drop the oldest site's data
-        _local_work[key] = SiteWork(SiteSettings.from_node_config(site_config))
-    return handle_request(_local_work[key], request)
+        _local_work[site] = SiteWork(site)
+    return _local_work[site].handle(request)
 
 
 def _site_config(context: Context) -> dict:

@@ -13,17 +13,17 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedmed.config import RunSettings
 from fedmed.flower import protocol
 from fedmed.flower.fedavg import SiteUpdate, server_step, validate_update, weighted_average
 from fedmed.flower.model_card import model_card, model_card_markdown
 from fedmed.flower.packing import pack, record_to_vector, unpack, vector_to_record
+from fedmed.flower.protocol import RoundStatus
 from fedmed.flower.rundir import RunDirectory
-from fedmed.flower.settings import RunSettings
-from fedmed.model import build_model
+from fedmed.model import ModelConfig, build_model
 from fedmed.weights import load_state, model_state
 
 log = logging.getLogger("fedmed.coordinator")
@@ -51,10 +51,9 @@ class FederatedRun:
         self.names: dict[int, str] = {}  # node id -> site name, learnt from replies
         self.sites: dict[str, dict] = {}  # per-site summary for the model card
         self.last_validation: dict | None = None  # sites' weighted validation of the latest model
-        torch.manual_seed(run.seed)
-        self.model = build_model(run.model_config())
+        self.model = build_model(ModelConfig.from_settings(run), seed=run.seed)
         self.reference = model_state(self.model)
-        self.server_eval = _load_server_eval(run)
+        self.server_eval = load_server_eval(run)
         self.velocity: dict[str, np.ndarray] | None = None  # server momentum (FedAvgM)
 
     def execute(self) -> str:
@@ -184,7 +183,7 @@ class FederatedRun:
                 log.warning("round %d: update of %s dropped: %s", round_number, name, outcome.rejected[name])
                 continue
             outcome.site_metrics[name] = metrics
-            if int(metrics.get("status", -1)) == protocol.BUDGET_EXHAUSTED:
+            if metrics.get("status") == RoundStatus.BUDGET_EXHAUSTED:
                 outcome.budget_exhausted.append(name)
             else:
                 outcome.updates.append(SiteUpdate(name, int(metrics["examples"]), state))
@@ -215,7 +214,7 @@ class FederatedRun:
             problems.append("metrics must be single numbers")
         status = metrics.get("status")
         state: dict = {}
-        if status == protocol.TRAINED:
+        if status == RoundStatus.TRAINED:
             if protocol.ARRAYS not in content:
                 problems.append("a trained reply without model arrays")
             else:
@@ -225,7 +224,7 @@ class FederatedRun:
                     problems.append(f"model arrays cannot be used: {error}")
                 else:
                     problems += validate_update(state, metrics.get("examples", math.nan), self.reference)
-        elif status == protocol.BUDGET_EXHAUSTED:
+        elif status == RoundStatus.BUDGET_EXHAUSTED:
             if protocol.ARRAYS in content:
                 problems.append("a budget-exhausted reply must not carry arrays")
         else:
@@ -320,14 +319,15 @@ class FederatedRun:
 
     def _remember_site(self, name: str, metrics: dict) -> None:
         site = self.sites.setdefault(name, {"rounds_trained": 0})
-        if metrics.get("status") == protocol.TRAINED:
+        if metrics.get("status") == RoundStatus.TRAINED:
             site["rounds_trained"] += 1
         for key in ("examples", "epsilon", "delta", "dp"):
             if key in metrics:
                 site[key] = metrics[key]
         if "dp" in site:
             site["dp"] = bool(site["dp"])
-        site["status"] = protocol.STATUS_NAMES.get(metrics.get("status"), site.get("status", ""))
+        if "status" in metrics:
+            site["status"] = RoundStatus.label_of(metrics["status"])
 
     def _evaluate_on_server(self, state: dict[str, np.ndarray]) -> dict:
         from fedmed.train import evaluate
@@ -348,7 +348,7 @@ class FederatedRun:
 
 def _site_fields(metrics: dict) -> dict:
     fields = {k: v for k, v in metrics.items() if not k.startswith("val-")}
-    fields["status_name"] = protocol.STATUS_NAMES.get(fields.get("status"), "unknown")
+    fields["status_name"] = RoundStatus.label_of(fields.get("status"))
     return fields
 
 
@@ -358,7 +358,7 @@ def _weighted(pairs: list[tuple[float, float]]) -> float:
     return sum(v * w for v, w in pairs) / total if total else math.nan
 
 
-def _load_server_eval(run: RunSettings) -> tuple[np.ndarray, np.ndarray] | None:
+def load_server_eval(run: RunSettings) -> tuple[np.ndarray, np.ndarray] | None:
     """The coordinator's own held-out set, if it has one."""
     if not run.server_eval_data:
         return None

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict
 from datetime import datetime, timezone
 
+from fedmed.config import RunSettings
 from fedmed.data.cache import PREPROCESSING_VERSION
-from fedmed.flower.settings import RunSettings
+from fedmed.model import ModelConfig
+from fedmed.numbers import format_epsilon, format_number
 
 PREPROCESSING = (
     "DICOM pixel data -> Modality LUT (rescale slope/intercept) -> VOI LUT or the first "
@@ -22,7 +24,7 @@ def model_card(run: RunSettings, sites: dict[str, dict], rounds_done: int, valid
                   "rebuild with fedmed.model.build_model(ModelConfig(**architecture))",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_id": run.run_id,
-        "architecture": asdict(run.model_config()),
+        "architecture": asdict(ModelConfig.from_settings(run)),
         "classes": list(run.class_names),
         "input": {"image_size": run.image_size, "channels": 1, "range": [0.0, 1.0],
                   "preprocessing": PREPROCESSING, "preprocessing_version": PREPROCESSING_VERSION},
@@ -30,6 +32,7 @@ def model_card(run: RunSettings, sites: dict[str, dict], rounds_done: int, valid
                      "local_epochs": run.local_epochs, "batch_size": run.batch_size,
                      "learning_rate": run.learning_rate, "momentum": run.momentum,
                      "max_grad_norm": run.max_grad_norm, "aggregation": _aggregation(run)},
+        "settings": run.user_settings(),
         "sites": sites,
         "validation": validation,
     }
@@ -63,14 +66,12 @@ def model_card_markdown(card: dict) -> str:
     for name, site in sorted(card["sites"].items()):
         private = "yes" if site.get("dp", True) else "**NO (non-private baseline)**"
         lines.append(f"| {name} | {site.get('examples', '')} | {site.get('rounds_trained', 0)} | "
-                     f"{_number(site.get('epsilon'))} | {_number(site.get('delta'))} | {private} | "
+                     f"{format_epsilon(site.get('epsilon'), site.get('dp', True), 4)} | "
+                     f"{format_number(site.get('delta'), 4)} | {private} | "
                      f"{site.get('status', '')} |")
     validation = card.get("validation") or {}
     if validation:
         lines += ["", "## Validation of the final model", ""]
-        lines += [f"- {key}: {_number(value)}" for key, value in sorted(validation.items())]
+        lines += [f"- {key}: {format_number(value, 4)}" for key, value in sorted(validation.items())]
+    lines += ["", "## Settings", "", *(f"- {name}: {value}" for name, value in card["settings"].items())]
     return "\n".join(lines) + "\n"
-
-
-def _number(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value if value is not None else "")

@@ -1,18 +1,44 @@
-"""What a site may send back after a round: the model's arrays and these scalars only.
+"""What travels between the coordinator and a site, and the words both ends use for it.
 
-Both ends use this list: a site builds its reply from it, and the coordinator drops any
-reply that carries anything else.
+A site may send back the model's arrays and the whitelisted scalars below only: a site
+builds its reply from these lists, and the coordinator drops any reply that carries
+anything else. ``RoundStatus`` is the one vocabulary for how a site's round ended, in
+training, in a site's reply and in the coordinator's records.
+
+This module imports no torch, so the ClientApp process stays light.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
-# Status codes (MetricRecord values must be numbers).
-TRAINED = 0
-BUDGET_EXHAUSTED = 1
-STATUS_NAMES = {TRAINED: "trained", BUDGET_EXHAUSTED: "budget_exhausted"}
+import numpy as np
+
+from fedmed.config import RunSettings
+from fedmed.numbers import finite_or_none
+
+
+class RoundStatus(enum.IntEnum):
+    """How a site's round ended. A whole number on the wire (MetricRecord values are
+    numbers); ``label`` is its name in records and reports."""
+
+    TRAINED = 0
+    BUDGET_EXHAUSTED = 1
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def label_of(cls, value: object) -> str:
+        """The label of a status received from elsewhere ("unknown" when it is none)."""
+        try:
+            return cls(int(value)).label  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return "unknown"
+
 
 TRAIN_METRICS = (
     "status", "dp", "examples", "steps", "loss", "epsilon", "delta", "noise-multiplier",
@@ -34,11 +60,30 @@ SITE = "site"
 CONFIG = "config"
 
 
-def finite_or_nan(value: float | None) -> float:
-    """A metric value for a MetricRecord (None and infinity travel as NaN)."""
-    if value is None or not math.isfinite(value):
-        return math.nan
-    return float(value)
+def metric_value(value: float | None) -> float:
+    """A value for a MetricRecord: missing and infinite values travel as NaN."""
+    value = finite_or_none(value)
+    return math.nan if value is None else value
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """Validate the received global model, then train one private round from it."""
+
+    run: RunSettings
+    model: np.ndarray  # packed float32 vector (see fedmed.flower.packing)
+    round: int
+
+
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """Validate the received global model on the site's validation split."""
+
+    run: RunSettings
+    model: np.ndarray
+
+
+SiteRequest = TrainRequest | EvaluateRequest
 
 
 @dataclass
@@ -50,4 +95,4 @@ class SiteReply:
     site: str
     metrics: dict
     message: str = ""
-    model: object = None  # numpy float32 vector
+    model: np.ndarray | None = None

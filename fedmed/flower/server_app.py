@@ -8,16 +8,16 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedmed.config import RunSettings
 from fedmed.flower.coordinator import FederatedRun
 from fedmed.flower.rundir import RunDirectory
-from fedmed.flower.settings import RunSettings
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run = RunSettings.from_run_config(context.run_config)
+    run = RunSettings.from_flower(context.run_config)
     run_dir = RunDirectory(run.run_dir)
     handler = _log_to(Path(run.run_dir) / "server.log")
     try:
@@ -32,6 +32,8 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _log_to(path: Path) -> logging.Handler:
+    """Send fedmed's log records to the run's server.log (this ServerApp's process is
+    Flower's, started for this run alone, so it may set the "fedmed" logger's level)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -9,7 +9,7 @@ import numpy as np
 from fedmed.data.cache import default_cache_dir
 from fedmed.data.dicom import ReadOptions
 from fedmed.data.site import SiteData, SiteSource, load_site
-from fedmed.flower.settings import RunSettings, SiteSettings
+from fedmed.config import RunSettings, SiteSettings
 
 
 @dataclass
@@ -40,7 +40,7 @@ def load_site_split(run: RunSettings, site: SiteSettings) -> SiteSplit:
     source = SiteSource.from_path(site.data, run.class_names)
     data = load_site(source, ReadOptions(image_size=run.image_size), site.cache_path or default_cache_dir())
     if len(data) == 0:
-        raise ValueError(f"site {site.site}: no usable images in {site.data} for classes {run.classes} "
+        raise ValueError(f"site {site.name}: no usable images in {site.data} for classes {run.classes} "
                          "(run `fedmed data validate` on it to see why)")
     train, val = data.split(run.val_fraction, run.seed)
     return SiteSplit(data, train, val)

@@ -13,25 +13,34 @@ import time
 
 import numpy as np
 
+from fedmed.config import RunSettings, SiteSettings
 from fedmed.flower import protocol
 from fedmed.flower.packing import pack, unpack
-from fedmed.flower.protocol import SiteReply
-from fedmed.flower.settings import RunSettings, SiteSettings
+from fedmed.flower.protocol import EvaluateRequest, RoundStatus, SiteReply, SiteRequest, TrainRequest, metric_value
 from fedmed.flower.site_data import SiteSplit, load_site_split
-from fedmed.model import build_model
+from fedmed.model import ModelConfig, build_model
+from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import PrivacyLedger
-from fedmed.train import BUDGET_EXHAUSTED, evaluate, train_round
+from fedmed.train import TrainConfig, evaluate, train_round
 from fedmed.weights import load_state, model_state
 
 
 class SiteWork:
-    """One site's rounds. The run's settings come with each message; the site's own
+    """One site's rounds. The run's settings come with each request; the site's own
     settings (data, ledger, budget) are fixed when the site starts."""
 
     def __init__(self, site: SiteSettings) -> None:
         self.site = site
         self._splits: dict[tuple, SiteSplit] = {}
         self._last_trained: tuple[tuple, SiteReply] | None = None
+
+    def handle(self, request: SiteRequest) -> SiteReply:
+        """Answer one request of the coordinator's."""
+        if isinstance(request, TrainRequest):
+            return self.train(request.run, request.model, request.round)
+        if isinstance(request, EvaluateRequest):
+            return self.evaluate(request.run, request.model)
+        raise ValueError(f"unknown request {type(request).__name__}")
 
     def split(self, run: RunSettings) -> SiteSplit:
         """The site's data for this run's preprocessing and split, loaded once per process."""
@@ -40,14 +49,13 @@ class SiteWork:
             self._splits[key] = load_site_split(run, self.site)
         return self._splits[key]
 
-    def train(self, run_config: dict, vector: np.ndarray, round_number: int) -> SiteReply:
+    def train(self, run: RunSettings, vector: np.ndarray, round_number: int) -> SiteReply:
         """Validate the received model (a packed vector), then train one private round.
 
         A round asked again with the same model (a restarted coordinator repeats the round it
         lost) gets the update already computed: resending a private result spends nothing,
         training again would."""
         started = time.perf_counter()
-        run = RunSettings.from_run_config(run_config)
         request = (run.run_id, round_number, hashlib.sha256(vector.tobytes()).hexdigest())
         if self._last_trained is not None and self._last_trained[0] == request:
             return dataclasses.replace(self._last_trained[1], message=(
@@ -59,37 +67,35 @@ class SiteWork:
         metrics = validation_metrics(model, split)
         loaded = time.perf_counter()
         result = train_round(
-            model, split.train_images, split.train_labels, run.train_config(),
-            site.privacy_config(run.rounds, run.max_grad_norm), PrivacyLedger(site.ledger),
-            site.site, run.run_id, round_number,
+            model, split.train_images, split.train_labels, TrainConfig.from_settings(run),
+            PrivacyConfig.from_settings(site, run), PrivacyLedger(site.ledger), site.name, run.run_id, round_number,
         )
-        trained = result.status != BUDGET_EXHAUSTED
+        trained = result.status == RoundStatus.TRAINED
         metrics.update({
-            "status": protocol.TRAINED if trained else protocol.BUDGET_EXHAUSTED,
+            "status": int(result.status),
             "dp": int(result.dp),
             "examples": result.examples,
             "steps": result.steps,
-            "loss": protocol.finite_or_nan(result.loss),
-            "epsilon": protocol.finite_or_nan(result.epsilon),
+            "loss": metric_value(result.loss),
+            "epsilon": metric_value(result.epsilon),
             "delta": float(result.delta),
             "noise-multiplier": float(result.noise_multiplier),
             "seconds-setup": loaded - started,
             "seconds-train": time.perf_counter() - loaded,
         })
-        reply = SiteReply(site.site, metrics, result.message[: protocol.MAX_TEXT],
+        reply = SiteReply(site.name, metrics, result.message[: protocol.MAX_TEXT],
                           pack(model_state(model)) if trained else None)
         self._last_trained = (request, reply)
         return reply
 
-    def evaluate(self, run_config: dict, vector: np.ndarray) -> SiteReply:
-        run = RunSettings.from_run_config(run_config)
-        return SiteReply(self.site.site, validation_metrics(_received_model(run, vector), self.split(run)))
+    def evaluate(self, run: RunSettings, vector: np.ndarray) -> SiteReply:
+        return SiteReply(self.site.name, validation_metrics(_received_model(run, vector), self.split(run)))
 
 
 def _received_model(run: RunSettings, vector: np.ndarray):
     """The run's model with the coordinator's weights; refuses a vector that does not fit
     it or holds non-finite values."""
-    model = build_model(run.model_config())
+    model = build_model(ModelConfig.from_settings(run))
     load_state(model, unpack(vector, model_state(model)))
     return model
 
@@ -101,10 +107,10 @@ def validation_metrics(model, split: SiteSplit) -> dict[str, float]:
     scores = evaluate(model, split.val_images, split.val_labels)
     return {
         "val-examples": int(len(split.val)),
-        "val-loss": protocol.finite_or_nan(scores["loss"]),
-        "val-accuracy": protocol.finite_or_nan(scores["accuracy"]),
-        "val-balanced-accuracy": protocol.finite_or_nan(scores["balanced_accuracy"]),
-        "val-auroc": protocol.finite_or_nan(scores["auroc"]),
-        "val-sensitivity": protocol.finite_or_nan(scores.get("sensitivity")),
-        "val-specificity": protocol.finite_or_nan(scores.get("specificity")),
+        "val-loss": metric_value(scores["loss"]),
+        "val-accuracy": metric_value(scores["accuracy"]),
+        "val-balanced-accuracy": metric_value(scores["balanced_accuracy"]),
+        "val-auroc": metric_value(scores["auroc"]),
+        "val-sensitivity": metric_value(scores.get("sensitivity")),
+        "val-specificity": metric_value(scores.get("specificity")),
     }

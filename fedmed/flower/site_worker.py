@@ -22,7 +22,7 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
-from fedmed.flower.protocol import SiteReply
+from fedmed.flower.protocol import SiteReply, SiteRequest, TrainRequest
 
 SOCKET_NAME = "worker.sock"
 MAX_SOCKET_PATH = 100  # Unix socket paths are limited to about 108 bytes
@@ -42,7 +42,7 @@ def _key_path(address: Path) -> Path:
 
 
 class SiteWorker:
-    """Serves ``train`` and ``evaluate`` requests of one site, one at a time."""
+    """Serves a site's requests (``fedmed.flower.protocol``), one at a time."""
 
     def __init__(self, work, address: Path) -> None:
         self.work = work  # a fedmed.flower.site_work.SiteWork
@@ -79,7 +79,7 @@ class SiteWorker:
             with connection:
                 try:
                     request = connection.recv()
-                    reply = handle_request(self.work, request)
+                    reply = self.work.handle(request)
                     connection.send({"reply": reply})
                 except (EOFError, OSError):
                     continue
@@ -87,22 +87,12 @@ class SiteWorker:
                     print(f"round work failed: {error}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
                     connection.send({"error": f"{type(error).__name__}: {error}"})
                     continue
-                if request["kind"] == "train":
-                    print(f"round {request['round']}: {reply.message or 'trained'}; epsilon spent "
+                if isinstance(request, TrainRequest):
+                    print(f"round {request.round}: {reply.message or 'trained'}; epsilon spent "
                           f"{reply.metrics.get('epsilon', float('nan')):.3f}", flush=True)
 
 
-def handle_request(work, request: dict) -> SiteReply:
-    """Run one ``train`` or ``evaluate`` request on a site's ``SiteWork``."""
-    kind = request.get("kind")
-    if kind == "train":
-        return work.train(request["run_config"], request["model"], int(request["round"]))
-    if kind == "evaluate":
-        return work.evaluate(request["run_config"], request["model"])
-    raise ValueError(f"unknown request {kind!r}")
-
-
-def ask_worker(address: str, request: dict) -> SiteReply:
+def ask_worker(address: str, request: SiteRequest) -> SiteReply:
     """Send one request to the site's worker and wait for its reply."""
     path = Path(address)
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fedmed.config import RunSettings, SiteSettings
 from fedmed.privacy.accounting import (
     calibrate_noise,
     check_delta,
@@ -33,7 +34,7 @@ class PrivacyConfig:
     target_epsilon: float = 8.0
     max_epsilon: float | None = None  # the hard budget; defaults to target_epsilon
     delta: float | None = None  # defaults to default_delta(n)
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = RunSettings.max_grad_norm
     planned_rounds: int = 1
 
     def __post_init__(self) -> None:
@@ -45,6 +46,18 @@ class PrivacyConfig:
             raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
         if self.planned_rounds < 1:
             raise ValueError(f"planned_rounds must be at least 1, got {self.planned_rounds}")
+
+    @classmethod
+    def from_settings(cls, site: SiteSettings, run: RunSettings) -> PrivacyConfig:
+        """A site's privacy for one run: its own budget, the run's clipping norm and rounds."""
+        return cls(
+            dp=site.dp,
+            target_epsilon=site.target_epsilon or site.max_epsilon,
+            max_epsilon=site.max_epsilon if site.dp else None,
+            delta=site.delta or None,
+            max_grad_norm=run.max_grad_norm,
+            planned_rounds=run.rounds,
+        )
 
     @property
     def budget(self) -> float | None:

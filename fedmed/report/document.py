@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fedmed.numbers import MISSING, format_epsilon, format_number
+
 
 @dataclass
 class Heading:
@@ -43,24 +45,6 @@ class Document:
     blocks: list = field(default_factory=list)
 
 
-NONE = "-"
-NON_PRIVATE = "inf (non-private)"
-
-
-def number(value) -> str:
-    if value is None:
-        return NONE
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.6g}"
-
-
-def epsilon_text(value, dp: bool = True) -> str:
-    return NON_PRIVATE if not dp else number(value)
-
-
 def report_document(report: dict, figures: list[Figure]) -> Document:
     doc = Document("fedmed privacy report")
     sources = report["sources"]
@@ -92,12 +76,12 @@ def _budget_table(accounts: list[dict]) -> Table:
               "delta", "rounds", "non-private rounds", "refused rounds"]
     rows = []
     for a in accounts:
-        used = NONE if a["budget_used"] is None else f"{a['budget_used']:.1%}"
+        used = MISSING if a["budget_used"] is None else f"{a['budget_used']:.1%}"
         dp = not a["non_private_rounds"]
-        rows.append([a["site"], number(a["budget"]), epsilon_text(a["epsilon_spent"], dp),
-                     epsilon_text(a["epsilon_second_opinion"], dp), number(a["budget_left"]), used,
-                     number(a["delta"]), number(len(a["rounds"])), number(a["non_private_rounds"]),
-                     number(len(a["refused"]))])
+        rows.append([a["site"], format_number(a["budget"]), format_epsilon(a["epsilon_spent"], dp),
+                     format_epsilon(a["epsilon_second_opinion"], dp), format_number(a["budget_left"]), used,
+                     format_number(a["delta"]), format_number(len(a["rounds"])), format_number(a["non_private_rounds"]),
+                     format_number(len(a["refused"]))])
     return Table(header, rows)
 
 
@@ -114,10 +98,10 @@ def _run_blocks(run: dict, figures: dict[str, Figure]) -> list:
     for r in run["rounds"]:
         val = r["validation"] or {}
         held_out = r["server_validation"] or {}
-        rows.append([str(r["round"]), number(r["aggregated"]), _names(r["trained"]), _names(r["budget_exhausted"]),
-                     _names(r["rejected"]), _names(r["failed"]), _names(r["missing"]), number(r["train_loss"]),
-                     number(val.get("auroc")), number(val.get("accuracy")), number(val.get("balanced_accuracy")),
-                     number(held_out.get("auroc"))])
+        rows.append([str(r["round"]), format_number(r["aggregated"]), _names(r["trained"]), _names(r["budget_exhausted"]),
+                     _names(r["rejected"]), _names(r["failed"]), _names(r["missing"]), format_number(r["train_loss"]),
+                     format_number(val.get("auroc")), format_number(val.get("accuracy")), format_number(val.get("balanced_accuracy")),
+                     format_number(held_out.get("auroc"))])
     blocks.append(Table(header, rows))
     blocks.append(Heading("Epsilon per round, as the sites reported it", 3))
     rows = []
@@ -125,8 +109,8 @@ def _run_blocks(run: dict, figures: dict[str, Figure]) -> list:
         row = [str(r["round"])]
         for name in run["sites"]:
             site = r["sites"].get(name)
-            row.append(NONE if site is None or site["status"] != "trained"
-                       else epsilon_text(site["epsilon"], site["dp"]))
+            row.append(MISSING if site is None or site["status"] != "trained"
+                       else format_epsilon(site["epsilon"], site["dp"]))
         rows.append(row)
     blocks.append(Table(["round", *run["sites"]], rows))
     return blocks
@@ -137,32 +121,32 @@ def _site_blocks(a: dict) -> list:
               Text(f"Ledger {a['ledger']} ({a['ledger_lines']} lines). Accountant {a['accountant']}; "
                    f"second opinion {a['second_opinion_accountant']}.")]
     blocks.append(Heading(f"{a['site']}: runs", 3))
-    rows = [[r["run_id"], _rounds_text(r["rounds"]), number(r["dp"]),
-             ", ".join(number(s) for s in r["noise_multipliers"]), number(r["sample_rate"]), number(r["steps"]),
-             number(r["examples"]), epsilon_text(r["epsilon_after"], r["dp"]),
-             epsilon_text(r["epsilon_second_opinion_after"], r["dp"]), number(r["delta"]), r["started"], r["ended"]]
+    rows = [[r["run_id"], _rounds_text(r["rounds"]), format_number(r["dp"]),
+             ", ".join(format_number(s) for s in r["noise_multipliers"]), format_number(r["sample_rate"]), format_number(r["steps"]),
+             format_number(r["examples"]), format_epsilon(r["epsilon_after"], r["dp"]),
+             format_epsilon(r["epsilon_second_opinion_after"], r["dp"]), format_number(r["delta"]), r["started"], r["ended"]]
             for r in a["runs"]]
     blocks.append(Table(["run", "rounds", "DP", "noise multiplier", "sample rate", "steps", "examples",
                          "epsilon after (RDP)", "epsilon after (PLD)", "delta", "first round at", "last round at"],
                         rows))
     blocks.append(Heading(f"{a['site']}: rounds", 3))
-    rows = [[r["run_id"], str(r["round"]), r["timestamp"], number(r["dp"]), number(r["examples"]),
-             number(r["steps"]), number(r["sample_rate"]), number(r["noise_multiplier"]),
-             number(r["max_grad_norm"]), number(r["delta"]), epsilon_text(r["epsilon"], r["dp"]),
-             epsilon_text(r["epsilon_second_opinion"], r["dp"])] for r in a["rounds"]]
+    rows = [[r["run_id"], str(r["round"]), r["timestamp"], format_number(r["dp"]), format_number(r["examples"]),
+             format_number(r["steps"]), format_number(r["sample_rate"]), format_number(r["noise_multiplier"]),
+             format_number(r["max_grad_norm"]), format_number(r["delta"]), format_epsilon(r["epsilon"], r["dp"]),
+             format_epsilon(r["epsilon_second_opinion"], r["dp"])] for r in a["rounds"]]
     blocks.append(Table(["run", "round", "time", "DP", "examples", "steps", "sample rate", "noise multiplier",
                          "clip norm", "delta", "epsilon (RDP)", "epsilon (PLD)"], rows))
     if a["refused"]:
         blocks.append(Heading(f"{a['site']}: refused rounds", 3))
-        rows = [[r["run_id"], str(r["round"]), r["timestamp"], number(r["epsilon_before"]),
-                 number(r["epsilon_would_be"]), number(r["max_epsilon"]), r["reason"]] for r in a["refused"]]
+        rows = [[r["run_id"], str(r["round"]), r["timestamp"], format_number(r["epsilon_before"]),
+                 format_number(r["epsilon_would_be"]), format_number(r["max_epsilon"]), r["reason"]] for r in a["refused"]]
         blocks.append(Table(["run", "round", "time", "epsilon before", "epsilon it would reach", "budget", "reason"],
                             rows))
     return blocks
 
 
 def _names(values) -> str:
-    return ", ".join(values) if values else NONE
+    return ", ".join(values) if values else MISSING
 
 
 def _rounds_text(rounds: list[int]) -> str:

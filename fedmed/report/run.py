@@ -7,12 +7,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from fedmed.config import RunSettings
 from fedmed.flower.rundir import RunDirectory
+from fedmed.numbers import finite_or_none, format_epsilon
 from fedmed.report.findings import Finding, critical, warning
 
-SETTINGS = ("rounds", "min-sites", "local-epochs", "batch-size", "learning-rate", "momentum",
-            "server-learning-rate", "server-momentum", "max-grad-norm", "model-depth", "model-width",
-            "image-size", "classes", "seed")
 VALIDATION = ("auroc", "accuracy", "balanced-accuracy", "loss", "examples")
 EPSILON_TOLERANCE = 1e-6
 
@@ -20,7 +19,7 @@ EPSILON_TOLERANCE = 1e-6
 def run_view(path: Path) -> tuple[dict, list[Finding]]:
     """The run directory's record, one row per round; raises FileNotFoundError if not a run."""
     run_dir = RunDirectory(path)
-    config = run_dir.read_config()
+    run = RunSettings.from_flower(run_dir.read_config())
     status = run_dir.status()
     metrics = run_dir.metrics()
     rounds = _last_per_round([r for r in metrics if r.get("event") == "round"])
@@ -29,9 +28,8 @@ def run_view(path: Path) -> tuple[dict, list[Finding]]:
     sites = sorted({name for row in rows for name in row["sites"]})
     initial = validations.get(0)
     view = {
-        "run_dir": str(run_dir.path), "run_id": config.get("run-id", ""), "phase": status.get("phase", "unknown"),
-        "rounds_planned": int(config.get("rounds", 0)), "rounds_recorded": len(rows),
-        "settings": {key: config[key] for key in SETTINGS if key in config},
+        "run_dir": str(run_dir.path), "run_id": run.run_id, "phase": status.get("phase", "unknown"),
+        "rounds_planned": run.rounds, "rounds_recorded": len(rows), "settings": run.user_settings(),
         "sites": sites, "rounds": rows,
         "initial_validation": _validation(initial["weighted"]) if initial else None,
     }
@@ -54,7 +52,7 @@ def _round_row(record: dict, validation: dict | None) -> dict:
     for name, metrics in record.get("sites", {}).items():
         sites[name] = {
             "status": metrics.get("status_name", ""), "dp": bool(metrics.get("dp", 0)),
-            "epsilon": _finite(metrics.get("epsilon")), "delta": metrics.get("delta"),
+            "epsilon": finite_or_none(metrics.get("epsilon")), "delta": metrics.get("delta"),
             "noise_multiplier": metrics.get("noise-multiplier"), "steps": metrics.get("steps"),
             "examples": metrics.get("examples"),
         }
@@ -63,7 +61,7 @@ def _round_row(record: dict, validation: dict | None) -> dict:
         "trained": list(record.get("trained", [])), "budget_exhausted": list(record.get("budget_exhausted", [])),
         "rejected": dict(record.get("rejected", {})), "failed": dict(record.get("failed", {})),
         "missing": list(record.get("missing", [])), "examples": record.get("examples"),
-        "train_loss": _finite(record.get("train_loss")), "seconds": record.get("seconds"),
+        "train_loss": finite_or_none(record.get("train_loss")), "seconds": record.get("seconds"),
         "validation": _validation(validation["weighted"]) if validation else None,
         "server_validation": _server_validation(record.get("server_validation")),
         "sites": sites,
@@ -71,20 +69,13 @@ def _round_row(record: dict, validation: dict | None) -> dict:
 
 
 def _validation(weighted: dict) -> dict:
-    return {key.replace("-", "_"): _finite(weighted.get(f"val-{key}")) for key in VALIDATION}
+    return {key.replace("-", "_"): finite_or_none(weighted.get(f"val-{key}")) for key in VALIDATION}
 
 
 def _server_validation(scores: dict | None) -> dict | None:
     if not scores:
         return None
-    return {key.replace("-", "_"): _finite(scores.get(key.replace("-", "_"))) for key in VALIDATION}
-
-
-def _finite(value) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+    return {key.replace("-", "_"): finite_or_none(scores.get(key.replace("-", "_"))) for key in VALIDATION}
 
 
 def ledger_paths(path: Path) -> list[Path]:
@@ -113,8 +104,10 @@ def cross_check(view: dict, accounts: list[dict]) -> list[Finding]:
             reported = row["sites"].get(name, {}).get("epsilon")
             if not _same_epsilon(reported, entry["epsilon"]):
                 findings.append(warning("epsilon-mismatch", f"round {row['round']}: {name} reported epsilon "
-                                        f"{_text(reported)} to the coordinator, its ledger says "
-                                        f"{_text(entry['epsilon'])}", name))
+                                        f"{format_epsilon(reported, reported is not None)} to the "
+                                        f"coordinator, its ledger says "
+                                        f"{format_epsilon(entry['epsilon'], entry['epsilon'] is not None)}",
+                                        name))
         recorded = {row["round"] for row in view["rounds"]}
         extra = sorted(r for r in ledger_rounds if r not in {row["round"] for row in trained} and r in recorded)
         if extra:
@@ -128,7 +121,3 @@ def _same_epsilon(a: float | None, b: float | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
     return math.isclose(a, b, rel_tol=EPSILON_TOLERANCE, abs_tol=1e-9)
-
-
-def _text(value: float | None) -> str:
-    return "none (non-private)" if value is None else f"{value:.6g}"

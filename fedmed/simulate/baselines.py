@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from fedmed.config import RunSettings, SiteSettings
 from fedmed.data.dicom import ReadOptions
 from fedmed.data.site import SiteSource, load_site
 from fedmed.flower.packing import pack, unpack
-from fedmed.flower.settings import RunSettings, SiteSettings
 from fedmed.flower.site_work import SiteWork
-from fedmed.model import build_model
+from fedmed.model import ModelConfig, build_model
 from fedmed.simulate.scenario import Scenario
 from fedmed.simulate.sites import SimulationData
 from fedmed.train import evaluate
@@ -35,7 +36,7 @@ def load_test_set(run: RunSettings, data: SimulationData, cache_dir: Path) -> tu
 
 def test_scores(run: RunSettings, vector: np.ndarray, test: tuple[np.ndarray, np.ndarray]) -> dict:
     """A packed model's scores on the held-out test set."""
-    model = build_model(run.model_config())
+    model = build_model(ModelConfig.from_settings(run))
     load_state(model, unpack(vector, model_state(model)))
     return evaluate(model, *test)
 
@@ -44,18 +45,18 @@ def train_alone(run: RunSettings, site: SiteSettings) -> tuple[np.ndarray, dict]
     """Train one model on one site's data for the run's rounds; returns the packed model
     and the last round's reply metrics (epsilon, examples, validation of the previous model)."""
     work = SiteWork(site)
-    vector = pack(model_state(build_model(run.model_config())))
+    vector = pack(model_state(build_model(ModelConfig.from_settings(run))))
     metrics: dict = {}
     for round_number in range(1, run.rounds + 1):
-        reply = work.train(run.to_run_config(), vector, round_number)
+        reply = work.train(run, vector, round_number)
         metrics = reply.metrics
         outcome = reply.message or f"loss {metrics.get('loss', math.nan):.3f}"
         spent = f", epsilon {metrics.get('epsilon', math.nan):.2f}" if site.dp else ""
-        print(f"  {site.site} round {round_number}/{run.rounds}: {outcome}{spent}", flush=True)
+        print(f"  {site.name} round {round_number}/{run.rounds}: {outcome}{spent}", flush=True)
         if reply.model is None:  # budget exhausted: keep the last model
             break
         vector = reply.model
-    metrics = {**metrics, **work.evaluate(run.to_run_config(), vector).metrics}
+    metrics = {**metrics, **work.evaluate(run, vector).metrics}
     return vector, metrics
 
 
@@ -77,26 +78,25 @@ def run_centralized(scenario: Scenario, run: RunSettings, data: SimulationData, 
                     test: tuple[np.ndarray, np.ndarray]) -> list[dict]:
     """Pooled data, one model: non-private, then private at the scenario's largest budget."""
     manifest = pooled_manifest(data, out_dir / "pooled.csv")
-    budget = max(scenario.per_site("max_epsilon", i) for i in range(scenario.site_count))
+    budget = max(site.max_epsilon for site in scenario.site_settings)
     rows = []
     for dp in (False, True):
         name = "centralized-dp" if dp else "centralized"
-        site = SiteSettings(data=str(manifest), site=name, ledger=str(out_dir / name / "ledger.jsonl"),
-                            cache_dir=str(cache_dir), max_epsilon=budget, target_epsilon=budget,
-                            delta=scenario.delta, dp=dp)
+        site = replace(scenario.site_settings[0], name=name, data=str(manifest),
+                       ledger=str(out_dir / name / "ledger.jsonl"), cache_dir=str(cache_dir), max_epsilon=budget,
+                       target_epsilon=budget, dp=dp)
         vector, metrics = train_alone(run, site)
         rows.append(_row(name, "pooled", dp, metrics, test_scores(run, vector, test)))
     return rows
 
 
-def run_local(run: RunSettings, sites: list[dict], test: tuple[np.ndarray, np.ndarray]) -> list[dict]:
-    """Every site alone, with its own privacy settings; ``sites`` are node-config-style
-    settings whose ledgers are this baseline's own (not the federation's)."""
+def run_local(run: RunSettings, sites: list[SiteSettings], test: tuple[np.ndarray, np.ndarray]) -> list[dict]:
+    """Every site alone, with its own privacy settings; the ``sites``' ledgers are this
+    baseline's own (not the federation's)."""
     rows = []
-    for config in sites:
-        site = SiteSettings.from_node_config(config)
+    for site in sites:
         vector, metrics = train_alone(run, site)
-        rows.append(_row("local", site.site, site.dp, metrics, test_scores(run, vector, test)))
+        rows.append(_row("local", site.name, site.dp, metrics, test_scores(run, vector, test)))
     return rows
 
 

@@ -22,8 +22,8 @@ from fedmed.data.partition import class_table, dirichlet_partition
 from fedmed.data.split import split_by_patient
 from fedmed.simulate.scenario import Scenario
 
-DATA_KEYS = ("source", "path", "site_dirs", "test_dir", "images", "classes", "test_fraction", "sites", "alpha",
-             "quantity_alpha", "seed", "min_site_size")
+DATA_KEYS = ("source", "path", "site_dirs", "test_dir", "images", "test_fraction", "sites", "alpha",
+             "quantity_alpha", "seed", "min_site_size")  # the simulation settings that decide the sites' files
 FINGERPRINT = "fingerprint.json"
 SYNTHETIC_SIZE = 64  # synthetic images are drawn at this side; sites resize to the run's size
 
@@ -38,17 +38,18 @@ class SimulationData:
 
 def prepare_sites(scenario: Scenario, data_dir: Path) -> SimulationData:
     """Write (or reuse) the scenario's per-site DICOM folders and test folder under ``data_dir``."""
-    if scenario.source == "dicom":
-        dirs = tuple(Path(d).resolve() for d in scenario.site_dirs)
-        missing = [str(d) for d in (*dirs, Path(scenario.test_dir)) if not d.exists()]
+    settings = scenario.simulation
+    if settings.source == "dicom":
+        dirs = tuple(Path(d).resolve() for d in settings.site_dirs)
+        missing = [str(d) for d in (*dirs, Path(settings.test_dir)) if not d.exists()]
         if missing:
             raise FileNotFoundError(f"scenario data not found: {', '.join(missing)}")
-        return SimulationData(tuple(d.name for d in dirs), dirs, Path(scenario.test_dir).resolve(),
+        return SimulationData(tuple(d.name for d in dirs), dirs, Path(settings.test_dir).resolve(),
                               "(existing DICOM folders; run `fedmed data validate` on each for counts)")
-    fingerprint = {key: getattr(scenario, key) for key in DATA_KEYS}
-    if scenario.source == "npz":
-        fingerprint["npz_sha256"] = _sha256(Path(scenario.path))
-    names = tuple(site_names(scenario.sites))
+    fingerprint = {key: getattr(settings, key) for key in DATA_KEYS} | {"classes": scenario.run.classes}
+    if settings.source == "npz":
+        fingerprint["npz_sha256"] = _sha256(Path(settings.path))
+    names = tuple(site_names(settings.sites))
     stamp = data_dir / FINGERPRINT
     if stamp.is_file() and json.loads(stamp.read_text())["settings"] == json.loads(json.dumps(fingerprint)):
         saved = json.loads(stamp.read_text())
@@ -60,27 +61,27 @@ def prepare_sites(scenario: Scenario, data_dir: Path) -> SimulationData:
     data_dir.mkdir(parents=True, exist_ok=True)
     images, parts, test = _partition(scenario)
     table = class_table(parts, images.labels, images.classes, list(names))
-    export_sites(images, parts, data_dir / "sites", scenario.seed)
-    export_site(test, data_dir / "test", "test-set", SITE_STYLES[0], scenario.seed)
+    export_sites(images, parts, data_dir / "sites", settings.seed)
+    export_site(test, data_dir / "test", "test-set", SITE_STYLES[0], settings.seed)
     stamp.write_text(json.dumps({"settings": fingerprint, "table": table}, indent=2) + "\n")
     return SimulationData(names, tuple(data_dir / "sites" / n for n in names), data_dir / "test", table)
 
 
 def _partition(scenario: Scenario):
     """(training pool, one index array per site, test set) for the scenario."""
-    classes = tuple(c.strip() for c in scenario.classes.split(","))
-    if scenario.source == "npz":
-        pool = load_npz(scenario.path, "train", classes)
-        parts = dirichlet_partition(pool.labels, scenario.sites, scenario.alpha, scenario.quantity_alpha,
-                                    scenario.seed, scenario.min_site_size)
-        return pool, parts, load_npz(scenario.path, "test", classes)
+    classes, settings = scenario.run.class_names, scenario.simulation
+    if settings.source == "npz":
+        pool = load_npz(settings.path, "train", classes)
+        parts = dirichlet_partition(pool.labels, settings.sites, settings.alpha, settings.quantity_alpha,
+                                    settings.seed, settings.min_site_size)
+        return pool, parts, load_npz(settings.path, "test", classes)
     # synthetic: hold out a share of every site's patients, so the test set has every scanner
-    pool, parts = synthetic_sites(scenario.images, scenario.sites, scenario.alpha, scenario.quantity_alpha,
-                                  SYNTHETIC_SIZE, scenario.seed, min_site_size=scenario.min_site_size)
+    pool, parts = synthetic_sites(settings.images, settings.sites, settings.alpha, settings.quantity_alpha,
+                                  SYNTHETIC_SIZE, settings.seed, min_site_size=settings.min_site_size)
     kept, held_out = [], []
     for part in parts:
         rest, test = split_by_patient(pool.labels[part], [pool.patient_ids[i] for i in part],
-                                      scenario.test_fraction, scenario.seed)
+                                      settings.test_fraction, settings.seed)
         kept.append(part[rest])
         held_out.append(part[test])
     return pool, kept, pool.subset(np.concatenate(held_out))

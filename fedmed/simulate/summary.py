@@ -8,7 +8,9 @@ import math
 from pathlib import Path
 
 from fedmed.files import write_atomic
+from fedmed.config import RunSettings, SiteSettings
 from fedmed.flower.rundir import RunDirectory
+from fedmed.numbers import format_epsilon, format_number
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.report.render import markdown_table
 
@@ -20,12 +22,12 @@ def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:
     validations = [r for r in records if r.get("event") == "validation"]
     last_round = rounds[-1] if rounds else {}
     final_validation = validations[-1]["sites"] if validations else {}
-    config = json.loads(run_dir.config_path.read_text())
-    sites = json.loads(config.get("simulation-sites") or "[]")
+    run = RunSettings.from_flower(run_dir.read_config())
+    sites = [SiteSettings.from_flower(site) for site in json.loads(run.simulation_sites or "[]")]
     per_site, epsilons = [], []
     for site in sites:
-        name = site["site"]
-        ledger = PrivacyLedger(site["ledger"])
+        name = site.name
+        ledger = PrivacyLedger(site.ledger)
         epsilon = ledger.entries[-1].epsilon if ledger.entries else 0.0
         epsilon = math.inf if epsilon is None else float(epsilon)
         epsilons.append(epsilon)
@@ -38,11 +40,11 @@ def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:
             "val_auroc": validation.get("val-auroc", math.nan),
             "val_balanced_accuracy": validation.get("val-balanced-accuracy", math.nan),
             "val_accuracy": validation.get("val-accuracy", math.nan),
-            "epsilon": epsilon, "ledger": site["ledger"],
+            "epsilon": epsilon, "ledger": site.ledger,
         })
     test = last_round.get("server_validation", {})
     overall = {
-        "mode": "federated", "model": "global", "dp": all(s.get("dp", True) for s in sites),
+        "mode": "federated", "model": "global", "dp": all(s.dp for s in sites),
         "epsilon": max(epsilons, default=math.nan),
         "train_examples": int(last_round.get("examples", 0)),
         "test_auroc": test.get("auroc", math.nan), "test_balanced_accuracy": test.get("balanced_accuracy", math.nan),
@@ -56,15 +58,17 @@ def sites_table(rows: list[dict]) -> str:
     header = ["site", "rounds trained", "train images", "val images", "val AUROC", "val balanced acc", "val acc",
               "epsilon spent"]
     return markdown_table(header, [
-        [r["site"], r["rounds_trained"], r["train_examples"], r["val_examples"], _num(r["val_auroc"]),
-         _num(r["val_balanced_accuracy"]), _num(r["val_accuracy"]), _eps(r["epsilon"])] for r in rows])
+        [r["site"], r["rounds_trained"], r["train_examples"], r["val_examples"], format_number(r["val_auroc"], 3),
+         format_number(r["val_balanced_accuracy"], 3), format_number(r["val_accuracy"], 3),
+         format_epsilon(r["epsilon"], digits=3)] for r in rows])
 
 
 def comparison_table(rows: list[dict]) -> str:
     header = ["mode", "model", "DP", "epsilon", "train images", "test AUROC", "test balanced acc", "test acc"]
     return markdown_table(header, [
-        [r["mode"], r["model"], "yes" if r["dp"] else "NO", _eps(r["epsilon"]), r["train_examples"],
-         _num(r["test_auroc"]), _num(r["test_balanced_accuracy"]), _num(r["test_accuracy"])] for r in rows])
+        [r["mode"], r["model"], "yes" if r["dp"] else "NO", format_epsilon(r["epsilon"], r["dp"], 3),
+         r["train_examples"], format_number(r["test_auroc"], 3), format_number(r["test_balanced_accuracy"], 3),
+         format_number(r["test_accuracy"], 3)] for r in rows])
 
 
 def write_summary(out_dir: Path, scenario: dict, comparison: list[dict], sites: list[dict], seconds: float) -> str:
@@ -83,12 +87,3 @@ def write_summary(out_dir: Path, scenario: dict, comparison: list[dict], sites: 
     write_atomic(out_dir / "summary.json", (json.dumps(payload, indent=2, default=str) + "\n").encode("utf-8"))
     return markdown
 
-
-def _num(value: float) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
-
-
-def _eps(value: float) -> str:
-    if value is None or math.isnan(value):
-        return "n/a"
-    return "none (non-private)" if math.isinf(value) else f"{value:.2f}"

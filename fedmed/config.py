@@ -1,0 +1,525 @@
+"""Every setting of a run, a site and a simulation, declared once.
+
+Each setting is a dataclass field whose metadata gives its TOML section, help text,
+unit and allowed range. Everything else derives from these declarations: the options
+of ``fedmed-server``, ``fedmed-client`` and ``fedmed-simulate``, the sections and keys
+of scenario and deployment TOML files, ``--set section.key=value``, Flower's run and
+node config (dashed keys, converted only in ``to_flower``/``from_flower``), and the
+settings recorded in a run directory and model card. A new field appears in all of them.
+
+Names are the vocabulary: the field ``local_epochs`` of section ``training`` is the TOML
+key ``training.local_epochs``, the option ``--local-epochs`` and Flower's
+``local-epochs``.
+
+This module imports no torch, torchvision, Opacus or Flower: the ClientApp and the
+command-line tools read it before (or without) loading them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cache
+from pathlib import Path
+from typing import Any, Mapping
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+NORM_GROUPS = 8  # GroupNorm groups of the model; the model's width must be a multiple
+
+
+def setting(default: Any, help: str, *, section: str, unit: str = "", low: float | None = None,
+            high: float | None = None, above: float | None = None, below: float | None = None,
+            choices: tuple | None = None, multiple_of: int | None = None, flag: str = "",
+            required: bool = False, per_site: bool = False, in_scenario: bool = True) -> Any:
+    """Declare one setting. ``low``/``high`` are inclusive bounds, ``above``/``below``
+    exclusive ones. ``flag`` replaces the derived option name, ``required`` means the
+    default is no value, ``per_site`` lets a scenario give one value per site, and
+    ``in_scenario=False`` marks what a simulation sets by itself."""
+    return field(default=default, metadata={
+        "section": section, "help": help, "unit": unit, "low": low, "high": high, "above": above,
+        "below": below, "choices": choices, "multiple_of": multiple_of, "flag": flag,
+        "required": required, "per_site": per_site, "in_scenario": in_scenario,
+    })
+
+
+def internal(default: Any, help: str) -> Any:
+    """A value fedmed fills in itself (a path, an id); never an option or a file key."""
+    return field(default=default, metadata={"section": "", "help": help, "internal": True})
+
+
+# -- the settings -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What every party of one run agrees on. The coordinator sends it to every site as
+    Flower's run config; a site's own settings (``SiteSettings``) never leave the site."""
+
+    # data
+    classes: str = setting("normal,pneumonia", "class names in label order, comma-separated (class folder "
+                           "names or manifest labels)", section="data")
+    image_size: int = setting(28, "training resolution: every image is resized to this side", section="data",
+                              unit="px", low=8, high=1024)
+    val_fraction: float = setting(0.2, "share of each site's patients kept to validate the global model",
+                                  section="data", low=0.0, below=1.0)
+    # model
+    depth: int = setting(18, "ResNet depth", section="model", choices=(18, 34, 50))
+    width: int = setting(16, "channels of the first ResNet stage (torchvision's: 64); later stages have 2x, "
+                         "4x, 8x", section="model", low=NORM_GROUPS, multiple_of=NORM_GROUPS)
+    # training
+    rounds: int = setting(3, "federated rounds", section="training", low=1)
+    local_epochs: int = setting(1, "passes over a site's data per round", section="training", low=1)
+    batch_size: int = setting(64, "expected (logical) batch size of each step", section="training", low=1)
+    physical_batch_size: int = setting(64, "images per forward/backward pass; bounds memory, not the step",
+                                       section="training", low=1)
+    learning_rate: float = setting(0.1, "the sites' SGD step size", section="training", above=0.0)
+    momentum: float = setting(0.9, "the sites' SGD momentum", section="training", low=0.0, below=1.0)
+    weight_decay: float = setting(0.0, "the sites' SGD weight decay", section="training", low=0.0)
+    max_grad_norm: float = setting(1.0, "DP-SGD clipping norm of each example's gradient", section="training",
+                                   above=0.0)
+    class_weights: str = setting("", "comma-separated loss weight per class, from public figures (never from "
+                                 "a site's own data); empty: equal weights", section="training")
+    server_learning_rate: float = setting(1.0, "the coordinator's step towards the sites' average (1.0: "
+                                          "FedAvg)", section="training", above=0.0)
+    server_momentum: float = setting(0.0, "the coordinator's momentum over rounds (> 0: FedAvgM)",
+                                     section="training", low=0.0, below=1.0)
+    seed: int = setting(0, "seed of the initial model, site sampling, validation splits and non-private "
+                        "shuffling (DP noise is always secret)", section="training", low=0)
+    # federation (the coordinator's; a simulation sets these itself)
+    min_sites: int = setting(2, "sites needed to start, and valid updates needed to change the model in a "
+                             "round", section="federation", low=1, in_scenario=False)
+    fraction_train: float = setting(1.0, "fraction of connected sites asked to train each round",
+                                    section="federation", above=0.0, high=1.0, in_scenario=False)
+    round_timeout: float = setting(600.0, "seconds to wait for the sites' replies in a round",
+                                   section="federation", unit="s", above=0.0, in_scenario=False)
+    site_wait_timeout: float = setting(600.0, "seconds to wait for min_sites hospitals to connect",
+                                       section="federation", unit="s", above=0.0, in_scenario=False)
+    server_eval_data: str = setting("", "a DICOM folder or manifest the coordinator owns, evaluated after "
+                                    "every round", section="federation", in_scenario=False)
+    # filled in by fedmed
+    run_dir: str = internal("", "the coordinator's run directory")
+    run_id: str = internal("", "fedmed's run id; stays the same when a run is resumed")
+    start_round: int = internal(1, "> 1 when resuming from the checkpoint of start_round - 1")
+    simulation_sites: str = internal("", "simulation only: JSON list of each virtual site's node config, "
+                                     "indexed by Flower's partition id")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if not 1 <= self.start_round <= self.rounds:
+            raise ValueError(f"the start round must be within 1..{self.rounds}, got {self.start_round}")
+        if len(self.class_names) < 2:
+            raise ValueError(f"data.classes must name at least 2 classes, got {self.classes!r}")
+        if self.class_weights and len(self.class_weights.split(",")) != len(self.class_names):
+            raise ValueError(f"training.class_weights gives {len(self.class_weights.split(','))} weights for "
+                             f"{len(self.class_names)} classes ({self.classes})")
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(c.strip() for c in self.classes.split(",") if c.strip())
+
+    @property
+    def class_weight_values(self) -> tuple[float, ...] | None:
+        return tuple(float(w) for w in self.class_weights.split(",")) if self.class_weights else None
+
+    def to_flower(self) -> dict:
+        return to_flower(self)
+
+    @classmethod
+    def from_flower(cls, config: Mapping) -> RunSettings:
+        return from_flower(cls, config, "the run config")
+
+    def user_settings(self) -> dict:
+        """The settings a user chose (no paths or ids), by name: for records and cards."""
+        return {f.name: getattr(self, f.name) for f in options(RunSettings)}
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """A hospital's own settings: where its data and ledger are, and its privacy budget.
+    They reach its ClientApp as the SuperNode's node config and never leave the site."""
+
+    name: str = setting("", "this hospital's name, as shown in reports", section="site", flag="site",
+                        required=True, in_scenario=False)
+    data: str = setting("", "folder with one sub-folder per class, or a CSV manifest "
+                        "(path,label[,patient_id])", section="site", required=True, in_scenario=False)
+    cache_dir: str = setting("", "preprocessing cache (default: $FEDMED_CACHE_DIR or ~/.cache/fedmed)",
+                             section="site", in_scenario=False)
+    dp: bool = setting(True, "train with differential privacy; false only for non-private baselines",
+                       section="privacy")
+    max_epsilon: float = setting(8.0, "the site's lifetime privacy budget; rounds that would pass it are "
+                                 "refused", section="privacy", above=0.0, per_site=True)
+    target_epsilon: float = setting(0.0, "cumulative epsilon to reach by the end of this run (0: "
+                                    "max_epsilon)", section="privacy", low=0.0, per_site=True)
+    delta: float = setting(0.0, "delta of the guarantee (0: a power of ten below 1/(10 n))",
+                           section="privacy", low=0.0, below=1.0)
+    ledger: str = internal("", "the site's privacy ledger (fedmed-client keeps it in the state directory)")
+    worker: str = internal("", "socket of the site's long-lived worker (set by fedmed-client)")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+    def to_flower(self) -> dict:
+        return to_flower(self)
+
+    @classmethod
+    def from_flower(cls, config: Mapping) -> SiteSettings:
+        missing = [f"{key}" for key in ("name", "data", "ledger") if not config.get(key)]
+        if missing:
+            raise ValueError(f"the SuperNode's node config lacks {', '.join(missing)} (start sites with "
+                             "fedmed-client)")
+        return from_flower(cls, config, "the node config")
+
+    @property
+    def cache_path(self) -> Path | None:
+        return Path(self.cache_dir) if self.cache_dir else None
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How ``fedmed-server`` listens and whom it admits."""
+
+    host: str = setting("0.0.0.0", "address to listen on (0.0.0.0: all)", section="server")
+    port: int = setting(9092, "the one port hospitals connect to", section="server", low=1, high=65535)
+    certificates: str = setting("", "folder with ca.crt, server.crt and server.key (TLS)", section="server")
+    insecure: bool = setting(False, "no TLS: trusted test networks only", section="server")
+    authorized_keys: str = setting("", "folder of site public keys (*.pub): only these sites may join "
+                                   "(needs TLS)", section="server")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How ``fedmed-client`` reaches the coordinator and where it keeps its state."""
+
+    server: str = setting("", "the coordinator, HOST:PORT", section="connection", required=True)
+    root_certificates: str = setting("", "CA certificate that signed the coordinator's", section="connection")
+    insecure: bool = setting(False, "no TLS: trusted test networks only", section="connection")
+    auth_key: str = setting("", "this site's private key, if the coordinator requires site keys",
+                            section="connection")
+    state_dir: str = setting("", "where the site's privacy ledger and logs live (default "
+                             "~/.fedmed/sites/SITE)", section="site")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """A simulation's own settings: where its data comes from, how it is split over
+    virtual hospitals, and the simulation's resources."""
+
+    source: str = setting("synthetic", "synthetic (built in), npz (MedMNIST-style file) or dicom (one "
+                          "folder per site)", section="data", choices=("synthetic", "npz", "dicom"))
+    path: str = setting("", "npz: the .npz file", section="data")
+    site_dirs: tuple[str, ...] = setting((), "dicom: one DICOM folder (or manifest) per site", section="data")
+    test_dir: str = setting("", "dicom: a held-out DICOM folder (npz uses its test split)", section="data")
+    images: int = setting(1600, "synthetic: size of the image pool", section="data", low=1)
+    test_fraction: float = setting(0.2, "synthetic: share of every site's patients held out for testing",
+                                   section="data", above=0.0, below=1.0)
+    sites: int = setting(4, "number of virtual hospitals (dicom: one per folder)", section="partition", low=1)
+    alpha: float | None = setting(0.5, "Dirichlet label skew, smaller is more skewed (none: equal class "
+                                  "mixes)", section="partition", above=0.0)
+    quantity_alpha: float | None = setting(2.0, "Dirichlet site sizes, smaller is more unequal (none: equal "
+                                           "expected sizes)", section="partition", above=0.0)
+    seed: int = setting(0, "seed of the data split over sites", section="partition", low=0)
+    min_site_size: int = setting(20, "fewest images a site gets", section="partition", low=1)
+    cpus_per_site: int = setting(1, "CPUs reserved per virtual site (Ray)", section="resources", low=1)
+    ray_address: str = setting("", "attach to this Ray cluster instead of starting one", section="resources")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if self.source == "npz" and not self.path:
+            raise ValueError("data.source = \"npz\" needs data.path (the .npz file)")
+        if self.source == "dicom" and not self.site_dirs:
+            raise ValueError("data.source = \"dicom\" needs data.site_dirs (one folder per site)")
+        if self.source == "dicom" and not self.test_dir:
+            raise ValueError("data.source = \"dicom\" needs data.test_dir (a held-out DICOM folder)")
+
+
+# -- reading the declarations ----------------------------------------------------------
+
+
+def options(cls: type) -> list:
+    """The fields of ``cls`` that users set (not the internal ones)."""
+    return [f for f in fields(cls) if not f.metadata.get("internal")]
+
+
+def key(f) -> str:
+    """A setting's name in files and messages: ``section.name``."""
+    return f"{f.metadata['section']}.{f.name}"
+
+
+def flag(f) -> str:
+    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
+@cache
+def _types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _rule(meta: Mapping) -> str:
+    """The allowed values of a setting, in words."""
+    if meta.get("choices"):
+        return "one of " + ", ".join(str(c) for c in meta["choices"])
+    low, high, above, below = meta.get("low"), meta.get("high"), meta.get("above"), meta.get("below")
+    if above == 0 and high is None and below is None:
+        return "positive (> 0)"
+    left = f"[{low:g}" if low is not None else (f"({above:g}" if above is not None else None)
+    right = f"{high:g}]" if high is not None else (f"{below:g})" if below is not None else None)
+    if left and right:
+        return f"in {left}, {right}"
+    if left:
+        return f"{'>=' if low is not None else '>'} {left[1:]}"
+    if right:
+        return f"{'<=' if high is not None else '<'} {right[:-1]}"
+    return ""
+
+
+def check_ranges(settings: Any) -> None:
+    """Raise ValueError naming the first setting outside its allowed range."""
+    for f in options(type(settings)):
+        value, meta = getattr(settings, f.name), f.metadata
+        if value is None or isinstance(value, (str, tuple)) and not meta.get("choices"):
+            continue
+        bad = (meta["choices"] and value not in meta["choices"]
+               or meta["low"] is not None and value < meta["low"]
+               or meta["high"] is not None and value > meta["high"]
+               or meta["above"] is not None and value <= meta["above"]
+               or meta["below"] is not None and value >= meta["below"])
+        if bad:
+            raise ValueError(f"{key(f)} must be {_rule(meta)}, got {value!r}")
+        if meta["multiple_of"] and value % meta["multiple_of"]:
+            raise ValueError(f"{key(f)} must be a multiple of {meta['multiple_of']}, got {value!r}")
+
+
+def coerce(cls: type, name: str, value: Any) -> Any:
+    """``value`` as the declared type of ``cls.name`` (TOML and Flower give ints for floats,
+    lists for tuples, and "none" for an absent number); raises ValueError naming the key."""
+    f = next(f for f in fields(cls) if f.name == name)
+    kind = _types(cls)[name]
+    label = key(f) if f.metadata.get("section") else name
+    optional = type(None) in typing.get_args(kind)
+    if optional:
+        if value is None or isinstance(value, str) and value.strip().lower() == "none":
+            return None
+        kind = next(t for t in typing.get_args(kind) if t is not type(None))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{label} must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{label} must be a whole number, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ValueError(f"{label} must be a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{label} must be text, got {value!r}")
+    if typing.get_origin(kind) is tuple:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ValueError(f"{label} must be a list of text, got {value!r}")
+    raise TypeError(f"{label}: fedmed.config has no reader for type {kind}")
+
+
+def build(cls: type, values: Mapping[str, Any], origin: str = "") -> Any:
+    """``cls`` from values by field name (checked and converted); errors start with ``origin``."""
+    prefix = f"{origin}: " if origin else ""
+    try:
+        settings = cls(**{name: coerce(cls, name, value) for name, value in values.items()})
+    except ValueError as error:
+        raise ValueError(f"{prefix}{error}") from error
+    missing = [flag(f) for f in options(cls) if f.metadata.get("required") and not getattr(settings, f.name)]
+    if missing:
+        raise ValueError(f"{prefix}{', '.join(missing)} must be given (on the command line or in a --config "
+                         "file)")
+    return settings
+
+
+# -- Flower's run and node config ------------------------------------------------------
+
+
+def to_flower(settings: Any) -> dict:
+    """Settings as Flower config: one dashed key per field (Flower's own naming)."""
+    return {f.name.replace("_", "-"): getattr(settings, f.name) for f in fields(settings)}
+
+
+def from_flower(cls: type, config: Mapping, what: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    values = {}
+    for name, value in config.items():
+        field_name = name.replace("-", "_")
+        if field_name not in known:
+            raise ValueError(f"{what} has an unknown setting {name!r}{_suggestion(field_name, known)}")
+        values[field_name] = value
+    return build(cls, values, what)
+
+
+# -- TOML files and --set overrides ----------------------------------------------------
+
+
+def read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from error
+
+
+def _suggestion(name: str, known) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def route(document: Mapping, parts: Mapping[str, type], origin: str, top_level: tuple[str, ...] = (),
+          only: Mapping[str, tuple[str, ...]] | None = None, scenario: bool = False) -> dict[str, dict]:
+    """Sort a TOML document's ``[section] key = value`` pairs to the settings classes in
+    ``parts`` that declare them: ``{part: {field: value}}``. ``only`` limits a part to
+    some fields; ``scenario`` leaves out what a simulation sets itself. An unknown
+    section or key is an error naming ``origin``, the key and the closest valid key."""
+    where: dict[tuple[str, str], tuple[str, Any]] = {}
+    for part, cls in parts.items():
+        for f in options(cls):
+            if only and part in only and f.name not in only[part]:
+                continue
+            if scenario and not f.metadata.get("in_scenario", True):
+                continue
+            where[(f.metadata["section"], f.name)] = (part, f)
+    valid = sorted(f"{s}.{n}" for s, n in where) + list(top_level)
+    sections = sorted({s for s, _ in where})
+    routed: dict[str, dict] = {part: {} for part in parts}
+    routed[""] = {}
+    for name, value in document.items():
+        name = name.replace("-", "_")
+        if not isinstance(value, dict):
+            if name in top_level:
+                routed[""][name] = value
+                continue
+            hint = next((f"; it belongs in [{s}]" for s, n in where if n == name), _suggestion(name, valid))
+            raise ValueError(f"{origin}: unknown setting {name!r}{hint}")
+        if name not in sections:
+            raise ValueError(f"{origin}: unknown section [{name}]; sections: {', '.join(sections)}"
+                             f"{_suggestion(name, sections)}")
+        for item, item_value in value.items():
+            item = item.replace("-", "_")
+            if (name, item) not in where:
+                raise ValueError(f"{origin}: unknown setting {name}.{item} = {item_value!r}"
+                                 f"{_suggestion(f'{name}.{item}', valid)}")
+            part, _ = where[(name, item)]
+            routed[part][item] = item_value
+    return routed
+
+
+def parse_override(text: str) -> dict:
+    """``section.key=value`` (a TOML value, or a bare word as text) as a one-key document."""
+    dotted, sep, raw = text.partition("=")
+    section, _, name = dotted.strip().partition(".")
+    if not sep or not section:
+        raise ValueError(f"--set expects section.key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word is text
+    return {section: {name: value}} if name else {section: value}
+
+
+def merge(*documents: Mapping) -> dict:
+    """TOML documents merged section by section, later ones winning."""
+    merged: dict = {}
+    for document in documents:
+        for name, value in document.items():
+            if isinstance(value, dict) and isinstance(merged.get(name), dict):
+                merged[name] = {**merged[name], **value}
+            else:
+                merged[name] = value
+    return merged
+
+
+def settings_table(parts: Mapping[str, type], top_level: tuple[str, ...] = (), scenario: bool = False) -> str:
+    """Every key ``route`` accepts for ``parts``, with its default and help, for people."""
+    lines = [f"  {name}" for name in top_level]
+    for cls in parts.values():
+        for f in options(cls):
+            if scenario and not f.metadata.get("in_scenario", True):
+                continue
+            meta = f.metadata
+            extra = ", one value or one per site" if meta.get("per_site") else ""
+            rule = _rule(meta)
+            lines.append(f"  {key(f):<30} {f.default!r:<18} {meta['help']}"
+                         f"{f'; {rule}' if rule else ''}{extra}")
+    return "\n".join(lines)
+
+
+# -- command-line options --------------------------------------------------------------
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, title: str,
+                only: tuple[str, ...] | None = None) -> None:
+    """One option per setting of ``cls`` (or of ``only``), grouped under ``title``.
+    Options given nowhere stay unset, so a --config file's values are not overridden by
+    defaults; ``given`` returns what the command line set."""
+    group = parser.add_argument_group(title)
+    for f in options(cls):
+        if only is not None and f.name not in only:
+            continue
+        meta, kind = f.metadata, _types(cls)[f.name]
+        text = meta["help"]
+        if meta["unit"]:
+            text += f" [{meta['unit']}]"
+        rule = _rule(meta)
+        if rule and not meta["choices"]:
+            text += f"; {rule}"
+        default = f.default if f.default is not MISSING else None
+        if not meta.get("required") and default not in ("", ()):
+            text += f" (default {default})"
+        text += f" [{key(f)}]"
+        common = {"dest": f.name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
+        if kind is bool:
+            group.add_argument(flag(f), action=argparse.BooleanOptionalAction, **common)
+        elif typing.get_origin(kind) is tuple:
+            group.add_argument(flag(f), nargs="+", metavar="VALUE", **common)
+        else:
+            group.add_argument(flag(f), type=_option_type(kind), metavar=_metavar(f, kind), **common)
+
+
+def _option_type(kind: Any):
+    base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+    if base is int:
+        return int
+    if base is float:
+        return lambda text: None if text.strip().lower() == "none" else float(text)
+    return str
+
+
+def _metavar(f, kind: Any) -> str:
+    if f.metadata["choices"]:
+        return "{" + ",".join(str(c) for c in f.metadata["choices"]) + "}"
+    return {int: "N", float: "X"}.get(kind, "VALUE")
+
+
+def given(args: argparse.Namespace, cls: type) -> dict:
+    """The settings of ``cls`` that the command line set."""
+    return {f.name: getattr(args, f.name) for f in options(cls) if hasattr(args, f.name)}
+
+
+def load_settings(args: argparse.Namespace, parts: Mapping[str, type], config_file: Path | None,
+                  only: Mapping[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
+    """Each part's settings: its defaults, then the --config file, then the command line."""
+    document = read_toml(config_file) if config_file is not None else {}
+    routed = route(document, parts, str(config_file), only=only)
+    return {part: build(cls, {**routed[part], **given(args, cls)},
+                        "command line" + (f" and {config_file}" if config_file else ""))
+            for part, cls in parts.items()}

@@ -1,0 +1,37 @@
+"""How fedmed shows numbers to people, and how it treats values that are not finite.
+
+One vocabulary for every table, report and model card: a missing value is shown as
+``MISSING``, and the epsilon of non-private training as ``NON_PRIVATE``.
+"""
+
+from __future__ import annotations
+
+import math
+
+MISSING = "-"
+NON_PRIVATE = "inf (non-private)"
+
+
+def finite_or_none(value: float | int | None) -> float | None:
+    """``value`` as a float, or None where it is missing, infinite or NaN (JSON has no inf)."""
+    if value is None or isinstance(value, bool):
+        return None if value is None else float(value)
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def format_number(value, digits: int = 6) -> str:
+    """A number for people: whole numbers as they are, others to ``digits`` significant digits."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    value = finite_or_none(value)
+    return MISSING if value is None else f"{value:.{digits}g}"
+
+
+def format_epsilon(value, dp: bool = True, digits: int = 6) -> str:
+    """A privacy cost: non-private training (or an infinite epsilon) says so in words."""
+    if not dp or (isinstance(value, float) and math.isinf(value)):
+        return NON_PRIVATE
+    return format_number(value, digits)
