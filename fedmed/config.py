@@ -391,11 +391,13 @@ def route(document: Mapping, parts: Mapping[str, type], origin: str, top_level: 
     some fields; ``scenario`` leaves out what a simulation sets itself. An unknown
     section or key is an error naming ``origin``, the key and the closest valid key."""
     where: dict[tuple[str, str], tuple[str, Any]] = {}
+    simulated: set[tuple[str, str]] = set()  # keys a simulation sets itself
     for part, cls in parts.items():
         for f in options(cls):
             if only and part in only and f.name not in only[part]:
                 continue
             if scenario and not f.metadata.get("in_scenario", True):
+                simulated.add((f.metadata["section"], f.name))
                 continue
             where[(f.metadata["section"], f.name)] = (part, f)
     valid = sorted(f"{s}.{n}" for s, n in where) + list(top_level)
@@ -410,6 +412,9 @@ def route(document: Mapping, parts: Mapping[str, type], origin: str, top_level: 
                 continue
             hint = next((f"; it belongs in [{s}]" for s, n in where if n == name), _suggestion(name, valid))
             raise ValueError(f"{origin}: unknown setting {name!r}{hint}")
+        for item in value:
+            if (name, item.replace("-", "_")) in simulated:
+                raise ValueError(f"{origin}: {name}.{item} is not a scenario setting: a simulation sets it itself")
         if name not in sections:
             raise ValueError(f"{origin}: unknown section [{name}]; sections: {', '.join(sections)}"
                              f"{_suggestion(name, sections)}")
