@@ -512,7 +512,7 @@ def _option_type(kind: Any):
 def _metavar(f, kind: Any) -> str:
     if f.metadata["choices"]:
         return "{" + ",".join(str(c) for c in f.metadata["choices"]) + "}"
-    return {int: "N", float: "X"}.get(kind, "VALUE")
+    return {int: "N", float: "X"}.get(kind, f.name.upper())
 
 
 def given(args: argparse.Namespace, cls: type) -> dict:

@@ -133,18 +133,29 @@ def test_a_run_setting_given_to_fedmed_server_reaches_the_site(f, tmp_path):
     check_run_value(at_the_site(run, tmp_path), f.name, value)
 
 
-@pytest.mark.parametrize("f", options(RunSettings), ids=key)
-def test_a_run_setting_in_a_scenario_reaches_the_virtual_sites(f, tmp_path):
-    value = other_value(RunSettings, f)
+def four_sites(tmp: Path) -> SimulationData:
+    return SimulationData(("a", "b", "c", "d"), tuple(tmp / n for n in "abcd"), tmp / "test", "")
+
+
+def simulated_run(f, value, tmp: Path) -> RunSettings | None:
+    """The run a simulation of a scenario setting ``f`` to ``value`` sends its virtual
+    sites, as they read it; None for what a simulation sets itself (after checking that
+    the scenario refuses it)."""
     override = f"{key(f)}={toml_value(value)}"
     if not f.metadata["in_scenario"]:
         with pytest.raises(ValueError, match=f"{key(f)} is not a scenario setting: a simulation sets it"):
             load_scenario(None, [override])
-        return
-    scenario = load_scenario(None, [override])
-    data = SimulationData(("a", "b", "c", "d"), tuple(tmp_path / n for n in "abcd"), tmp_path / "test", "")
-    run = run_settings(scenario, data, tmp_path / "run", tmp_path / "cache")
-    check_run_value(at_the_site(run, tmp_path), f.name, value)
+        return None
+    run = run_settings(load_scenario(None, [override]), four_sites(tmp), tmp / "run", tmp / "cache")
+    return at_the_site(run, tmp)
+
+
+@pytest.mark.parametrize("f", options(RunSettings), ids=key)
+def test_a_run_setting_in_a_scenario_reaches_the_virtual_sites(f, tmp_path):
+    value = other_value(RunSettings, f)
+    run = simulated_run(f, value, tmp_path)
+    if run is not None:
+        check_run_value(run, f.name, value)
 
 
 @pytest.mark.parametrize("f", options(SiteSettings), ids=key)
@@ -161,15 +172,10 @@ def test_a_site_setting_given_to_fedmed_client_reaches_its_clientapp(f, tmp_path
 @pytest.mark.parametrize("f", options(SiteSettings), ids=key)
 def test_a_site_setting_in_a_scenario_reaches_each_virtual_site(f, tmp_path):
     value = other_value(SiteSettings, f)
-    override = f"{key(f)}={toml_value(value)}"
-    if not f.metadata["in_scenario"]:
-        with pytest.raises(ValueError, match=f"{key(f)} is not a scenario setting: a simulation sets it"):
-            load_scenario(None, [override])
+    run = simulated_run(f, value, tmp_path)
+    if run is None:
         return
-    scenario = load_scenario(None, [override])
-    data = SimulationData(("a", "b", "c", "d"), tuple(tmp_path / n for n in "abcd"), tmp_path / "test", "")
-    run = run_settings(scenario, data, tmp_path / "run", tmp_path / "cache")
-    sites = [SiteSettings.from_flower(s) for s in json.loads(at_the_site(run, tmp_path).simulation_sites)]
+    sites = [SiteSettings.from_flower(s) for s in json.loads(run.simulation_sites)]
     assert len(sites) == 4
     for site in sites:
         check_site_value(site, f.name, value)
@@ -227,6 +233,8 @@ def test_a_config_file_with_an_unknown_or_out_of_range_key_is_refused_by_name(tm
                             timeout=120)
     assert result.returncode == 2 and str(config) in result.stderr
     assert "training.rounds must be >= 1, got 0" in result.stderr
+    with pytest.raises(ValueError, match="model.width must be a multiple of 8, got 12"):
+        RunSettings(width=12)
     assert not (tmp_path / "run").exists(), "nothing is written for a refused configuration"
     site = tmp_path / "site.toml"
     site.write_text("[privacy]\nmax_epsilon = -1.0\n")
@@ -279,7 +287,7 @@ def test_importing_the_configuration_loads_no_torch_or_flower():
 
 def test_a_simulation_sets_the_federation_itself(tmp_path):
     scenario = load_scenario(None, ["privacy.max_epsilon=[8.0, 4.0, 8.0, 2.0]"])
-    data = SimulationData(("a", "b", "c", "d"), tuple(tmp_path / n for n in "abcd"), tmp_path / "test", "")
+    data = four_sites(tmp_path)
     run = run_settings(scenario, data, tmp_path / "run", tmp_path / "cache")
     assert run.min_sites == 4 and run.server_eval_data == str(tmp_path / "test")
     sites = simulated_sites(scenario, data, tmp_path / "state", tmp_path / "cache")

@@ -1,6 +1,6 @@
 """A federated run's directory: the coordinator's record of one training run.
 
-    config.json            settings the run was started with
+    config.json            the run's settings as Flower run config (RunSettings.to_flower)
     status.json            phase, current round, connected sites (for live progress)
     metrics.jsonl          one JSON object per event: a round's training, a validation
     received.jsonl         what each site's reply contained (names, shapes, scalars)

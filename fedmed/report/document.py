@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fedmed.flower.protocol import RoundStatus
 from fedmed.numbers import MISSING, format_epsilon, format_number
 
 
@@ -109,7 +110,7 @@ def _run_blocks(run: dict, figures: dict[str, Figure]) -> list:
         row = [str(r["round"])]
         for name in run["sites"]:
             site = r["sites"].get(name)
-            row.append(MISSING if site is None or site["status"] != "trained"
+            row.append(MISSING if site is None or site["status"] != RoundStatus.TRAINED.label
                        else format_epsilon(site["epsilon"], site["dp"]))
         rows.append(row)
     blocks.append(Table(["round", *run["sites"]], rows))
