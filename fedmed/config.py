@@ -277,12 +277,16 @@ def _rule(meta: Mapping) -> str:
     left = f"[{low:g}" if low is not None else (f"({above:g}" if above is not None else None)
     right = f"{high:g}]" if high is not None else (f"{below:g})" if below is not None else None)
     if left and right:
-        return f"in {left}, {right}"
-    if left:
-        return f"{'>=' if low is not None else '>'} {left[1:]}"
-    if right:
-        return f"{'<=' if high is not None else '<'} {right[:-1]}"
-    return ""
+        rule = f"in {left}, {right}"
+    elif left:
+        rule = f"{'>=' if low is not None else '>'} {left[1:]}"
+    elif right:
+        rule = f"{'<=' if high is not None else '<'} {right[:-1]}"
+    else:
+        rule = ""
+    if meta.get("multiple_of"):
+        rule += f"{', ' if rule else ''}a multiple of {meta['multiple_of']}"
+    return rule
 
 
 def check_ranges(settings: Any) -> None:
