@@ -445,18 +445,6 @@ def parse_override(text: str) -> dict:
     return {section: {name: value}} if name else {section: value}
 
 
-def merge(*documents: Mapping) -> dict:
-    """TOML documents merged section by section, later ones winning."""
-    merged: dict = {}
-    for document in documents:
-        for name, value in document.items():
-            if isinstance(value, dict) and isinstance(merged.get(name), dict):
-                merged[name] = {**merged[name], **value}
-            else:
-                merged[name] = value
-    return merged
-
-
 def settings_table(parts: Mapping[str, type], top_level: tuple[str, ...] = (), scenario: bool = False) -> str:
     """Every key ``route`` accepts for ``parts``, with its default and help, for people."""
     lines = [f"  {name}" for name in top_level]
