@@ -170,7 +170,7 @@ class SiteSettings:
 
     @classmethod
     def from_flower(cls, config: Mapping) -> SiteSettings:
-        missing = [f"{key}" for key in ("name", "data", "ledger") if not config.get(key)]
+        missing = [name for name in ("name", "data", "ledger") if not config.get(name)]
         if missing:
             raise ValueError(f"the SuperNode's node config lacks {', '.join(missing)} (start sites with "
                              "fedmed-client)")
@@ -234,6 +234,10 @@ class SimulationSettings:
     min_site_size: int = setting(20, "fewest images a site gets", section="partition", low=1)
     cpus_per_site: int = setting(1, "CPUs reserved per virtual site (Ray)", section="resources", low=1)
     ray_address: str = setting("", "attach to this Ray cluster instead of starting one", section="resources")
+
+    @property
+    def site_count(self) -> int:
+        return len(self.site_dirs) if self.source == "dicom" else self.sites
 
     def __post_init__(self) -> None:
         check_ranges(self)

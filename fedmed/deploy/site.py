@@ -1,5 +1,6 @@
-"""``fedmed-client``'s work: check the site's data, keep its long-lived worker, and run
-a Flower SuperNode that connects out to the coordinator until the site is stopped."""
+"""``fedmed-client``'s work: the site's settings with its paths resolved, its long-lived
+worker, and a Flower SuperNode that connects out to the coordinator until the site is
+stopped."""
 
 from __future__ import annotations
 

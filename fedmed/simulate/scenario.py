@@ -31,7 +31,7 @@ class Scenario:
 
     @property
     def site_count(self) -> int:
-        return len(self.simulation.site_dirs) if self.simulation.source == "dicom" else self.simulation.sites
+        return self.simulation.site_count
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,8 +54,7 @@ def load_scenario(path: Path | None, overrides: list[str] = ()) -> Scenario:
         name=str(top.get("name") or (Path(path).stem if path is not None else "scenario")),
         description=str(top.get("description", "")),
         simulation=simulation, run=run,
-        site_settings=_per_site(values["site"], len(simulation.site_dirs) if simulation.source == "dicom"
-                                else simulation.sites),
+        site_settings=_per_site(values["site"], simulation.site_count),
         scenario_file=str(Path(path).resolve()) if path is not None else "",
     )
 
