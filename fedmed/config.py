@@ -31,6 +31,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+FRONTENDS = ("pixels", "scattering")  # what the residual stages see: see fedmed.model
 NORM_GROUPS = 8  # GroupNorm groups of the model; the model's width must be a multiple
 
 
@@ -57,6 +58,25 @@ def internal(default: Any, help: str) -> Any:
 # -- the settings -----------------------------------------------------------------------
 
 
+def _per_class(text: str) -> tuple[float, ...] | None:
+    return tuple(float(v) for v in text.split(",")) if text else None
+
+
+def _check_per_class(name: str, text: str, classes: tuple[str, ...]) -> None:
+    """A per-class list must give one positive number per class."""
+    if not text:
+        return
+    try:
+        values = _per_class(text)
+    except ValueError:
+        raise ValueError(f"training.{name} must be comma-separated numbers, got {text!r}") from None
+    if len(values) != len(classes):
+        raise ValueError(f"training.{name} gives {len(values)} values for {len(classes)} classes "
+                         f"({', '.join(classes)})")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"training.{name} values must be positive, got {text!r}")
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """What every party of one run agrees on. The coordinator sends it to every site as
@@ -70,9 +90,12 @@ class RunSettings:
     val_fraction: float = setting(0.2, "share of each site's patients kept to validate the global model",
                                   section="data", low=0.0, below=1.0)
     # model
-    depth: int = setting(18, "ResNet depth", section="model", choices=(18, 34, 50))
+    depth: int = setting(18, "ResNet depth", section="model", choices=(10, 18, 34, 50))
     width: int = setting(16, "channels of the first ResNet stage (torchvision's: 64); later stages have 2x, "
                          "4x, 8x", section="model", low=NORM_GROUPS, multiple_of=NORM_GROUPS)
+    frontend: str = setting("pixels", "what the ResNet's stages learn from: pixels (a trained stem) or "
+                            "scattering (a fixed wavelet scattering transform, fewer trained parameters for "
+                            "DP to noise)", section="model", choices=FRONTENDS)
     # training
     rounds: int = setting(3, "federated rounds", section="training", low=1)
     local_epochs: int = setting(1, "passes over a site's data per round", section="training", low=1)
@@ -86,6 +109,10 @@ class RunSettings:
                                    above=0.0)
     class_weights: str = setting("", "comma-separated loss weight per class, from public figures (never from "
                                  "a site's own data); empty: equal weights", section="training")
+    class_prior: str = setting("", "comma-separated public prevalence of each class (published figures, never "
+                               "a site's own counts): the loss is logit-adjusted by it (Menon et al. 2021), so "
+                               "the model's most likely class targets balanced accuracy; empty: plain loss",
+                               section="training")
     server_learning_rate: float = setting(1.0, "the coordinator's step towards the sites' average (1.0: "
                                           "FedAvg)", section="training", above=0.0)
     server_momentum: float = setting(0.0, "the coordinator's momentum over rounds (> 0: FedAvgM)",
@@ -116,9 +143,8 @@ class RunSettings:
             raise ValueError(f"the start round must be within 1..{self.rounds}, got {self.start_round}")
         if len(self.class_names) < 2:
             raise ValueError(f"data.classes must name at least 2 classes, got {self.classes!r}")
-        if self.class_weights and len(self.class_weights.split(",")) != len(self.class_names):
-            raise ValueError(f"training.class_weights gives {len(self.class_weights.split(','))} weights for "
-                             f"{len(self.class_names)} classes ({self.classes})")
+        for name in ("class_weights", "class_prior"):
+            _check_per_class(name, getattr(self, name), self.class_names)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -126,7 +152,11 @@ class RunSettings:
 
     @property
     def class_weight_values(self) -> tuple[float, ...] | None:
-        return tuple(float(w) for w in self.class_weights.split(",")) if self.class_weights else None
+        return _per_class(self.class_weights)
+
+    @property
+    def class_prior_values(self) -> tuple[float, ...] | None:
+        return _per_class(self.class_prior)
 
     def to_flower(self) -> dict:
         return to_flower(self)

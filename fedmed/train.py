@@ -6,10 +6,11 @@ of standard deviation ``noise_multiplier * max_grad_norm`` on the summed gradien
 average over the expected batch size. A logical batch is processed in physical chunks of
 ``physical_batch_size``, so memory does not grow with the logical batch.
 
-Unbalanced classes are handled with ``class_weights`` in the loss. They must not be
-computed from the site's own data (that would make every sample's gradient depend on the
-other records and void the DP analysis): use public prevalence figures or the
-coordinator's setting.
+Unbalanced classes are handled with a logit-adjusted loss for a public ``class_prior``
+(Menon et al. 2021: cross-entropy of logits + log prior, so the unadjusted logits'
+argmax targets balanced accuracy) or with ``class_weights``. Neither may be computed from
+the site's own data (that would make every sample's gradient depend on the other
+records and void the DP analysis): use published prevalence figures.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class TrainConfig:
     momentum: float = RunSettings.momentum
     weight_decay: float = RunSettings.weight_decay
     class_weights: tuple[float, ...] | None = None
+    class_prior: tuple[float, ...] | None = None  # public prevalence; the loss is logit-adjusted by it
     seed: int = RunSettings.seed  # shuffling of non-private rounds; DP rounds draw secret randomness
     # Reproducible DP sampling and noise, for experiments only: noise an observer can
     # regenerate gives no protection, so sites leave this None (OS randomness).
@@ -59,7 +61,7 @@ class TrainConfig:
     def from_settings(cls, run: RunSettings) -> TrainConfig:
         return cls(epochs=run.local_epochs, batch_size=run.batch_size, physical_batch_size=run.physical_batch_size,
                    learning_rate=run.learning_rate, momentum=run.momentum, weight_decay=run.weight_decay,
-                   class_weights=run.class_weight_values, seed=run.seed)
+                   class_weights=run.class_weight_values, class_prior=run.class_prior_values, seed=run.seed)
 
 
 @dataclass(frozen=True)
@@ -139,9 +141,11 @@ def _now() -> str:
 
 def _loss_function(train: TrainConfig, labels: torch.Tensor):
     weights = torch.tensor(train.class_weights, dtype=torch.float32) if train.class_weights else None
+    prior = torch.tensor(train.class_prior, dtype=torch.float32) if train.class_prior else None
+    adjustment = torch.log(prior / prior.sum()) if prior is not None else 0.0
 
     def per_sample(outputs: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(outputs, labels, weight=weights, reduction="none")
+        return F.cross_entropy(outputs + adjustment, labels, weight=weights, reduction="none")
 
     return per_sample
 
