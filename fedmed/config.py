@@ -31,6 +31,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+SCHEDULES = ("constant", "cosine")  # learning rate over rounds: see RunSettings.round_learning_rate
 FRONTENDS = ("pixels", "scattering")  # what the residual stages see: see fedmed.model
 NORM_GROUPS = 8  # GroupNorm groups of the model; the model's width must be a multiple
 
@@ -99,10 +100,16 @@ class RunSettings:
     # training
     rounds: int = setting(3, "federated rounds", section="training", low=1)
     local_epochs: int = setting(1, "passes over a site's data per round", section="training", low=1)
+    local_steps: int = setting(0, "DP-SGD steps per round at every site, whatever its size (0: local_epochs "
+                               "passes over its data); equal steps keep large sites from drifting further "
+                               "than small ones under label skew", section="training", low=0)
     batch_size: int = setting(64, "expected (logical) batch size of each step", section="training", low=1)
     physical_batch_size: int = setting(64, "images per forward/backward pass; bounds memory, not the step",
                                        section="training", low=1)
     learning_rate: float = setting(0.1, "the sites' SGD step size", section="training", above=0.0)
+    learning_rate_schedule: str = setting("constant", "the sites' step size over rounds: constant, or cosine "
+                                          "(decays towards 0 by the last round, so late rounds add less "
+                                          "noise to the model)", section="training", choices=SCHEDULES)
     momentum: float = setting(0.9, "the sites' SGD momentum", section="training", low=0.0, below=1.0)
     weight_decay: float = setting(0.0, "the sites' SGD weight decay", section="training", low=0.0)
     max_grad_norm: float = setting(1.0, "DP-SGD clipping norm of each example's gradient", section="training",
@@ -145,6 +152,12 @@ class RunSettings:
             raise ValueError(f"data.classes must name at least 2 classes, got {self.classes!r}")
         for name in ("class_weights", "class_prior"):
             _check_per_class(name, getattr(self, name), self.class_names)
+
+    def round_learning_rate(self, round_number: int) -> float:
+        """The sites' step size in a round (1-based) under ``learning_rate_schedule``."""
+        if self.learning_rate_schedule == "cosine":
+            return self.learning_rate * 0.5 * (1 + math.cos(math.pi * (round_number - 1) / self.rounds))
+        return self.learning_rate
 
     @property
     def class_names(self) -> tuple[str, ...]:

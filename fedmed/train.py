@@ -45,6 +45,7 @@ class TrainConfig:
     """Local training of one round; defaults and meanings are those of ``RunSettings``."""
 
     epochs: int = RunSettings.local_epochs
+    steps: int = RunSettings.local_steps  # steps per round; 0: ``epochs`` passes
     batch_size: int = RunSettings.batch_size  # logical (expected) batch size
     physical_batch_size: int = RunSettings.physical_batch_size  # memory bound of one pass
     learning_rate: float = RunSettings.learning_rate
@@ -58,9 +59,10 @@ class TrainConfig:
     insecure_noise_seed: int | None = None
 
     @classmethod
-    def from_settings(cls, run: RunSettings) -> TrainConfig:
-        return cls(epochs=run.local_epochs, batch_size=run.batch_size, physical_batch_size=run.physical_batch_size,
-                   learning_rate=run.learning_rate, momentum=run.momentum, weight_decay=run.weight_decay,
+    def from_settings(cls, run: RunSettings, round_number: int = 1) -> TrainConfig:
+        """The training of one round (the learning rate follows the run's schedule)."""
+        return cls(epochs=run.local_epochs, steps=run.local_steps, batch_size=run.batch_size, physical_batch_size=run.physical_batch_size,
+                   learning_rate=run.round_learning_rate(round_number), momentum=run.momentum, weight_decay=run.weight_decay,
                    class_weights=run.class_weight_values, class_prior=run.class_prior_values, seed=run.seed)
 
 
@@ -93,7 +95,7 @@ def train_round(
     """Train ``model`` in place for one round unless the site's budget forbids it."""
     examples = len(labels)
     with ledger.locked():
-        plan = plan_round_privacy(privacy, ledger, run_id, examples, train.batch_size, train.epochs)
+        plan = plan_round_privacy(privacy, ledger, run_id, examples, train.batch_size, train.epochs, train.steps)
         if not plan.allowed:
             log.warning("site %s refuses round %s of run %s: %s", site, round_number, run_id, plan.reason)
             ledger.append(LedgerRefusal(

@@ -67,7 +67,7 @@ class SiteWork:
         metrics = validation_metrics(model, split)
         loaded = time.perf_counter()
         result = train_round(
-            model, split.train_images, split.train_labels, TrainConfig.from_settings(run),
+            model, split.train_images, split.train_labels, TrainConfig.from_settings(run, round_number),
             PrivacyConfig.from_settings(site, run), PrivacyLedger(site.ledger), site.name, run.run_id, round_number,
         )
         trained = result.status == RoundStatus.TRAINED

@@ -80,12 +80,13 @@ class RoundPrivacy:
 
 
 def plan_round_privacy(
-    config: PrivacyConfig, ledger: PrivacyLedger, run_id: str, examples: int, batch_size: int, epochs: int
+    config: PrivacyConfig, ledger: PrivacyLedger, run_id: str, examples: int, batch_size: int, epochs: int,
+    local_steps: int = 0,
 ) -> RoundPrivacy:
     """Decide whether this round may run, and with how much noise."""
     delta = config.delta if config.delta is not None else default_delta(examples)
     check_delta(delta, examples)
-    sample_rate, steps = round_plan(examples, batch_size, epochs)
+    sample_rate, steps = round_plan(examples, batch_size, epochs, local_steps)
     before = ledger.epsilon(delta)
 
     def refuse(reason: str, after: float = math.inf, sigma: float = 0.0) -> RoundPrivacy:
