@@ -10,10 +10,10 @@ from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.clipping import CONV_ROUTES, PerSampleClipper
 
 
-def model_with_live_norms(seed: int = 0) -> nn.Module:
+def model_with_live_norms(seed: int = 0, **config) -> nn.Module:
     """A small ResNet in float64, so that batched and one-by-one arithmetic agree closely."""
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(depth=18, width=8, image_size=16))
+    model = build_model(ModelConfig(**{"depth": 18, "width": 8, "image_size": 16, **config}))
     for module in model.modules():  # undo the zero init so every layer has gradients
         if isinstance(module, nn.GroupNorm):
             nn.init.normal_(module.weight, 1.0, 0.2)
@@ -48,6 +48,17 @@ def test_clipped_sum_matches_sample_by_sample_clipping(route, max_norm):
     x, y = batch(5, [0, 1, 1, 0, 1])
     expected, expected_norms = reference(model, x, y, max_norm)
     clipper = PerSampleClipper(model, max_norm, conv_route=route)
+    _, norms = clipper.accumulate(x, lambda out: F.cross_entropy(out, y, reduction="none"))
+    torch.testing.assert_close(norms, expected_norms, rtol=1e-6, atol=1e-9)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_clipping_is_exact_behind_the_fixed_scattering_front_end():
+    model = model_with_live_norms(3, depth=10, frontend="scattering")
+    x, y = batch(4, [0, 1, 1, 0])
+    expected, expected_norms = reference(model, x, y, 0.5)
+    clipper = PerSampleClipper(model, 0.5)
     _, norms = clipper.accumulate(x, lambda out: F.cross_entropy(out, y, reduction="none"))
     torch.testing.assert_close(norms, expected_norms, rtol=1e-6, atol=1e-9)
     for name, p in model.named_parameters():

@@ -35,16 +35,19 @@ REPO = Path(__file__).resolve().parent.parent
 # Where each run setting is used. A new setting must be placed here, or these tests fail.
 INTO_TRAIN = {"local_epochs": "epochs", "batch_size": "batch_size", "physical_batch_size": "physical_batch_size",
               "learning_rate": "learning_rate", "momentum": "momentum", "weight_decay": "weight_decay",
-              "class_weights": "class_weights", "seed": "seed"}
+              "class_weights": "class_weights", "class_prior": "class_prior", "local_steps": "steps", "seed": "seed"}
+ROUND_SCHEDULE = {"learning_rate_schedule"}  # changes the sites' learning rate from round to round
 INTO_PRIVACY = {"max_grad_norm": "max_grad_norm", "rounds": "planned_rounds", "dp": "dp",
                 "max_epsilon": "max_epsilon", "target_epsilon": "target_epsilon", "delta": "delta"}
-INTO_MODEL = {"depth": "depth", "width": "width", "image_size": "image_size", "classes": "num_classes"}
+INTO_MODEL = {"depth": "depth", "width": "width", "frontend": "frontend", "image_size": "image_size",
+              "classes": "num_classes"}
 SITE_SPLIT = {"classes", "image_size", "val_fraction", "seed"}  # the site's data and its validation split
 COORDINATOR = {"server_learning_rate", "server_momentum", "min_sites", "fraction_train", "round_timeout",
                "site_wait_timeout", "server_eval_data"}
 SITE_IDENTITY = {"name", "data", "cache_dir"}
 
-TEXT_VALUES = {"classes": "normal,pneumonia,effusion", "class_weights": "2.0,0.5", "source": "npz"}
+TEXT_VALUES = {"classes": "normal,pneumonia,effusion", "class_weights": "2.0,0.5", "class_prior": "0.3,0.7",
+               "source": "npz"}
 COMPANIONS = {"source": {"path": "/data/pneumoniamnist.npz"}}  # what a value needs beside it to be valid
 
 
@@ -103,8 +106,12 @@ def site_at_the_site(site: SiteSettings, tmp: Path) -> SiteSettings:
 def check_run_value(site_run: RunSettings, name: str, value) -> None:
     assert getattr(site_run, name) == value
     if name in INTO_TRAIN:
-        expected = site_run.class_weight_values if name == "class_weights" else value
+        expected = {"class_weights": site_run.class_weight_values,
+                    "class_prior": site_run.class_prior_values}.get(name, value)
         assert getattr(TrainConfig.from_settings(site_run), INTO_TRAIN[name]) == expected
+    if name in ROUND_SCHEDULE:
+        rates = [TrainConfig.from_settings(site_run, r).learning_rate for r in range(1, site_run.rounds + 1)]
+        assert rates[0] == site_run.learning_rate and rates == sorted(rates, reverse=True) and len(set(rates)) > 1
     if name in INTO_PRIVACY:
         assert getattr(PrivacyConfig.from_settings(SiteSettings(), site_run), INTO_PRIVACY[name]) == value
     if name in INTO_MODEL:
@@ -119,7 +126,8 @@ def check_site_value(site: SiteSettings, name: str, value) -> None:
 
 
 def test_every_run_and_site_setting_has_a_home():
-    placed = set(INTO_TRAIN) | set(INTO_PRIVACY) | set(INTO_MODEL) | SITE_SPLIT | COORDINATOR | SITE_IDENTITY
+    placed = (set(INTO_TRAIN) | ROUND_SCHEDULE | set(INTO_PRIVACY) | set(INTO_MODEL) | SITE_SPLIT | COORDINATOR
+              | SITE_IDENTITY)
     for cls in (RunSettings, SiteSettings):
         unplaced = [key(f) for f in options(cls) if f.name not in placed]
         assert not unplaced, f"settings with no known use at the site or coordinator: {unplaced}"

@@ -16,10 +16,12 @@ VARIANTS = [
     ModelConfig(depth=18, width=32, image_size=64),
     ModelConfig(depth=18, width=8, image_size=128, num_classes=3),
     ModelConfig(depth=50, width=8, image_size=96),
+    ModelConfig(depth=10, width=8, image_size=28, frontend="scattering"),
+    ModelConfig(depth=18, width=16, image_size=64, frontend="scattering"),
 ]
 
 
-@pytest.mark.parametrize("config", VARIANTS, ids=lambda c: f"resnet{c.depth}-w{c.width}-{c.image_size}px")
+@pytest.mark.parametrize("config", VARIANTS, ids=lambda c: f"resnet{c.depth}-w{c.width}-{c.image_size}px-{c.frontend}")
 def test_variant_passes_opacus_validation_and_trains_one_dp_step(config):
     model = build_model(config)
     assert ModuleValidator.validate(model, strict=False) == []
@@ -54,7 +56,21 @@ def test_width_sets_the_channels():
     assert model.conv1.out_channels == 16 and model.fc.in_features == 128
 
 
-@pytest.mark.parametrize("bad", [dict(depth=20), dict(width=12), dict(num_classes=1)])
+@pytest.mark.parametrize("bad", [dict(depth=20), dict(width=12), dict(num_classes=1), dict(frontend="wavelets"),
+                                 dict(frontend="scattering", image_size=30)])
 def test_bad_configurations_are_explained(bad):
-    with pytest.raises(ValueError, match="depth|width|num_classes"):
+    with pytest.raises(ValueError, match="depth|width|num_classes|frontend|divisible by 4"):
         ModelConfig(**bad)
+
+
+def test_the_scattering_front_end_is_fixed_and_never_leaves_a_site():
+    """Its filters are the same at every site: they are not in the state dict (so neither
+    averaged nor sent) and get no gradient; the images' scattering channels feed conv1."""
+    config = ModelConfig(depth=10, width=8, image_size=28, frontend="scattering")
+    model, other = build_model(config, seed=0), build_model(config, seed=1)
+    assert not any(key.startswith("frontend.scattering") for key in model.state_dict())
+    assert all(not p.requires_grad or "frontend.scattering" not in name for name, p in model.named_parameters())
+    assert model.conv1.in_channels == 81
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(model.frontend.scattering(x), other.frontend.scattering(x)), "filters do not depend on seeds"
+    assert model(x).shape == (2, 2)

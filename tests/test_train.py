@@ -92,3 +92,31 @@ def test_bad_incoming_states_are_refused_with_every_problem_named():
     with pytest.raises(InvalidWeights):
         load_state(model, bad)
     assert check_state(good, good) == []
+
+
+def test_dp_noise_is_added_at_the_configured_scale(tmp_path):
+    """With every example in the batch (sample rate 1), one private step moves each weight by
+    -lr * (sum of clipped gradients + N(0, (sigma * C)^2)) / n: across repeated steps from the
+    same model on the same batch, the spread is lr * sigma * C / n. Removing the noise makes
+    the spread zero; noise at the wrong scale moves it away from the prediction."""
+    rng = np.random.default_rng(0)
+    n, learning_rate, clip = 32, 1.0, 0.5
+    images = rng.random((n, 16, 16), dtype=np.float32)
+    labels = rng.integers(0, 2, n)
+    start = build_model(ModelConfig(depth=10, width=8, image_size=16), seed=0)
+    initial = torch.cat([p.detach().flatten() for p in start.parameters()])
+    steps, sigmas = [], set()
+    for repeat in range(12):
+        model = build_model(ModelConfig(depth=10, width=8, image_size=16), seed=0)
+        config = TrainConfig(batch_size=n, steps=1, learning_rate=learning_rate, momentum=0.0,
+                             insecure_noise_seed=repeat)
+        privacy = PrivacyConfig(target_epsilon=4.0, max_grad_norm=clip)
+        result = train_round(model, images, labels, config, privacy, PrivacyLedger(tmp_path / f"{repeat}.jsonl"),
+                             "site-1", "run", 1)
+        assert result.steps == 1 and result.dp
+        sigmas.add(result.noise_multiplier)
+        steps.append(torch.cat([p.detach().flatten() for p in model.parameters()]) - initial)
+    (sigma,) = sigmas
+    spread = torch.stack(steps).var(dim=0).mean().sqrt().item()
+    expected = learning_rate * sigma * clip / n
+    assert spread == pytest.approx(expected, rel=0.05)
