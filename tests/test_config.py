@@ -215,7 +215,7 @@ def test_a_deployment_setting_is_an_option_and_a_config_file_key(cls, cli, f, tm
 
 
 def test_settings_survive_the_trip_through_flower_unchanged(tmp_path):
-    changed = {f.name: other_value(RunSettings, f) for f in options(RunSettings)} | {"class_weights": "2,0.5,1"}
+    changed = {f.name: other_value(RunSettings, f) for f in options(RunSettings)} | {"class_weights": "2,0.5,1", "class_prior": "0.5,0.3,0.2"}
     run = RunSettings(**changed, run_dir=str(tmp_path), run_id="run-1234", start_round=2,
                       simulation_sites=json.dumps([{"name": 'site "one"', "data": "/d"}]))
     assert at_the_site(run, tmp_path) == run
