@@ -43,7 +43,9 @@ def main() -> None:
                    help="override a scenario setting, as fedmed-simulate --set")
     p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "fedmed-probe-data",
                    help="where the sites' DICOM folders are written (reused when they match)")
+    p.add_argument("--ema", default="", help="comma-separated decays: also score an EMA of the global models")
     args = p.parse_args()
+    decays = [float(d) for d in args.ema.split(",") if d]
     logging.disable(logging.WARNING)  # every non-private round warns
     scenario = load_scenario(args.scenario, args.overrides)
     data = prepare_sites(scenario, args.data)
@@ -56,6 +58,7 @@ def main() -> None:
     model = build_model(ModelConfig.from_settings(run), seed=run.seed)
     state, velocity = model_state(model), None
     test = load_server_eval(run)
+    averages: dict[float, dict] = {}
     for round_number in range(1, run.rounds + 1):
         started = time.monotonic()
         updates, epsilons = [], []
@@ -69,8 +72,17 @@ def main() -> None:
                                           run.server_momentum)
         load_state(model, state)
         scores = evaluate(model, *test)
+        ema_scores = {}
+        for decay in decays:
+            old = averages.get(decay)
+            averages[decay] = {k: (decay * old[k] + (1 - decay) * v if old is not None and v.dtype.kind == "f" else v)
+                               for k, v in state.items()}
+            load_state(model, averages[decay])
+            s = evaluate(model, *test)
+            ema_scores[str(decay)] = [round(s["auroc"], 4), round(s["balanced_accuracy"], 3)]
+        load_state(model, state)
         print(json.dumps({"round": round_number, "auroc": round(scores["auroc"], 4),
-                          "balanced_accuracy": round(scores["balanced_accuracy"], 3),
+                          "balanced_accuracy": round(scores["balanced_accuracy"], 3), "ema": ema_scores,
                           "max_epsilon": round(max(epsilons), 3),
                           "seconds": round(time.monotonic() - started, 1)}), flush=True)
     print(json.dumps({"site_val_auroc": {site.site.name: round(validation_metrics(model, site.split(run))["val-auroc"], 4)

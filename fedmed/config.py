@@ -114,8 +114,9 @@ class RunSettings:
     weight_decay: float = setting(0.0, "the sites' SGD weight decay", section="training", low=0.0)
     max_grad_norm: float = setting(1.0, "DP-SGD clipping norm of each example's gradient", section="training",
                                    above=0.0)
-    class_weights: str = setting("", "comma-separated loss weight per class, from public figures (never from "
-                                 "a site's own data); empty: equal weights", section="training")
+    class_weights: str = setting("", "comma-separated weight per class, from public figures (never from "
+                                 "a site's own data); under DP each sample's clipped gradient is scaled by its "
+                                 "class's weight over the largest; empty: equal weights", section="training")
     class_prior: str = setting("", "comma-separated public prevalence of each class (published figures, never "
                                "a site's own counts): the loss is logit-adjusted by it (Menon et al. 2021), so "
                                "the model's most likely class targets balanced accuracy; empty: plain loss",

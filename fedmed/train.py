@@ -8,9 +8,13 @@ average over the expected batch size. A logical batch is processed in physical c
 
 Unbalanced classes are handled with a logit-adjusted loss for a public ``class_prior``
 (Menon et al. 2021: cross-entropy of logits + log prior, so the unadjusted logits'
-argmax targets balanced accuracy) or with ``class_weights``. Neither may be computed from
+argmax targets balanced accuracy) and with ``class_weights``. Neither may be computed from
 the site's own data (that would make every sample's gradient depend on the other
-records and void the DP analysis): use published prevalence figures.
+records and void the DP analysis): use published prevalence figures. Under DP the class
+weights scale each sample's gradient after clipping, divided by the largest weight: a
+weight on the loss before clipping is mostly undone by the clipping (every large gradient
+ends at the clip norm whatever its weight), and a weight above 1 would raise the
+sensitivity above the clip norm.
 """
 
 from __future__ import annotations
@@ -111,7 +115,7 @@ def train_round(
         else:
             log.warning("site %s: NON-PRIVATE training in round %s of run %s; no privacy guarantee",
                         site, round_number, run_id)
-            loss = _train_plain(model, images, labels, train, plan.steps, round_number)
+            loss = _train_plain(model, images, labels, train, plan.steps, round_number, privacy.max_grad_norm)
         ledger.append(
             LedgerEntry(
                 site=site,
@@ -141,8 +145,10 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _loss_function(train: TrainConfig, labels: torch.Tensor):
-    weights = torch.tensor(train.class_weights, dtype=torch.float32) if train.class_weights else None
+def _loss_function(train: TrainConfig, labels: torch.Tensor, weighted: bool = True):
+    """Per-sample losses; ``weighted=False`` leaves the class weights out (DP applies them
+    after clipping, see :func:`_clipped_gradient_weights`)."""
+    weights = torch.tensor(train.class_weights, dtype=torch.float32) if train.class_weights and weighted else None
     prior = torch.tensor(train.class_prior, dtype=torch.float32) if train.class_prior else None
     adjustment = torch.log(prior / prior.sum()) if prior is not None else 0.0
 
@@ -150,6 +156,14 @@ def _loss_function(train: TrainConfig, labels: torch.Tensor):
         return F.cross_entropy(outputs + adjustment, labels, weight=weights, reduction="none")
 
     return per_sample
+
+
+def _clipped_gradient_weights(train: TrainConfig, labels: torch.Tensor) -> torch.Tensor | None:
+    """Each sample's class weight divided by the largest, applied to its clipped gradient."""
+    if not train.class_weights:
+        return None
+    weights = torch.tensor(train.class_weights, dtype=torch.float32)
+    return (weights / weights.max())[labels]
 
 
 def _optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
@@ -183,7 +197,8 @@ def _train_private(model, images, labels, train, round_number, sample_rate, step
             batch_indices = np.asarray(batch_indices, dtype=np.int64)
             for start in range(0, len(batch_indices), train.physical_batch_size):
                 x, y = _batch(images, labels, batch_indices[start : start + train.physical_batch_size])
-                losses, _ = clipper.accumulate(x, _loss_function(train, y))
+                losses, _ = clipper.accumulate(x, _loss_function(train, y, weighted=False),
+                                               _clipped_gradient_weights(train, y))
                 total_loss += float(losses.sum())
                 seen += len(y)
             for p in params:
@@ -205,7 +220,10 @@ def _dp_generators(insecure_seed: int | None, round_number: int) -> tuple[torch.
     return torch.Generator().manual_seed(int(seeds[0] >> 1)), torch.Generator().manual_seed(int(seeds[1] >> 1))
 
 
-def _train_plain(model, images, labels, train, steps, round_number) -> float:
+def _train_plain(model, images, labels, train, steps, round_number, max_grad_norm: float) -> float:
+    """Non-private SGD; each batch's mean gradient is clipped to ``max_grad_norm``, so a
+    step size tuned for DP-SGD (whose averaged clipped gradients are never longer than the
+    clip norm) does not diverge here, and one recipe serves both modes."""
     model.train()
     n = len(labels)
     rng = np.random.default_rng([train.seed, round_number])
@@ -222,6 +240,7 @@ def _train_plain(model, images, labels, train, steps, round_number) -> float:
             (losses.sum() / len(batch_indices)).backward()
             total_loss += float(losses.detach().sum())
             seen += len(y)
+        nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
     return total_loss / seen if seen else math.nan
 

@@ -25,8 +25,8 @@ def batch(n: int, labels: list[int]):
     return torch.randn(n, 1, 16, 16, dtype=torch.float64), torch.tensor(labels)
 
 
-def reference(model: nn.Module, x, y, max_norm: float):
-    """Per-sample gradients one sample at a time, clipped and summed."""
+def reference(model: nn.Module, x, y, max_norm: float, weights=None):
+    """Per-sample gradients one sample at a time, clipped, weighted and summed."""
     total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     norms = []
     for i in range(len(y)):
@@ -34,7 +34,7 @@ def reference(model: nn.Module, x, y, max_norm: float):
         F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
         norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
         norms.append(float(norm))
-        factor = min(1.0, max_norm / (float(norm) + 1e-6))
+        factor = min(1.0, max_norm / (float(norm) + 1e-6)) * (1.0 if weights is None else float(weights[i]))
         for name, p in model.named_parameters():
             total[name] += factor * p.grad
     model.zero_grad(set_to_none=True)
@@ -63,6 +63,20 @@ def test_clipping_is_exact_behind_the_fixed_scattering_front_end():
     torch.testing.assert_close(norms, expected_norms, rtol=1e-6, atol=1e-9)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_weights_scale_each_clipped_gradient_and_cannot_raise_the_sensitivity():
+    model = model_with_live_norms(4)
+    x, y = batch(5, [0, 1, 1, 0, 1])
+    weights = torch.tensor([1.0, 0.35, 0.35, 1.0, 0.35], dtype=torch.float64)
+    expected, _ = reference(model, x, y, 0.5, weights)
+    clipper = PerSampleClipper(model, 0.5)
+    loss = lambda out: F.cross_entropy(out, y, reduction="none")  # noqa: E731
+    clipper.accumulate(x, loss, weights)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-9, msg=name)
+    with pytest.raises(ValueError, match="sensitivity"):
+        clipper.accumulate(x, loss, weights * 2)
 
 
 def test_norms_agree_with_opacus_per_sample_gradients():

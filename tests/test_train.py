@@ -120,3 +120,18 @@ def test_dp_noise_is_added_at_the_configured_scale(tmp_path):
     spread = torch.stack(steps).var(dim=0).mean().sqrt().item()
     expected = learning_rate * sigma * clip / n
     assert spread == pytest.approx(expected, rel=0.05)
+
+
+def test_a_non_private_step_is_no_longer_than_the_learning_rate_times_the_clip_norm(tmp_path):
+    """Non-private rounds clip the batch gradient, so a step size tuned for DP-SGD cannot blow up."""
+    rng = np.random.default_rng(0)
+    images = rng.random((64, 16, 16), dtype=np.float32) * 50  # large inputs: large gradients
+    labels = rng.integers(0, 2, 64)
+    model = build_model(ModelConfig(depth=10, width=8, image_size=16), seed=0)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    config = TrainConfig(batch_size=64, learning_rate=0.5, momentum=0.0, steps=1)
+    privacy = PrivacyConfig(dp=False, max_grad_norm=0.1)
+    result = train_round(model, images, labels, config, privacy, PrivacyLedger(tmp_path / "l.jsonl"), "s", "r", 1)
+    moved = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+    assert result.status == RoundStatus.TRAINED and not result.dp
+    assert 0.0 < float(moved.norm()) <= 0.5 * 0.1 * (1 + 1e-5)

@@ -89,12 +89,18 @@ class PerSampleClipper:
         for handle in self._handles:
             handle.remove()
 
-    def accumulate(self, inputs: torch.Tensor, per_sample_loss) -> tuple[torch.Tensor, torch.Tensor]:
+    def accumulate(self, inputs: torch.Tensor, per_sample_loss,
+                   sample_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the model on ``inputs``; add the clipped per-sample gradients of
-        ``per_sample_loss(outputs)`` (a vector, one loss per sample) to ``param.grad``.
+        ``per_sample_loss(outputs)`` (a vector, one loss per sample) to ``param.grad``, each
+        scaled by its ``sample_weights`` entry after clipping (weights must lie in [0, 1], so
+        no sample's contribution exceeds the clip norm).
 
         Returns (per-sample losses, per-sample gradient norms before clipping).
         """
+        if sample_weights is not None and not bool(((sample_weights >= 0) & (sample_weights <= 1)).all()):
+            raise ValueError("sample weights after clipping must lie in [0, 1]: larger ones would raise the "
+                             "sensitivity above the clip norm")
         self._calls = []
         self._recording = True
         try:
@@ -111,6 +117,8 @@ class PerSampleClipper:
                 squared += piece.squared_norms().double()
             norms = squared.sqrt().to(inputs.dtype)
             factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            if sample_weights is not None:
+                factors = factors * sample_weights.to(factors.dtype)
             for call, piece in zip(calls, pieces):
                 for param, grad in piece.weighted_sums(factors):
                     if param.grad is None:

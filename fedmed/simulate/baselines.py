@@ -1,5 +1,6 @@
 """Baselines to compare a federation against, trained on the same schedule (rounds x local
-epochs) through the same site code and ledger as a real site:
+steps, then the coordinator's server step) through the same site code and ledger as a real
+site:
 
 * centralized: all sites' data pooled at one place, one model (non-private and private);
 * local: every site alone on its own data.
@@ -17,6 +18,7 @@ import numpy as np
 from fedmed.config import RunSettings, SiteSettings
 from fedmed.data.dicom import ReadOptions
 from fedmed.data.site import SiteSource, load_site
+from fedmed.flower.fedavg import server_step
 from fedmed.flower.packing import pack, unpack
 from fedmed.flower.site_work import SiteWork
 from fedmed.model import ModelConfig, build_model
@@ -42,10 +44,13 @@ def test_scores(run: RunSettings, vector: np.ndarray, test: tuple[np.ndarray, np
 
 
 def train_alone(run: RunSettings, site: SiteSettings) -> tuple[np.ndarray, dict]:
-    """Train one model on one site's data for the run's rounds; returns the packed model
-    and the last round's reply metrics (epsilon, examples, validation of the previous model)."""
+    """Train one model on one site's data for the run's rounds, as a federation of that one
+    site (the coordinator's server step included, so server momentum applies here too);
+    returns the packed model and the last round's reply metrics (epsilon, examples,
+    validation of the previous model)."""
     work = SiteWork(site)
-    vector = pack(model_state(build_model(ModelConfig.from_settings(run))))
+    state = model_state(build_model(ModelConfig.from_settings(run)))
+    vector, velocity = pack(state), None
     metrics: dict = {}
     for round_number in range(1, run.rounds + 1):
         reply = work.train(run, vector, round_number)
@@ -55,7 +60,9 @@ def train_alone(run: RunSettings, site: SiteSettings) -> tuple[np.ndarray, dict]
         print(f"  {site.name} round {round_number}/{run.rounds}: {outcome}{spent}", flush=True)
         if reply.model is None:  # budget exhausted: keep the last model
             break
-        vector = reply.model
+        state, velocity = server_step(state, unpack(reply.model, state), velocity, run.server_learning_rate,
+                                      run.server_momentum)
+        vector = pack(state)
     metrics = {**metrics, **work.evaluate(run, vector).metrics}
     return vector, metrics
 
