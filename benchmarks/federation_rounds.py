@@ -1,10 +1,15 @@
 """A coordinator and three hospitals on loopback over TLS, then the round overhead table.
 
-Usage: python benchmarks/federation_rounds.py [--rounds 4] [--images 240] [--out DIR]
+Usage: python benchmarks/federation_rounds.py [--rounds 4] [--images 240] [--width 8] [--out DIR]
 
 Creates three synthetic DICOM sites and development certificates, starts ``fedmed-server``
 and three ``fedmed-client`` processes, waits for the run to finish, stops every process
 by its process group, and prints ``benchmarks/round_overhead.py`` for the run directory.
+
+Each site trains with one thread: three sites share this machine's cores, where in a
+deployment each has its own machine. (With torch's default of one thread per core, the
+three sites' six threads on two cores made training 4-20 times slower and its timing
+meaningless.)
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--images", type=int, default=240, help="images over all three sites")
+    parser.add_argument("--width", type=int, default=8, help="the model's width (fedmed's default is 16)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/output/federation"))
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
@@ -45,14 +51,14 @@ def main() -> int:
     server = ManagedProcess(
         [str(BIN / "fedmed-server"), "--rounds", str(args.rounds), "--min-sites", "3", "--host", "127.0.0.1",
          "--port", str(port), "--certificates", str(args.out / "certs"), "--run-dir", str(run_dir),
-         "--width", "8", "--image-size", "28"],
+         "--width", str(args.width), "--image-size", "28"],
         args.out / "server.out", env)
     clients = [
         ManagedProcess(
             [str(BIN / "fedmed-client"), "--server", f"localhost:{port}", "--site", site,
              "--data", str(args.out / "sites" / site), "--root-certificates", str(args.out / "certs" / "ca.crt"),
              "--state-dir", str(args.out / "state" / site), "--image-size", "28"],
-            args.out / f"{site}.out", env)
+            args.out / f"{site}.out", {**env, "OMP_NUM_THREADS": "1"})
         for site in SITES
     ]
     started = time.monotonic()

@@ -204,7 +204,6 @@ class SiteSettings:
     delta: float = setting(0.0, "delta of the guarantee (0: a power of ten below 1/(10 n))",
                            section="privacy", low=0.0, below=1.0)
     ledger: str = internal("", "the site's privacy ledger (fedmed-client keeps it in the state directory)")
-    worker: str = internal("", "socket of the site's long-lived worker (set by fedmed-client)")
 
     def __post_init__(self) -> None:
         check_ranges(self)

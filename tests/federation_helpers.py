@@ -40,11 +40,12 @@ class Federation:
         self.server = self._start(command, self.tmp / "server.out")
         return self.server
 
-    def start_client(self, site: str, *extra: str) -> subprocess.Popen:
+    def start_client(self, site: str, *extra: str, program: list[str] | None = None) -> subprocess.Popen:
+        """``fedmed-client`` for ``site``, or ``program`` given the same arguments."""
         tls = (["--root-certificates", str(self.certificates / "ca.crt")] if self.certificates
                else ["--insecure"])
         host = "localhost" if self.certificates else "127.0.0.1"
-        command = [str(BIN / "fedmed-client"), "--server", f"{host}:{self.port}",
+        command = [*(program or [str(BIN / "fedmed-client")]), "--server", f"{host}:{self.port}",
                    "--data", str(self.sites_dir / site), "--site", site, *tls,
                    "--state-dir", str(self.tmp / "state" / site), "--image-size", "16", *extra]
         self.clients[site] = self._start(command, self.tmp / f"{site}.out")

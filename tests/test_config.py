@@ -220,7 +220,7 @@ def test_settings_survive_the_trip_through_flower_unchanged(tmp_path):
                       simulation_sites=json.dumps([{"name": 'site "one"', "data": "/d"}]))
     assert at_the_site(run, tmp_path) == run
     site = SiteSettings(**{f.name: other_value(SiteSettings, f) for f in options(SiteSettings)},
-                        ledger="/srv/ledger.jsonl", worker="/srv/worker.sock")
+                        ledger="/srv/ledger.jsonl")
     assert site_at_the_site(site, tmp_path) == site
     with pytest.raises(ValueError, match="unknown setting 'learning-rat'; did you mean learning_rate"):
         RunSettings.from_flower({**run.to_flower(), "learning-rat": 0.1})

@@ -11,7 +11,6 @@ from fedmed.flower import protocol
 from fedmed.flower.packing import pack
 from fedmed.flower.protocol import EvaluateRequest, RoundStatus, TrainRequest
 from fedmed.flower.site_work import SiteWork
-from fedmed.flower.site_worker import SiteWorker, ask_worker, worker_address
 from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.weights import model_state
@@ -56,31 +55,3 @@ def test_a_model_that_does_not_fit_the_run_is_refused(site):
     broken[0] = np.inf
     with pytest.raises(ValueError, match="non-finite"):
         work.evaluate(RUN, broken)
-
-
-class _EchoWork:
-    """Stands in for a site's SiteWork to test the worker's transport alone."""
-
-    def handle(self, request):
-        if isinstance(request, EvaluateRequest):
-            raise ValueError("no validation data here")
-        return protocol.SiteReply("echo", {"examples": int(request.model.size), "status": RoundStatus.TRAINED}, "",
-                                  request.model * 2)
-
-
-def test_the_site_worker_answers_only_holders_of_its_key(tmp_path):
-    worker = SiteWorker(_EchoWork(), worker_address(tmp_path / "state"))
-    worker.start()
-    try:
-        assert oct(worker.address.stat().st_mode & 0o777) == "0o600"
-        reply = ask_worker(str(worker.address), TrainRequest(RunSettings(), np.ones(3, np.float32), 1))
-        assert reply.site == "echo" and np.array_equal(reply.model, np.full(3, 2, np.float32))
-        with pytest.raises(RuntimeError, match="no validation data here"):
-            ask_worker(str(worker.address), EvaluateRequest(RunSettings(), np.ones(3, np.float32)))
-        key_file = worker.address.with_name(worker.address.name + ".key")
-        key_file.write_bytes(b"not the key")
-        with pytest.raises(RuntimeError, match="refused the key"):
-            ask_worker(str(worker.address), EvaluateRequest(RunSettings(), np.ones(1, np.float32)))
-    finally:
-        worker.close()
-    assert not worker.address.exists()

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 from fedmed.config import ClientSettings, RunSettings, SiteSettings, add_options, load_settings
-from fedmed.deploy.site import serve, site_settings
-from fedmed.flower.site_work import SiteWork
+from fedmed.flower.waits import check_flower
 from fedmed.runtime import keep_freed_memory
 
 PARTS = {"client": ClientSettings, "site": SiteSettings, "data": RunSettings}
@@ -36,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_flower()
         settings = load_settings(args, PARTS, args.config, ONLY)
-    except ValueError as error:
+    except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     client: ClientSettings = settings["client"]
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if client.root_certificates and not Path(client.root_certificates).is_file():
         print(f"error: root certificate {client.root_certificates} not found", file=sys.stderr)
         return 2
+    from fedmed.deploy.site import serve, site_settings  # Flower's runtime internals: after check_flower
+    from fedmed.flower.site_work import SiteWork
+
     site = site_settings(settings["site"], client)
     work = SiteWork(site)
     try:

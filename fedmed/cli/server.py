@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fedmed.config import RunSettings, ServerSettings, add_options, load_settings
 from fedmed.deploy.server import check_server, coordinate, new_run, resumed_run
+from fedmed.flower.waits import check_flower
 
 PARTS = {"server": ServerSettings, "run": RunSettings}
 
@@ -33,11 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_flower()
         settings = load_settings(args, PARTS, args.config)
         server = settings["server"]
         check_server(server)
         run, run_dir = resumed_run(args.resume) if args.resume else new_run(settings["run"], args.run_dir)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if server.insecure:

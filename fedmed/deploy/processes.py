@@ -51,6 +51,7 @@ class ManagedProcess:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "ab")
+        self._log_start = self._log.tell()  # the log may hold earlier processes' output
         self.process = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=child_environ(env), start_new_session=True, preexec_fn=_stop_with_parent,
@@ -77,10 +78,15 @@ class ManagedProcess:
         return self.process.returncode
 
     def log_tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines this process wrote to its log."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            with open(self.log_path, "rb") as log:
+                end = log.seek(0, os.SEEK_END)
+                log.seek(max(self._log_start, end - 200 * lines))  # lines are short
+                own = log.read().decode(errors="replace")
         except OSError:
             return ""
+        return "\n".join(own.splitlines()[-lines:])
 
 
 def _signal_group(pgid: int, sig: int) -> None:

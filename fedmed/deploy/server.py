@@ -54,7 +54,7 @@ def coordinate(run: RunSettings, run_dir: RunDirectory, server: ServerSettings, 
     certificates = certificates_dir(server)
     keys = Path(server.authorized_keys) if server.authorized_keys else None
     superlink = start_superlink(server.host, server.port, certificates, run_dir.path / "logs" / "superlink.log",
-                                run_dir.path / ".flwr", run_dir.superlink_database, node_auth=keys is not None)
+                                run_dir.path / ".flwr", node_auth=keys is not None)
     try:
         local = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
         ca = certificates / CA_CERT if certificates else None

@@ -1,6 +1,6 @@
-"""``fedmed-client``'s work: the site's settings with its paths resolved, its long-lived
-worker, and a Flower SuperNode that connects out to the coordinator until the site is
-stopped."""
+"""``fedmed-client``'s work: the site's settings with its paths resolved, and a Flower
+SuperNode that connects out to the coordinator until the site is stopped, whose tasks
+this process serves itself (``fedmed.deploy.site_runtime``)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,18 @@ from fedmed.config import ClientSettings, SiteSettings
 from fedmed.data.cache import default_cache_dir
 from fedmed.deploy.launch import write_node_config
 from fedmed.deploy.processes import ManagedProcess, free_port
+from fedmed.deploy.site_runtime import SiteRuntime, write_secret
+from fedmed.flower import client_app
 from fedmed.flower.site_work import SiteWork
-from fedmed.flower.site_worker import SiteWorker, worker_address
 
 ACTIVATION_RETRY = 10.0  # seconds between attempts while the coordinator refuses this site
+# A SuperNode ends itself, with exit code 0, when the coordinator it was registered with
+# is gone and a coordinator started afresh (a new run) refuses its heartbeat; fedmed-client
+# then starts a new SuperNode, which registers again, after this pause (seconds).
+REJOIN_PAUSE = 1.0
+SHUT_DOWN = "SuperNode terminated gracefully"  # what a SuperNode logs when it ends itself
+EXIT_HANG = 3.0  # seconds a SuperNode that has shut down may take to exit before it is stopped
+RUNTIME_STOP_WAIT = 5.0  # seconds a stopping site gives the round it is serving to finish
 
 
 def state_dir(site: SiteSettings, client: ClientSettings) -> Path:
@@ -33,33 +41,42 @@ def serve(work: SiteWork, client: ClientSettings) -> int:
     """Serve rounds until stopped; returns an exit code. A coordinator that does not (yet)
     accept this site is asked again every ``ACTIVATION_RETRY`` seconds."""
     site, state = work.site, state_dir(work.site, client)
-    worker = SiteWorker(work, worker_address(state))
-    worker.start()
+    client_app.serve_site(work)
+    secret = write_secret(state)
+    port = free_port()
+    runtime = SiteRuntime(f"127.0.0.1:{port}", secret.read_bytes(), client_app.app)
+    runtime.start()
     try:
-        return _run_supernode(site, client, state, worker.address)
+        return _run_supernode(site, client, state, port, secret)
     finally:
-        worker.close()
+        runtime.stop(timeout=RUNTIME_STOP_WAIT)
+        secret.unlink(missing_ok=True)
 
 
-def _run_supernode(site: SiteSettings, client: ClientSettings, state: Path, worker: Path) -> int:
-    node_config = write_node_config(state / "node-config.toml", replace(site, worker=str(worker)).to_flower())
+def _run_supernode(site: SiteSettings, client: ClientSettings, state: Path, port: int, secret: Path) -> int:
+    """The SuperNode leaves each task on its runtime API at ``port`` for the holder of ``secret``."""
+    node_config = write_node_config(state / "node-config.toml", site.to_flower())
     command = [sys.executable, "-m", "fedmed.deploy.supernode", "--superlink", client.server,
-               "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", str(node_config)]
+               "--isolation", "process", "--superexec-auth-secret-file", str(secret),
+               "--host", "127.0.0.1", "--port", str(port), "--node-config", str(node_config)]
     command += ["--insecure"] if client.insecure else ["--root-certificates", client.root_certificates]
     if client.auth_key:
         command += ["--auth-supernode-private-key", client.auth_key]
-    # The SuperNode hands each message to a fresh ClientApp process, which passes it to the
-    # worker above; let it look for work often.
-    env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "FLWR_HOME": str(state / "flwr")}
+    env = {"FLWR_HOME": str(state / "flwr")}
     print(f"site {site.name} connecting to {client.server} (log {state / 'logs' / 'supernode.log'}); "
           "it reconnects by itself if the coordinator restarts", flush=True)
     supernode = None
     try:
         while True:
             supernode = ManagedProcess(command, state / "logs" / "supernode.log", env)
-            code = supernode.process.wait()
+            code = _wait_for_exit(supernode)
             log = supernode.log_tail()
             supernode.stop()
+            if code == 0:  # it ended itself: the coordinator no longer knows this site
+                print("the coordinator no longer knows this site (it started afresh, e.g. for a new run); "
+                      "joining it again", flush=True)
+                time.sleep(REJOIN_PAUSE)
+                continue
             if "Failed to activate SuperNode" not in log:
                 print(f"error: the SuperNode exited with code {code}:\n{log}", file=sys.stderr)
                 return 1
@@ -72,3 +89,18 @@ def _run_supernode(site: SiteSettings, client: ClientSettings, state: Path, work
     finally:
         if supernode is not None:
             supernode.stop()
+
+
+def _wait_for_exit(supernode: ManagedProcess) -> int:
+    """The SuperNode's exit code. One that has shut down but whose process does not exit (a
+    download thread of Flower's keeps retrying a coordinator that is gone) is stopped after
+    ``EXIT_HANG`` seconds and counts as having ended itself (0)."""
+    shut_down_at = None
+    while (code := supernode.process.poll()) is None:
+        if shut_down_at is None and SHUT_DOWN in supernode.log_tail(lines=10):
+            shut_down_at = time.monotonic()
+        if shut_down_at is not None and time.monotonic() - shut_down_at > EXIT_HANG:
+            supernode.stop(grace=1.0)
+            return 0
+        time.sleep(0.5)
+    return code

@@ -5,8 +5,9 @@ received global model on the site's validation split, then train one private rou
 through the site's ledger) and replies with the model's arrays and whitelisted scalars
 only.
 
-Under ``fedmed-client`` the work runs in the site's long-lived worker (node config
-``worker``); elsewhere, e.g. in a simulation, it runs in this process.
+The work runs in the process that calls the ClientApp: under ``fedmed-client`` that is the
+site's long-lived process (``fedmed.deploy.site_runtime``), which hands over its site's
+work with ``serve_site``; in a simulation it is a Ray actor that serves many virtual sites.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from fedmed.config import RunSettings, SiteSettings
 from fedmed.flower import protocol
 from fedmed.flower.packing import record_to_vector, vector_to_record
 from fedmed.flower.protocol import EvaluateRequest, SiteReply, SiteRequest, TrainRequest
-from fedmed.flower.site_worker import ask_worker
 
 app = ClientApp()
-_local_work: dict[SiteSettings, object] = {}  # SiteWork per site, for in-process use (simulation)
+_site_work = None  # the one SiteWork of a fedmed-client process (serve_site)
+_local_work: dict[SiteSettings, object] = {}  # SiteWork per virtual site of a simulation actor
 MAX_SITES_PER_PROCESS = 4  # a simulation actor serves many virtual sites; keep a few warm
 
 
@@ -42,12 +43,25 @@ def evaluate_global(message: Message, context: Context) -> Message:
     return _reply(_do(request, context), message)
 
 
+@app.query()
+def introduce(message: Message, context: Context) -> Message:
+    """The site's name, for a coordinator that has not heard from this site yet."""
+    name = _site_work.site.name if _site_work is not None else str(_site_config(context).get("name", ""))
+    return Message(RecordDict({protocol.SITE: ConfigRecord({"name": name})}), reply_to=message)
+
+
+def serve_site(work) -> None:
+    """Answer every message in this process with ``work`` (a ``SiteWork``): the site's
+    data and settings stay loaded between rounds."""
+    global _site_work
+    _site_work = work
+
+
 def _do(request: SiteRequest, context: Context) -> SiteReply:
-    worker = str(context.node_config.get("worker", ""))
-    if worker:
-        return ask_worker(worker, request)
-    # In-process (a simulation's Ray actor): this process is the site's, so it may take
-    # the allocator setting that fedmed-client's worker takes at start (fedmed.runtime).
+    if _site_work is not None:
+        return _site_work.handle(request)
+    # A simulation's Ray actor: this process is the sites', so it may take the allocator
+    # setting that fedmed-client takes at start (fedmed.runtime).
     from fedmed.flower.site_work import SiteWork
     from fedmed.runtime import keep_freed_memory
 

@@ -27,6 +27,8 @@ from fedmed.model import ModelConfig, build_model
 from fedmed.weights import load_state, model_state
 
 log = logging.getLogger("fedmed.coordinator")
+REJOIN_GRACE = 60.0  # seconds a resumed run waits for the sites of its last round to register again
+INTRODUCTION_TIMEOUT = 10.0  # seconds to wait for new sites to say their names
 
 
 @dataclass
@@ -43,7 +45,7 @@ class RoundOutcome:
 
 
 class FederatedRun:
-    def __init__(self, grid: Grid, run: RunSettings, poll_interval: float = 0.1) -> None:
+    def __init__(self, grid: Grid, run: RunSettings, poll_interval: float = 0.05) -> None:
         self.grid = grid
         self.run = run
         self.poll_interval = poll_interval
@@ -55,6 +57,8 @@ class FederatedRun:
         self.reference = model_state(self.model)
         self.server_eval = load_server_eval(run)
         self.velocity: dict[str, np.ndarray] | None = None  # server momentum (FedAvgM)
+        self.returning = 0  # on a resume: how many sites trained the last recorded round
+        self.introduced: set[int] = set()  # nodes asked for their names
 
     def execute(self) -> str:
         """Run the remaining rounds; returns the final phase ("completed" or "stopped")."""
@@ -62,8 +66,9 @@ class FederatedRun:
         nodes = self._wait_for_sites()
         rounds_done = first - 1
         for round_number in range(first, self.run.rounds + 1):
-            started = time.monotonic()
             nodes = self._available_nodes() or nodes
+            self._learn_names(nodes)  # once per site and registration: not part of the round
+            started = time.monotonic()
             chosen = self._sample(nodes, round_number)
             self._status("training", round_number, connected=len(nodes), asked=len(chosen))
             messages = [self._message(MessageType.TRAIN, node, state, round_number) for node in chosen]
@@ -113,22 +118,43 @@ class FederatedRun:
         for record in self.run_dir.metrics():
             for name, site in record.get("sites", {}).items():
                 self._remember_site(name, site)
+            if record.get("event") == "round":
+                self.returning = len(record.get("trained", []))
         for record in self.run_dir.received():
             self.names[int(record["node_id"])] = str(record["site"])
         return checkpoint[1], self.run.start_round
 
     def _wait_for_sites(self) -> list[int]:
-        deadline = time.monotonic() + self.run.site_wait_timeout
+        """Wait for ``min_sites`` sites. A resumed run's SuperLink starts afresh and the sites
+        register again one by one, so it also gives the sites of the last recorded round up
+        to ``REJOIN_GRACE`` seconds to come back before it starts with fewer."""
+        started = time.monotonic()
+        deadline = started + self.run.site_wait_timeout
         while True:
             nodes = self._available_nodes()
             self._status("waiting", self.run.start_round, connected=len(nodes))
-            if len(nodes) >= self.run.min_sites:
+            rejoining = time.monotonic() < started + REJOIN_GRACE
+            if len(nodes) >= max(self.run.min_sites, self.returning if rejoining else 0):
                 log.info("%d sites connected (minimum %d)", len(nodes), self.run.min_sites)
                 return nodes
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(nodes)} of the minimum {self.run.min_sites} sites connected "
                                    f"within {self.run.site_wait_timeout:.0f} s")
             time.sleep(0.5)
+
+    def _learn_names(self, nodes: list[int]) -> None:
+        """Ask sites not heard from yet for their names (a query message, answered with the
+        name only), so that a site which drops out before its first reply is still named.
+        Node ids change when a site registers again, e.g. with a restarted coordinator."""
+        unknown = [node for node in nodes if node not in self.names and node not in self.introduced]
+        if not unknown:
+            return
+        self.introduced.update(unknown)
+        messages = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in unknown]
+        replies, _, _ = self._exchange(messages, timeout=INTRODUCTION_TIMEOUT)
+        for node, reply in replies.items():
+            if not reply.has_error() and protocol.SITE in reply.content:
+                self.names[node] = str(reply.content[protocol.SITE].get("name", ""))[:100] or self._name(node)
 
     def _available_nodes(self) -> list[int]:
         return sorted(self.grid.get_node_ids())
@@ -147,8 +173,9 @@ class FederatedRun:
         })
         return Message(content, dst_node_id=node, message_type=kind, group_id=str(round_number))
 
-    def _exchange(self, messages: list[Message]) -> tuple[dict[int, Message], list[int], dict[int, float]]:
-        """Send, then collect replies until all are in or the round timeout passes.
+    def _exchange(self, messages: list[Message], timeout: float | None = None
+                  ) -> tuple[dict[int, Message], list[int], dict[int, float]]:
+        """Send, then collect replies until all are in or the timeout (default: the round's) passes.
         Returns each node's reply, the nodes that did not answer, and each answer's seconds.
         (A reply is matched to the node it was sent to: Flower's own error replies, e.g.
         "node unavailable", do not come from the site.)"""
@@ -159,7 +186,7 @@ class FederatedRun:
         waiting = set(destinations)
         replies: dict[int, Message] = {}
         arrivals: dict[int, float] = {}
-        deadline = sent + self.run.round_timeout
+        deadline = sent + (self.run.round_timeout if timeout is None else timeout)
         while waiting and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(waiting):
                 node = destinations[reply.metadata.reply_to_message_id]

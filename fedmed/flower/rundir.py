@@ -51,10 +51,6 @@ class RunDirectory:
     def model_dir(self) -> Path:
         return self.path / "model"
 
-    @property
-    def superlink_database(self) -> Path:
-        return self.path / "superlink.db"
-
     def add_flower_run(self, flower_run: str, start_round: int) -> None:
         _append_line(self.path / "flower-runs.jsonl", {"flower_run": flower_run, "start_round": start_round})
 

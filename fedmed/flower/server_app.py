@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmed.config import RunSettings
 from fedmed.flower.coordinator import FederatedRun
 from fedmed.flower.rundir import RunDirectory
+from fedmed.flower.waits import shorten_object_retries
 
 app = ServerApp()
 
@@ -19,6 +20,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     run = RunSettings.from_flower(context.run_config)
     run_dir = RunDirectory(run.run_dir)
+    shorten_object_retries()  # this process is Flower's ServerApp process for this run alone
     handler = _log_to(Path(run.run_dir) / "server.log")
     try:
         FederatedRun(grid, run).execute()

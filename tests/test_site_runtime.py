@@ -1,0 +1,119 @@
+"""fedmed-client's long-lived site runtime on Flower's real SuperNode (``--isolation process``):
+one process serves every round, a failed round is answered and the next one served, and a
+run of any other app is refused."""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedmed.config import RunSettings
+from fedmed.data.make_sites import export_sites, synthetic_sites
+from fedmed.deploy.launch import write_app
+from fedmed.deploy.processes import descendants
+from fedmed.deploy.site_runtime import ForeignAppError, _check_app, write_secret
+from fedmed.flower.rundir import RunDirectory
+from fedmed.privacy.ledger import PrivacyLedger
+from tests.federation_helpers import Federation
+
+SITES = ("site-1", "site-2")
+FAILING_SITE = Path(__file__).with_name("failing_site.py")
+
+
+@pytest.fixture(scope="module")
+def sites_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hospitals") / "sites"
+    images, parts = synthetic_sites(100, 2, alpha=2.0, size=32, seed=4)
+    export_sites(images, parts, out)
+    return out
+
+
+def _bundle(app_dir: Path) -> bytes:
+    """An app bundle as ``flwr run`` sends it: the app's files in a zip."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as bundle:
+        bundle.write(app_dir / "pyproject.toml", "pyproject.toml")
+    return buffer.getvalue()
+
+
+def test_only_runs_of_fedmeds_own_app_are_served(tmp_path):
+    fedmed_app = write_app(tmp_path / "fedmed", RunSettings())
+    _check_app(_bundle(fedmed_app))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "pyproject.toml").write_text(
+        (fedmed_app / "pyproject.toml").read_text().replace("fedmed.flower.client_app:app", "evil.app:app"))
+    with pytest.raises(ForeignAppError, match="'evil.app:app'"):
+        _check_app(_bundle(foreign))
+    with pytest.raises(ForeignAppError, match="not a fedmed run"):
+        _check_app(b"not a zip")
+
+
+def test_the_task_secret_is_fresh_and_private(tmp_path):
+    first = write_secret(tmp_path / "state").read_bytes()
+    path = write_secret(tmp_path / "state")
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert len(first) == 32 and path.read_bytes() != first
+
+
+def _watch_site_processes(federation: Federation, seen: dict[int, str]) -> None:
+    """Remember every process under the sites, by pid, with its command line."""
+    for pid in descendants({p.pid for p in federation.clients.values()}):
+        try:
+            seen.setdefault(pid, " ".join(psutil.Process(pid).cmdline()))
+        except psutil.Error:
+            continue
+
+
+def _wait(federation: Federation, seen: dict[int, str], timeout: float = 600) -> int:
+    deadline = time.monotonic() + timeout
+    while federation.server.poll() is None:
+        assert time.monotonic() < deadline, federation.output("server")
+        _watch_site_processes(federation, seen)
+        federation.remember_descendants()
+        time.sleep(0.2)
+    return federation.server.returncode
+
+
+def test_one_site_process_serves_every_round_of_two_consecutive_runs(tmp_path, sites_dir):
+    federation = Federation(tmp_path, sites_dir, None)
+    seen: dict[int, str] = {}
+    try:
+        federation.start_server("--rounds", "2", "--min-sites", "2", "--run-dir", str(tmp_path / "run-1"))
+        clients = {site: federation.start_client(site) for site in SITES}
+        assert _wait(federation, seen) == 0, federation.output("server")
+        federation.start_server("--rounds", "2", "--min-sites", "2", "--run-dir", str(tmp_path / "run-2"))
+        assert _wait(federation, seen) == 0, federation.output("server")
+        for site, process in clients.items():
+            assert process.poll() is None and federation.clients[site] is process, federation.output(site)
+            assert federation.output(site).count("round 2: trained") == 2, federation.output(site)
+            runs = [e.run_id for e in PrivacyLedger(federation.ledger(site)).entries]
+            assert len(runs) == 4 and len(set(runs)) == 2, runs
+    finally:
+        federation.stop_all()
+    helpers = [command for command in seen.values() if "flwr-clientapp" in command or "flower-superexec" in command]
+    assert not helpers, f"per-message processes were started: {helpers}"
+    assert all("fedmed.deploy.supernode" in command for command in seen.values()), seen
+
+
+def test_a_failed_round_gives_the_sites_error_reply_and_the_next_round_is_served(tmp_path, sites_dir):
+    federation = Federation(tmp_path, sites_dir, None)
+    try:
+        federation.start_server("--rounds", "3", "--min-sites", "1", "--run-dir", str(tmp_path / "run"))
+        federation.start_client("site-1")
+        federation.start_client("site-2", program=[sys.executable, str(FAILING_SITE), "2"])
+        assert federation.wait_server(600) == 0, federation.output("server")
+        assert federation.clients["site-2"].poll() is None, federation.output("site-2")
+    finally:
+        federation.stop_all()
+    rounds = {r["round"]: r for r in RunDirectory(tmp_path / "run").metrics() if r["event"] == "round"}
+    assert "the site's disk failed in round 2" in rounds[2]["failed"]["site-2"]
+    assert sorted(rounds[2]["trained"]) == ["site-1"]
+    assert sorted(rounds[3]["trained"]) == list(SITES)
+    assert [e.round for e in PrivacyLedger(federation.ledger("site-2")).entries] == [1, 3]
