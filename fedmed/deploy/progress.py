@@ -14,6 +14,7 @@ from fedmed.flower.rundir import RunDirectory
 CONNECTION = "fedmed"  # the one connection in fedmed's private Flower config
 
 FINAL_PHASES = ("completed", "stopped", "failed")
+QUIET_BEFORE_CHECK = 10.0  # seconds without progress before Flower is asked whether the run still runs
 
 
 def follow_run(run_dir: RunDirectory, flower_run: str, env: dict[str, str], superlink: ManagedProcess,
@@ -23,11 +24,14 @@ def follow_run(run_dir: RunDirectory, flower_run: str, env: dict[str, str], supe
     Raises RuntimeError when the SuperLink or the Flower run ends first."""
     shown_rounds: set[int] = set()
     last_line = ""
-    next_check = time.monotonic() + 5
+    last_status: dict = {}
+    changed = next_check = time.monotonic()
     while True:
         if on_tick is not None:
             on_tick()
         status = run_dir.status()
+        if status != last_status:
+            last_status, changed = status, time.monotonic()
         for record in run_dir.metrics():
             if record.get("event") == "round" and record["round"] not in shown_rounds:
                 shown_rounds.add(record["round"])
@@ -44,8 +48,11 @@ def follow_run(run_dir: RunDirectory, flower_run: str, env: dict[str, str], supe
             return status
         if not superlink.running():
             raise RuntimeError(f"the SuperLink stopped:\n{superlink.log_tail()}")
-        if time.monotonic() > next_check:
-            next_check = time.monotonic() + 5
+        # Asking Flower costs a process start (about a second of CPU): only when the run
+        # has been quiet for a while, since a run that writes progress is alive.
+        quiet = time.monotonic() - changed > QUIET_BEFORE_CHECK
+        if quiet and time.monotonic() > next_check:
+            next_check = time.monotonic() + QUIET_BEFORE_CHECK
             flower_status = run_status(flower_run, env)
             if flower_status.startswith("finished"):
                 time.sleep(1)
