@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +13,7 @@ import pytest
 
 from fedmed.data.export import SITE_STYLES, export_site
 from fedmed.data.synthetic import synthesize, synthetic_labels
-from fedmed.deploy.processes import ProcessWatch, alive
-from tests.federation_helpers import BIN, process_env
+from tests.federation_helpers import BIN, run_simulate
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 SHARED_DATA = Path(os.environ.get("FEDMED_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -98,20 +95,8 @@ def simulation(tmp_path_factory):
                "--set", "privacy.max_epsilon=[8.0, 8.0, 4.0]", "--set", "privacy.target_epsilon=[8.0, 8.0, 4.0]"]
     for value in TINY_SCENARIO:
         command += ["--set", value]
-    watch = ProcessWatch()
-    with open(tmp / "simulate.out", "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=process_env(tmp),
-                                   start_new_session=True)
-    try:
-        deadline = time.monotonic() + 900
-        while process.poll() is None and time.monotonic() < deadline:
-            watch.look({process.pid})
-            time.sleep(0.3)
-        assert process.poll() == 0, (tmp / "simulate.out").read_text()
-        survivors = [pid for pid in watch.seen if alive(pid)]
-    finally:
-        if process.poll() is None:
-            process.kill()
-        watch.stop_survivors()
+    code, survivors, seen = run_simulate(command, tmp)
+    assert code == 0, (tmp / "simulate.out").read_text()
     results = sorted((tmp / "out").glob("results-*"))[-1]
-    return results, survivors, len(watch.seen), (tmp / "simulate.out").read_text()
+    return results, survivors, seen, (tmp / "simulate.out").read_text()
+

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedmed.deploy.processes import alive, descendants, free_port
+from fedmed.deploy.processes import ProcessWatch, alive, descendants, free_port
 
 BIN = Path(sys.executable).parent
 
@@ -23,19 +23,21 @@ def process_env(tmp: Path) -> dict[str, str]:
 class Federation:
     """A coordinator and sites started as separate processes, each in its own group."""
 
-    def __init__(self, tmp: Path, sites_dir: Path, certificates: Path | None) -> None:
+    def __init__(self, tmp: Path, sites_dir: Path, certificates: Path | None, server_name: str = "") -> None:
         self.tmp = tmp
         self.sites_dir = sites_dir
         self.certificates = certificates
+        # the name sites dial: by default localhost over TLS, 127.0.0.1 without
+        self.server_name = server_name or ("localhost" if certificates else "127.0.0.1")
         self.port = free_port()
         self.env = process_env(tmp)
         self.server: subprocess.Popen | None = None
         self.clients: dict[str, subprocess.Popen] = {}
         self.seen_pids: set[int] = set()
 
-    def start_server(self, *extra: str) -> subprocess.Popen:
+    def start_server(self, *extra: str, listen: str = "127.0.0.1") -> subprocess.Popen:
         tls = ["--certificates", str(self.certificates)] if self.certificates else ["--insecure"]
-        command = [str(BIN / "fedmed-server"), "--host", "127.0.0.1", "--port", str(self.port), *tls,
+        command = [str(BIN / "fedmed-server"), "--host", listen, "--port", str(self.port), *tls,
                    "--width", "8", "--image-size", "16", "--batch-size", "32", *extra]
         self.server = self._start(command, self.tmp / "server.out")
         return self.server
@@ -44,8 +46,7 @@ class Federation:
         """``fedmed-client`` for ``site``, or ``program`` given the same arguments."""
         tls = (["--root-certificates", str(self.certificates / "ca.crt")] if self.certificates
                else ["--insecure"])
-        host = "localhost" if self.certificates else "127.0.0.1"
-        command = [*(program or [str(BIN / "fedmed-client")]), "--server", f"{host}:{self.port}",
+        command = [*(program or [str(BIN / "fedmed-client")]), "--server", f"{self.server_name}:{self.port}",
                    "--data", str(self.sites_dir / site), "--site", site, *tls,
                    "--state-dir", str(self.tmp / "state" / site), "--image-size", "16", *extra]
         self.clients[site] = self._start(command, self.tmp / f"{site}.out")
@@ -104,3 +105,26 @@ class Federation:
             except ProcessLookupError:
                 pass
         assert not living, f"processes outlived the federation: {living}"
+
+
+def run_simulate(command: list[str], tmp: Path, timeout: float = 900) -> tuple[int | None, list[int], int]:
+    """Run ``command`` (fedmed-simulate) in its own session with its output in
+    ``tmp/simulate.out``, watching every process it starts. Returns its exit code (None if
+    it ran past ``timeout`` and was killed), the processes it left alive when it ended, and
+    how many processes it started; survivors are then stopped by pid."""
+    watch = ProcessWatch()
+    with open(tmp / "simulate.out", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=process_env(tmp),
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            watch.look({process.pid})
+            time.sleep(0.3)
+        code = process.poll()
+        survivors = [pid for pid in watch.seen if alive(pid)] if code is not None else []
+    finally:
+        if process.poll() is None:
+            process.kill()
+        watch.stop_survivors()
+    return code, survivors, len(watch.seen)

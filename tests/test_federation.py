@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import socket
 import subprocess
 
 import numpy as np
@@ -155,3 +156,26 @@ def test_only_sites_with_an_authorized_key_may_join(tmp_path, sites_dir, certifi
     rounds = [r for r in RunDirectory(tmp_path / "run").metrics() if r["event"] == "round"]
     assert [r["trained"] for r in rounds] == [["site-1"]]
     assert not federation.ledger("site-2").exists()
+
+
+def test_sites_reach_a_coordinator_listening_on_every_interface_by_its_host_name(tmp_path, sites_dir):
+    """As across hosts: the coordinator listens on all interfaces with a certificate for its
+    host name, and the sites dial that name, not localhost."""
+    name = socket.gethostname()
+    try:
+        socket.getaddrinfo(name, None)
+    except OSError:
+        pytest.skip(f"this machine's host name {name!r} does not resolve")
+    make_dev_certificates(tmp_path / "certs", [name])
+    federation = Federation(tmp_path, sites_dir, tmp_path / "certs", server_name=name)
+    try:
+        federation.start_server("--rounds", "1", "--min-sites", "2", "--run-dir", str(tmp_path / "run"),
+                                listen="0.0.0.0")
+        for site in ("site-1", "site-2"):
+            federation.start_client(site)
+        assert federation.wait_server(300) == 0, federation.output("server")
+        assert f"connecting to {name}:" in federation.output("site-1")
+    finally:
+        federation.stop_all()
+    rounds = [r for r in RunDirectory(tmp_path / "run").metrics() if r["event"] == "round"]
+    assert [sorted(r["trained"]) for r in rounds] == [["site-1", "site-2"]]

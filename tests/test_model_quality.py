@@ -8,12 +8,9 @@ table): below the project's goal of 0.85 / 0.75 for a short run, so this test gu
 level reached with a margin for DP's run-to-run spread, not the goal."""
 
 import json
-import subprocess
-import time
 from pathlib import Path
 
-from fedmed.deploy.processes import ProcessWatch
-from tests.federation_helpers import BIN, process_env
+from tests.federation_helpers import BIN, run_simulate
 
 SCENARIO = Path(__file__).resolve().parent.parent / "simulations" / "pneumonia-5-sites.toml"
 
@@ -21,21 +18,9 @@ SCENARIO = Path(__file__).resolve().parent.parent / "simulations" / "pneumonia-5
 def test_a_federated_dp_run_on_real_chest_xrays_ranks_and_decides(pneumonia_npz, tmp_path):
     command = [str(BIN / "fedmed-simulate"), str(SCENARIO), "--out", str(tmp_path / "out"),
                "--set", f"data.path={pneumonia_npz}"]
-    watch = ProcessWatch()
-    with open(tmp_path / "simulate.out", "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=process_env(tmp_path),
-                                   start_new_session=True)
-        try:
-            deadline = time.monotonic() + 900
-            while process.poll() is None and time.monotonic() < deadline:
-                watch.look({process.pid})
-                time.sleep(0.3)
-        finally:
-            if process.poll() is None:
-                process.kill()
-            left = watch.stop_survivors()
-    assert not left, f"processes outlived the simulation: {left}"
-    assert process.returncode == 0, (tmp_path / "simulate.out").read_text()[-3000:]
+    code, survivors, _ = run_simulate(command, tmp_path)
+    assert code == 0, (tmp_path / "simulate.out").read_text()[-3000:]
+    assert not survivors, f"processes outlived the simulation: {survivors}"
     (summary,) = (tmp_path / "out").glob("results-*/summary.json")
     (federated,) = [row for row in json.loads(summary.read_text())["comparison"] if row["mode"] == "federated"]
     assert federated["dp"] and 7.5 < federated["epsilon"] <= 8.0

@@ -17,10 +17,16 @@ from fedmed.files import write_atomic
 CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server.crt", "server.key"
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1")
+
+
 def make_dev_certificates(out_dir: Path, hosts: list[str], days: int = 365) -> dict[str, Path]:
-    """A throw-away CA and a server certificate for ``hosts`` (names or IP addresses)."""
+    """A throw-away CA and a server certificate for ``hosts`` (names or IP addresses) and
+    for this machine's loopback names, which the coordinator's own SuperLink dials (Flower
+    reaches its runtime API on 127.0.0.1 over the same TLS)."""
     if not hosts:
         raise ValueError("give at least one host name or IP address for the server certificate")
+    hosts = list(dict.fromkeys([*hosts, *LOOPBACK_NAMES]))
     now = datetime.now(timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedmed development CA")])
