@@ -1,0 +1,131 @@
+"""fedmed-simulate on an existing Ray cluster: a head and a second node started here on
+loopback, each with its own CPU, the virtual sites placed on both, and nothing of either
+node left afterwards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from fedmed.deploy.processes import ProcessWatch, alive, free_port
+from fedmed.privacy.ledger import PrivacyLedger
+from tests.conftest import TINY_SCENARIO
+from tests.federation_helpers import BIN, process_env
+
+SITES = 4
+ROUNDS = 2
+
+
+def _start_node(arguments: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """``ray start ... --block`` in its own process group: the node's processes share it."""
+    with open(log, "wb") as out:
+        return subprocess.Popen([str(BIN / "ray"), "start", *arguments, "--num-cpus", "1",
+                                 "--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--block"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _wait_for_head(head: subprocess.Popen, port: int, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.3)
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _raylets(nodes: list[subprocess.Popen]) -> dict[int, int]:
+    """Each node's raylet pid, by the node's index."""
+    found = {}
+    for index, node in enumerate(nodes):
+        for child in psutil.Process(node.pid).children(recursive=True):
+            try:
+                if child.name() == "raylet":
+                    found[index] = child.pid
+            except psutil.Error:
+                continue
+    return found
+
+
+def _actor_nodes(raylets: dict[int, int], seen: dict[int, int]) -> None:
+    """Remember, for every process running a Flower ClientApp actor, which node started it."""
+    for index, raylet in raylets.items():
+        try:
+            workers = psutil.Process(raylet).children()
+        except psutil.Error:
+            continue
+        for worker in workers:
+            try:
+                if "ClientAppActor" in " ".join(worker.cmdline()):
+                    seen[worker.pid] = index
+            except psutil.Error:
+                continue
+
+
+def test_a_simulation_runs_its_sites_on_both_nodes_of_an_existing_ray_cluster(tmp_path):
+    env = {**process_env(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
+    port = free_port()
+    watch = ProcessWatch()
+    nodes: list[subprocess.Popen] = []
+    actors: dict[int, int] = {}
+    ray_dir = tempfile.mkdtemp(prefix="fedmed-ray-")  # Ray's socket paths must stay short
+    try:
+        nodes.append(_start_node(["--head", "--port", str(port), "--temp-dir", ray_dir,
+                                  "--include-dashboard", "false"], tmp_path / "head.out", env))
+        _wait_for_head(nodes[0], port, tmp_path / "head.out")
+        nodes.append(_start_node(["--address", f"127.0.0.1:{port}"], tmp_path / "node.out", env))
+        deadline = time.monotonic() + 120
+        while len(_raylets(nodes)) < 2:
+            assert time.monotonic() < deadline, (tmp_path / "node.out").read_text()
+            time.sleep(0.5)
+        raylets = _raylets(nodes)
+        command = [str(BIN / "fedmed-simulate"), "--out", str(tmp_path / "out"), "--mode", "federated",
+                   "--set", f"resources.ray_address=127.0.0.1:{port}"]
+        for value in TINY_SCENARIO + [f"partition.sites={SITES}", f"training.rounds={ROUNDS}"]:
+            command += ["--set", value]
+        with open(tmp_path / "simulate.out", "wb") as log:
+            simulate = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+        deadline = time.monotonic() + 600
+        while simulate.poll() is None and time.monotonic() < deadline:
+            watch.look({simulate.pid, *(node.pid for node in nodes)})
+            _actor_nodes(raylets, actors)
+            time.sleep(0.2)
+        if simulate.poll() is None:
+            os.killpg(simulate.pid, signal.SIGKILL)
+        assert simulate.wait() == 0, (tmp_path / "simulate.out").read_text()[-3000:]
+    finally:
+        for node in reversed(nodes):
+            watch.look({node.pid})
+            _stop_group(node)
+        left = watch.stop_survivors()
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert not left, f"processes outlived the cluster: {left}"
+    assert not [pid for pid in watch.seen if alive(pid)]
+    assert sorted(set(actors.values())) == [0, 1], f"virtual sites ran on nodes {sorted(set(actors.values()))} only"
+    (run_dir,) = (tmp_path / "out").glob("results-*/federated")
+    ledgers = sorted((run_dir / "sites").glob("*/ledger.jsonl"))
+    assert len(ledgers) == SITES
+    for ledger in ledgers:
+        assert [e.round for e in PrivacyLedger(ledger).entries] == list(range(1, ROUNDS + 1)), ledger
