@@ -88,7 +88,6 @@ class SiteRuntime:
     def __init__(self, address: str, secret: bytes, app: ClientApp) -> None:
         self.address = address  # the SuperNode's runtime API, host:port
         self.app = app
-        self.tasks_served = 0
         self._stop = threading.Event()
         self._acquirer = RuntimeHttpClient.from_server_address(
             address, insecure=True, root_certificates=None,
@@ -158,11 +157,10 @@ class SiteRuntime:
             push_task_output(client, context, status, details)
             heartbeat.stop()
             client.close()
-            self.tasks_served += 1
 
 
 def _heartbeat(client: RuntimeHttpClient):
-    """Tell the SuperNode the task is alive (every few seconds, from Flower's sender thread).
+    """Tell the SuperNode the task is alive (about every 20 s, from Flower's sender thread).
     A refusal means the task was dropped: pushing its reply will then fail, and is reported."""
 
     def beat() -> bool:
