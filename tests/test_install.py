@@ -1,6 +1,7 @@
 """The installed environment has working versions of everything fedmed builds on."""
 
 import pydicom.pixels
+import pytest
 import torch
 from packaging.version import Version
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, JPEGLossless, RLELossless
@@ -20,8 +21,17 @@ def test_federation_and_privacy_packages_import():
     import flwr
     import opacus
 
-    assert Version("1.41") <= Version(flwr.__version__) < Version("2")
+    assert Version("1.41") <= Version(flwr.__version__) < Version("1.42")
     assert opacus.__version__
+
+
+def test_the_installed_flower_is_a_tested_release_and_others_are_refused_by_name(monkeypatch):
+    from fedmed.flower import waits
+
+    assert waits.check_flower().startswith("1.41.")
+    monkeypatch.setattr(waits, "version", lambda package: "1.43.2")
+    with pytest.raises(RuntimeError, match=r"tested with Flower 1\.41\.x.*flwr 1\.43\.2"):
+        waits.check_flower()
 
 
 def test_compressed_transfer_syntaxes_have_a_decoder():

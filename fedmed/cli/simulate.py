@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from fedmed.config import settings_table
+from fedmed.flower.waits import check_flower
 from fedmed.simulate.scenario import PARTS, TOP_LEVEL, load_scenario
 
 MODES = ("federated", "centralized", "local")
@@ -39,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if unknown:
             raise ValueError(f"unknown mode {', '.join(unknown)}; choose from {', '.join(MODES)} or all")
+        check_flower()
         scenario = load_scenario(args.scenario, args.overrides)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = (args.out or Path("runs") / scenario.name).resolve()
