@@ -70,3 +70,16 @@ def test_site_with_too_large_delta_refuses_to_train(tmp_path):
     with pytest.raises(ValueError, match="below 1/n"):
         run_rounds(tmp_path / "ledger.jsonl", 1, PrivacyConfig(delta=0.05), n=64)
     assert not (tmp_path / "ledger.jsonl").exists()
+
+
+def test_the_reports_second_opinion_is_dp_accountings_pld_accountant():
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+
+    from fedmed.privacy.second_opinion import DISCRETISATION, second_opinion_epsilon
+
+    history = [(1.1, 0.05, 40), (0.9, 0.08, 25), (1.1, 0.05, 10)]
+    accountant = PLDAccountant(value_discretization_interval=DISCRETISATION)
+    for sigma, rate, steps in history:
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), steps)
+    assert second_opinion_epsilon(history, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
