@@ -65,9 +65,10 @@ class TrainConfig:
     @classmethod
     def from_settings(cls, run: RunSettings, round_number: int = 1) -> TrainConfig:
         """The training of one round (the learning rate follows the run's schedule)."""
-        return cls(epochs=run.local_epochs, steps=run.local_steps, batch_size=run.batch_size, physical_batch_size=run.physical_batch_size,
-                   learning_rate=run.round_learning_rate(round_number), momentum=run.momentum, weight_decay=run.weight_decay,
-                   class_weights=run.class_weight_values, class_prior=run.class_prior_values, seed=run.seed)
+        return cls(epochs=run.local_epochs, steps=run.local_steps, batch_size=run.batch_size,
+                   physical_batch_size=run.physical_batch_size, learning_rate=run.round_learning_rate(round_number),
+                   momentum=run.momentum, weight_decay=run.weight_decay, class_weights=run.class_weight_values,
+                   class_prior=run.class_prior_values, seed=run.seed)
 
 
 @dataclass(frozen=True)

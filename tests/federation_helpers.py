@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from fedmed.deploy.processes import ProcessWatch, alive, descendants, free_port
 
@@ -68,14 +69,17 @@ class Federation:
     def processes(self) -> list[subprocess.Popen]:
         return [p for p in [self.server, *self.clients.values()] if p is not None]
 
-    def wait_server(self, timeout: float) -> int:
+    def wait_server(self, timeout: float, on_tick: Callable[[], None] | None = None, every: float = 1.0) -> int:
+        """fedmed-server's exit code; ``on_tick`` is called every ``every`` seconds meanwhile."""
         deadline = time.monotonic() + timeout
         assert self.server is not None
         while self.server.poll() is None:
             if time.monotonic() > deadline:
                 raise AssertionError(f"fedmed-server still running after {timeout} s:\n{self.output('server')}")
             self.remember_descendants()
-            time.sleep(1)
+            if on_tick is not None:
+                on_tick()
+            time.sleep(every)
         return self.server.returncode
 
     def output(self, name: str) -> str:
@@ -107,11 +111,13 @@ class Federation:
         assert not living, f"processes outlived the federation: {living}"
 
 
-def run_simulate(command: list[str], tmp: Path, timeout: float = 900) -> tuple[int | None, list[int], int]:
+def run_simulate(command: list[str], tmp: Path, timeout: float = 900,
+                 on_tick: Callable[[], None] | None = None) -> tuple[int | None, list[int], int]:
     """Run ``command`` (fedmed-simulate) in its own session with its output in
-    ``tmp/simulate.out``, watching every process it starts. Returns its exit code (None if
-    it ran past ``timeout`` and was killed), the processes it left alive when it ended, and
-    how many processes it started; survivors are then stopped by pid."""
+    ``tmp/simulate.out``, watching every process it starts (and calling ``on_tick`` as it
+    looks). Returns its exit code (None if it ran past ``timeout`` and was killed), the
+    processes it left alive when it ended, and how many processes it started; survivors
+    are then stopped by pid."""
     watch = ProcessWatch()
     with open(tmp / "simulate.out", "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=process_env(tmp),
@@ -120,6 +126,8 @@ def run_simulate(command: list[str], tmp: Path, timeout: float = 900) -> tuple[i
         deadline = time.monotonic() + timeout
         while process.poll() is None and time.monotonic() < deadline:
             watch.look({process.pid})
+            if on_tick is not None:
+                on_tick()
             time.sleep(0.3)
         code = process.poll()
         survivors = [pid for pid in watch.seen if alive(pid)] if code is not None else []

@@ -4,58 +4,29 @@ node left afterwards."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
 
-from fedmed.deploy.processes import ProcessWatch, alive, free_port
+from fedmed.deploy.processes import ManagedProcess, ProcessWatch, alive, free_port, wait_for_port
 from fedmed.privacy.ledger import PrivacyLedger
 from tests.conftest import TINY_SCENARIO
-from tests.federation_helpers import BIN, process_env
+from tests.federation_helpers import BIN, process_env, run_simulate
 
 SITES = 4
 ROUNDS = 2
 
 
-def _start_node(arguments: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+def _start_node(arguments: list[str], log: Path, env: dict[str, str]) -> ManagedProcess:
     """``ray start ... --block`` in its own process group: the node's processes share it."""
-    with open(log, "wb") as out:
-        return subprocess.Popen([str(BIN / "ray"), "start", *arguments, "--num-cpus", "1",
-                                 "--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--block"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return ManagedProcess([str(BIN / "ray"), "start", *arguments, "--num-cpus", "1", "--node-ip-address",
+                           "127.0.0.1", "--disable-usage-stats", "--block"], log, env)
 
 
-def _wait_for_head(head: subprocess.Popen, port: int, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.3)
-
-
-def _stop_group(process: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _raylets(nodes: list[subprocess.Popen]) -> dict[int, int]:
+def _raylets(nodes: list[ManagedProcess]) -> dict[int, int]:
     """Each node's raylet pid, by the node's index."""
     found = {}
     for index, node in enumerate(nodes):
@@ -87,13 +58,13 @@ def test_a_simulation_runs_its_sites_on_both_nodes_of_an_existing_ray_cluster(tm
     env = {**process_env(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
     port = free_port()
     watch = ProcessWatch()
-    nodes: list[subprocess.Popen] = []
+    nodes: list[ManagedProcess] = []
     actors: dict[int, int] = {}
     ray_dir = tempfile.mkdtemp(prefix="fedmed-ray-")  # Ray's socket paths must stay short
     try:
         nodes.append(_start_node(["--head", "--port", str(port), "--temp-dir", ray_dir,
                                   "--include-dashboard", "false"], tmp_path / "head.out", env))
-        _wait_for_head(nodes[0], port, tmp_path / "head.out")
+        wait_for_port("127.0.0.1", port, 120, nodes[0])
         nodes.append(_start_node(["--address", f"127.0.0.1:{port}"], tmp_path / "node.out", env))
         deadline = time.monotonic() + 120
         while len(_raylets(nodes)) < 2:
@@ -104,21 +75,18 @@ def test_a_simulation_runs_its_sites_on_both_nodes_of_an_existing_ray_cluster(tm
                    "--set", f"resources.ray_address=127.0.0.1:{port}"]
         for value in TINY_SCENARIO + [f"partition.sites={SITES}", f"training.rounds={ROUNDS}"]:
             command += ["--set", value]
-        with open(tmp_path / "simulate.out", "wb") as log:
-            simulate = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
-        deadline = time.monotonic() + 600
-        while simulate.poll() is None and time.monotonic() < deadline:
-            watch.look({simulate.pid, *(node.pid for node in nodes)})
+
+        def watch_cluster() -> None:
+            watch.look({node.pid for node in nodes})
             _actor_nodes(raylets, actors)
-            time.sleep(0.2)
-        if simulate.poll() is None:
-            os.killpg(simulate.pid, signal.SIGKILL)
-        assert simulate.wait() == 0, (tmp_path / "simulate.out").read_text()[-3000:]
+
+        code, survivors, _ = run_simulate(command, tmp_path, timeout=600, on_tick=watch_cluster)
+        assert code == 0, (tmp_path / "simulate.out").read_text()[-3000:]
+        assert not survivors, f"processes outlived the simulation: {survivors}"
     finally:
         for node in reversed(nodes):
             watch.look({node.pid})
-            _stop_group(node)
+            node.stop(grace=15)
         left = watch.stop_survivors()
         shutil.rmtree(ray_dir, ignore_errors=True)
     assert not left, f"processes outlived the cluster: {left}"

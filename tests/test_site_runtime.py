@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -71,25 +70,17 @@ def _watch_site_processes(federation: Federation, seen: dict[int, str]) -> None:
             continue
 
 
-def _wait(federation: Federation, seen: dict[int, str], timeout: float = 600) -> int:
-    deadline = time.monotonic() + timeout
-    while federation.server.poll() is None:
-        assert time.monotonic() < deadline, federation.output("server")
-        _watch_site_processes(federation, seen)
-        federation.remember_descendants()
-        time.sleep(0.2)
-    return federation.server.returncode
-
-
 def test_one_site_process_serves_every_round_of_two_consecutive_runs(tmp_path, sites_dir):
     federation = Federation(tmp_path, sites_dir, None)
     seen: dict[int, str] = {}
     try:
         federation.start_server("--rounds", "2", "--min-sites", "2", "--run-dir", str(tmp_path / "run-1"))
         clients = {site: federation.start_client(site) for site in SITES}
-        assert _wait(federation, seen) == 0, federation.output("server")
+        assert federation.wait_server(600, lambda: _watch_site_processes(federation, seen), 0.2) == 0, \
+            federation.output("server")
         federation.start_server("--rounds", "2", "--min-sites", "2", "--run-dir", str(tmp_path / "run-2"))
-        assert _wait(federation, seen) == 0, federation.output("server")
+        assert federation.wait_server(600, lambda: _watch_site_processes(federation, seen), 0.2) == 0, \
+            federation.output("server")
         for site, process in clients.items():
             assert process.poll() is None and federation.clients[site] is process, federation.output(site)
             assert federation.output(site).count("round 2: trained") == 2, federation.output(site)

@@ -46,7 +46,7 @@ def evaluate_global(message: Message, context: Context) -> Message:
 @app.query()
 def introduce(message: Message, context: Context) -> Message:
     """The site's name, for a coordinator that has not heard from this site yet."""
-    name = _site_work.site.name if _site_work is not None else str(_site_config(context).get("name", ""))
+    name = str(_site_config(context).get("name", ""))
     return Message(RecordDict({protocol.SITE: ConfigRecord({"name": name})}), reply_to=message)
 
 
