@@ -4,7 +4,9 @@ resumed, then a hospital is killed during round 2. Real processes on loopback, o
 from __future__ import annotations
 
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,8 @@ from fedmed.privacy.ledger import PrivacyLedger
 from tests.federation_helpers import Federation
 
 SITES = ("site-1", "site-2", "site-3")
-DROPPED = "site-1"  # the largest site, so it is still training when it is killed
+DROPPED = "site-1"
+FAULTY_SITE = Path(__file__).with_name("faulty_site.py")
 ROUNDS = 3
 
 
@@ -39,8 +42,9 @@ def failed_and_recovered(tmp_path_factory):
     run_dir = RunDirectory(tmp / "run")
     server_options = ("--round-timeout", "40", "--site-wait-timeout", "120")
     try:
-        for site in SITES:
-            federation.start_client(site, "--max-epsilon", "30", "--target-epsilon", "8")
+        for site in SITES:  # the dropped site hangs in round 2 after the restart, until killed
+            program = [sys.executable, str(FAULTY_SITE), "stall", "2"] if site == DROPPED else None
+            federation.start_client(site, "--max-epsilon", "30", "--target-epsilon", "8", program=program)
         federation.start_server("--rounds", str(ROUNDS), "--min-sites", "2", "--run-dir", str(run_dir.path),
                                 *server_options)
         _wait_for(lambda: (run_dir.path / "checkpoints" / "round-0001.npz").exists(), 300,
@@ -51,6 +55,8 @@ def failed_and_recovered(tmp_path_factory):
         federation.start_server("--resume", str(run_dir.path), *server_options)
         # The first coordinator's last status may already say round 2: wait for the new one's.
         _wait_for(lambda: _restarted_and_training(run_dir), 300, "round 2 after the restart", federation)
+        _wait_for(lambda: "stalled in round 2 of a later run" in federation.output(DROPPED), 120,
+                  f"{DROPPED} to be mid-way through round 2", federation)
         federation.kill(federation.clients[DROPPED])  # a hospital drops out mid-round
         code = federation.wait_server(600)
         assert code == 0, federation.output("server")

@@ -22,7 +22,7 @@ from fedmed.privacy.ledger import PrivacyLedger
 from tests.federation_helpers import Federation
 
 SITES = ("site-1", "site-2")
-FAILING_SITE = Path(__file__).with_name("failing_site.py")
+FAULTY_SITE = Path(__file__).with_name("faulty_site.py")
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_a_failed_round_gives_the_sites_error_reply_and_the_next_round_is_served
     try:
         federation.start_server("--rounds", "3", "--min-sites", "1", "--run-dir", str(tmp_path / "run"))
         federation.start_client("site-1")
-        federation.start_client("site-2", program=[sys.executable, str(FAILING_SITE), "2"])
+        federation.start_client("site-2", program=[sys.executable, str(FAULTY_SITE), "fail", "2"])
         assert federation.wait_server(600) == 0, federation.output("server")
         assert federation.clients["site-2"].poll() is None, federation.output("site-2")
     finally:
