@@ -57,7 +57,7 @@ def main() -> None:
     keep_freed_memory()  # as a site's worker does
     model = build_model(ModelConfig.from_settings(run), seed=run.seed)
     state, velocity = model_state(model), None
-    test = load_server_eval(run)
+    test = load_server_eval(run, model)
     averages: dict[float, dict] = {}
     for round_number in range(1, run.rounds + 1):
         started = time.monotonic()
@@ -85,7 +85,7 @@ def main() -> None:
                           "balanced_accuracy": round(scores["balanced_accuracy"], 3), "ema": ema_scores,
                           "max_epsilon": round(max(epsilons), 3),
                           "seconds": round(time.monotonic() - started, 1)}), flush=True)
-    print(json.dumps({"site_val_auroc": {site.site.name: round(validation_metrics(model, site.split(run))["val-auroc"], 4)
+    print(json.dumps({"site_val_auroc": {site.site.name: round(validation_metrics(model, site.inputs(run, model))["val-auroc"], 4)
                                          for site in sites}}), flush=True)
 
 

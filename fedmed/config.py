@@ -125,6 +125,9 @@ class RunSettings:
                                           "FedAvg)", section="training", above=0.0)
     server_momentum: float = setting(0.0, "the coordinator's momentum over rounds (> 0: FedAvgM)",
                                      section="training", low=0.0, below=1.0)
+    evaluate_every: int = setting(1, "rounds between evaluations of the global model, by the sites on their "
+                                  "validation splits and by the coordinator on its evaluation data (the "
+                                  "initial and the final model are always evaluated)", section="training", low=1)
     seed: int = setting(0, "seed of the initial model, site sampling, validation splits and non-private "
                         "shuffling (DP noise is always secret)", section="training", low=0)
     # federation (the coordinator's; a simulation sets these itself)
@@ -153,6 +156,10 @@ class RunSettings:
             raise ValueError(f"data.classes must name at least 2 classes, got {self.classes!r}")
         for name in ("class_weights", "class_prior"):
             _check_per_class(name, getattr(self, name), self.class_names)
+
+    def evaluates(self, model_round: int) -> bool:
+        """Whether the global model after ``model_round`` (0: the initial one) is evaluated."""
+        return model_round % self.evaluate_every == 0 or model_round == self.rounds
 
     def round_learning_rate(self, round_number: int) -> float:
         """The sites' step size in a round (1-based) under ``learning_rate_schedule``."""

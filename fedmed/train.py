@@ -173,8 +173,11 @@ def _optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _images(images: np.ndarray, indices: np.ndarray) -> torch.Tensor:
-    """Selected images as a (batch, 1, H, W) tensor; only these rows are read from a memory map."""
-    return torch.from_numpy(np.ascontiguousarray(images[indices], dtype=np.float32)).unsqueeze(1)
+    """Selected images as a (batch, 1, H, W) tensor, or precomputed inputs
+    (``fedmed.model.fixed_inputs``, already (N, C, H, W)) as they are; only these rows are
+    read from a memory map."""
+    batch = torch.from_numpy(np.ascontiguousarray(images[indices], dtype=np.float32))
+    return batch.unsqueeze(1) if batch.dim() == 3 else batch
 
 
 def _batch(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

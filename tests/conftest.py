@@ -88,11 +88,13 @@ TINY_SCENARIO = ["data.images=240", "data.image_size=16", "partition.sites=3", "
 
 @pytest.fixture(scope="session")
 def simulation(tmp_path_factory):
-    """A 3-site, 2-round fedmed-simulate run in all modes (about a minute); shared by the
-    simulation and report tests. Returns (results dir, survivors, processes seen, output)."""
+    """A 3-site, 2-round fedmed-simulate run in all modes (about a minute), evaluating only
+    the initial and the final model; shared by the simulation and report tests. Returns
+    (results dir, survivors, processes seen, output)."""
     tmp = tmp_path_factory.mktemp("simulate")
     command = [str(BIN / "fedmed-simulate"), "--mode", "all", "--out", str(tmp / "out"),
-               "--set", "privacy.max_epsilon=[8.0, 8.0, 4.0]", "--set", "privacy.target_epsilon=[8.0, 8.0, 4.0]"]
+               "--set", "privacy.max_epsilon=[8.0, 8.0, 4.0]", "--set", "privacy.target_epsilon=[8.0, 8.0, 4.0]",
+               "--set", "training.evaluate_every=2"]
     for value in TINY_SCENARIO:
         command += ["--set", value]
     code, survivors, seen = run_simulate(command, tmp)

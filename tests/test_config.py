@@ -45,6 +45,7 @@ SITE_SPLIT = {"classes", "image_size", "val_fraction", "seed"}  # the site's dat
 COORDINATOR = {"server_learning_rate", "server_momentum", "min_sites", "fraction_train", "round_timeout",
                "site_wait_timeout", "server_eval_data"}
 SITE_IDENTITY = {"name", "data", "cache_dir"}
+EVALUATION = {"evaluate_every"}  # which rounds' models the sites and the coordinator evaluate
 
 TEXT_VALUES = {"classes": "normal,pneumonia,effusion", "class_weights": "2.0,0.5", "class_prior": "0.3,0.7",
                "source": "npz"}
@@ -112,6 +113,8 @@ def check_run_value(site_run: RunSettings, name: str, value) -> None:
     if name in ROUND_SCHEDULE:
         rates = [TrainConfig.from_settings(site_run, r).learning_rate for r in range(1, site_run.rounds + 1)]
         assert rates[0] == site_run.learning_rate and rates == sorted(rates, reverse=True) and len(set(rates)) > 1
+    if name in EVALUATION:
+        assert [r for r in range(site_run.rounds + 1) if site_run.evaluates(r)] == [0, site_run.rounds]
     if name in INTO_PRIVACY:
         assert getattr(PrivacyConfig.from_settings(SiteSettings(), site_run), INTO_PRIVACY[name]) == value
     if name in INTO_MODEL:
@@ -127,7 +130,7 @@ def check_site_value(site: SiteSettings, name: str, value) -> None:
 
 def test_every_run_and_site_setting_has_a_home():
     placed = (set(INTO_TRAIN) | ROUND_SCHEDULE | set(INTO_PRIVACY) | set(INTO_MODEL) | SITE_SPLIT | COORDINATOR
-              | SITE_IDENTITY)
+              | SITE_IDENTITY | EVALUATION)
     for cls in (RunSettings, SiteSettings):
         unplaced = [key(f) for f in options(cls) if f.name not in placed]
         assert not unplaced, f"settings with no known use at the site or coordinator: {unplaced}"

@@ -1,12 +1,13 @@
 """The ResNet variants: Opacus accepts them and one DP step trains them."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from fedmed.model import ModelConfig, build_model
+from fedmed.model import ModelConfig, build_model, fixed_inputs
 from fedmed.privacy.clipping import PerSampleClipper
 
 VARIANTS = [
@@ -74,3 +75,31 @@ def test_the_scattering_front_end_is_fixed_and_never_leaves_a_site():
     x = torch.rand(2, 1, 28, 28)
     assert torch.equal(model.frontend.scattering(x), other.frontend.scattering(x)), "filters do not depend on seeds"
     assert model(x).shape == (2, 2)
+
+
+def test_precomputed_scattering_coefficients_train_exactly_as_the_images_do():
+    """A site feeds its images' scattering coefficients, computed once, instead of the
+    images: the outputs and every clipped per-sample gradient must be the same, so the DP
+    step (and its guarantee) is unchanged."""
+    config = ModelConfig(depth=10, width=8, image_size=28, frontend="scattering")
+    images = np.random.default_rng(0).random((6, 28, 28), dtype=np.float32)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0])
+    inputs = fixed_inputs(build_model(config), images)
+    assert inputs.shape == (6, 81, 7, 7), "coefficients, not the images"
+    gradients = []
+    for fed in (torch.from_numpy(images).unsqueeze(1), torch.from_numpy(inputs)):
+        model = build_model(config, seed=1)
+        clipper = PerSampleClipper(model, max_grad_norm=0.1)
+        losses, norms = clipper.accumulate(fed, lambda out: F.cross_entropy(out, labels, reduction="none"))
+        gradients.append((losses, norms, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (loss_a, norm_a, grad_a), (loss_b, norm_b, grad_b) = gradients
+    torch.testing.assert_close(loss_a, loss_b)
+    torch.testing.assert_close(norm_a, norm_b)
+    assert bool((norm_a > 0.1).all()), "every sample is clipped, so the clip factors are exercised"
+    for a, b in zip(grad_a, grad_b):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_model_without_a_fixed_stem_is_fed_the_images():
+    images = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)
+    assert fixed_inputs(build_model(ModelConfig(depth=10, width=8, image_size=28)), images) is images

@@ -26,7 +26,11 @@ def test_a_federated_simulation_writes_a_complete_run_directory(simulation):
     rounds = [r for r in run_dir.metrics() if r["event"] == "round"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(sorted(r["trained"]) == ["site-1", "site-2", "site-3"] for r in rounds)
-    assert all(0.0 <= r["server_validation"]["auroc"] <= 1.0 for r in rounds), "held-out test set scored"
+    assert "server_validation" not in rounds[0], "evaluate_every = 2: the model after round 1 is not scored"
+    assert 0.0 < rounds[1]["server_validation"]["auroc"] < 1.0, "the final model is scored on the held-out set"
+    validations = [r for r in run_dir.metrics() if r["event"] == "validation"]
+    assert [v["round"] for v in validations] == [0, 2], "the sites validate the initial and the final model only"
+    assert all(sorted(v["sites"]) == ["site-1", "site-2", "site-3"] for v in validations)
     assert [p.name for p in sorted((run_dir.path / "checkpoints").iterdir())] == ["round-0001.npz", "round-0002.npz"]
     card = json.loads((run_dir.model_dir / "model_card.json").read_text())
     assert sorted(card["sites"]) == ["site-1", "site-2", "site-3"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace as dataclass_replace
+
 import numpy as np
 import pytest
 
@@ -55,3 +57,16 @@ def test_a_model_that_does_not_fit_the_run_is_refused(site):
     broken[0] = np.inf
     with pytest.raises(ValueError, match="non-finite"):
         work.evaluate(RUN, broken)
+
+
+def test_a_site_that_trained_validates_the_next_model_as_a_fresh_one_does(site, tmp_path):
+    """The site keeps one built network between rounds; nothing of a round's training may
+    leak into how it scores the next global model."""
+    work = SiteWork(dataclass_replace(site, ledger=str(tmp_path / "ledger.jsonl")))
+    trained = work.train(RUN, _initial_model(), 1)
+    assert trained.metrics["status"] == RoundStatus.TRAINED
+    next_global = _initial_model() * 0.5
+    again = work.evaluate(RUN, next_global).metrics
+    fresh = SiteWork(site).evaluate(RUN, next_global).metrics
+    assert again == fresh and again["val-examples"] > 0
+    assert work.evaluate(RUN, trained.model).metrics != fresh, "the scores do depend on the model"

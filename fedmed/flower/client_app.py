@@ -25,7 +25,9 @@ from fedmed.flower.protocol import EvaluateRequest, SiteReply, SiteRequest, Trai
 app = ClientApp()
 _site_work = None  # the one SiteWork of a fedmed-client process (serve_site)
 _local_work: dict[SiteSettings, object] = {}  # SiteWork per virtual site of a simulation actor
-MAX_SITES_PER_PROCESS = 4  # a simulation actor serves many virtual sites; keep a few warm
+# A simulation actor serves any of the virtual sites each round; it keeps every site's
+# prepared inputs while they fit in this many bytes, dropping the least recently served.
+LOCAL_WORK_BYTES = 2 * 2**30
 
 
 @app.train()
@@ -67,11 +69,12 @@ def _do(request: SiteRequest, context: Context) -> SiteReply:
 
     keep_freed_memory()
     site = SiteSettings.from_flower(_site_config(context))
-    if site not in _local_work:
-        if len(_local_work) >= MAX_SITES_PER_PROCESS:
-            _local_work.pop(next(iter(_local_work)))  # drop the oldest site's data
-        _local_work[site] = SiteWork(site)
-    return _local_work[site].handle(request)
+    work = _local_work.pop(site, None) or SiteWork(site)
+    _local_work[site] = work  # now the most recently served
+    reply = work.handle(request)
+    while len(_local_work) > 1 and sum(w.held_bytes() for w in _local_work.values()) > LOCAL_WORK_BYTES:
+        _local_work.pop(next(iter(_local_work)))
+    return reply
 
 
 def _site_config(context: Context) -> dict:

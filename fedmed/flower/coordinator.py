@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from torch import nn
 
 from fedmed.config import RunSettings
 from fedmed.flower import protocol
@@ -23,7 +24,7 @@ from fedmed.flower.model_card import model_card, model_card_markdown
 from fedmed.flower.packing import pack, record_to_vector, unpack, vector_to_record
 from fedmed.flower.protocol import RoundStatus
 from fedmed.flower.rundir import RunDirectory
-from fedmed.model import ModelConfig, build_model
+from fedmed.model import ModelConfig, build_model, fixed_inputs
 from fedmed.weights import load_state, model_state
 
 log = logging.getLogger("fedmed.coordinator")
@@ -55,7 +56,7 @@ class FederatedRun:
         self.last_validation: dict | None = None  # sites' weighted validation of the latest model
         self.model = build_model(ModelConfig.from_settings(run), seed=run.seed)
         self.reference = model_state(self.model)
-        self.server_eval = load_server_eval(run)
+        self.server_eval = load_server_eval(run, self.model)
         self.velocity: dict[str, np.ndarray] | None = None  # server momentum (FedAvgM)
         self.returning = 0  # on a resume: how many sites trained the last recorded round
         self.introduced: set[int] = set()  # nodes asked for their names
@@ -294,7 +295,7 @@ class FederatedRun:
             "sites": {name: _site_fields(m) for name, m in outcome.site_metrics.items()},
             "reply_seconds": outcome.reply_seconds,
         }
-        if self.server_eval is not None:
+        if self.server_eval is not None and self.run.evaluates(round_number):
             record["server_validation"] = self._evaluate_on_server(state)
         if not aggregated:
             record["note"] = (f"only {len(trained)} valid updates, below the minimum of {self.run.min_sites} "
@@ -385,8 +386,9 @@ def _weighted(pairs: list[tuple[float, float]]) -> float:
     return sum(v * w for v, w in pairs) / total if total else math.nan
 
 
-def load_server_eval(run: RunSettings) -> tuple[np.ndarray, np.ndarray] | None:
-    """The coordinator's own held-out set, if it has one."""
+def load_server_eval(run: RunSettings, model: nn.Module) -> tuple[np.ndarray, np.ndarray] | None:
+    """The coordinator's own held-out set, if it has one, as ``model`` is fed it
+    (``fedmed.model.fixed_inputs``), with its labels."""
     if not run.server_eval_data:
         return None
     from fedmed.data.cache import default_cache_dir
@@ -397,4 +399,4 @@ def load_server_eval(run: RunSettings) -> tuple[np.ndarray, np.ndarray] | None:
                      ReadOptions(image_size=run.image_size), default_cache_dir())
     if len(data) == 0:
         raise ValueError(f"server evaluation data {run.server_eval_data} has no usable images")
-    return np.asarray(data.images), data.labels
+    return fixed_inputs(model, np.asarray(data.images)), data.labels

@@ -2,7 +2,8 @@
 model on the site's validation split, then train one private round through the ledger.
 
 A ``SiteWork`` keeps the site's decoded, split data between rounds, so a long-lived
-process (the site worker of ``fedmed-client``, or a simulation actor) loads it once.
+process (the site runtime of ``fedmed-client``, or a simulation actor) loads it once, and
+its built network, so a round only loads the received weights into it.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import hashlib
 import time
 
 import numpy as np
+from torch import nn
 
 from fedmed.config import RunSettings, SiteSettings
 from fedmed.flower import protocol
 from fedmed.flower.packing import pack, unpack
 from fedmed.flower.protocol import EvaluateRequest, RoundStatus, SiteReply, SiteRequest, TrainRequest, metric_value
 from fedmed.flower.site_data import SiteSplit, load_site_split
-from fedmed.model import ModelConfig, build_model
+from fedmed.model import ModelConfig, build_model, fixed_inputs
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.train import TrainConfig, evaluate, train_round
@@ -32,6 +34,8 @@ class SiteWork:
     def __init__(self, site: SiteSettings) -> None:
         self.site = site
         self._splits: dict[tuple, SiteSplit] = {}
+        self._models: dict[ModelConfig, nn.Module] = {}
+        self._inputs: dict[tuple, SiteInputs] = {}  # one entry: the current run's
         self._last_trained: tuple[tuple, SiteReply] | None = None
 
     def handle(self, request: SiteRequest) -> SiteReply:
@@ -50,7 +54,8 @@ class SiteWork:
         return self._splits[key]
 
     def train(self, run: RunSettings, vector: np.ndarray, round_number: int) -> SiteReply:
-        """Validate the received model (a packed vector), then train one private round.
+        """Validate the received model (a packed vector) when the run evaluates it, then
+        train one private round.
 
         A round asked again with the same model (a restarted coordinator repeats the round it
         lost) gets the update already computed: resending a private result spends nothing,
@@ -62,12 +67,12 @@ class SiteWork:
                 f"round {round_number} asked again with the same model: earlier update resent, "
                 "no new privacy spending"))
         site = self.site
-        split = self.split(run)
-        model = _received_model(run, vector)
-        metrics = validation_metrics(model, split)
+        model = self.received_model(run, vector)
+        inputs = self.inputs(run, model)
+        metrics = validation_metrics(model, inputs) if run.evaluates(round_number - 1) else {}
         loaded = time.perf_counter()
         result = train_round(
-            model, split.train_images, split.train_labels, TrainConfig.from_settings(run, round_number),
+            model, inputs.train, inputs.train_labels, TrainConfig.from_settings(run, round_number),
             PrivacyConfig.from_settings(site, run), PrivacyLedger(site.ledger), site.name, run.run_id, round_number,
         )
         trained = result.status == RoundStatus.TRAINED
@@ -89,24 +94,54 @@ class SiteWork:
         return reply
 
     def evaluate(self, run: RunSettings, vector: np.ndarray) -> SiteReply:
-        return SiteReply(self.site.name, validation_metrics(_received_model(run, vector), self.split(run)))
+        model = self.received_model(run, vector)
+        return SiteReply(self.site.name, validation_metrics(model, self.inputs(run, model)))
+
+    def inputs(self, run: RunSettings, model: nn.Module) -> SiteInputs:
+        """What the run's network is fed for the site's training and validation images,
+        computed once per split and architecture (``fedmed.model.fixed_inputs``)."""
+        key = (run.classes, run.image_size, run.val_fraction, run.seed, ModelConfig.from_settings(run))
+        if key not in self._inputs:
+            split = self.split(run)
+            self._inputs = {key: SiteInputs(fixed_inputs(model, split.train_images), split.train_labels,
+                                            fixed_inputs(model, split.val_images), split.val_labels)}
+        return self._inputs[key]
+
+    def held_bytes(self) -> int:
+        """Memory held for the prepared inputs of the current run."""
+        return sum(a.nbytes for i in self._inputs.values() for a in (i.train, i.val))
+
+    def received_model(self, run: RunSettings, vector: np.ndarray) -> nn.Module:
+        """The run's network holding the coordinator's weights; refuses a vector that does
+        not fit it or holds non-finite values. The network is built once per architecture
+        (a scattering front-end's filters take longer to build than a round's validation)
+        and every parameter and buffer is overwritten each time."""
+        config = ModelConfig.from_settings(run)
+        if config not in self._models:
+            self._models[config] = build_model(config)
+        model = self._models[config]
+        load_state(model, unpack(vector, model_state(model)))
+        model.zero_grad(set_to_none=True)  # nothing of the last round's training carries over
+        return model
 
 
-def _received_model(run: RunSettings, vector: np.ndarray):
-    """The run's model with the coordinator's weights; refuses a vector that does not fit
-    it or holds non-finite values."""
-    model = build_model(ModelConfig.from_settings(run))
-    load_state(model, unpack(vector, model_state(model)))
-    return model
+@dataclasses.dataclass(frozen=True)
+class SiteInputs:
+    """A site's training and validation split as its network is fed them."""
+
+    train: np.ndarray
+    train_labels: np.ndarray
+    val: np.ndarray
+    val_labels: np.ndarray
 
 
-def validation_metrics(model, split: SiteSplit) -> dict[str, float]:
+def validation_metrics(model, inputs: SiteInputs) -> dict[str, float]:
     """The received model on the site's validation split, as whitelisted scalars."""
-    if len(split.val) == 0:
+    if len(inputs.val_labels) == 0:
         return {"val-examples": 0}
-    scores = evaluate(model, split.val_images, split.val_labels)
+    scores = evaluate(model, inputs.val, inputs.val_labels)
     return {
-        "val-examples": int(len(split.val)),
+        "val-examples": int(len(inputs.val_labels)),
         "val-loss": metric_value(scores["loss"]),
         "val-accuracy": metric_value(scores["accuracy"]),
         "val-balanced-accuracy": metric_value(scores["balanced_accuracy"]),
