@@ -139,6 +139,9 @@ class RunSettings:
                                    section="federation", unit="s", above=0.0, in_scenario=False)
     site_wait_timeout: float = setting(600.0, "seconds to wait for min_sites hospitals to connect",
                                        section="federation", unit="s", above=0.0, in_scenario=False)
+    initial_model: str = setting("", "start round 1 from this model instead of random weights: a run's model "
+                                 "folder (RUN_DIR/model) or a model.npz of pre-trained weights; the "
+                                 "architecture must match", section="data")
     server_eval_data: str = setting("", "a DICOM folder or manifest the coordinator owns, evaluated after "
                                     "every round", section="federation", in_scenario=False)
     # filled in by fedmed

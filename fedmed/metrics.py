@@ -48,3 +48,27 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
         metrics["sensitivity"] = float(recalls[1])
         metrics["specificity"] = float(recalls[0])
     return metrics
+
+
+def calibration(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> dict:
+    """Expected calibration error (Guo et al. 2017): the gap between confidence (the
+    probability of the predicted class) and accuracy, averaged over ``bins`` equal-width
+    confidence bins weighted by their share of the images; with each bin's numbers, for a
+    reliability plot."""
+    labels = np.asarray(labels)
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # Bin i holds confidences in (edges[i], edges[i + 1]]; a confidence of 0 joins the first.
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    table, error = [], 0.0
+    for index in range(bins):
+        members = which == index
+        count = int(members.sum())
+        row = {"low": float(edges[index]), "high": float(edges[index + 1]), "count": count,
+               "confidence": float(confidence[members].mean()) if count else None,
+               "accuracy": float(correct[members].mean()) if count else None}
+        if count:
+            error += count / len(labels) * abs(row["accuracy"] - row["confidence"])
+        table.append(row)
+    return {"expected_calibration_error": float(error) if len(labels) else float("nan"), "bins": table}

@@ -76,6 +76,11 @@ class _FixedScattering(ScatteringTorch2D):
         self.register_buffer(f"tensor{n}", current_filter, persistent=False)
         return current_filter
 
+    # kymatio 0.3's deprecated aliases call a name it never imports; TorchScript export
+    # (fedmed.export) reads every attribute, so they are plain properties here.
+    M = property(lambda self: self.shape[0])
+    N = property(lambda self: self.shape[1])
+
 
 class ScatteringStem(nn.Module):
     """Fixed scattering coefficients of a grey image, normalised per image, as channels."""

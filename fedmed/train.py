@@ -193,11 +193,18 @@ def _train_private(model, images, labels, train, round_number, sample_rate, step
     clipper = PerSampleClipper(model, max_grad_norm)
     optimizer = _optimizer(model, train)
     params = [p for p in model.parameters() if p.requires_grad]
+    # Every gradient is a view of one flat buffer, so a step clears it, adds the noise and
+    # scales it in one operation each instead of one per parameter.
+    flat = torch.zeros(sum(p.numel() for p in params))
+    noise_buffer = torch.empty_like(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
     total_loss, seen = 0.0, 0
     try:
         for batch_indices in sampler:
-            for p in params:
-                p.grad = torch.zeros_like(p)
+            flat.zero_()
             batch_indices = np.asarray(batch_indices, dtype=np.int64)
             for start in range(0, len(batch_indices), train.physical_batch_size):
                 x, y = _batch(images, labels, batch_indices[start : start + train.physical_batch_size])
@@ -205,12 +212,12 @@ def _train_private(model, images, labels, train, round_number, sample_rate, step
                                                _clipped_gradient_weights(train, y))
                 total_loss += float(losses.sum())
                 seen += len(y)
-            for p in params:
-                p.grad += torch.normal(0.0, noise_multiplier * max_grad_norm, p.shape, generator=noise)
-                p.grad /= sample_rate * n
+            flat.add_(noise_buffer.normal_(0.0, noise_multiplier * max_grad_norm, generator=noise))
+            flat.div_(sample_rate * n)
             optimizer.step()
     finally:
         clipper.remove()
+        model.zero_grad(set_to_none=True)  # the buffer is not kept past the round
     return total_loss / seen if seen else math.nan
 
 

@@ -5,13 +5,16 @@ The tests enumerate the declared fields, so a setting added without wiring fails
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
+import tempfile
 import typing
 from dataclasses import fields, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tomli_w
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
@@ -22,12 +25,13 @@ from fedmed.config import (ClientSettings, RunSettings, ServerSettings, Simulati
                            key, load_settings, options)
 from fedmed.deploy.launch import write_app, write_node_config
 from fedmed.deploy.site import site_settings
-from fedmed.model import ModelConfig
+from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.simulate.federated import run_settings, site_settings as simulated_sites
 from fedmed.simulate.scenario import load_scenario
 from fedmed.simulate.sites import SimulationData
 from fedmed.train import TrainConfig
+from fedmed.weights import model_state
 from tests.federation_helpers import BIN, process_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +47,7 @@ INTO_MODEL = {"depth": "depth", "width": "width", "frontend": "frontend", "image
               "classes": "num_classes"}
 SITE_SPLIT = {"classes", "image_size", "val_fraction", "seed"}  # the site's data and its validation split
 COORDINATOR = {"server_learning_rate", "server_momentum", "min_sites", "fraction_train", "round_timeout",
-               "site_wait_timeout", "server_eval_data"}
+               "site_wait_timeout", "server_eval_data", "initial_model"}
 SITE_IDENTITY = {"name", "data", "cache_dir"}
 EVALUATION = {"evaluate_every"}  # which rounds' models the sites and the coordinator evaluate
 
@@ -52,8 +56,18 @@ TEXT_VALUES = {"classes": "normal,pneumonia,effusion", "class_weights": "2.0,0.5
 COMPANIONS = {"source": {"path": "/data/pneumoniamnist.npz"}}  # what a value needs beside it to be valid
 
 
+@functools.cache
+def initial_model_file() -> str:
+    """Weights of the default architecture: a valid ``initial_model`` value (it is checked)."""
+    path = Path(tempfile.mkdtemp(prefix="fedmed-initial-")) / "model.npz"
+    np.savez(path, **model_state(build_model(ModelConfig.from_settings(RunSettings()))))
+    return str(path)
+
+
 def other_value(cls: type, f):
     """A valid value of the setting that differs from its default."""
+    if f.name == "initial_model":
+        return initial_model_file()
     if f.name in TEXT_VALUES:
         return TEXT_VALUES[f.name]
     meta = f.metadata

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from fedmed import __version__
-from fedmed.cli import certificates, data
+from fedmed.cli import certificates, data, export, predict
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedmed {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data.register(commands)
+    predict.register(commands)
+    export.register(commands)
     certificates.register(commands)
     return parser
 

@@ -31,7 +31,12 @@ def new_run(run: RunSettings, path: Path | None) -> tuple[RunSettings, RunDirect
     if (path / "config.json").exists():
         raise ValueError(f"{path} already holds a run; use --resume {path} to continue it")
     run = replace(run, run_dir=str(path.resolve()), run_id=f"run-{uuid.uuid4().hex[:12]}",
-                  server_eval_data=str(Path(run.server_eval_data).resolve()) if run.server_eval_data else "")
+                  server_eval_data=str(Path(run.server_eval_data).resolve()) if run.server_eval_data else "",
+                  initial_model=str(Path(run.initial_model).resolve()) if run.initial_model else "")
+    if run.initial_model:
+        from fedmed.flower.initial_model import load_initial_model  # torch: only when needed
+
+        load_initial_model(run)  # refuse a missing or mismatched model now, not inside the ServerApp
     run_dir = RunDirectory(path)
     run_dir.write_config(run.to_flower())
     return run, run_dir

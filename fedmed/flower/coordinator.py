@@ -20,9 +20,11 @@ from torch import nn
 from fedmed.config import RunSettings
 from fedmed.flower import protocol
 from fedmed.flower.fedavg import SiteUpdate, server_step, validate_update, weighted_average
+from fedmed.flower.initial_model import load_initial_model
 from fedmed.flower.model_card import model_card, model_card_markdown
 from fedmed.flower.packing import pack, record_to_vector, unpack, vector_to_record
 from fedmed.flower.protocol import RoundStatus
+from fedmed.flower.results import RunResults
 from fedmed.flower.rundir import RunDirectory
 from fedmed.model import ModelConfig, build_model, fixed_inputs
 from fedmed.weights import load_state, model_state
@@ -54,6 +56,9 @@ class FederatedRun:
         self.names: dict[int, str] = {}  # node id -> site name, learnt from replies
         self.sites: dict[str, dict] = {}  # per-site summary for the model card
         self.last_validation: dict | None = None  # sites' weighted validation of the latest model
+        self.last_held_out: dict | None = None  # the latest evaluation on the coordinator's own data
+        self.initial_model: dict | None = None  # where round 1's weights came from, if not random
+        self.results = RunResults(self.run_dir)  # metrics.csv and TensorBoard
         self.model = build_model(ModelConfig.from_settings(run), seed=run.seed)
         self.reference = model_state(self.model)
         self.server_eval = load_server_eval(run, self.model)
@@ -63,6 +68,12 @@ class FederatedRun:
 
     def execute(self) -> str:
         """Run the remaining rounds; returns the final phase ("completed" or "stopped")."""
+        try:
+            return self._rounds()
+        finally:
+            self.results.close()
+
+    def _rounds(self) -> str:
         state, first = self._starting_point()
         nodes = self._wait_for_sites()
         rounds_done = first - 1
@@ -101,6 +112,10 @@ class FederatedRun:
     # -- rounds ------------------------------------------------------------------------
 
     def _starting_point(self) -> tuple[dict[str, np.ndarray], int]:
+        if self.run.start_round == 1 and self.run.initial_model:
+            state, self.initial_model = load_initial_model(self.run)
+            log.info("starting from the initial model %s", self.initial_model["source"])
+            return state, 1
         if self.run.start_round == 1:
             return self.reference, 1
         checkpoint = self.run_dir.last_checkpoint()
@@ -112,6 +127,11 @@ class FederatedRun:
         if problems:
             raise RuntimeError(f"checkpoint of round {checkpoint[0]} does not fit the model: {'; '.join(problems)}")
         log.info("resuming at round %d from the checkpoint of round %d", self.run.start_round, checkpoint[0])
+        if self.run.initial_model:  # for the model card: round 1 started from it
+            try:
+                self.initial_model = load_initial_model(self.run)[1]
+            except (OSError, ValueError) as exc:
+                self.initial_model = {"source": self.run.initial_model, "note": f"not readable at resume: {exc}"}
         self.velocity = self.run_dir.server_velocity(checkpoint[0])
         if self.run.server_momentum and self.velocity is None:
             log.warning("no server velocity saved with the checkpoint of round %d; server momentum restarts "
@@ -296,11 +316,12 @@ class FederatedRun:
             "reply_seconds": outcome.reply_seconds,
         }
         if self.server_eval is not None and self.run.evaluates(round_number):
-            record["server_validation"] = self._evaluate_on_server(state)
+            record["server_validation"] = self.last_held_out = self._evaluate_on_server(state)
         if not aggregated:
             record["note"] = (f"only {len(trained)} valid updates, below the minimum of {self.run.min_sites} "
                               "sites: global model unchanged this round")
         self.run_dir.append_metrics(record)
+        self.results.record(record)
         log.info("round %d/%d: %d trained, %d budget exhausted, %d rejected, %d failed, %d missing (%.1f s)",
                  round_number, self.run.rounds, len(trained), len(outcome.budget_exhausted),
                  len(outcome.rejected), len(outcome.failed), len(outcome.missing), seconds)
@@ -315,8 +336,9 @@ class FederatedRun:
         for key in protocol.VALIDATION_METRICS[1:]:
             weighted[key] = _weighted([(s.get(key, math.nan), s["val-examples"]) for s in sites.values()])
         weighted["val-examples"] = sum(s["val-examples"] for s in sites.values())
-        self.run_dir.append_metrics({"event": "validation", "round": model_round, "sites": sites,
-                                     "weighted": weighted})
+        record = {"event": "validation", "round": model_round, "sites": sites, "weighted": weighted}
+        self.run_dir.append_metrics(record)
+        self.results.record(record)
         self.last_validation = weighted
 
     def _final_validation(self, state: dict[str, np.ndarray], rounds_done: int) -> None:
@@ -366,7 +388,8 @@ class FederatedRun:
         return {k: v for k, v in scores.items() if isinstance(v, float)} | {"examples": int(len(labels))}
 
     def _finish(self, state: dict[str, np.ndarray], rounds_done: int) -> None:
-        card = model_card(self.run, self.sites, rounds_done, self.last_validation)
+        card = model_card(self.run, self.sites, rounds_done, self.last_validation, weights=state,
+                          held_out=self.last_held_out, initial_model=self.initial_model)
         self.run_dir.write_final_model(state, card, model_card_markdown(card))
 
     def _status(self, phase: str, round_number: int, **extra) -> None:

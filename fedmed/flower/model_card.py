@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict
 from datetime import datetime, timezone
+from importlib import metadata
+
+import numpy as np
 
 from fedmed.config import RunSettings
 from fedmed.data.cache import PREPROCESSING_VERSION
+from fedmed.flower.packing import pack
 from fedmed.model import ModelConfig
 from fedmed.numbers import format_epsilon, format_number
 
@@ -17,26 +22,129 @@ PREPROCESSING = (
 )
 
 
-def model_card(run: RunSettings, sites: dict[str, dict], rounds_done: int, validation: dict | None) -> dict:
-    """Facts a user of the model needs: what it is, what it was trained on, at what privacy cost."""
+SOFTWARE = ("fedmed", "torch", "flwr", "opacus", "kymatio", "pydicom", "numpy")
+PRIVACY_UNIT = ("one image (example-level DP-SGD): the guarantee bounds what the model reveals about any "
+                "single training image; a patient with several images is protected up to that many times "
+                "epsilon")
+
+
+def weights_sha256(state: dict[str, np.ndarray]) -> str:
+    """A fingerprint of the weights: SHA-256 of every array's float32 bytes in name order
+    (``fedmed.flower.packing.pack``), the same however the file was zipped."""
+    return hashlib.sha256(pack(state).tobytes()).hexdigest()
+
+
+def model_card(run: RunSettings, sites: dict[str, dict], rounds_done: int, validation: dict | None,
+               weights: dict[str, np.ndarray] | None = None, held_out: dict | None = None,
+               initial_model: dict | None = None) -> dict:
+    """Facts a user of the model needs, under the headings of Model Cards for Model
+    Reporting (Mitchell et al. 2019): what it is, what it is for, what it was trained and
+    evaluated on, at what privacy cost, and where it falls short."""
+    architecture = asdict(ModelConfig.from_settings(run))
+    classes = list(run.class_names)
     return {
         "format": "fedmed-model/1: numpy .npz of named float arrays (model.npz); "
                   "rebuild with fedmed.model.build_model(ModelConfig(**architecture))",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_id": run.run_id,
-        "architecture": asdict(ModelConfig.from_settings(run)),
-        "classes": list(run.class_names),
+        "model_details": {
+            "name": f"fedmed GroupNorm ResNet-{architecture['depth']} ({', '.join(classes)})",
+            "type": "image classifier trained by federated averaging with differential privacy at every site",
+            "weights_sha256": weights_sha256(weights) if weights is not None else None,
+            "software": _versions(),
+            "initial_model": initial_model or {"source": "random initialisation", "seed": run.seed},
+        },
+        "intended_use": {
+            "primary_uses": (f"research on, and evaluation of, automatic classification of single grey "
+                             f"{run.image_size} x {run.image_size} px images into {', '.join(classes)}, as a "
+                             "second reader whose output a qualified clinician reviews"),
+            "primary_users": "hospital ML engineers and researchers; radiologists only through a validated tool",
+            "out_of_scope": [
+                "diagnosis or triage without a clinician's review",
+                "deployment at a hospital before validating it on that hospital's own labelled studies "
+                "(`fedmed predict MODEL DATA` with class folders or a labelled manifest)",
+                "modalities, body parts, projections or classes the training sites did not provide",
+                "multi-frame studies (rejected by the reader) and colour images beyond a grey conversion",
+            ],
+        },
+        "architecture": architecture,
+        "classes": classes,
         "input": {"image_size": run.image_size, "channels": 1, "range": [0.0, 1.0],
                   "preprocessing": PREPROCESSING, "preprocessing_version": PREPROCESSING_VERSION},
         "training": {"rounds_planned": run.rounds, "rounds_completed": rounds_done,
-                     "local_epochs": run.local_epochs, "batch_size": run.batch_size,
-                     "learning_rate": run.learning_rate, "momentum": run.momentum,
-                     "max_grad_norm": run.max_grad_norm, "aggregation": _aggregation(run)},
+                     "local_epochs": run.local_epochs, "local_steps": run.local_steps,
+                     "batch_size": run.batch_size, "learning_rate": run.learning_rate,
+                     "learning_rate_schedule": run.learning_rate_schedule, "momentum": run.momentum,
+                     "max_grad_norm": run.max_grad_norm, "class_prior": run.class_prior,
+                     "class_weights": run.class_weights, "aggregation": _aggregation(run)},
         "decision": decision_rule(run),
         "settings": run.user_settings(),
-        "sites": sites,
+        "factors": {
+            "relevant": ["the hospital (scanner, protocol, population)", "class balance at each hospital",
+                         "image size after preprocessing"],
+            "evaluation_factors": "per hospital (the sites' validation splits) and on the coordinator's held-out "
+                                  "set when it has one",
+        },
+        "metrics": {
+            "reported": ["AUROC", "balanced accuracy", "sensitivity", "specificity", "accuracy"],
+            "operating_point": "the decision rule above; balanced accuracy, sensitivity and specificity are "
+                               "measured there, AUROC over all thresholds",
+            "positive_class": classes[-1] if len(classes) == 2 else None,
+        },
+        "training_data": {
+            "sites": sorted(sites),
+            "examples": sum(int(site.get("examples", 0)) for site in sites.values()),
+            "note": "each hospital's images stayed at that hospital; only DP-noised model updates left it",
+        },
+        "evaluation_data": {
+            "held_out": ("the coordinator's own data (federation.server_eval_data)" if run.server_eval_data
+                         else "none: the coordinator held no test set"),
+            "sites": f"each site's validation split ({run.val_fraction:.0%} of its patients, never trained on)",
+        },
+        "quantitative_analyses": {"held_out": held_out, "sites_validation": validation},
+        "privacy": {
+            "unit": PRIVACY_UNIT,
+            "accountant": "Renyi DP of the subsampled Gaussian mechanism (Opacus), per site, over all its "
+                          "rounds and runs (the site's ledger)",
+            "sites": {name: {key: site.get(key) for key in ("dp", "epsilon", "delta")}
+                      for name, site in sorted(sites.items())},
+            "released_without_dp": "the sites' validation metrics and training-example counts (scalars)",
+        },
+        "sites": {name: {**site, "rounds_joined": site.get("rounds_trained", 0)} for name, site in sites.items()},
         "validation": validation,
+        "ethical_considerations": [
+            "differential privacy bounds what the weights reveal about one training image, not what the "
+            "non-private scalars listed under privacy reveal",
+            "a hospital whose patients differ from the training sites' may see lower accuracy for them; "
+            "check sensitivity and specificity per subgroup before use",
+        ],
+        "caveats_and_recommendations": _limitations(run, sites),
     }
+
+
+def _versions() -> dict:
+    versions = {}
+    for package in SOFTWARE:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def _limitations(run: RunSettings, sites: dict[str, dict]) -> list[str]:
+    limitations = [
+        f"inputs are downsampled to {run.image_size} x {run.image_size} px grey images: findings smaller than "
+        "a few pixels at that size cannot be seen",
+        "the training population is that of the sites listed; their class balance differed (label skew), "
+        "and the model was not checked for bias across age, sex or scanner",
+        "DP noise makes each training run differ: compare runs by their spread, not one number",
+    ]
+    if not run.server_eval_data:
+        limitations.append("no held-out test set at the coordinator: the only results are the sites' validation")
+    if any(not site.get("dp", True) for site in sites.values()):
+        limitations.append("some sites trained WITHOUT differential privacy (a baseline): see privacy.sites")
+    return limitations
 
 
 def decision_rule(run: RunSettings) -> dict:
@@ -62,32 +170,70 @@ def _aggregation(run: RunSettings) -> str:
 
 
 def model_card_markdown(card: dict) -> str:
-    arch = card["architecture"]
+    """The card for people, under Mitchell et al.'s headings."""
+    arch, details, use = card["architecture"], card["model_details"], card["intended_use"]
+    initial = details["initial_model"]
     lines = [
-        f"# fedmed model card: run {card['run_id']}",
+        f"# Model card: {details['name']}, run {card['run_id']}",
         "",
+        "## Model details",
+        "",
+        f"- {details['type']}; created {card['created']}",
         f"- Architecture: GroupNorm ResNet-{arch['depth']}, width {arch['width']}, {arch['frontend']} front-end, "
         f"{arch['in_channels']} input channel, {arch['num_classes']} classes ({', '.join(card['classes'])})",
-        f"- Input: {card['input']['image_size']} x {card['input']['image_size']} px; {card['input']['preprocessing']}",
+        f"- Weights SHA-256 (float32 arrays in name order): {details['weights_sha256']}",
+        f"- Started from: {initial.get('source')}" + (f" (weights {initial['weights_sha256']})"
+                                                      if initial.get("weights_sha256") else ""),
         f"- Training: {card['training']['rounds_completed']} of {card['training']['rounds_planned']} rounds, "
         f"{card['training']['aggregation']}",
-        f"- Decision rule: {card['decision']['rule']}; chosen {card['decision']['chosen_from']}",
+        f"- Software: {', '.join(f'{k} {v}' for k, v in details['software'].items() if v)}",
         f"- File: {card['format']}",
         "",
-        "## Sites",
+        "## Intended use",
         "",
-        "| site | training examples | rounds trained | epsilon | delta | private | last status |",
+        f"- Primary uses: {use['primary_uses']}",
+        f"- Primary users: {use['primary_users']}",
+        "- Out of scope:",
+        *(f"  - {item}" for item in use["out_of_scope"]),
+        "",
+        "## Factors",
+        "",
+        f"- Relevant: {'; '.join(card['factors']['relevant'])}",
+        f"- Evaluated: {card['factors']['evaluation_factors']}",
+        "",
+        "## Metrics",
+        "",
+        f"- Reported: {', '.join(card['metrics']['reported'])}",
+        f"- Decision rule (operating point): {card['decision']['rule']}; how it was chosen: "
+        f"{card['decision']['chosen_from']}",
+        f"- Input: {card['input']['image_size']} x {card['input']['image_size']} px; {card['input']['preprocessing']}",
+        "",
+        "## Training data",
+        "",
+        f"{card['training_data']['examples']} training images at {len(card['training_data']['sites'])} sites; "
+        f"{card['training_data']['note']}.",
+        "",
+        "| site | training examples | rounds joined | epsilon | delta | private | last status |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, site in sorted(card["sites"].items()):
         private = "yes" if site.get("dp", True) else "**NO (non-private baseline)**"
-        lines.append(f"| {name} | {site.get('examples', '')} | {site.get('rounds_trained', 0)} | "
+        lines.append(f"| {name} | {site.get('examples', '')} | {site.get('rounds_joined', 0)} | "
                      f"{format_epsilon(site.get('epsilon'), site.get('dp', True), 4)} | "
                      f"{format_number(site.get('delta'), 4)} | {private} | "
                      f"{site.get('status', '')} |")
-    validation = card.get("validation") or {}
-    if validation:
-        lines += ["", "## Validation of the final model", ""]
-        lines += [f"- {key}: {format_number(value, 4)}" for key, value in sorted(validation.items())]
-    lines += ["", "## Settings", "", *(f"- {name}: {value}" for name, value in card["settings"].items())]
+    lines += ["", "## Evaluation data", "", f"- Held out: {card['evaluation_data']['held_out']}",
+              f"- Sites: {card['evaluation_data']['sites']}", "", "## Quantitative analyses", ""]
+    analyses = card["quantitative_analyses"]
+    for title, values in (("Held-out set (coordinator)", analyses["held_out"]),
+                          ("Sites' validation, weighted by their validation images", analyses["sites_validation"])):
+        lines.append(f"{title}: " + (", ".join(f"{k} {format_number(v, 4)}" for k, v in sorted(values.items()))
+                                     if values else "not evaluated"))
+        lines.append("")
+    privacy = card["privacy"]
+    lines += ["## Privacy", "", f"- Unit: {privacy['unit']}", f"- Accountant: {privacy['accountant']}",
+              f"- Released without DP: {privacy['released_without_dp']}", "",
+              "## Ethical considerations", "", *(f"- {item}" for item in card["ethical_considerations"]), "",
+              "## Caveats and recommendations", "", *(f"- {item}" for item in card["caveats_and_recommendations"]),
+              "", "## Settings", "", *(f"- {name}: {value}" for name, value in card["settings"].items())]
     return "\n".join(lines) + "\n"

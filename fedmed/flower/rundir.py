@@ -9,7 +9,8 @@
     model/model.npz        the final model (named float arrays, no pickled code)
     model/model_card.json  architecture, preprocessing, classes, data and privacy per site
     model/model_card.md    the same for people
-    superlink.db           the SuperLink's state, kept so a restarted coordinator knows its sites
+    metrics.csv            one row per round, for spreadsheets (fedmed.flower.results)
+    tensorboard/           the same as TensorBoard event files, when tensorboard is installed
     flower-runs.jsonl      the Flower runs that carried this fedmed run (one per start or resume)
 """
 
@@ -25,6 +26,9 @@ import numpy as np
 from fedmed.files import write_atomic
 
 CHECKPOINT = re.compile(r"round-(\d+)\.npz")
+
+MODEL_FILE = "model.npz"  # the final model in RUN_DIR/model
+CARD_FILE = "model_card.json"  # its model card
 
 
 class RunDirectory:
@@ -117,8 +121,8 @@ class RunDirectory:
         return rounds[-1], load_arrays(self.path / "checkpoints" / f"round-{rounds[-1]:04d}.npz")
 
     def write_final_model(self, state: dict[str, np.ndarray], card: dict, card_text: str) -> None:
-        write_atomic(self.model_dir / "model.npz", _npz_bytes(state))
-        write_atomic(self.model_dir / "model_card.json", _json_bytes(card))
+        write_atomic(self.model_dir / MODEL_FILE, _npz_bytes(state))
+        write_atomic(self.model_dir / CARD_FILE, _json_bytes(card))
         write_atomic(self.model_dir / "model_card.md", card_text.encode("utf-8"))
 
 

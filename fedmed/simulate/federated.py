@@ -31,10 +31,16 @@ def run_settings(scenario: Scenario, data: SimulationData, run_dir: Path, cache_
     """The scenario's run with what a simulation sets itself: every site takes part, the
     held-out test set is the coordinator's evaluation data, and the site list."""
     sites = site_settings(scenario, data, run_dir / "sites", cache_dir)
-    return replace(scenario.run, run_dir=str(run_dir), run_id=f"sim-{uuid.uuid4().hex[:12]}",
-                   min_sites=len(sites), round_timeout=SIMULATION_ROUND_TIMEOUT,
-                   server_eval_data=str(data.test_dir),
-                   simulation_sites=json.dumps([site.to_flower() for site in sites]))
+    run = replace(scenario.run, run_dir=str(run_dir), run_id=f"sim-{uuid.uuid4().hex[:12]}",
+                  min_sites=len(sites), round_timeout=SIMULATION_ROUND_TIMEOUT,
+                  server_eval_data=str(data.test_dir),
+                  initial_model=str(Path(scenario.run.initial_model).resolve()) if scenario.run.initial_model else "",
+                  simulation_sites=json.dumps([site.to_flower() for site in sites]))
+    if run.initial_model:
+        from fedmed.flower.initial_model import load_initial_model  # torch: only when needed
+
+        load_initial_model(run)  # refuse a missing or mismatched model before starting anything
+    return run
 
 
 def run_federated(scenario: Scenario, data: SimulationData, run_dir: Path, cache_dir: Path,

@@ -1,0 +1,84 @@
+"""A run's per-round results in the tools people already open: ``metrics.csv`` (one row
+per round) and, when the ``tensorboard`` package is installed, TensorBoard event files in
+``RUN_DIR/tensorboard``. Both are derived from ``metrics.jsonl``, which stays the record."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+
+from fedmed.files import write_atomic
+from fedmed.flower.rundir import RunDirectory
+
+log = logging.getLogger("fedmed.coordinator")
+SCORES = ("auroc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "loss")
+COLUMNS = ("round", "aggregated", "trained", "budget_exhausted", "rejected", "failed", "missing", "examples",
+           "train_loss", "seconds", *(f"held_out_{s}" for s in SCORES),
+           *(f"sites_val_{s}" for s in SCORES), "sites_val_examples")
+
+
+def round_rows(records: list[dict]) -> list[dict]:
+    """One row per round; the sites' validation of the model after round r arrives with
+    round r + 1's replies (or the final evaluation) and fills row r when it does."""
+    validations = {r["round"]: r["weighted"] for r in records if r.get("event") == "validation"}
+    rows: dict[int, dict] = {}
+    for record in records:
+        if record.get("event") != "round":
+            continue
+        held_out = record.get("server_validation") or {}
+        row = {"round": record["round"], "aggregated": int(bool(record.get("aggregated"))),
+               "examples": record.get("examples"), "train_loss": record.get("train_loss"),
+               "seconds": record.get("seconds")}
+        row |= {key: len(record.get(key) or ()) for key in ("trained", "budget_exhausted", "rejected", "failed",
+                                                            "missing")}
+        row |= {f"held_out_{s}": held_out.get(s) for s in SCORES}
+        sites = validations.get(record["round"], {})
+        row |= {f"sites_val_{s}": sites.get(f"val-{s.replace('_', '-')}") for s in SCORES}
+        row["sites_val_examples"] = sites.get("val-examples")
+        rows[record["round"]] = row  # a round repeated after a restart: the last record holds
+    return [rows[number] for number in sorted(rows)]
+
+
+class RunResults:
+    """Keeps ``metrics.csv`` and the TensorBoard log up to date as records are appended."""
+
+    def __init__(self, run_dir: RunDirectory) -> None:
+        self.run_dir = run_dir
+        self._writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the optional extra: fedmed[tensorboard]
+            return
+        self._writer = SummaryWriter(log_dir=str(run_dir.path / "tensorboard"))
+
+    def record(self, record: dict) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(round_rows(self.run_dir.metrics()))
+        write_atomic(self.run_dir.path / "metrics.csv", buffer.getvalue().encode("utf-8"))
+        if self._writer is not None:
+            self._log(record)
+
+    def _log(self, record: dict) -> None:
+        if record.get("event") == "round":
+            step = record["round"]
+            scalars = {"train/loss": record.get("train_loss"), "train/examples": record.get("examples"),
+                       "sites/trained": len(record.get("trained") or ()), "round/seconds": record.get("seconds")}
+            scalars |= {f"held_out/{s}": (record.get("server_validation") or {}).get(s) for s in SCORES}
+        elif record.get("event") == "validation":
+            step = record["round"]
+            weighted = record.get("weighted", {})
+            scalars = {f"sites_validation/{s}": weighted.get(f"val-{s.replace('_', '-')}") for s in SCORES}
+        else:
+            return
+        for tag, value in scalars.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(tag, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

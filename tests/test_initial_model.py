@@ -1,0 +1,59 @@
+"""Starting a run from an earlier model: ``data.initial_model`` in a scenario and
+``--initial-model`` for fedmed-server. The source is the model the shared 3-site
+simulation trained (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from fedmed.flower.model_card import weights_sha256
+from fedmed.flower.rundir import RunDirectory, load_arrays
+from tests.conftest import TINY_SCENARIO
+from tests.federation_helpers import BIN, process_env, run_simulate
+
+
+def _validations(run_dir: RunDirectory) -> dict[int, dict]:
+    return {r["round"]: r for r in run_dir.metrics() if r["event"] == "validation"}
+
+
+def test_a_run_started_from_a_model_begins_at_exactly_its_weights(simulation, tmp_path):
+    source = RunDirectory(simulation[0] / "federated")
+    command = [str(BIN / "fedmed-simulate"), "--mode", "federated", "--out", str(tmp_path / "out"),
+               "--set", "training.rounds=1", "--set", f"data.initial_model={source.model_dir}",
+               "--set", "privacy.max_epsilon=[8.0, 8.0, 4.0]", "--set", "privacy.target_epsilon=[8.0, 8.0, 4.0]"]
+    for value in TINY_SCENARIO:
+        if not value.startswith("training.rounds="):
+            command += ["--set", value]
+    code, survivors, _ = run_simulate(command, tmp_path)
+    assert code == 0, (tmp_path / "simulate.out").read_text()
+    assert survivors == []
+    continued = RunDirectory(next((tmp_path / "out").glob("results-*")) / "federated")
+    # The same sites and splits (same seeds): round 0's validation is the source model's last one.
+    source_final = _validations(source)[max(_validations(source))]
+    start = _validations(continued)[0]
+    assert start["sites"] == source_final["sites"] and start["weighted"] == source_final["weighted"]
+    card = json.loads((continued.model_dir / "model_card.json").read_text())
+    origin = card["model_details"]["initial_model"]
+    source_card = json.loads((source.model_dir / "model_card.json").read_text())
+    assert origin["weights_sha256"] == weights_sha256(load_arrays(source.model_dir / "model.npz"))
+    assert origin["weights_sha256"] == source_card["model_details"]["weights_sha256"]
+    assert origin["run_id"] == source_card["run_id"] and origin["source"].endswith("model.npz")
+
+
+@pytest.mark.parametrize("program", ["fedmed-simulate", "fedmed-server"])
+def test_a_model_of_another_architecture_is_refused_by_name(program, simulation, tmp_path):
+    source = simulation[0] / "federated" / "model"
+    if program == "fedmed-simulate":
+        command = [str(BIN / program), "--mode", "federated", "--out", str(tmp_path / "out"),
+                   *[a for v in TINY_SCENARIO for a in ("--set", v)],
+                   "--set", "model.width=16", "--set", f"data.initial_model={source}"]
+    else:
+        command = [str(BIN / program), "--insecure", "--port", "1", "--run-dir", str(tmp_path / "run"),
+                   "--image-size", "16", "--width", "16", "--initial-model", str(source)]
+    result = subprocess.run(command, capture_output=True, text=True, env=process_env(tmp_path), timeout=300)
+    assert result.returncode != 0
+    assert "has another architecture than this run: width 8 there, 16 in this run" in result.stderr + result.stdout
+    assert not (tmp_path / "run" / "config.json").exists(), "nothing started"
