@@ -118,3 +118,38 @@ def test_the_server_velocity_is_checkpointed_for_resume(tmp_path):
     state, start = resumed._starting_point()
     assert start == 2 and set(state) == set(first.reference)
     assert all(np.array_equal(resumed.velocity[k], velocity[k]) for k in velocity)
+
+
+class _DwindlingGrid:
+    """Flower's Grid as the coordinator uses it, with a site that leaves: two sites are
+    connected when the run starts, one by the time the round begins; every message it is
+    asked to send is kept (none should be, here)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        self.calls += 1
+        return [11, 12] if self.calls == 1 else [11]
+
+    def push_messages(self, messages):
+        self.sent += list(messages)
+        return [f"id-{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids):
+        return []
+
+
+def test_with_too_few_sites_connected_no_site_is_asked_to_train(tmp_path):
+    """A round with fewer sites than min_sites would be discarded after the sites paid for
+    it: the coordinator waits for sites instead, and gives up without sending anything."""
+    grid = _DwindlingGrid()
+    run = FederatedRun(grid=grid, run=RunSettings(run_dir=str(tmp_path), width=8, image_size=16, min_sites=2,
+                                                  site_wait_timeout=1.0, round_timeout=1.0))
+    run.names.update({11: "site-1", 12: "site-2"})  # known already: no name query either
+    with pytest.raises(TimeoutError, match="only 1 of the minimum 2 sites connected"):
+        run._rounds()
+    assert grid.calls > 2, "the run started with two sites, then waited for the second to come back"
+    assert grid.sent == []
+    assert run.run_dir.status()["phase"] == "waiting"

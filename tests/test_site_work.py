@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from dataclasses import replace as dataclass_replace
 
 import numpy as np
@@ -70,3 +71,21 @@ def test_a_site_that_trained_validates_the_next_model_as_a_fresh_one_does(site, 
     fresh = SiteWork(site).evaluate(RUN, next_global).metrics
     assert again == fresh and again["val-examples"] > 0
     assert work.evaluate(RUN, trained.model).metrics != fresh, "the scores do depend on the model"
+
+
+def test_a_restarted_site_resends_the_round_it_already_paid_for(site, tmp_path):
+    """The site process dies between a round and the coordinator's repetition of it; the
+    new process finds the update on the site's disk and spends nothing."""
+    site = dataclass_replace(site, ledger=str(tmp_path / "state" / "ledger.jsonl"))
+    model = _initial_model()
+    first = SiteWork(site).train(RUN, model, 1)
+    cache = tmp_path / "state" / "resend.npz"
+    assert cache.is_file() and stat.S_IMODE(cache.stat().st_mode) == 0o600, "owner-only: derived from site data"
+    restarted = SiteWork(site)  # a new process: nothing in memory
+    again = restarted.train(RUN, model.copy(), 1)
+    assert "resent" in again.message and np.array_equal(again.model, first.model)
+    assert again.metrics["epsilon"] == first.metrics["epsilon"]
+    assert [e.round for e in PrivacyLedger(site.ledger).entries] == [1], "the round is in the ledger once"
+    other_run = restarted.train(dataclass_replace(RUN, run_id="run-other"), model, 1)
+    assert "resent" not in other_run.message, "the key is (run, round, model)"
+    assert [e.round for e in PrivacyLedger(site.ledger).entries] == [1, 1]

@@ -75,10 +75,15 @@ class FederatedRun:
 
     def _rounds(self) -> str:
         state, first = self._starting_point()
-        nodes = self._wait_for_sites()
+        nodes = self._wait_for_sites(first, rejoin=True)
         rounds_done = first - 1
         for round_number in range(first, self.run.rounds + 1):
-            nodes = self._available_nodes() or nodes
+            nodes = self._available_nodes()
+            if len(nodes) < self.run.min_sites:
+                # A round with fewer sites than min_sites would be paid for and discarded.
+                log.warning("round %d: %d sites connected, fewer than the minimum of %d; waiting for sites "
+                            "before asking any to train", round_number, len(nodes), self.run.min_sites)
+                nodes = self._wait_for_sites(round_number, rejoin=False)
             self._learn_names(nodes)  # once per site and registration: not part of the round
             started = time.monotonic()
             chosen = self._sample(nodes, round_number)
@@ -145,16 +150,17 @@ class FederatedRun:
             self.names[int(record["node_id"])] = str(record["site"])
         return checkpoint[1], self.run.start_round
 
-    def _wait_for_sites(self) -> list[int]:
-        """Wait for ``min_sites`` sites. A resumed run's SuperLink starts afresh and the sites
-        register again one by one, so it also gives the sites of the last recorded round up
-        to ``REJOIN_GRACE`` seconds to come back before it starts with fewer."""
+    def _wait_for_sites(self, round_number: int, rejoin: bool) -> list[int]:
+        """Wait for ``min_sites`` sites before ``round_number``. With ``rejoin`` (a run's
+        start): a resumed run's SuperLink starts afresh and the sites register again one by
+        one, so the sites of the last recorded round get up to ``REJOIN_GRACE`` seconds to
+        come back before it starts with fewer."""
         started = time.monotonic()
         deadline = started + self.run.site_wait_timeout
         while True:
             nodes = self._available_nodes()
-            self._status("waiting", self.run.start_round, connected=len(nodes))
-            rejoining = time.monotonic() < started + REJOIN_GRACE
+            self._status("waiting", round_number, connected=len(nodes))
+            rejoining = rejoin and time.monotonic() < started + REJOIN_GRACE
             if len(nodes) >= max(self.run.min_sites, self.returning if rejoining else 0):
                 log.info("%d sites connected (minimum %d)", len(nodes), self.run.min_sites)
                 return nodes

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from pathlib import Path
 
 import numpy as np
 from torch import nn
@@ -19,6 +20,7 @@ from fedmed.config import RunSettings, SiteSettings
 from fedmed.flower import protocol
 from fedmed.flower.packing import pack, unpack
 from fedmed.flower.protocol import EvaluateRequest, RoundStatus, SiteReply, SiteRequest, TrainRequest, metric_value
+from fedmed.flower.resend import ResendCache
 from fedmed.flower.site_data import SiteSplit, load_site_split
 from fedmed.model import ModelConfig, build_model, fixed_inputs
 from fedmed.privacy.budget import PrivacyConfig
@@ -36,7 +38,7 @@ class SiteWork:
         self._splits: dict[tuple, SiteSplit] = {}
         self._models: dict[ModelConfig, nn.Module] = {}
         self._inputs: dict[tuple, SiteInputs] = {}  # one entry: the current run's
-        self._last_trained: tuple[tuple, SiteReply] | None = None
+        self._resend = ResendCache(Path(site.ledger).parent)
 
     def handle(self, request: SiteRequest) -> SiteReply:
         """Answer one request of the coordinator's."""
@@ -58,12 +60,13 @@ class SiteWork:
         train one private round.
 
         A round asked again with the same model (a restarted coordinator repeats the round it
-        lost) gets the update already computed: resending a private result spends nothing,
-        training again would."""
+        lost) gets the update already computed, from the site's disk even after the site
+        restarted: resending a private result spends nothing, training again would."""
         started = time.perf_counter()
         request = (run.run_id, round_number, hashlib.sha256(vector.tobytes()).hexdigest())
-        if self._last_trained is not None and self._last_trained[0] == request:
-            return dataclasses.replace(self._last_trained[1], message=(
+        earlier = self._resend.get(request)
+        if earlier is not None:
+            return dataclasses.replace(earlier, message=(
                 f"round {round_number} asked again with the same model: earlier update resent, "
                 "no new privacy spending"))
         site = self.site
@@ -90,7 +93,7 @@ class SiteWork:
         })
         reply = SiteReply(site.name, metrics, result.message[: protocol.MAX_TEXT],
                           pack(model_state(model)) if trained else None)
-        self._last_trained = (request, reply)
+        self._resend.put(request, reply)
         return reply
 
     def evaluate(self, run: RunSettings, vector: np.ndarray) -> SiteReply:
