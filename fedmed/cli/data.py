@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmed.data.cache import default_cache_dir
+from fedmed.data.cache import default_cache_dir, purge_cache
 from fedmed.data.dicom import MULTIFRAME_POLICIES, ReadOptions
 from fedmed.data.export import SITE_STYLES, export_site
 from fedmed.data.make_sites import export_sites, site_names, synthetic_sites
 from fedmed.data.npz import SPLITS, load_npz, save_npz
 from fedmed.data.partition import class_table, dirichlet_partition
-from fedmed.data.site import SiteSource, load_site
+from fedmed.data.site import SiteSource, load_site, site_cache_key
 from fedmed.data.split import split_by_patient
 from fedmed.data.synthetic import synthesize, synthetic_labels
 
@@ -26,6 +26,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     _add_validate(sub)
     _add_make_sites(sub)
     _add_synth(sub)
+    _add_purge_cache(sub)
 
 
 def _classes(text: str | None) -> tuple[str, ...] | None:
@@ -158,4 +159,35 @@ def _synth(args: argparse.Namespace) -> int:
     export_site(images, args.out, args.out.name, style, args.seed)
     counts = json.dumps(dict(zip(images.classes, np.bincount(images.labels, minlength=2).tolist())))
     print(f"wrote {len(images)} DICOM files to {args.out} ({counts})")
+    return 0
+
+
+def _add_purge_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "purge-cache",
+        help="delete the decoded images fedmed keeps for faster loading",
+        description=(
+            "Delete fedmed's preprocessing cache: decoded, resized copies of a site's images, derived "
+            "from patients' studies and kept (owner-only) so later runs load faster. Only folders laid "
+            "out as fedmed's cache are removed; the source DICOM files are never touched. The next run "
+            "decodes the images again."
+        ),
+    )
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="the cache to purge (default $FEDMED_CACHE_DIR or ~/.cache/fedmed)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="purge only this site folder's or manifest's cache (default: every site's)")
+    p.set_defaults(handler=_purge_cache)
+
+
+def _purge_cache(args: argparse.Namespace) -> int:
+    cache_dir = args.cache_dir or default_cache_dir()
+    if not cache_dir.is_dir():
+        print(f"no cache at {cache_dir}: nothing to purge")
+        return 0
+    site = site_cache_key(SiteSource.from_path(args.data)) if args.data else None
+    removed = purge_cache(cache_dir, site)
+    for folder in removed:
+        print(f"removed {folder}")
+    print(f"{len(removed)} cached site folder(s) removed from {cache_dir}")
     return 0

@@ -6,6 +6,9 @@ changed option starts a fresh cache. Decoded images live in one ``.npy`` file th
 loads memory-map; failures are cached too, so an unchanged bad file is not retried.
 Every write goes to a temporary file first and is moved into place, so a crash never
 leaves a half-written cache behind.
+
+The cache holds images derived from patients' studies: its folders are readable by their
+owner only (0700, files 0600), and ``fedmed data purge-cache`` removes it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -123,6 +128,9 @@ def _assemble(
     return images
 
 
+OPTIONS_FOLDER = re.compile(r"size\d+-[a-z]+-v\d+")  # _CacheStore's folder names
+
+
 class _CacheStore:
     """The cache folder of one site and one set of preprocessing options."""
 
@@ -141,6 +149,8 @@ class _CacheStore:
 
     def save(self, entries: dict[str, dict], images: np.ndarray) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        for folder in (self.directory.parent, self.directory):  # the site's folder and this one's
+            os.chmod(folder, 0o700)
         digest = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16]
         images_name = f"images-{digest}.npy"
         self._write_atomic(images_name, lambda handle: np.save(handle, images))
@@ -160,3 +170,17 @@ def default_cache_dir() -> Path:
         return Path(os.environ["FEDMED_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "fedmed"
+
+
+def purge_cache(cache_dir: Path, site_folder: str | None = None) -> list[Path]:
+    """Remove the decoded images under ``cache_dir`` (every site's, or the folder named
+    ``site_folder`` only) and return what was removed. Only folders laid out as fedmed's
+    cache are touched; anything else there is left as it is."""
+    candidates = [cache_dir / site_folder] if site_folder else sorted(p for p in cache_dir.iterdir() if p.is_dir())
+    removed = []
+    for folder in candidates:
+        if folder.is_dir() and any(OPTIONS_FOLDER.fullmatch(p.name) and (p / INDEX_NAME).is_file()
+                                   for p in folder.iterdir()):
+            shutil.rmtree(folder)
+            removed.append(folder)
+    return removed

@@ -92,7 +92,7 @@ def load_site(
         candidates, skipped, classes = _list_manifest(source.manifest, source.classes)
     else:
         candidates, skipped, classes = _list_folders(source.root, source.classes)
-    site_cache = cache_dir / _site_key(source) if cache_dir is not None else None
+    site_cache = cache_dir / site_cache_key(source) if cache_dir is not None else None
     result = decode_files([c.path for c in candidates], options, site_cache)
 
     outcomes = list(skipped)
@@ -141,7 +141,7 @@ def load_site(
     )
 
 
-def _site_key(source: SiteSource) -> str:
+def site_cache_key(source: SiteSource) -> str:
     """A short, stable name for a site's cache folder."""
     where = f"{source.root.resolve()}|{source.manifest.resolve() if source.manifest else ''}"
     return hashlib.sha256(where.encode()).hexdigest()[:16]
