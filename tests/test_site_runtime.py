@@ -19,6 +19,7 @@ from fedmed.deploy.processes import descendants
 from fedmed.deploy.site_runtime import ForeignAppError, _check_app, write_secret
 from fedmed.flower.rundir import RunDirectory
 from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.report.build import build_report
 from tests.federation_helpers import Federation
 
 SITES = ("site-1", "site-2")
@@ -94,9 +95,11 @@ def test_one_site_process_serves_every_round_of_two_consecutive_runs(tmp_path, s
 
 
 def test_a_failed_round_gives_the_sites_error_reply_and_the_next_round_is_served(tmp_path, sites_dir):
+    """Site-2's work fails in round 2; with --min-sites 2 that round is discarded, so
+    site-1 paid for it in vain, and the privacy report says so."""
     federation = Federation(tmp_path, sites_dir, None)
     try:
-        federation.start_server("--rounds", "3", "--min-sites", "1", "--run-dir", str(tmp_path / "run"))
+        federation.start_server("--rounds", "3", "--min-sites", "2", "--run-dir", str(tmp_path / "run"))
         federation.start_client("site-1")
         federation.start_client("site-2", program=[sys.executable, str(FAULTY_SITE), "fail", "2"])
         assert federation.wait_server(600) == 0, federation.output("server")
@@ -108,3 +111,11 @@ def test_a_failed_round_gives_the_sites_error_reply_and_the_next_round_is_served
     assert sorted(rounds[2]["trained"]) == ["site-1"]
     assert sorted(rounds[3]["trained"]) == list(SITES)
     assert [e.round for e in PrivacyLedger(federation.ledger("site-2")).entries] == [1, 3]
+
+    assert not rounds[2]["aggregated"] and rounds[3]["aggregated"]
+    report = build_report(tmp_path / "run", [federation.ledger("site-1")])
+    assert [r["wasted"] for r in report["run"]["rounds"]] == [[], ["site-1"], []]
+    wasted = [w["message"] for w in report["warnings"] if w["code"] == "budget-wasted"]
+    assert len(wasted) == 1 and "round 2 was discarded" in wasted[0] and "site-1 paid" in wasted[0]
+    site_1 = next(a for a in report["sites"] if a["site"] == "site-1")
+    assert [(r["round"], r["wasted"]) for r in site_1["rounds"]] == [(1, False), (2, True), (3, False)]

@@ -94,13 +94,14 @@ def _run_blocks(run: dict, figures: dict[str, Figure]) -> list:
     blocks += [figures[name] for name in ("validation.png", "sites.png") if name in figures]
     blocks.append(Heading("Rounds", 3))
     header = ["round", "aggregated", "trained", "budget exhausted", "rejected", "failed", "missing",
-              "train loss", "val AUROC", "val accuracy", "val balanced accuracy", "held-out AUROC"]
+              "paid and wasted", "train loss", "val AUROC", "val accuracy", "val balanced accuracy", "held-out AUROC"]
     rows = []
     for r in run["rounds"]:
         val = r["validation"] or {}
         held_out = r["server_validation"] or {}
         rows.append([str(r["round"]), format_number(r["aggregated"]), _names(r["trained"]), _names(r["budget_exhausted"]),
-                     _names(r["rejected"]), _names(r["failed"]), _names(r["missing"]), format_number(r["train_loss"]),
+                     _names(r["rejected"]), _names(r["failed"]), _names(r["missing"]), _names(r["wasted"]),
+                     format_number(r["train_loss"]),
                      format_number(val.get("auroc")), format_number(val.get("accuracy")), format_number(val.get("balanced_accuracy")),
                      format_number(held_out.get("auroc"))])
     blocks.append(Table(header, rows))
@@ -134,9 +135,10 @@ def _site_blocks(a: dict) -> list:
     rows = [[r["run_id"], str(r["round"]), r["timestamp"], format_number(r["dp"]), format_number(r["examples"]),
              format_number(r["steps"]), format_number(r["sample_rate"]), format_number(r["noise_multiplier"]),
              format_number(r["max_grad_norm"]), format_number(r["delta"]), format_epsilon(r["epsilon"], r["dp"]),
-             format_epsilon(r["epsilon_second_opinion"], r["dp"])] for r in a["rounds"]]
+             format_epsilon(r["epsilon_second_opinion"], r["dp"]),
+             "paid, round discarded" if r.get("wasted") else ""] for r in a["rounds"]]
     blocks.append(Table(["run", "round", "time", "DP", "examples", "steps", "sample rate", "noise multiplier",
-                         "clip norm", "delta", "epsilon (RDP)", "epsilon (PLD)"], rows))
+                         "clip norm", "delta", "epsilon (RDP)", "epsilon (PLD)", "wasted"], rows))
     if a["refused"]:
         blocks.append(Heading(f"{a['site']}: refused rounds", 3))
         rows = [[r["run_id"], str(r["round"]), r["timestamp"], format_number(r["epsilon_before"]),

@@ -24,6 +24,7 @@ CODES = {
     "second-opinion-unavailable": "the independent accountant could not evaluate a history",
     "rounds-refused": "the site refused rounds because its budget would have been exceeded",
     "sites-dropped": "sites that were asked to train did not return a usable update",
+    "budget-wasted": "sites paid privacy budget for a round the coordinator discarded (too few valid updates)",
 }
 
 NEARLY_SPENT = 0.8

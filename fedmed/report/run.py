@@ -39,6 +39,11 @@ def run_view(path: Path) -> tuple[dict, list[Finding]]:
     if dropped:
         findings.append(warning("sites-dropped", f"{len(dropped)} site update(s) were lost: "
                                 + "; ".join(f"round {r}: {n}" for r, n in sorted(dropped))))
+    for row in rows:
+        if row["wasted"]:
+            findings.append(warning("budget-wasted", f"round {row['round']} was discarded ({len(row['trained'])} "
+                                    f"valid update(s), fewer than the minimum of {run.min_sites} sites): "
+                                    f"{', '.join(row['wasted'])} paid privacy budget for it and it was not used"))
     return view, findings
 
 
@@ -61,6 +66,8 @@ def _round_row(record: dict, validation: dict | None) -> dict:
         "trained": list(record.get("trained", [])), "budget_exhausted": list(record.get("budget_exhausted", [])),
         "rejected": dict(record.get("rejected", {})), "failed": dict(record.get("failed", {})),
         "missing": list(record.get("missing", [])), "examples": record.get("examples"),
+        # sites that trained (and paid) for a round the coordinator then discarded
+        "wasted": [] if record.get("aggregated") else list(record.get("trained", [])),
         "train_loss": finite_or_none(record.get("train_loss")), "seconds": record.get("seconds"),
         "validation": _validation(validation["weighted"]) if validation else None,
         "server_validation": _server_validation(record.get("server_validation")),
@@ -96,6 +103,8 @@ def cross_check(view: dict, accounts: list[dict]) -> list[Finding]:
         trained = [row for row in view["rounds"] if name in row["trained"]]
         for row in trained:
             entry = ledger_rounds.get(row["round"])
+            if entry is not None and name in row["wasted"]:
+                entry["wasted"] = True  # the site's account shows the round as paid and wasted
             if entry is None:
                 findings.append(critical("ledger-missing-round", f"the run directory says {name} trained round "
                                          f"{row['round']} of run {run_id}, but its ledger has no entry for it",
