@@ -142,3 +142,12 @@ def test_killing_a_writer_mid_append_never_corrupts_the_ledger(tmp_path):
     rounds = [e.round for e in survivor.entries]
     assert len(rounds) >= 20 and rounds == list(range(1, len(rounds) + 1))
     assert survivor.warnings == []
+
+
+def test_every_entry_states_its_privacy_unit_and_old_entries_read_as_image_level(tmp_path):
+    run_rounds(tmp_path / "ledger.jsonl", 1, PrivacyConfig(target_epsilon=8.0, planned_rounds=2))
+    line = json.loads((tmp_path / "ledger.jsonl").read_text().splitlines()[-1])
+    assert line["privacy_unit"] == "image"
+    del line["privacy_unit"]  # a ledger written before the field existed
+    (tmp_path / "old.jsonl").write_text(json.dumps(line) + "\n")
+    assert [e.privacy_unit for e in PrivacyLedger(tmp_path / "old.jsonl").entries] == ["image"]

@@ -54,6 +54,10 @@ class LedgerEntry:
     version: int = LEDGER_VERSION
     max_epsilon: float | None = None  # the site's hard budget when the round ran (None: none set)
     target_epsilon: float | None = None
+    # What one DP "record" is: "image" (each training image; a patient with k images is
+    # protected by group privacy, about k x epsilon). Entries written before this field
+    # existed were all image-level, which is what a missing value reads as.
+    privacy_unit: str = "image"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, allow_nan=False)

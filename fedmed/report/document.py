@@ -119,9 +119,12 @@ def _run_blocks(run: dict, figures: dict[str, Figure]) -> list:
 
 
 def _site_blocks(a: dict) -> list:
+    units = sorted({r["privacy_unit"] for r in a["rounds"]}) or ["image"]
     blocks = [Heading(f"Site {a['site']}"),
               Text(f"Ledger {a['ledger']} ({a['ledger_lines']} lines). Accountant {a['accountant']}; "
-                   f"second opinion {a['second_opinion_accountant']}.")]
+                   f"second opinion {a['second_opinion_accountant']}. Privacy unit: {', '.join(units)} "
+                   "(each epsilon bounds what is revealed about one such record; a patient with k "
+                   "images is protected by about k times an image-level epsilon).")]
     blocks.append(Heading(f"{a['site']}: runs", 3))
     rows = [[r["run_id"], _rounds_text(r["rounds"]), format_number(r["dp"]),
              ", ".join(format_number(s) for s in r["noise_multipliers"]), format_number(r["sample_rate"]), format_number(r["steps"]),

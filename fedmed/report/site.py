@@ -141,6 +141,7 @@ def _round_row(entry: LedgerEntry, state: list, site: str, findings: list[Findin
         "noise_multiplier": entry.noise_multiplier, "max_grad_norm": entry.max_grad_norm,
         "delta": entry.delta, "epsilon": recorded if entry.dp else None,
         "epsilon_second_opinion": second, "accountant": entry.accountant, "max_epsilon": entry.max_epsilon,
+        "privacy_unit": entry.privacy_unit,
         "wasted": False,  # set by the run's cross-check when the coordinator discarded the round
     }
 

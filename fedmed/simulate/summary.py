@@ -41,6 +41,7 @@ def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:
             "val_balanced_accuracy": validation.get("val-balanced-accuracy", math.nan),
             "val_accuracy": validation.get("val-accuracy", math.nan),
             "epsilon": epsilon, "ledger": site.ledger,
+            "privacy_unit": ledger.entries[-1].privacy_unit if ledger.entries else "image",
         })
     test = last_round.get("server_validation", {})
     overall = {
@@ -80,7 +81,10 @@ def write_summary(out_dir: Path, scenario: dict, comparison: list[dict], sites: 
         text += ["**Rows marked DP = NO are non-private baselines: they carry no privacy guarantee.**", ""]
     text += ["## All modes on the held-out test set", "", comparison_table(comparison), ""]
     if sites:
-        text += ["## Federated model per site (each site's own validation split)", "", sites_table(sites), ""]
+        units = sorted({site["privacy_unit"] for site in sites})
+        text += ["## Federated model per site (each site's own validation split)", "", sites_table(sites), "",
+                 f"Privacy unit: {', '.join(units)} (each site's epsilon bounds what its model updates reveal "
+                 "about one such record).", ""]
     markdown = "\n".join(text)
     write_atomic(out_dir / "summary.md", markdown.encode("utf-8"))
     payload = {"scenario": scenario, "seconds": seconds, "comparison": comparison, "federated_sites": sites}
