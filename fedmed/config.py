@@ -33,6 +33,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 SCHEDULES = ("constant", "cosine")  # learning rate over rounds: see RunSettings.round_learning_rate
 FRONTENDS = ("pixels", "scattering")  # what the residual stages see: see fedmed.model
+PRIVACY_UNITS = ("image", "patient")  # what one DP record is at a site
 NORM_GROUPS = 8  # GroupNorm groups of the model; the model's width must be a multiple
 
 
@@ -213,6 +214,10 @@ class SiteSettings:
                                     "max_epsilon)", section="privacy", low=0.0, per_site=True)
     delta: float = setting(0.0, "delta of the guarantee (0: a power of ten below 1/(10 n))",
                            section="privacy", low=0.0, below=1.0)
+    privacy_unit: str = setting("image", "what one protected record is: 'image', or 'patient' (patients are "
+                                "sampled and each patient's summed gradient is clipped; needs a PatientID on "
+                                "every training image, else image level with a warning)", section="privacy",
+                                choices=PRIVACY_UNITS, per_site=True)
     ledger: str = internal("", "the site's privacy ledger (fedmed-client keeps it in the state directory)")
 
     def __post_init__(self) -> None:

@@ -96,11 +96,20 @@ def train_round(
     site: str,
     run_id: str,
     round_number: int,
+    patients: np.ndarray | None = None,
 ) -> RoundResult:
-    """Train ``model`` in place for one round unless the site's budget forbids it."""
+    """Train ``model`` in place for one round unless the site's budget forbids it.
+
+    ``patients`` (one PatientID per image) makes a patient the protected record when the
+    site's ``privacy_unit`` is "patient": patients are Poisson-sampled, each patient's
+    summed gradient is clipped, and the accounting uses the patient sampling rate, with
+    the same expected number of images per step as image-level training."""
     examples = len(labels)
+    unit, patient_of = _privacy_unit(privacy, patients, site)
+    records = examples if patient_of is None else int(patient_of.max()) + 1
     with ledger.locked():
-        plan = plan_round_privacy(privacy, ledger, run_id, examples, train.batch_size, train.epochs, train.steps)
+        plan = plan_round_privacy(privacy, ledger, run_id, records, train.batch_size * records / examples,
+                                  train.epochs, train.steps)
         if not plan.allowed:
             log.warning("site %s refuses round %s of run %s: %s", site, round_number, run_id, plan.reason)
             ledger.append(LedgerRefusal(
@@ -112,7 +121,7 @@ def train_round(
                                plan.noise_multiplier, plan.reason)
         if plan.dp:
             loss = _train_private(model, images, labels, train, round_number, plan.sample_rate, plan.steps,
-                                  plan.noise_multiplier, privacy.max_grad_norm)
+                                  plan.noise_multiplier, privacy.max_grad_norm, patient_of)
         else:
             log.warning("site %s: NON-PRIVATE training in round %s of run %s; no privacy guarantee",
                         site, round_number, run_id)
@@ -124,7 +133,7 @@ def train_round(
                 round=round_number,
                 timestamp=_now(),  # when the round's training ended
                 dp=plan.dp,
-                examples=examples,
+                examples=records,
                 steps=plan.steps,
                 sample_rate=plan.sample_rate,
                 noise_multiplier=plan.noise_multiplier,
@@ -136,10 +145,42 @@ def train_round(
                 if plan.dp else ledger.history,
                 max_epsilon=privacy.budget,
                 target_epsilon=privacy.target_epsilon if plan.dp else None,
+                privacy_unit=unit,
             )
         )
     return RoundResult(RoundStatus.TRAINED, plan.dp, examples, plan.steps, loss, plan.epsilon_after, plan.delta,
                        plan.noise_multiplier, plan.reason)
+
+
+def _privacy_unit(privacy: PrivacyConfig, patients: np.ndarray | None, site: str) -> tuple[str, np.ndarray | None]:
+    """("patient", each image's patient number 0..P-1) when the site protects patients and
+    every image has a PatientID; else ("image", None), with a warning if patients were asked."""
+    if privacy.privacy_unit != "patient" or not privacy.dp:
+        return "image", None
+    if patients is None or len(patients) == 0 or any(not str(p) for p in patients):
+        log.warning("site %s: privacy_unit is 'patient' but not every training image has a PatientID; training "
+                    "at image level (a patient with k images is protected by about k x epsilon)", site)
+        return "image", None
+    _, patient_of = np.unique(np.asarray(patients, dtype=str), return_inverse=True)
+    return "patient", patient_of.astype(np.int64)
+
+
+def _patient_batches(sampled: np.ndarray, members: list[np.ndarray], physical: int
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The images of the sampled patients as (image indices, group per image) batches of
+    about ``physical`` images; a patient's images always share a batch, so each patient's
+    gradient is clipped whole."""
+    batches, images, groups = [], [], []
+    for patient in sampled:
+        rows = members[patient]
+        if images and sum(len(i) for i in images) + len(rows) > physical:
+            batches.append((np.concatenate(images), np.concatenate(groups)))
+            images, groups = [], []
+        groups.append(np.full(len(rows), len(images), dtype=np.int64))
+        images.append(rows)
+    if images:
+        batches.append((np.concatenate(images), np.concatenate(groups)))
+    return batches
 
 
 def _now() -> str:
@@ -185,9 +226,11 @@ def _batch(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> tuple
 
 
 def _train_private(model, images, labels, train, round_number, sample_rate, steps, noise_multiplier,
-                   max_grad_norm) -> float:
+                   max_grad_norm, patient_of: np.ndarray | None = None) -> float:
+    """DP-SGD steps; with ``patient_of`` the sampled and clipped records are patients."""
     model.train()
-    n = len(labels)
+    n = len(labels) if patient_of is None else int(patient_of.max()) + 1
+    members = None if patient_of is None else [np.flatnonzero(patient_of == p) for p in range(n)]
     sampling, noise = _dp_generators(train.insecure_noise_seed, round_number)
     sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=sampling, steps=steps)
     clipper = PerSampleClipper(model, max_grad_norm)
@@ -206,10 +249,16 @@ def _train_private(model, images, labels, train, round_number, sample_rate, step
         for batch_indices in sampler:
             flat.zero_()
             batch_indices = np.asarray(batch_indices, dtype=np.int64)
-            for start in range(0, len(batch_indices), train.physical_batch_size):
-                x, y = _batch(images, labels, batch_indices[start : start + train.physical_batch_size])
+            if members is None:
+                batches = [(batch_indices[start : start + train.physical_batch_size], None)
+                           for start in range(0, len(batch_indices), train.physical_batch_size)]
+            else:
+                batches = _patient_batches(batch_indices, members, train.physical_batch_size)
+            for rows, groups in batches:
+                x, y = _batch(images, labels, rows)
                 losses, _ = clipper.accumulate(x, _loss_function(train, y, weighted=False),
-                                               _clipped_gradient_weights(train, y))
+                                               _clipped_gradient_weights(train, y),
+                                               None if groups is None else torch.from_numpy(groups))
                 total_loss += float(losses.sum())
                 seen += len(y)
             flat.add_(noise_buffer.normal_(0.0, noise_multiplier * max_grad_norm, generator=noise))

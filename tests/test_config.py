@@ -42,7 +42,8 @@ INTO_TRAIN = {"local_epochs": "epochs", "batch_size": "batch_size", "physical_ba
               "class_weights": "class_weights", "class_prior": "class_prior", "local_steps": "steps", "seed": "seed"}
 ROUND_SCHEDULE = {"learning_rate_schedule"}  # changes the sites' learning rate from round to round
 INTO_PRIVACY = {"max_grad_norm": "max_grad_norm", "rounds": "planned_rounds", "dp": "dp",
-                "max_epsilon": "max_epsilon", "target_epsilon": "target_epsilon", "delta": "delta"}
+                "max_epsilon": "max_epsilon", "target_epsilon": "target_epsilon", "delta": "delta",
+                "privacy_unit": "privacy_unit"}
 INTO_MODEL = {"depth": "depth", "width": "width", "frontend": "frontend", "image_size": "image_size",
               "classes": "num_classes"}
 SITE_SPLIT = {"classes", "image_size", "val_fraction", "seed"}  # the site's data and its validation split

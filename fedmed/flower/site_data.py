@@ -27,6 +27,11 @@ class SiteSplit:
         return self.data.labels[self.train]
 
     @property
+    def train_patients(self) -> np.ndarray:
+        """Each training image's PatientID ("" where the file has none)."""
+        return np.asarray(self.data.patient_ids, dtype=str)[self.train]
+
+    @property
     def val_images(self) -> np.ndarray:
         return np.asarray(self.data.images[self.val])
 

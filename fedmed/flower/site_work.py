@@ -77,6 +77,7 @@ class SiteWork:
         result = train_round(
             model, inputs.train, inputs.train_labels, TrainConfig.from_settings(run, round_number),
             PrivacyConfig.from_settings(site, run), PrivacyLedger(site.ledger), site.name, run.run_id, round_number,
+            inputs.train_patients,
         )
         trained = result.status == RoundStatus.TRAINED
         metrics.update({
@@ -107,7 +108,8 @@ class SiteWork:
         if key not in self._inputs:
             split = self.split(run)
             self._inputs = {key: SiteInputs(fixed_inputs(model, split.train_images), split.train_labels,
-                                            fixed_inputs(model, split.val_images), split.val_labels)}
+                                            fixed_inputs(model, split.val_images), split.val_labels,
+                                            split.train_patients)}
         return self._inputs[key]
 
     def held_bytes(self) -> int:
@@ -136,6 +138,7 @@ class SiteInputs:
     train_labels: np.ndarray
     val: np.ndarray
     val_labels: np.ndarray
+    train_patients: np.ndarray  # each training image's PatientID, for patient-level DP
 
 
 def validation_metrics(model, inputs: SiteInputs) -> dict[str, float]:

@@ -54,12 +54,12 @@ def extend(history: History, noise_multiplier: float, sample_rate: float, steps:
     return [*history, (noise_multiplier, sample_rate, steps)]
 
 
-def round_plan(examples: int, batch_size: int, epochs: int, steps: int = 0) -> tuple[float, int]:
+def round_plan(examples: int, batch_size: float, epochs: int, steps: int = 0) -> tuple[float, int]:
     """(Poisson sample rate, steps) of one round: ``steps`` steps if given, else ``epochs``
     local epochs."""
     if examples < 1:
         raise ValueError("a site needs at least one training example")
-    if batch_size < 1 or epochs < 1 or steps < 0:
+    if batch_size <= 0 or epochs < 1 or steps < 0:
         raise ValueError(f"batch size and epochs must be positive and steps not negative, got {batch_size}, "
                          f"{epochs} and {steps}")
     sample_rate = min(1.0, batch_size / examples)

@@ -36,6 +36,7 @@ class PrivacyConfig:
     delta: float | None = None  # defaults to default_delta(n)
     max_grad_norm: float = RunSettings.max_grad_norm
     planned_rounds: int = 1
+    privacy_unit: str = "image"  # or "patient": see fedmed.train
 
     def __post_init__(self) -> None:
         if self.dp and self.target_epsilon <= 0:
@@ -57,6 +58,7 @@ class PrivacyConfig:
             delta=site.delta or None,
             max_grad_norm=run.max_grad_norm,
             planned_rounds=run.rounds,
+            privacy_unit=site.privacy_unit,
         )
 
     @property
@@ -80,10 +82,11 @@ class RoundPrivacy:
 
 
 def plan_round_privacy(
-    config: PrivacyConfig, ledger: PrivacyLedger, run_id: str, examples: int, batch_size: int, epochs: int,
+    config: PrivacyConfig, ledger: PrivacyLedger, run_id: str, examples: int, batch_size: float, epochs: int,
     local_steps: int = 0,
 ) -> RoundPrivacy:
-    """Decide whether this round may run, and with how much noise."""
+    """Decide whether this round may run, and with how much noise. ``examples`` counts the
+    protected records (images or patients) and ``batch_size`` the expected records per step."""
     delta = config.delta if config.delta is not None else default_delta(examples)
     check_delta(delta, examples)
     sample_rate, steps = round_plan(examples, batch_size, epochs, local_steps)

@@ -89,14 +89,18 @@ class PerSampleClipper:
         for handle in self._handles:
             handle.remove()
 
-    def accumulate(self, inputs: torch.Tensor, per_sample_loss,
-                   sample_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def accumulate(self, inputs: torch.Tensor, per_sample_loss, sample_weights: torch.Tensor | None = None,
+                   groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the model on ``inputs``; add the clipped per-sample gradients of
         ``per_sample_loss(outputs)`` (a vector, one loss per sample) to ``param.grad``, each
         scaled by its ``sample_weights`` entry after clipping (weights must lie in [0, 1], so
         no sample's contribution exceeds the clip norm).
 
-        Returns (per-sample losses, per-sample gradient norms before clipping).
+        With ``groups`` (one group number 0..G-1 per sample, e.g. its patient), each group's
+        summed gradient is clipped instead, so no group's contribution exceeds the clip norm;
+        the weights then scale each sample's gradient before its group's sum is clipped.
+
+        Returns (per-sample losses, gradient norms before clipping: per sample, or per group).
         """
         if sample_weights is not None and not bool(((sample_weights >= 0) & (sample_weights <= 1)).all()):
             raise ValueError("sample weights after clipping must lie in [0, 1]: larger ones would raise the "
@@ -112,12 +116,16 @@ class PerSampleClipper:
         batch = inputs.shape[0]
         with torch.no_grad():
             pieces = [_layer_pieces(call, grad, self._tuner) for call, grad in zip(calls, output_grads)]
-            squared = torch.zeros(batch, dtype=torch.float64)  # summed over layers in double
+            rows = batch
+            if groups is not None:
+                rows = int(groups.max()) + 1
+                pieces = [_grouped(piece, groups, rows, sample_weights) for piece in pieces]
+            squared = torch.zeros(rows, dtype=torch.float64)  # summed over layers in double
             for piece in pieces:
                 squared += piece.squared_norms().double()
             norms = squared.sqrt().to(inputs.dtype)
             factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            if sample_weights is not None:
+            if sample_weights is not None and groups is None:
                 factors = factors * sample_weights.to(factors.dtype)
             for call, piece in zip(calls, pieces):
                 for param, grad in piece.weighted_sums(factors):
@@ -248,6 +256,19 @@ class _Autotuner:
                     timings[name] = time.perf_counter() - start
             self.choice[key] = min(timings, key=timings.get)
         return CONV_ROUTES[self.choice[key]](m, x, g)
+
+
+def _grouped(piece: _Pieces, groups: torch.Tensor, count: int, weights: torch.Tensor | None) -> _Instantiated:
+    """A layer's per-sample gradients (optionally weighted) summed within each group."""
+    if isinstance(piece, _GhostConv):  # ghost norms cannot be summed by group: instantiate
+        piece = _conv_unfold(piece.module, piece.x, piece.g)
+    summed = []
+    for param, per_sample in piece.per_sample:
+        if weights is not None:
+            per_sample = per_sample * weights.to(per_sample.dtype).view(-1, *[1] * (per_sample.dim() - 1))
+        total = torch.zeros((count, *per_sample.shape[1:]), dtype=per_sample.dtype)
+        summed.append((param, total.index_add_(0, groups, per_sample)))
+    return _Instantiated(summed)
 
 
 def _layer_pieces(call: _Call, grad: torch.Tensor, tuner: _Autotuner) -> _Pieces:
