@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -50,5 +49,4 @@ class ResendCache:
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_atomic(self.path, buffer.getvalue())  # created owner-only (mkstemp)
-        os.chmod(self.path, 0o600)
+        write_atomic(self.path, buffer.getvalue())  # created owner-only (0600, mkstemp)

@@ -50,7 +50,7 @@ class SiteWork:
 
     def split(self, run: RunSettings) -> SiteSplit:
         """The site's data for this run's preprocessing and split, loaded once per process."""
-        key = (run.classes, run.image_size, run.val_fraction, run.seed)
+        key = _split_key(run)
         if key not in self._splits:
             self._splits[key] = load_site_split(run, self.site)
         return self._splits[key]
@@ -104,7 +104,7 @@ class SiteWork:
     def inputs(self, run: RunSettings, model: nn.Module) -> SiteInputs:
         """What the run's network is fed for the site's training and validation images,
         computed once per split and architecture (``fedmed.model.fixed_inputs``)."""
-        key = (run.classes, run.image_size, run.val_fraction, run.seed, ModelConfig.from_settings(run))
+        key = (_split_key(run), ModelConfig.from_settings(run))
         if key not in self._inputs:
             split = self.split(run)
             self._inputs = {key: SiteInputs(fixed_inputs(model, split.train_images), split.train_labels,
@@ -128,6 +128,11 @@ class SiteWork:
         load_state(model, unpack(vector, model_state(model)))
         model.zero_grad(set_to_none=True)  # nothing of the last round's training carries over
         return model
+
+
+def _split_key(run: RunSettings) -> tuple:
+    """The run settings a site's data and validation split depend on."""
+    return run.classes, run.image_size, run.val_fraction, run.seed
 
 
 @dataclasses.dataclass(frozen=True)
