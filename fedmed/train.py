@@ -233,7 +233,8 @@ def _train_private(model, images, labels, train, round_number, sample_rate, step
     n = len(labels) if patient_of is None else int(patient_of.max()) + 1
     members = None  # each patient's image rows, by one sort instead of a scan per patient
     if patient_of is not None:
-        members = np.split(np.argsort(patient_of, kind="stable"), np.cumsum(np.bincount(patient_of, minlength=n))[:-1])
+        boundaries = np.cumsum(np.bincount(patient_of, minlength=n))[:-1]
+        members = np.split(np.argsort(patient_of, kind="stable"), boundaries)
     sampling, noise = _dp_generators(train.insecure_noise_seed, round_number)
     sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=sampling, steps=steps)
     clipper = PerSampleClipper(model, max_grad_norm)
