@@ -34,7 +34,14 @@ except ModuleNotFoundError:  # Python 3.10
 SCHEDULES = ("constant", "cosine")  # learning rate over rounds: see RunSettings.round_learning_rate
 FRONTENDS = ("pixels", "scattering")  # what the residual stages see: see fedmed.model
 PRIVACY_UNITS = ("image", "patient")  # what one DP record is at a site
+# Statistics a site may send exactly, without DP, when its settings say so (see fedmed.privacy.release).
+EXACT_RELEASES = ("examples", "validation", "loss", "timing")
 NORM_GROUPS = 8  # GroupNorm groups of the model; the model's width must be a multiple
+
+
+def exact_releases(text: str) -> frozenset[str]:
+    """The names in a ``privacy.release_exact`` value."""
+    return frozenset(name.strip() for name in text.split(",") if name.strip())
 
 
 def setting(default: Any, help: str, *, section: str, unit: str = "", low: float | None = None,
@@ -214,14 +221,31 @@ class SiteSettings:
                                     "max_epsilon)", section="privacy", low=0.0, per_site=True)
     delta: float = setting(0.0, "delta of the guarantee (0: a power of ten below 1/(10 n))",
                            section="privacy", low=0.0, below=1.0)
-    privacy_unit: str = setting("image", "what one protected record is: 'image', or 'patient' (patients are "
-                                "sampled and each patient's summed gradient is clipped; needs a PatientID on "
-                                "every training image, else image level with a warning)", section="privacy",
-                                choices=PRIVACY_UNITS, per_site=True)
+    privacy_unit: str = setting("patient", "what one protected record is: 'patient' (patients are sampled and "
+                                "each patient's summed gradient is clipped; needs a PatientID on every training "
+                                "image, else image level with a warning) or 'image' (a patient with k images is "
+                                "protected by about k x epsilon)", section="privacy", choices=PRIVACY_UNITS,
+                                per_site=True)
+    release_share: float = setting(0.25, "share of the run's target epsilon, counted alone, for the DP releases "
+                                   "besides the model: the site's record count once per run and its validation "
+                                   "counts of each evaluated model (Gaussian noise, composed into the ledger)",
+                                   section="privacy", above=0.0, below=1.0, per_site=True)
+    release_exact: str = setting("", "statistics this site sends exactly, without DP, comma-separated from: "
+                                 f"{', '.join(EXACT_RELEASES)}; each is recorded in the ledger as a non-private "
+                                 "release and shown as a finding (empty: none)", section="privacy", per_site=True)
     ledger: str = internal("", "the site's privacy ledger (fedmed-client keeps it in the state directory)")
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        unknown = sorted(set(self.exact_releases) - set(EXACT_RELEASES))
+        if unknown:
+            raise ValueError(f"privacy.release_exact names {', '.join(map(repr, unknown))}; it takes "
+                             f"comma-separated names from: {', '.join(EXACT_RELEASES)}")
+
+    @property
+    def exact_releases(self) -> frozenset[str]:
+        """The statistics this site sends without DP (``release_exact``)."""
+        return exact_releases(self.release_exact)
 
     def to_flower(self) -> dict:
         return to_flower(self)

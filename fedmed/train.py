@@ -23,7 +23,6 @@ import logging
 import math
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -35,10 +34,10 @@ from fedmed.config import RunSettings
 from fedmed.flower.protocol import RoundStatus
 from fedmed.metrics import classification_metrics
 from fedmed.numbers import finite_or_none
-from fedmed.privacy.accounting import ACCOUNTANT, extend
+from fedmed.privacy.accounting import ACCOUNTANT, History, extend
 from fedmed.privacy.budget import PrivacyConfig, plan_round_privacy
 from fedmed.privacy.clipping import PerSampleClipper
-from fedmed.privacy.ledger import LedgerEntry, LedgerRefusal, PrivacyLedger
+from fedmed.privacy.ledger import LedgerEntry, LedgerRefusal, PrivacyLedger, timestamp_now
 
 log = logging.getLogger("fedmed")
 
@@ -97,23 +96,25 @@ def train_round(
     run_id: str,
     round_number: int,
     patients: np.ndarray | None = None,
+    reserved: History = (),
 ) -> RoundResult:
     """Train ``model`` in place for one round unless the site's budget forbids it.
 
     ``patients`` (one PatientID per image) makes a patient the protected record when the
     site's ``privacy_unit`` is "patient": patients are Poisson-sampled, each patient's
     summed gradient is clipped, and the accounting uses the patient sampling rate, with
-    the same expected number of images per step as image-level training."""
+    the same expected number of images per step as image-level training. ``reserved`` is
+    the privacy cost of the run's releases still to come (``fedmed.privacy.release``)."""
     examples = len(labels)
-    unit, patient_of = _privacy_unit(privacy, patients, site)
+    unit, patient_of = privacy_unit(privacy, patients, site)
     records = examples if patient_of is None else int(patient_of.max()) + 1
     with ledger.locked():
         plan = plan_round_privacy(privacy, ledger, run_id, records, train.batch_size * records / examples,
-                                  train.epochs, train.steps)
+                                  train.epochs, train.steps, reserved)
         if not plan.allowed:
             log.warning("site %s refuses round %s of run %s: %s", site, round_number, run_id, plan.reason)
             ledger.append(LedgerRefusal(
-                site=site, run_id=run_id, round=round_number, timestamp=_now(), reason=plan.reason,
+                site=site, run_id=run_id, round=round_number, timestamp=timestamp_now(), reason=plan.reason,
                 epsilon_before=finite_or_none(plan.epsilon_before),
                 epsilon_after=finite_or_none(plan.epsilon_after), delta=plan.delta, max_epsilon=privacy.budget,
             ))
@@ -131,7 +132,7 @@ def train_round(
                 site=site,
                 run_id=run_id,
                 round=round_number,
-                timestamp=_now(),  # when the round's training ended
+                timestamp=timestamp_now(),  # when the round's training ended
                 dp=plan.dp,
                 examples=records,
                 steps=plan.steps,
@@ -152,12 +153,13 @@ def train_round(
                        plan.noise_multiplier, plan.reason)
 
 
-def _privacy_unit(privacy: PrivacyConfig, patients: np.ndarray | None, site: str) -> tuple[str, np.ndarray | None]:
+def privacy_unit(privacy: PrivacyConfig, patients: np.ndarray | None, site: str) -> tuple[str, np.ndarray | None]:
     """("patient", each image's patient number 0..P-1) when the site protects patients and
-    every image has a PatientID; else ("image", None), with a warning if patients were asked."""
-    if privacy.privacy_unit != "patient" or not privacy.dp:
+    every image has a PatientID; else ("image", None), with a warning when the site's images
+    lack PatientIDs (``patients`` None: the caller knows no patients)."""
+    if privacy.privacy_unit != "patient" or not privacy.dp or patients is None:
         return "image", None
-    if patients is None or len(patients) == 0 or any(not str(p) for p in patients):
+    if len(patients) == 0 or any(not str(p) for p in patients):
         log.warning("site %s: privacy_unit is 'patient' but not every training image has a PatientID; training "
                     "at image level (a patient with k images is protected by about k x epsilon)", site)
         return "image", None
@@ -182,10 +184,6 @@ def _patient_batches(sampled: np.ndarray, members: list[np.ndarray], physical: i
     if images:
         batches.append((np.concatenate(images), np.concatenate(groups)))
     return batches
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _loss_function(train: TrainConfig, labels: torch.Tensor, weighted: bool = True):
@@ -232,7 +230,10 @@ def _train_private(model, images, labels, train, round_number, sample_rate, step
     model.train()
     n = len(labels) if patient_of is None else int(patient_of.max()) + 1
     members = None  # each patient's image rows, by one sort instead of a scan per patient
-    if patient_of is not None:
+    row_of = None  # where every patient has one image: a patient's row, and images are clipped alone
+    if patient_of is not None and n == len(labels):
+        row_of = np.argsort(patient_of, kind="stable")
+    elif patient_of is not None:
         boundaries = np.cumsum(np.bincount(patient_of, minlength=n))[:-1]
         members = np.split(np.argsort(patient_of, kind="stable"), boundaries)
     sampling, noise = _dp_generators(train.insecure_noise_seed, round_number)
@@ -253,6 +254,8 @@ def _train_private(model, images, labels, train, round_number, sample_rate, step
         for batch_indices in sampler:
             flat.zero_()
             batch_indices = np.asarray(batch_indices, dtype=np.int64)
+            if row_of is not None:
+                batch_indices = row_of[batch_indices]
             if members is None:
                 batches = [(batch_indices[start : start + train.physical_batch_size], None)
                            for start in range(0, len(batch_indices), train.physical_batch_size)]

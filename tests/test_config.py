@@ -43,7 +43,7 @@ INTO_TRAIN = {"local_epochs": "epochs", "batch_size": "batch_size", "physical_ba
 ROUND_SCHEDULE = {"learning_rate_schedule"}  # changes the sites' learning rate from round to round
 INTO_PRIVACY = {"max_grad_norm": "max_grad_norm", "rounds": "planned_rounds", "dp": "dp",
                 "max_epsilon": "max_epsilon", "target_epsilon": "target_epsilon", "delta": "delta",
-                "privacy_unit": "privacy_unit"}
+                "privacy_unit": "privacy_unit", "release_share": "release_share", "release_exact": "release_exact"}
 INTO_MODEL = {"depth": "depth", "width": "width", "frontend": "frontend", "image_size": "image_size",
               "classes": "num_classes"}
 SITE_SPLIT = {"classes", "image_size", "val_fraction", "seed"}  # the site's data and its validation split
@@ -53,7 +53,7 @@ SITE_IDENTITY = {"name", "data", "cache_dir"}
 EVALUATION = {"evaluate_every"}  # which rounds' models the sites and the coordinator evaluate
 
 TEXT_VALUES = {"classes": "normal,pneumonia,effusion", "class_weights": "2.0,0.5", "class_prior": "0.3,0.7",
-               "source": "npz"}
+               "source": "npz", "release_exact": "loss,timing"}
 COMPANIONS = {"source": {"path": "/data/pneumoniamnist.npz"}}  # what a value needs beside it to be valid
 
 

@@ -189,23 +189,40 @@ def test_a_simulation_writes_its_run_report(simulation):
     assert run["sites"] == ["site-1", "site-2", "site-3"]
     assert report["counts"]["critical"] == 0, report["warnings"]
     for account in report["sites"]:
-        ledger = PrivacyLedger(account["ledger"]).entries
-        assert account["epsilon_spent"] == ledger[-1].epsilon
+        site_ledger = PrivacyLedger(account["ledger"])
+        ledger = site_ledger.entries
+        assert account["epsilon_spent"] == pytest.approx(site_ledger.epsilon(ledger[-1].delta), rel=1e-12)
+        assert account["epsilon_spent"] > ledger[-1].epsilon, "the final validation was released after round 2"
         assert [r["sites"][account["site"]]["epsilon"] for r in run["rounds"]] == \
             pytest.approx([e.epsilon for e in ledger], rel=1e-9)
+        # what left the site: two DP-SGD updates, the noisy record count once, the noisy
+        # validation counts of the two evaluated models (0 and 2); nothing exact
+        [released] = [r["released"] for r in account["runs"]]
+        assert [(w["what"], w["count"], w["private"]) for w in released] == \
+            [("model update", 2, True), ("validation", 2, True), ("examples", 1, True)]
+        assert all(w["epsilon_alone"] > 0 and w["privacy_unit"] == "patient" for w in released)
+    assert not [w for w in report["warnings"] if w["code"] == "non-private-release"]
     assert {a["site"]: a["budget"] for a in report["sites"]} == {"site-1": 8.0, "site-2": 8.0, "site-3": 4.0}
     # the simulation evaluates only the final model (evaluate_every = 2)
     assert [r["server_validation"] is not None for r in run["rounds"]] == [False, True]
     assert run["rounds"][1]["server_validation"]["auroc"] is not None
 
 
+def _up_to_round(ledger: Path, round_number: int) -> list[str]:
+    """The ledger's lines up to and including the entry of ``round_number``."""
+    lines = ledger.read_text().splitlines(keepends=True)
+    end = next(i for i, line in enumerate(lines)
+               if "kind" not in json.loads(line) and json.loads(line)["round"] == round_number)
+    return lines[: end + 1]
+
+
 def test_missing_ledger_entries_and_torn_lines_are_reported(simulation, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(simulation[0] / "federated", copy, ignore=shutil.ignore_patterns("report", ".flwr"))
     site2 = copy / "sites" / "site-2" / "ledger.jsonl"
-    site2.write_text(site2.read_text().splitlines(keepends=True)[0])  # round 2 lost
+    site2.write_text("".join(_up_to_round(site2, 1)))  # round 2 lost
     site3 = copy / "sites" / "site-3" / "ledger.jsonl"
-    site3.write_text(site3.read_text()[:-30])  # its last line cut short
+    site3.write_text("".join(_up_to_round(site3, 2))[:-30])  # round 2's line cut short
     done = subprocess.run([str(BIN / "fedmed-report"), str(copy)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     report = json.loads((copy / "report" / "privacy-report.json").read_text())

@@ -61,7 +61,9 @@ def test_a_model_that_does_not_fit_the_run_is_refused(site):
 
 def test_a_site_that_trained_validates_the_next_model_as_a_fresh_one_does(site, tmp_path):
     """The site keeps one built network between rounds; nothing of a round's training may
-    leak into how it scores the next global model."""
+    leak into how it scores the next global model. (The site releases its exact scores here:
+    noisy counts would differ between any two validations.)"""
+    site = dataclass_replace(site, release_exact="validation")
     work = SiteWork(dataclass_replace(site, ledger=str(tmp_path / "ledger.jsonl")))
     trained = work.train(RUN, _initial_model(), 1)
     assert trained.metrics["status"] == RoundStatus.TRAINED
@@ -80,11 +82,13 @@ def test_a_restarted_site_resends_the_round_it_already_paid_for(site, tmp_path):
     first = SiteWork(site).train(RUN, model, 1)
     cache = tmp_path / "state" / "resend.npz"
     assert cache.is_file() and stat.S_IMODE(cache.stat().st_mode) == 0o600, "owner-only: derived from site data"
+    releases = PrivacyLedger(site.ledger).releases
     restarted = SiteWork(site)  # a new process: nothing in memory
     again = restarted.train(RUN, model.copy(), 1)
     assert "resent" in again.message and np.array_equal(again.model, first.model)
-    assert again.metrics["epsilon"] == first.metrics["epsilon"]
+    assert again.metrics == first.metrics, "the same noisy count and validation counts, not new draws"
     assert [e.round for e in PrivacyLedger(site.ledger).entries] == [1], "the round is in the ledger once"
+    assert PrivacyLedger(site.ledger).releases == releases, "and its releases too"
     other_run = restarted.train(dataclass_replace(RUN, run_id="run-other"), model, 1)
     assert "resent" not in other_run.message, "the key is (run, round, model)"
     assert [e.round for e in PrivacyLedger(site.ledger).entries] == [1, 1]

@@ -27,6 +27,7 @@ from fedmed.flower.protocol import RoundStatus
 from fedmed.flower.results import RunResults
 from fedmed.flower.rundir import RunDirectory
 from fedmed.model import ModelConfig, build_model, fixed_inputs
+from fedmed.privacy.release import counts_length, scores_from_counts
 from fedmed.weights import load_state, model_state
 
 log = logging.getLogger("fedmed.coordinator")
@@ -264,8 +265,7 @@ class FederatedRun:
         unknown = sorted(set(metrics) - protocol.REPLY_METRICS)
         if unknown:
             problems.append(f"metrics outside the whitelist: {', '.join(unknown)}")
-        if any(not isinstance(v, (int, float)) for v in metrics.values()):
-            problems.append("metrics must be single numbers")
+        problems += self._check_values(metrics)
         status = metrics.get("status")
         state: dict = {}
         if status == RoundStatus.TRAINED:
@@ -284,6 +284,18 @@ class FederatedRun:
         else:
             problems.append(f"unknown status {status!r}")
         return problems, name, metrics, state
+
+    def _check_values(self, metrics: dict) -> list[str]:
+        """Single numbers, except the validation counts: a list of the run's length."""
+        problems = []
+        counts = metrics.get(protocol.VALIDATION_COUNTS)
+        expected = counts_length(len(self.run.class_names))
+        if counts is not None and (not isinstance(counts, list) or len(counts) != expected
+                                   or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in counts)):
+            problems.append(f"validation counts must be {expected} finite numbers")
+        if any(not isinstance(v, (int, float)) for k, v in metrics.items() if k != protocol.VALIDATION_COUNTS):
+            problems.append("metrics must be single numbers")
+        return problems
 
     def _audit(self, round_number: int, node: int, name: str, reply: Message) -> None:
         """Record what this reply carried, so anyone can check what left each site."""
@@ -333,16 +345,26 @@ class FederatedRun:
                  len(outcome.rejected), len(outcome.failed), len(outcome.missing), seconds)
 
     def _record_validation(self, model_round: int, site_metrics: dict[str, dict]) -> None:
-        """Each site's validation of the global model after ``model_round`` (0: the initial one)."""
-        sites = {name: {k: v for k, v in m.items() if k.startswith("val-")} for name, m in site_metrics.items()
-                 if m.get("val-examples", 0) > 0}
+        """Each site's validation of the global model after ``model_round`` (0: the initial
+        one): scores from its noisy counts, or the exact scores a site released. The sites'
+        combined scores come from their summed counts when all sent counts."""
+        classes = len(self.run.class_names)
+        counts = {name: np.asarray(m[protocol.VALIDATION_COUNTS], dtype=np.float64)
+                  for name, m in site_metrics.items() if protocol.VALIDATION_COUNTS in m}
+        scores = {name: scores_from_counts(c, classes) for name, c in counts.items()}
+        scores |= {name: {k: v for k, v in m.items() if k.startswith("val-")} for name, m in site_metrics.items()
+                   if name not in counts}
+        sites = {name: s for name, s in scores.items() if s.get("val-examples", 0) > 0}
         if not sites:
             return
-        weighted = {}
-        for key in protocol.VALIDATION_METRICS[1:]:
-            weighted[key] = _weighted([(s.get(key, math.nan), s["val-examples"]) for s in sites.values()])
-        weighted["val-examples"] = sum(s["val-examples"] for s in sites.values())
-        record = {"event": "validation", "round": model_round, "sites": sites, "weighted": weighted}
+        if counts and len(counts) == len(sites):
+            weighted = scores_from_counts(sum(counts.values()), classes)
+        else:
+            weighted = {key: _weighted([(s.get(key, math.nan), s["val-examples"]) for s in sites.values()])
+                        for key in protocol.VALIDATION_METRICS[1:]}
+            weighted["val-examples"] = sum(s["val-examples"] for s in sites.values())
+        record = {"event": "validation", "round": model_round, "sites": sites, "weighted": weighted,
+                  "noisy_counts": sorted(counts)}
         self.run_dir.append_metrics(record)
         self.results.record(record)
         self.last_validation = weighted
@@ -365,10 +387,10 @@ class FederatedRun:
         site = dict(content.get(protocol.SITE, {}))
         name = str(site.get("name") or self._name(node))[:100]
         metrics = dict(content.get(protocol.METRICS, {}))
-        problems = []
+        problems = self._check_values(metrics)
         if set(content.keys()) - {protocol.METRICS, protocol.SITE}:
             problems.append("an evaluation reply must carry metrics only")
-        if set(metrics) - set(protocol.VALIDATION_METRICS):
+        if set(metrics) - {*protocol.VALIDATION_METRICS, protocol.VALIDATION_COUNTS}:
             problems.append("metrics outside the whitelist")
         self._audit(round_number, node, name, reply)
         return problems, name, metrics

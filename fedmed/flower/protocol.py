@@ -40,16 +40,19 @@ class RoundStatus(enum.IntEnum):
             return "unknown"
 
 
-TRAIN_METRICS = (
-    "status", "dp", "examples", "steps", "loss", "epsilon", "delta", "noise-multiplier",
-    "seconds-setup", "seconds-train",
-)
-# Validation of the global model a site received, on the site's own validation split.
+# The public description of a site's guarantee for its round (see fedmed.privacy.release).
+GUARANTEE_METRICS = ("status", "dp", "steps", "epsilon", "delta", "noise-multiplier")
+# The record count (noisy by default), then what a site sends only when it releases it exactly.
+TRAIN_METRICS = GUARANTEE_METRICS + ("examples", "loss", "seconds-setup", "seconds-train")
+# Validation of the global model a site received, on the site's own validation split: the
+# noisy counts the scores follow from (a list of numbers; the default), or the scores
+# themselves when the site releases them exactly.
+VALIDATION_COUNTS = "val-counts"
 VALIDATION_METRICS = (
     "val-examples", "val-loss", "val-accuracy", "val-balanced-accuracy", "val-auroc",
     "val-sensitivity", "val-specificity",
 )
-REPLY_METRICS = frozenset(TRAIN_METRICS + VALIDATION_METRICS)
+REPLY_METRICS = frozenset(TRAIN_METRICS + VALIDATION_METRICS + (VALIDATION_COUNTS,))
 # Short text fields, in a ConfigRecord named "site".
 REPLY_TEXT = frozenset({"name", "message"})
 MAX_TEXT = 500

@@ -39,6 +39,10 @@ class SiteSplit:
     def val_labels(self) -> np.ndarray:
         return self.data.labels[self.val]
 
+    @property
+    def val_patients(self) -> np.ndarray:
+        return np.asarray(self.data.patient_ids, dtype=str)[self.val]
+
 
 def load_site_split(run: RunSettings, site: SiteSettings) -> SiteSplit:
     """The site's usable images (decoded once, then from the cache), split by patient."""

@@ -25,7 +25,8 @@ from fedmed.flower.site_data import SiteSplit, load_site_split
 from fedmed.model import ModelConfig, build_model, fixed_inputs
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import PrivacyLedger
-from fedmed.train import TrainConfig, evaluate, train_round
+from fedmed.privacy.release import VALIDATION, SiteReleases, count_sensitivity, validation_counts
+from fedmed.train import TrainConfig, evaluate, predict, privacy_unit, train_round
 from fedmed.weights import load_state, model_state
 
 
@@ -72,34 +73,76 @@ class SiteWork:
         site = self.site
         model = self.received_model(run, vector)
         inputs = self.inputs(run, model)
-        metrics = validation_metrics(model, inputs) if run.evaluates(round_number - 1) else {}
+        privacy = PrivacyConfig.from_settings(site, run)
+        ledger = PrivacyLedger(site.ledger)
+        releases = self.releases(run, privacy, ledger, inputs)
+        metrics = (self.validation(releases, model, inputs, round_number - 1)
+                   if run.evaluates(round_number - 1) else {})
         loaded = time.perf_counter()
+        count = releases.count(round_number)
+        if count is None:
+            return SiteReply(site.name, metrics | {
+                "status": int(RoundStatus.BUDGET_EXHAUSTED), "dp": int(privacy.dp), "steps": 0,
+                "epsilon": metric_value(ledger.epsilon(releases.delta)), "delta": releases.delta,
+                "noise-multiplier": 0.0,
+            }, "budget exhausted: no room left to release the site's record count; nothing trained")
         result = train_round(
-            model, inputs.train, inputs.train_labels, TrainConfig.from_settings(run, round_number),
-            PrivacyConfig.from_settings(site, run), PrivacyLedger(site.ledger), site.name, run.run_id, round_number,
-            inputs.train_patients,
+            model, inputs.train, inputs.train_labels, TrainConfig.from_settings(run, round_number), privacy,
+            ledger, site.name, run.run_id, round_number, inputs.train_patients, releases.reserved(),
         )
         trained = result.status == RoundStatus.TRAINED
         metrics.update({
             "status": int(result.status),
             "dp": int(result.dp),
-            "examples": result.examples,
             "steps": result.steps,
-            "loss": metric_value(result.loss),
             "epsilon": metric_value(result.epsilon),
             "delta": float(result.delta),
             "noise-multiplier": float(result.noise_multiplier),
-            "seconds-setup": loaded - started,
-            "seconds-train": time.perf_counter() - loaded,
+            # a whole number of at least 1 (rounding and flooring a noisy count is post-processing)
+            "examples": max(1, round(count)),
         })
+        exact = sorted(releases.exact & {"loss", "timing"}) if trained else []
+        if "loss" in exact:
+            metrics["loss"] = metric_value(result.loss)
+        if "timing" in exact:
+            metrics.update({"seconds-setup": loaded - started, "seconds-train": time.perf_counter() - loaded})
+        releases.record_exact(round_number, exact)
         reply = SiteReply(site.name, metrics, result.message[: protocol.MAX_TEXT],
                           pack(model_state(model)) if trained else None)
         self._resend.put(request, reply)
         return reply
 
     def evaluate(self, run: RunSettings, vector: np.ndarray) -> SiteReply:
+        """Validate the run's final model."""
         model = self.received_model(run, vector)
-        return SiteReply(self.site.name, validation_metrics(model, self.inputs(run, model)))
+        inputs = self.inputs(run, model)
+        privacy = PrivacyConfig.from_settings(self.site, run)
+        releases = self.releases(run, privacy, PrivacyLedger(self.site.ledger), inputs)
+        return SiteReply(self.site.name, self.validation(releases, model, inputs, run.rounds))
+
+    def releases(self, run: RunSettings, privacy: PrivacyConfig, ledger: PrivacyLedger, inputs: SiteInputs
+                 ) -> SiteReleases:
+        """The site's releases in this run, under its privacy unit."""
+        unit, patient_of = privacy_unit(privacy, inputs.train_patients, self.site.name)
+        records = len(inputs.train_labels) if patient_of is None else int(patient_of.max()) + 1
+        evaluations = sum(run.evaluates(r) for r in range(run.rounds + 1))
+        return SiteReleases(ledger, privacy, self.site.name, run.run_id, unit, records, evaluations)
+
+    def validation(self, releases: SiteReleases, model: nn.Module, inputs: SiteInputs, model_round: int
+                   ) -> dict[str, float | list[float]]:
+        """The received model on the site's validation split, as the site's policy releases
+        it: noisy counts by default (nothing when the budget has no room), or the exact
+        scores."""
+        if len(inputs.val_labels) == 0:
+            return {}
+        if VALIDATION in releases.exact:
+            releases.record_exact(model_round, [VALIDATION])
+            return validation_metrics(model, inputs)
+        probabilities = predict(model, inputs.val)
+        weights = _record_weights(inputs.val_patients) if releases.unit == "patient" else np.ones(len(inputs.val))
+        counts = validation_counts(probabilities, inputs.val_labels, weights)
+        noisy = releases.noisy(model_round, VALIDATION, counts, count_sensitivity(probabilities.shape[1]))
+        return {} if noisy is None else {protocol.VALIDATION_COUNTS: [float(v) for v in noisy]}
 
     def inputs(self, run: RunSettings, model: nn.Module) -> SiteInputs:
         """What the run's network is fed for the site's training and validation images,
@@ -109,7 +152,7 @@ class SiteWork:
             split = self.split(run)
             self._inputs = {key: SiteInputs(fixed_inputs(model, split.train_images), split.train_labels,
                                             fixed_inputs(model, split.val_images), split.val_labels,
-                                            split.train_patients)}
+                                            split.train_patients, split.val_patients)}
         return self._inputs[key]
 
     def held_bytes(self) -> int:
@@ -144,10 +187,19 @@ class SiteInputs:
     val: np.ndarray
     val_labels: np.ndarray
     train_patients: np.ndarray  # each training image's PatientID, for patient-level DP
+    val_patients: np.ndarray
+
+
+def _record_weights(patients: np.ndarray) -> np.ndarray:
+    """Each validation image's weight when the record is a patient: one over the patient's
+    images, so every patient adds at most 1 to the counts, whatever their number of images."""
+    _, which, per_patient = np.unique(np.asarray(patients, dtype=str), return_inverse=True, return_counts=True)
+    return 1.0 / per_patient[which]
 
 
 def validation_metrics(model, inputs: SiteInputs) -> dict[str, float]:
-    """The received model on the site's validation split, as whitelisted scalars."""
+    """The received model's exact scores on the site's validation split (a non-private
+    release: only when the site's settings release them)."""
     if len(inputs.val_labels) == 0:
         return {"val-examples": 0}
     scores = evaluate(model, inputs.val, inputs.val_labels)

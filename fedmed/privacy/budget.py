@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fedmed.config import RunSettings, SiteSettings
+from fedmed.config import RunSettings, SiteSettings, exact_releases
 from fedmed.privacy.accounting import (
+    History,
     calibrate_noise,
     check_delta,
     default_delta,
@@ -36,7 +37,9 @@ class PrivacyConfig:
     delta: float | None = None  # defaults to default_delta(n)
     max_grad_norm: float = RunSettings.max_grad_norm
     planned_rounds: int = 1
-    privacy_unit: str = "image"  # or "patient": see fedmed.train
+    privacy_unit: str = SiteSettings.privacy_unit  # "patient" or "image": see fedmed.train
+    release_share: float = SiteSettings.release_share  # see fedmed.privacy.release
+    release_exact: str = ""  # statistics sent without DP, comma-separated
 
     def __post_init__(self) -> None:
         if self.dp and self.target_epsilon <= 0:
@@ -59,7 +62,13 @@ class PrivacyConfig:
             max_grad_norm=run.max_grad_norm,
             planned_rounds=run.rounds,
             privacy_unit=site.privacy_unit,
+            release_share=site.release_share,
+            release_exact=site.release_exact,
         )
+
+    @property
+    def exact_releases(self) -> frozenset[str]:
+        return exact_releases(self.release_exact)
 
     @property
     def budget(self) -> float | None:
@@ -83,10 +92,12 @@ class RoundPrivacy:
 
 def plan_round_privacy(
     config: PrivacyConfig, ledger: PrivacyLedger, run_id: str, examples: int, batch_size: float, epochs: int,
-    local_steps: int = 0,
+    local_steps: int = 0, reserved: History = (),
 ) -> RoundPrivacy:
     """Decide whether this round may run, and with how much noise. ``examples`` counts the
-    protected records (images or patients) and ``batch_size`` the expected records per step."""
+    protected records (images or patients) and ``batch_size`` the expected records per step;
+    ``reserved`` is what the run's releases still to come will spend (calibration leaves
+    room for them)."""
     delta = config.delta if config.delta is not None else default_delta(examples)
     check_delta(delta, examples)
     sample_rate, steps = round_plan(examples, batch_size, epochs, local_steps)
@@ -113,7 +124,7 @@ def plan_round_privacy(
     else:
         try:
             sigma = calibrate_noise(config.target_epsilon, delta, sample_rate, steps * config.planned_rounds,
-                                    ledger.history)
+                                    [*ledger.history, *reserved])
         except ValueError as exc:
             return refuse(f"budget exhausted: {exc}")
     after = epsilon(extend(ledger.history, sigma, sample_rate, steps), delta)

@@ -4,7 +4,10 @@ One JSON object per line, in the order the rounds happened. Each entry carries t
 mechanism parameters of its round, the site's budget at the time, and the accountant's
 state (the site's whole composed history) after it, so a restarted site continues
 composing from the last entry. A round the site refused (its budget would be exceeded) is
-recorded too, as a line with ``"kind": "refusal"``; it spends nothing.
+recorded too, as a line with ``"kind": "refusal"``; it spends nothing. Every statistic the
+site sent besides its model updates is a line with ``"kind": "release"`` (see
+``fedmed.privacy.release``): a noisy one with its Gaussian mechanism composed into the
+history, an exact one marked as a non-private release.
 
 Writes are atomic: the new ledger is written to a temporary file, flushed to disk and
 renamed over the old one, so a crash leaves either the old ledger or the new one. A torn
@@ -20,6 +23,7 @@ import json
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +31,11 @@ from fedmed.files import write_atomic
 from fedmed.privacy.accounting import ACCOUNTANT, History, epsilon
 
 LEDGER_VERSION = 1
+
+
+def timestamp_now() -> str:
+    """When a record is written: UTC, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class LedgerError(Exception):
@@ -93,7 +102,37 @@ class LedgerRefusal:
         return cls(**data)
 
 
-LedgerRecord = LedgerEntry | LedgerRefusal
+@dataclass(frozen=True)
+class LedgerRelease:
+    """A statistic the site sent besides a model update."""
+
+    site: str
+    run_id: str
+    round: int
+    timestamp: str
+    statistic: str  # "examples", "validation", "loss" or "timing"
+    private: bool  # False: sent exactly, with no guarantee at all
+    noise_multiplier: float  # of the Gaussian mechanism (noise std over sensitivity); 0.0 if exact
+    sensitivity: float  # L2 change of the statistic by one record; 0.0 if exact
+    delta: float
+    epsilon: float | None  # the site's cumulative epsilon after it; None once any round was non-private
+    accountant_state: History = field(default_factory=list)
+    privacy_unit: str = "image"
+    value: float | None = None  # the noisy record count, resent in the run's later rounds
+    kind: str = "release"
+    version: int = LEDGER_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LedgerRelease:
+        data = dict(data)
+        data["accountant_state"] = [tuple(step) for step in data.get("accountant_state", [])]
+        return cls(**data)
+
+
+LedgerRecord = LedgerEntry | LedgerRefusal | LedgerRelease
 
 
 def parse_ledger(text: str) -> tuple[list[LedgerRecord], list[tuple[int, str]]]:
@@ -109,6 +148,8 @@ def parse_ledger(text: str) -> tuple[list[LedgerRecord], list[tuple[int, str]]]:
                 records.append(LedgerEntry.from_dict(data))
             elif kind == "refusal":
                 records.append(LedgerRefusal.from_dict(data))
+            elif kind == "release":
+                records.append(LedgerRelease.from_dict(data))
             else:
                 raise ValueError(f"unknown record kind {kind!r}")
         except (ValueError, TypeError) as exc:
@@ -162,9 +203,15 @@ class PrivacyLedger:
         return [r for r in self.records if isinstance(r, LedgerRefusal)]
 
     @property
+    def releases(self) -> list[LedgerRelease]:
+        """The statistics the site sent besides its model updates, oldest first."""
+        return [r for r in self.records if isinstance(r, LedgerRelease)]
+
+    @property
     def history(self) -> History:
-        """The accountant state after the last round (empty for a new site)."""
-        return list(self.entries[-1].accountant_state) if self.entries else []
+        """The accountant state after the last round or release (empty for a new site)."""
+        spent = [r for r in self.records if isinstance(r, (LedgerEntry, LedgerRelease))]
+        return list(spent[-1].accountant_state) if spent else []
 
     @property
     def non_private_rounds(self) -> int:

@@ -134,6 +134,14 @@ def _site_blocks(a: dict) -> list:
     blocks.append(Table(["run", "rounds", "DP", "noise multiplier", "sample rate", "steps", "examples",
                          "epsilon after (RDP)", "epsilon after (PLD)", "delta", "first round at", "last round at"],
                         rows))
+    blocks.append(Heading(f"{a['site']}: what left this site", 3))
+    blocks.append(Text("Every statistic the site sent, per run, from its ledger. Each reply also carries the "
+                       "public description of the site's guarantee (status, whether DP, steps, epsilon, delta, "
+                       "noise multiplier). Epsilon alone is what each kind of release would cost by itself; the "
+                       "site's epsilon composes all private releases (RDP) and is less than their sum."))
+    rows = [[r["run_id"], w["what"], format_number(w["count"]), w["mechanism"], "yes" if w["private"] else "NO",
+             format_number(w["epsilon_alone"]), w["privacy_unit"]] for r in a["runs"] for w in r["released"]]
+    blocks.append(Table(["run", "what", "times", "mechanism", "private", "epsilon alone", "privacy unit"], rows))
     blocks.append(Heading(f"{a['site']}: rounds", 3))
     rows = [[r["run_id"], str(r["round"]), r["timestamp"], format_number(r["dp"]), format_number(r["examples"]),
              format_number(r["steps"]), format_number(r["sample_rate"]), format_number(r["noise_multiplier"]),

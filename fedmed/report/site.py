@@ -1,8 +1,9 @@
 """A site's privacy account, read from its ledger (the authoritative record).
 
 Every entry is re-checked: its epsilon is recomputed from its accountant state, the state
-must follow from the previous one and the round's parameters, and the same history is
-given to an independent accountant (PLD) for a second opinion.
+must follow from the previous one and the round's (or release's) parameters, and the same
+history is given to an independent accountant (PLD) for a second opinion. Each run lists
+what left the site: its model updates and every other release, private or not.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 from pathlib import Path
 
 from fedmed.privacy.accounting import ACCOUNTANT, epsilon, extend
-from fedmed.privacy.ledger import LedgerEntry, LedgerRefusal, line_count, parse_ledger
+from fedmed.privacy.ledger import LedgerEntry, LedgerRefusal, LedgerRelease, line_count, parse_ledger
 from fedmed.privacy.second_opinion import SECOND_OPINION, second_opinion_epsilon
 from fedmed.report.findings import NEARLY_SPENT, Finding, critical, warning
 
@@ -37,26 +38,29 @@ def site_account(ledger_path: Path, budget: float | None = None) -> tuple[dict, 
     lines = line_count(text)
     findings = _line_findings(ledger_path, problems, lines, site)
 
-    rounds, checks = _rounds(entries, site)
-    findings += checks
+    rounds, releases, checks = _history([r for r in records if isinstance(r, (LedgerEntry, LedgerRelease))], site)
+    findings += checks + _release_findings(releases, site)
     account = _empty_account(site, ledger_path)
     account.update(
         ledger_lines=lines,
         rounds=rounds,
-        runs=_runs(rounds),
+        releases=releases,
+        runs=_runs(rounds, releases),
         refused=[_refusal_row(r) for r in refusals],
     )
     if entries:
         last = entries[-1]
         non_private = sum(not e.dp for e in entries)
+        latest = max((r for r in [*rounds, *releases] if r["epsilon"] is not None), key=lambda r: r["line"],
+                     default=rounds[-1])
         account.update(
             budget=budget if budget is not None else last.max_epsilon,
             target_epsilon=last.target_epsilon,
             delta=last.delta,
             non_private_rounds=non_private,
             # unbounded (null) once any round was non-private
-            epsilon_spent=None if non_private else rounds[-1]["epsilon"],
-            epsilon_second_opinion=None if non_private else rounds[-1]["epsilon_second_opinion"],
+            epsilon_spent=None if non_private else latest["epsilon"],
+            epsilon_second_opinion=None if non_private else latest["epsilon_second_opinion"],
         )
     elif budget is not None:
         account["budget"] = budget
@@ -74,7 +78,7 @@ def _empty_account(site: str, path: Path) -> dict:
         "site": site, "ledger": str(path), "ledger_lines": 0, "accountant": ACCOUNTANT,
         "second_opinion_accountant": SECOND_OPINION, "delta": None, "budget": None, "target_epsilon": None,
         "epsilon_spent": 0.0, "epsilon_second_opinion": 0.0, "non_private_rounds": 0,
-        "budget_left": None, "budget_used": None, "runs": [], "rounds": [], "refused": [],
+        "budget_left": None, "budget_used": None, "runs": [], "rounds": [], "releases": [], "refused": [],
     }
 
 
@@ -91,26 +95,35 @@ def _line_findings(path: Path, problems: list[tuple[int, str]], lines: int, site
     return findings
 
 
-def _rounds(entries: list[LedgerEntry], site: str) -> tuple[list[dict], list[Finding]]:
-    rows, findings, seen = [], [], set()
+def _history(records: list[LedgerEntry | LedgerRelease], site: str) -> tuple[list[dict], list[dict], list[Finding]]:
+    """The rounds and the releases, each checked to follow from the one before."""
+    rows, releases, findings, seen = [], [], [], set()
     state: list = []
-    for entry in entries:
-        key = (entry.run_id, entry.round)
-        if key in seen:
-            findings.append(warning("ledger-duplicate-round", f"run {entry.run_id} round {entry.round} is in "
-                                    "the ledger twice; both count as spent", site))
-        seen.add(key)
-        expected_state = extend(state, entry.noise_multiplier, entry.sample_rate, entry.steps) if entry.dp else state
-        recorded_state = [tuple(step) for step in entry.accountant_state]
+    for line, record in enumerate(records):
+        if isinstance(record, LedgerRelease):
+            expected_state = extend(state, record.noise_multiplier, 1.0, 1) if record.private else state
+            what = f"run {record.run_id} round {record.round} ({record.statistic} release)"
+        else:
+            key = (record.run_id, record.round)
+            if key in seen:
+                findings.append(warning("ledger-duplicate-round", f"run {record.run_id} round {record.round} is "
+                                        "in the ledger twice; both count as spent", site))
+            seen.add(key)
+            expected_state = (extend(state, record.noise_multiplier, record.sample_rate, record.steps)
+                              if record.dp else state)
+            what = f"run {record.run_id} round {record.round}"
+        recorded_state = [tuple(step) for step in record.accountant_state]
         if _states_differ(recorded_state, expected_state):
-            findings.append(critical("ledger-arithmetic", f"run {entry.run_id} round {entry.round}: the accountant "
-                                     "state does not follow from the previous entry and this round's "
-                                     "parameters", site))
+            findings.append(critical("ledger-arithmetic", f"{what}: the accountant state does not follow from the "
+                                     "previous entry and this entry's parameters", site))
         state = recorded_state
-        rows.append(_round_row(entry, state, site, findings))
-        if entry.delta >= 1.0 / entry.examples:
-            findings.append(critical("delta-too-large", f"run {entry.run_id} round {entry.round}: delta "
-                                     f"{entry.delta:g} >= 1/n = {1.0 / entry.examples:.3g} (n={entry.examples})",
+        if isinstance(record, LedgerRelease):
+            releases.append(_release_row(record, state, line, site, findings))
+            continue
+        rows.append(_round_row(record, state, site, findings) | {"line": line})
+        if record.delta >= 1.0 / record.examples:
+            findings.append(critical("delta-too-large", f"run {record.run_id} round {record.round}: delta "
+                                     f"{record.delta:g} >= 1/n = {1.0 / record.examples:.3g} (n={record.examples})",
                                      site))
     non_private = [r for r in rows if not r["dp"]]
     if non_private:
@@ -118,32 +131,60 @@ def _rounds(entries: list[LedgerEntry], site: str) -> tuple[list[dict], list[Fin
         findings.append(critical("non-private-rounds", f"{len(non_private)} NON-PRIVATE round(s) in run(s) "
                                  f"{', '.join(runs)}: no differential privacy guarantee holds for this site's "
                                  "data from then on", site))
-    return rows, findings
+    return rows, releases, findings
+
+
+def _release_row(release: LedgerRelease, state: list, line: int, site: str, findings: list[Finding]) -> dict:
+    epsilons = _checked_epsilon(state, release.delta, release.epsilon if release.private else None,
+                                f"run {release.run_id} round {release.round} ({release.statistic} release)",
+                                site, findings)
+    return {
+        "line": line, "run_id": release.run_id, "round": release.round, "timestamp": release.timestamp,
+        "statistic": release.statistic, "private": release.private, "noise_multiplier": release.noise_multiplier,
+        "sensitivity": release.sensitivity, "noise_std": release.noise_multiplier * release.sensitivity,
+        "delta": release.delta, "epsilon": release.epsilon, "epsilon_second_opinion": epsilons,
+        "privacy_unit": release.privacy_unit,
+    }
+
+
+def _release_findings(releases: list[dict], site: str) -> list[Finding]:
+    exact: dict[tuple[str, str], int] = {}
+    for row in releases:
+        if not row["private"]:
+            exact[(row["run_id"], row["statistic"])] = exact.get((row["run_id"], row["statistic"]), 0) + 1
+    return [warning("non-private-release", f"run {run}: {statistic} sent exactly {count} time(s), without "
+                    "differential privacy (privacy.release_exact); no guarantee covers it, the site's epsilon "
+                    "covers the other releases only", site) for (run, statistic), count in exact.items()]
 
 
 def _round_row(entry: LedgerEntry, state: list, site: str, findings: list[Finding]) -> dict:
-    recorded = entry.epsilon
-    second = None
-    if entry.dp and recorded is not None:
-        recomputed = epsilon(state, entry.delta)
-        if not math.isclose(recomputed, recorded, rel_tol=RELATIVE_TOLERANCE, abs_tol=1e-9):
-            findings.append(critical("ledger-arithmetic", f"run {entry.run_id} round {entry.round}: recorded "
-                                     f"epsilon {recorded:.6g} but its accountant state gives {recomputed:.6g}",
-                                     site))
-        try:
-            second = second_opinion_epsilon(state, entry.delta)
-        except ValueError as exc:
-            findings.append(warning("second-opinion-unavailable", f"run {entry.run_id} round {entry.round}: {exc}",
-                                    site))
+    recorded = entry.epsilon if entry.dp else None
+    second = _checked_epsilon(state, entry.delta, recorded, f"run {entry.run_id} round {entry.round}", site, findings)
     return {
         "run_id": entry.run_id, "round": entry.round, "timestamp": entry.timestamp, "dp": entry.dp,
         "examples": entry.examples, "steps": entry.steps, "sample_rate": entry.sample_rate,
         "noise_multiplier": entry.noise_multiplier, "max_grad_norm": entry.max_grad_norm,
-        "delta": entry.delta, "epsilon": recorded if entry.dp else None,
+        "delta": entry.delta, "epsilon": recorded,
         "epsilon_second_opinion": second, "accountant": entry.accountant, "max_epsilon": entry.max_epsilon,
         "privacy_unit": entry.privacy_unit,
         "wasted": False,  # set by the run's cross-check when the coordinator discarded the round
     }
+
+
+def _checked_epsilon(state: list, delta: float, recorded: float | None, what: str, site: str,
+                     findings: list[Finding]) -> float | None:
+    """Check a recorded epsilon against its accountant state; returns the second opinion."""
+    if recorded is None:
+        return None
+    recomputed = epsilon(state, delta)
+    if not math.isclose(recomputed, recorded, rel_tol=RELATIVE_TOLERANCE, abs_tol=1e-9):
+        findings.append(critical("ledger-arithmetic", f"{what}: recorded epsilon {recorded:.6g} but its accountant "
+                                 f"state gives {recomputed:.6g}", site))
+    try:
+        return second_opinion_epsilon(state, delta)
+    except ValueError as exc:
+        findings.append(warning("second-opinion-unavailable", f"{what}: {exc}", site))
+        return None
 
 
 def _states_differ(a: list, b: list) -> bool:
@@ -153,14 +194,14 @@ def _states_differ(a: list, b: list) -> bool:
                or not math.isclose(sa[1], sb[1], rel_tol=1e-12) for sa, sb in zip(a, b))
 
 
-def _runs(rounds: list[dict]) -> list[dict]:
-    """One row per run, in the order the site first joined them."""
+def _runs(rounds: list[dict], releases: list[dict]) -> list[dict]:
+    """One row per run, in the order the site first joined them, with what left the site in it."""
     runs: dict[str, dict] = {}
     for row in rounds:
         run = runs.setdefault(row["run_id"], {
             "run_id": row["run_id"], "rounds": [], "started": row["timestamp"], "dp": True,
             "noise_multipliers": [], "sample_rate": row["sample_rate"], "examples": row["examples"],
-            "steps": 0,
+            "steps": 0, "max_grad_norm": row["max_grad_norm"], "privacy_unit": row["privacy_unit"],
         })
         run["rounds"].append(row["round"])
         run["ended"] = row["timestamp"]
@@ -171,7 +212,33 @@ def _runs(rounds: list[dict]) -> list[dict]:
         run["epsilon_after"] = row["epsilon"]
         run["epsilon_second_opinion_after"] = row["epsilon_second_opinion"]
         run["delta"] = row["delta"]
+    for run in runs.values():
+        run["released"] = _released(run, [r for r in releases if r["run_id"] == run["run_id"]])
     return list(runs.values())
+
+
+def _released(run: dict, releases: list[dict]) -> list[dict]:
+    """What left the site in one run: its model updates, then each kind of release, with the
+    mechanism and the epsilon it costs alone (the site's epsilon composes them all, for less
+    than the sum)."""
+    delta = run["delta"]
+    updates = {"what": "model update", "count": len(run["rounds"]), "private": run["dp"],
+               "privacy_unit": run["privacy_unit"],
+               "mechanism": (f"DP-SGD: noise multiplier {', '.join(f'{s:.4g}' for s in run['noise_multipliers'])}, "
+                             f"clip norm {run['max_grad_norm']:g}, sample rate {run['sample_rate']:.4g}, "
+                             f"{run['steps']} steps") if run["dp"] else "NON-PRIVATE training",
+               "epsilon_alone": epsilon([(s, run["sample_rate"], run["steps"]) for s in run["noise_multipliers"][:1]],
+                                        delta) if run["dp"] and len(run["noise_multipliers"]) == 1 else None}
+    rows = [updates]
+    for statistic, private in dict.fromkeys((r["statistic"], r["private"]) for r in releases):
+        same = [r for r in releases if r["statistic"] == statistic and r["private"] == private]
+        rows.append({
+            "what": statistic, "count": len(same), "private": private, "privacy_unit": same[0]["privacy_unit"],
+            "mechanism": (f"Gaussian, noise std {same[0]['noise_std']:.4g} (sensitivity {same[0]['sensitivity']:.4g})"
+                          if private else "exact, NON-PRIVATE"),
+            "epsilon_alone": epsilon([(r["noise_multiplier"], 1.0, 1) for r in same], delta) if private else None,
+        })
+    return rows
 
 
 def _refusal_row(refusal: LedgerRefusal) -> dict:
