@@ -79,6 +79,8 @@ def test_run_directory_is_complete(finished_run):
     assert sorted(card["sites"]) == list(SITES)
     for name, site in card["sites"].items():
         assert site["rounds_trained"] == ROUNDS and site["dp"] is True and site["examples"] > 0
+        assert site["privacy_unit"] == "patient", "the synthetic sites' images carry PatientIDs"
+    assert card["privacy"]["unit"].startswith("one patient")
     assert "| site-1 |" in (run_dir.model_dir / "model_card.md").read_text()
 
 
@@ -106,11 +108,15 @@ def test_the_coordinator_writes_the_run_report_and_a_site_ledger_checks_against_
     assert "privacy report:" in federation.output("server")
     ledger = federation.ledger(SITES[0])
     checked = build_report(run_dir.path, [ledger])
-    assert checked["sites"][0]["epsilon_spent"] == PrivacyLedger(ledger).entries[-1].epsilon
+    site_ledger = PrivacyLedger(ledger)
+    assert checked["sites"][0]["epsilon_spent"] == pytest.approx(site_ledger.epsilon(site_ledger.entries[-1].delta))
     assert not [w for w in checked["warnings"] if w["code"] in ("ledger-missing-round", "epsilon-mismatch")]
 
 
-def test_only_model_arrays_and_whitelisted_scalars_leave_a_site(finished_run):
+def test_only_model_arrays_and_what_the_release_policy_allows_leave_a_site(finished_run):
+    """Checked on every reply the coordinator received: by default a site sends its model,
+    the description of its guarantee, its noisy record count and noisy validation counts,
+    and no exact statistic (no loss, timing or scores)."""
     _, run_dir = finished_run
     config = RunSettings.from_flower(run_dir.read_config())
     parameters = sum(a.size for a in model_state(build_model(ModelConfig.from_settings(config))).values())
@@ -121,8 +127,9 @@ def test_only_model_arrays_and_whitelisted_scalars_leave_a_site(finished_run):
         assert set(reply["records"]) <= {protocol.ARRAYS, protocol.METRICS, protocol.SITE}
         if reply["arrays"]:  # exactly the model's parameters, packed: nothing image-shaped
             assert reply["arrays"] == {"model": [[parameters], "float32"]}
-        assert set(reply["metrics"]) <= protocol.REPLY_METRICS
-        assert all(isinstance(v, (int, float)) for v in reply["metrics"].values())
+        assert set(reply["metrics"]) <= {*protocol.GUARANTEE_METRICS, "examples", protocol.VALIDATION_COUNTS}
+        assert protocol.VALIDATION_COUNTS in reply["metrics"], "every reply validates a model"
+        assert all(isinstance(v, (int, float)) for k, v in reply["metrics"].items() if k != protocol.VALIDATION_COUNTS)
         assert set(reply["text"]) <= protocol.REPLY_TEXT
 
 

@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
-from fedmed.config import RunSettings
+from fedmed.config import PRIVACY_UNITS, RunSettings
 from fedmed.flower import protocol
 from fedmed.flower.fedavg import SiteUpdate, server_step, validate_update, weighted_average
 from fedmed.flower.initial_model import load_initial_model
@@ -402,6 +402,8 @@ class FederatedRun:
         for key in ("examples", "epsilon", "delta", "dp"):
             if key in metrics:
                 site[key] = metrics[key]
+        if metrics.get("privacy-unit") in range(len(PRIVACY_UNITS)):
+            site["privacy_unit"] = PRIVACY_UNITS[int(metrics["privacy-unit"])]
         if "dp" in site:
             site["dp"] = bool(site["dp"])
         if "status" in metrics:

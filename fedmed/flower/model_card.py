@@ -23,9 +23,12 @@ PREPROCESSING = (
 
 
 SOFTWARE = ("fedmed", "torch", "flwr", "opacus", "kymatio", "pydicom", "numpy")
-PRIVACY_UNIT = ("one image (example-level DP-SGD): the guarantee bounds what the model reveals about any "
-                "single training image; a patient with several images is protected up to that many times "
-                "epsilon")
+PRIVACY_UNIT_TEXT = {
+    "patient": "one patient (patient-level DP-SGD): the guarantee bounds what the model reveals about all of "
+               "one patient's training images together",
+    "image": "one image (example-level DP-SGD): the guarantee bounds what the model reveals about any single "
+             "training image; a patient with several images is protected up to that many times epsilon",
+}
 
 
 def weights_sha256(state: dict[str, np.ndarray]) -> str:
@@ -103,23 +106,34 @@ def model_card(run: RunSettings, sites: dict[str, dict], rounds_done: int, valid
         },
         "quantitative_analyses": {"held_out": held_out, "sites_validation": validation},
         "privacy": {
-            "unit": PRIVACY_UNIT,
+            "unit": _privacy_unit(sites),
             "accountant": "Renyi DP of the subsampled Gaussian mechanism (Opacus), per site, over all its "
                           "rounds and runs (the site's ledger)",
-            "sites": {name: {key: site.get(key) for key in ("dp", "epsilon", "delta")}
+            "sites": {name: {key: site.get(key) for key in ("dp", "epsilon", "delta", "privacy_unit")}
                       for name, site in sorted(sites.items())},
-            "released_without_dp": "the sites' validation metrics and training-example counts (scalars)",
+            "released_by_sites": "DP-noised model updates, record counts and validation counts (each in the "
+                                 "site's ledger), the parameters of each site's guarantee, and whatever a site "
+                                 "chose to release exactly (recorded in its ledger as a non-private release)",
         },
         "sites": {name: {**site, "rounds_joined": site.get("rounds_trained", 0)} for name, site in sites.items()},
         "validation": validation,
         "ethical_considerations": [
-            "differential privacy bounds what the weights reveal about one training image, not what the "
-            "non-private scalars listed under privacy reveal",
+            "differential privacy bounds what the weights and the sites' noisy counts reveal about one "
+            "protected record (see privacy), not what a site chose to release exactly",
             "a hospital whose patients differ from the training sites' may see lower accuracy for them; "
             "check sensitivity and specificity per subgroup before use",
         ],
         "caveats_and_recommendations": _limitations(run, sites),
     }
+
+
+def _privacy_unit(sites: dict) -> str:
+    """What one protected record is, as the sites reported it."""
+    units = {site.get("privacy_unit", "image") for site in sites.values()} or {"image"}
+    if len(units) == 1:
+        return PRIVACY_UNIT_TEXT[units.pop()]
+    return "; ".join(f"{name}: {PRIVACY_UNIT_TEXT[site.get('privacy_unit', 'image')]}"
+                     for name, site in sorted(sites.items()))
 
 
 def _versions() -> dict:
@@ -232,7 +246,7 @@ def model_card_markdown(card: dict) -> str:
         lines.append("")
     privacy = card["privacy"]
     lines += ["## Privacy", "", f"- Unit: {privacy['unit']}", f"- Accountant: {privacy['accountant']}",
-              f"- Released without DP: {privacy['released_without_dp']}", "",
+              f"- Released by the sites: {privacy['released_by_sites']}", "",
               "## Ethical considerations", "", *(f"- {item}" for item in card["ethical_considerations"]), "",
               "## Caveats and recommendations", "", *(f"- {item}" for item in card["caveats_and_recommendations"]),
               "", "## Settings", "", *(f"- {name}: {value}" for name, value in card["settings"].items())]

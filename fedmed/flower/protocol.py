@@ -41,7 +41,8 @@ class RoundStatus(enum.IntEnum):
 
 
 # The public description of a site's guarantee for its round (see fedmed.privacy.release).
-GUARANTEE_METRICS = ("status", "dp", "steps", "epsilon", "delta", "noise-multiplier")
+# "privacy-unit" is the index of the unit in fedmed.config.PRIVACY_UNITS.
+GUARANTEE_METRICS = ("status", "dp", "steps", "epsilon", "delta", "noise-multiplier", "privacy-unit")
 # The record count (noisy by default), then what a site sends only when it releases it exactly.
 TRAIN_METRICS = GUARANTEE_METRICS + ("examples", "loss", "seconds-setup", "seconds-train")
 # Validation of the global model a site received, on the site's own validation split: the

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from fedmed.config import RunSettings, SiteSettings
+from fedmed.config import PRIVACY_UNITS, RunSettings, SiteSettings
 from fedmed.flower import protocol
 from fedmed.flower.packing import pack, unpack
 from fedmed.flower.protocol import EvaluateRequest, RoundStatus, SiteReply, SiteRequest, TrainRequest, metric_value
@@ -25,7 +25,7 @@ from fedmed.flower.site_data import SiteSplit, load_site_split
 from fedmed.model import ModelConfig, build_model, fixed_inputs
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import PrivacyLedger
-from fedmed.privacy.release import VALIDATION, SiteReleases, count_sensitivity, validation_counts
+from fedmed.privacy.release import VALIDATION, SiteReleases, count_sensitivity, record_weights, validation_counts
 from fedmed.train import TrainConfig, evaluate, predict, privacy_unit, train_round
 from fedmed.weights import load_state, model_state
 
@@ -98,6 +98,7 @@ class SiteWork:
             "epsilon": metric_value(result.epsilon),
             "delta": float(result.delta),
             "noise-multiplier": float(result.noise_multiplier),
+            "privacy-unit": PRIVACY_UNITS.index(releases.unit),
             # a whole number of at least 1 (rounding and flooring a noisy count is post-processing)
             "examples": max(1, round(count)),
         })
@@ -139,7 +140,7 @@ class SiteWork:
             releases.record_exact(model_round, [VALIDATION])
             return validation_metrics(model, inputs)
         probabilities = predict(model, inputs.val)
-        weights = _record_weights(inputs.val_patients) if releases.unit == "patient" else np.ones(len(inputs.val))
+        weights = record_weights(inputs.val_patients) if releases.unit == "patient" else np.ones(len(inputs.val))
         counts = validation_counts(probabilities, inputs.val_labels, weights)
         noisy = releases.noisy(model_round, VALIDATION, counts, count_sensitivity(probabilities.shape[1]))
         return {} if noisy is None else {protocol.VALIDATION_COUNTS: [float(v) for v in noisy]}
@@ -188,13 +189,6 @@ class SiteInputs:
     val_labels: np.ndarray
     train_patients: np.ndarray  # each training image's PatientID, for patient-level DP
     val_patients: np.ndarray
-
-
-def _record_weights(patients: np.ndarray) -> np.ndarray:
-    """Each validation image's weight when the record is a patient: one over the patient's
-    images, so every patient adds at most 1 to the counts, whatever their number of images."""
-    _, which, per_patient = np.unique(np.asarray(patients, dtype=str), return_inverse=True, return_counts=True)
-    return 1.0 / per_patient[which]
 
 
 def validation_metrics(model, inputs: SiteInputs) -> dict[str, float]:

@@ -74,6 +74,13 @@ def counts_length(classes: int) -> int:
     return 2 * SCORE_BINS if classes == 2 else classes * 2 * SCORE_BINS + classes * classes
 
 
+def record_weights(patients: np.ndarray) -> np.ndarray:
+    """Each validation image's weight when the record is a patient: one over the patient's
+    images, so every patient adds at most 1 to the counts, whatever their number of images."""
+    _, which, per_patient = np.unique(np.asarray(patients, dtype=str), return_inverse=True, return_counts=True)
+    return 1.0 / per_patient[which]
+
+
 def validation_counts(probabilities: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """The weighted counts behind the validation scores, flat. Two classes: the bins of
     the positive class's probability for each true class (2 x bins). More classes: for
