@@ -3,7 +3,9 @@
 overhead = round wall time (coordinator) - slowest site's local training time (site-reported)
 
 Usage: python benchmarks/round_overhead.py RUN_DIR
-Produce RUN_DIR with fedmed-server and fedmed-client on loopback (see server/README.md).
+Produce RUN_DIR with fedmed-server and fedmed-client on loopback (see server/README.md),
+the clients started with `--release-exact timing`: a site's seconds are a non-private
+release it sends only when its settings name it.
 The sites also report their set-up time (receiving the model to validation done), shown
 separately because it is part of the overhead; "site transport" is, per site, the time from
 sending its message to its reply arriving minus the site's own set-up and training.
@@ -21,6 +23,10 @@ def main(run_dir: str) -> int:
     rounds = [r for r in RunDirectory(Path(run_dir)).metrics() if r.get("event") == "round"]
     if not rounds:
         print(f"error: no finished rounds in {run_dir}", file=sys.stderr)
+        return 2
+    if not any("seconds-train" in s for r in rounds for s in r["sites"].values()):
+        print(f"error: the sites of {run_dir} did not release their timing (start them with --release-exact timing)",
+              file=sys.stderr)
         return 2
     print("round  sites  wall s  slowest train s  overhead s  max site set-up s  site transport s")
     overheads = []
