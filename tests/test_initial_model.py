@@ -4,12 +4,18 @@ simulation trained (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 
 import pytest
 
+from fedmed.config import RunSettings, SiteSettings
 from fedmed.flower.model_card import weights_sha256
+from fedmed.flower.packing import pack
+from fedmed.flower.site_work import SiteWork
+from fedmed.model import ModelConfig, build_model
+from fedmed.weights import load_state, model_state
 from fedmed.flower.rundir import RunDirectory, load_arrays
 from tests.conftest import TINY_SCENARIO
 from tests.federation_helpers import BIN, process_env, run_simulate
@@ -19,10 +25,27 @@ def _validations(run_dir: RunDirectory) -> dict[int, dict]:
     return {r["round"]: r for r in run_dir.metrics() if r["event"] == "validation"}
 
 
+def _exact_validation(source: RunDirectory, run_dir: RunDirectory, tmp_path) -> dict[str, dict]:
+    """The source's final model scored exactly on each site of ``run_dir``, as the site does."""
+    config = run_dir.read_config()
+    run = RunSettings.from_flower(config)
+    model = build_model(ModelConfig.from_settings(run))
+    load_state(model, load_arrays(source.model_dir / "model.npz"))
+    scores = {}
+    for node_config in json.loads(config["simulation-sites"]):
+        site = dataclasses.replace(SiteSettings.from_flower(node_config), release_exact="validation",
+                                   ledger=str(tmp_path / f"{node_config['name']}.jsonl"))
+        scores[site.name] = SiteWork(site).evaluate(run, pack(model_state(model))).metrics
+    return scores
+
+
 def test_a_run_started_from_a_model_begins_at_exactly_its_weights(simulation, tmp_path):
+    """The sites release their exact validation scores in the continued run, and round 0's
+    equal the source model's exact scores on the same sites' validation splits."""
     source = RunDirectory(simulation[0] / "federated")
     command = [str(BIN / "fedmed-simulate"), "--mode", "federated", "--out", str(tmp_path / "out"),
                "--set", "training.rounds=1", "--set", f"data.initial_model={source.model_dir}",
+               "--set", "privacy.release_exact=validation",
                "--set", "privacy.max_epsilon=[8.0, 8.0, 4.0]", "--set", "privacy.target_epsilon=[8.0, 8.0, 4.0]"]
     for value in TINY_SCENARIO:
         if not value.startswith("training.rounds="):
@@ -31,10 +54,10 @@ def test_a_run_started_from_a_model_begins_at_exactly_its_weights(simulation, tm
     assert code == 0, (tmp_path / "simulate.out").read_text()
     assert survivors == []
     continued = RunDirectory(next((tmp_path / "out").glob("results-*")) / "federated")
-    # The same sites and splits (same seeds): round 0's validation is the source model's last one.
-    source_final = _validations(source)[max(_validations(source))]
-    start = _validations(continued)[0]
-    assert start["sites"] == source_final["sites"] and start["weighted"] == source_final["weighted"]
+    start = _validations(continued)[0]["sites"]
+    assert sorted(start) == ["site-1", "site-2", "site-3"]
+    for name, scores in _exact_validation(source, continued, tmp_path).items():
+        assert start[name] == pytest.approx(scores, rel=0, abs=0, nan_ok=True), name
     card = json.loads((continued.model_dir / "model_card.json").read_text())
     origin = card["model_details"]["initial_model"]
     source_card = json.loads((source.model_dir / "model_card.json").read_text())
