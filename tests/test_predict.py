@@ -201,10 +201,12 @@ def test_per_round_results_open_as_csv_and_in_tensorboard(simulation):
     assert float(rows[1]["held_out_auroc"]) == pytest.approx(rounds[1]["server_validation"]["auroc"])
     assert rows[0]["held_out_auroc"] == "", "evaluate_every = 2: round 1's model was not scored"
     final = [r for r in run_dir.metrics() if r["event"] == "validation"][-1]
-    assert float(rows[1]["sites_val_auroc"]) == pytest.approx(final["weighted"]["val-auroc"])
+    # from the sites' noisy counts: NaN when the noise leaves a class of these tiny sites empty
+    assert float(rows[1]["sites_val_auroc"]) == pytest.approx(final["weighted"]["val-auroc"], nan_ok=True)
 
     events = EventAccumulator(str(run_dir.path / "tensorboard"))
     events.Reload()
     held_out = events.Scalars("held_out/auroc")
     assert [(e.step, round(e.value, 5)) for e in held_out] == [(2, round(rounds[1]["server_validation"]["auroc"], 5))]
-    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert [e.step for e in events.Scalars("train/examples")] == [1, 2]
+    assert "train/loss" not in events.Tags()["scalars"], "the sites do not release their training loss by default"

@@ -71,7 +71,7 @@ def test_centralized_and_local_baselines_are_compared(simulation):
     assert abs(sum(r["train_examples"] for r in rows[3:]) - rows[1]["train_examples"]) <= 0.1 * rows[1]["train_examples"]
     markdown = (results / "summary.md").read_text()
     assert "| centralized | pooled | NO |" in markdown and "non-private baselines" in markdown
-    assert "Privacy unit: image" in markdown, "the summary states what one protected record is"
+    assert "Privacy unit: patient" in markdown, "the summary states what one protected record is (synthetic sites have PatientIDs)"
     assert "| local | site-2 | yes |" in output
 
 

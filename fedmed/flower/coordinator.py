@@ -354,7 +354,8 @@ class FederatedRun:
         scores = {name: scores_from_counts(c, classes) for name, c in counts.items()}
         scores |= {name: {k: v for k, v in m.items() if k.startswith("val-")} for name, m in site_metrics.items()
                    if name not in counts}
-        sites = {name: s for name, s in scores.items() if s.get("val-examples", 0) > 0}
+        # a site that sent counts is kept whatever its noisy total (it may be below zero)
+        sites = {name: s for name, s in scores.items() if name in counts or s.get("val-examples", 0) > 0}
         if not sites:
             return
         if counts and len(counts) == len(sites):

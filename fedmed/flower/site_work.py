@@ -80,12 +80,6 @@ class SiteWork:
                    if run.evaluates(round_number - 1) else {})
         loaded = time.perf_counter()
         count = releases.count(round_number)
-        if count is None:
-            return SiteReply(site.name, metrics | {
-                "status": int(RoundStatus.BUDGET_EXHAUSTED), "dp": int(privacy.dp), "steps": 0,
-                "epsilon": metric_value(ledger.epsilon(releases.delta)), "delta": releases.delta,
-                "noise-multiplier": 0.0,
-            }, "budget exhausted: no room left to release the site's record count; nothing trained")
         result = train_round(
             model, inputs.train, inputs.train_labels, TrainConfig.from_settings(run, round_number), privacy,
             ledger, site.name, run.run_id, round_number, inputs.train_patients, releases.reserved(),

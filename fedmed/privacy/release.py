@@ -17,8 +17,8 @@ patients too, so by default a site sends only:
 
 Each noisy release is a Gaussian mechanism, composed into the site's RDP history as one
 full-batch step ``(noise multiplier, 1.0, 1)``. Its noise multiplier is set so that the
-run's planned releases, counted alone, cost ``release_share`` of the run's target
-epsilon; DP-SGD's noise is then calibrated with those releases reserved, so the site still
+run's planned releases, counted alone, cost ``release_share`` of what the run may spend
+(the site's target epsilon less what it spent before the run); DP-SGD's noise is then calibrated with those releases reserved, so the site still
 ends the run at its target. The exact training loss, exact counts and validation scores,
 and the seconds a round took are withheld unless the site names them in ``release_exact``;
 then they are sent exactly and each is recorded as a non-private release.
@@ -51,10 +51,10 @@ def planned_releases(evaluations: int, exact: frozenset[str]) -> int:
     return (COUNT not in exact) + (0 if VALIDATION in exact else evaluations)
 
 
-def release_noise(share: float, target_epsilon: float, delta: float, releases: int) -> float:
+def release_noise(share: float, epsilon_room: float, delta: float, releases: int) -> float:
     """The noise multiplier of each of ``releases`` Gaussian releases that together cost
-    ``share`` x ``target_epsilon`` at ``delta``, counted alone."""
-    return calibrate_noise(share * target_epsilon, delta, 1.0, max(1, releases))
+    ``share`` x ``epsilon_room`` at ``delta``, counted alone."""
+    return calibrate_noise(share * epsilon_room, delta, 1.0, max(1, releases))
 
 
 def reserved(noise_multiplier: float, releases: int) -> History:
@@ -166,23 +166,31 @@ class SiteReleases:
         self.delta = privacy.delta if privacy.delta is not None else default_delta(records)
         self.planned = planned_releases(evaluations, self.exact)
 
-    def noise_multiplier(self) -> float:
+    def noise_multiplier(self) -> float | None:
         """The run's noise multiplier for releases: the one of its first release, else the
-        one that makes the planned releases cost ``release_share`` of the target."""
+        one that makes the planned releases cost ``release_share`` of what the run may
+        spend (the target less what the site spent before); None when nothing is left."""
         earlier = self._run_releases(private=True)
         if earlier:
             return earlier[0].noise_multiplier
-        return release_noise(self.privacy.release_share, self.privacy.target_epsilon, self.delta, self.planned)
+        room = self.privacy.target_epsilon - self.ledger.epsilon(self.delta)
+        try:
+            return release_noise(self.privacy.release_share, room, self.delta, self.planned) if room > 0 else None
+        except ValueError:  # so little room that no noise level fits
+            return None
 
     def reserved(self) -> History:
         """The releases of this run still to come, to calibrate DP-SGD's noise around them."""
         with self.ledger.locked():
             left = self.planned - len(self._run_releases(private=True))
-            return reserved(self.noise_multiplier(), left) if self.privacy.dp else []
+            sigma = self.noise_multiplier() if self.privacy.dp else None
+            return [] if sigma is None else reserved(sigma, left)
 
-    def count(self, round_number: int) -> float | None:
+    def count(self, round_number: int) -> float:
         """The record count to send: the run's noisy count, drawn at its first round and
-        resent after; exact if the site releases it so; None if the budget has no room."""
+        resent after; exact if the site releases it so. When the budget cannot pay for a
+        noisy count, 1: a constant, which tells nothing (and weighs the site's update, noisy
+        anyway with so little budget left, next to nothing)."""
         if COUNT in self.exact:
             self.record_exact(round_number, [COUNT])
             return float(self.records)
@@ -191,16 +199,16 @@ class SiteReleases:
         if earlier:
             return earlier[0].value
         noisy = self.noisy(round_number, COUNT, np.array([float(self.records)]), 1.0)
-        return None if noisy is None else float(noisy[0])
+        return 1.0 if noisy is None else float(noisy[0])
 
     def noisy(self, round_number: int, statistic: str, values: np.ndarray, sensitivity: float
               ) -> np.ndarray | None:
         """``values`` with Gaussian noise of std noise multiplier x ``sensitivity``, composed
         into the ledger; None (and nothing spent) if it would pass the site's budget."""
         with self.ledger.locked():
-            if self.ledger.non_private_rounds:
+            sigma = None if self.ledger.non_private_rounds else self.noise_multiplier()
+            if sigma is None:
                 return None
-            sigma = self.noise_multiplier()
             after_state = extend(self.ledger.history, sigma, 1.0, 1)
             after = epsilon(after_state, self.delta)
             if self.privacy.budget is not None and after > self.privacy.budget:

@@ -20,7 +20,7 @@ from fedmed.data.dicom import ReadOptions
 from fedmed.data.site import SiteSource, load_site
 from fedmed.flower.fedavg import server_step
 from fedmed.flower.packing import pack, unpack
-from fedmed.flower.site_work import SiteWork
+from fedmed.flower.site_work import SiteWork, validation_metrics
 from fedmed.model import ModelConfig, build_model
 from fedmed.simulate.scenario import Scenario
 from fedmed.simulate.sites import SimulationData
@@ -46,8 +46,9 @@ def test_scores(run: RunSettings, vector: np.ndarray, test: tuple[np.ndarray, np
 def train_alone(run: RunSettings, site: SiteSettings) -> tuple[np.ndarray, dict]:
     """Train one model on one site's data for the run's rounds, as a federation of that one
     site (the coordinator's server step included, so server momentum applies here too);
-    returns the packed model and the last round's reply metrics (epsilon, examples,
-    validation of the previous model)."""
+    returns the packed model, the last round's reply metrics (epsilon) and, as a
+    simulation knows its own data, the exact training images and validation scores of the
+    final model."""
     work = SiteWork(site)
     state = model_state(build_model(ModelConfig.from_settings(run)))
     vector, velocity = pack(state), None
@@ -55,7 +56,7 @@ def train_alone(run: RunSettings, site: SiteSettings) -> tuple[np.ndarray, dict]
     for round_number in range(1, run.rounds + 1):
         reply = work.train(run, vector, round_number)
         metrics = reply.metrics
-        outcome = reply.message or f"loss {metrics.get('loss', math.nan):.3f}"
+        outcome = reply.message or "trained"
         spent = f", epsilon {metrics.get('epsilon', math.nan):.2f}" if site.dp else ""
         print(f"  {site.name} round {round_number}/{run.rounds}: {outcome}{spent}", flush=True)
         if reply.model is None:  # budget exhausted: keep the last model
@@ -63,8 +64,9 @@ def train_alone(run: RunSettings, site: SiteSettings) -> tuple[np.ndarray, dict]
         state, velocity = server_step(state, unpack(reply.model, state), velocity, run.server_learning_rate,
                                       run.server_momentum)
         vector = pack(state)
-    metrics = {**metrics, **work.evaluate(run, vector).metrics}
-    return vector, metrics
+    model = work.received_model(run, vector)
+    exact = {"examples": len(work.split(run).train), **validation_metrics(model, work.inputs(run, model))}
+    return vector, {**metrics, **exact}
 
 
 def pooled_manifest(data: SimulationData, path: Path) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 from fedmed.files import write_atomic
 from fedmed.config import RunSettings, SiteSettings
 from fedmed.flower.rundir import RunDirectory
+from fedmed.flower.site_data import load_site_split
 from fedmed.numbers import format_epsilon, format_number
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.report.render import markdown_table
@@ -35,7 +36,8 @@ def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:
         trained = sum(1 for r in rounds if name in r.get("trained", []))
         per_site.append({
             "site": name, "rounds_trained": trained,
-            "train_examples": int(last_round.get("sites", {}).get(name, {}).get("examples", 0)),
+            # the simulation knows its sites' data exactly (what a site sent is noisy)
+            "train_examples": len(load_site_split(run, site).train),
             "val_examples": int(validation.get("val-examples", 0)),
             "val_auroc": validation.get("val-auroc", math.nan),
             "val_balanced_accuracy": validation.get("val-balanced-accuracy", math.nan),
@@ -47,7 +49,7 @@ def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:
     overall = {
         "mode": "federated", "model": "global", "dp": all(s.dp for s in sites),
         "epsilon": max(epsilons, default=math.nan),
-        "train_examples": int(last_round.get("examples", 0)),
+        "train_examples": sum(site["train_examples"] for site in per_site),
         "test_auroc": test.get("auroc", math.nan), "test_balanced_accuracy": test.get("balanced_accuracy", math.nan),
         "test_accuracy": test.get("accuracy", math.nan),
         "val_auroc": (validations[-1]["weighted"].get("val-auroc", math.nan) if validations else math.nan),
@@ -56,7 +58,7 @@ def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:
 
 
 def sites_table(rows: list[dict]) -> str:
-    header = ["site", "rounds trained", "train images", "val images", "val AUROC", "val balanced acc", "val acc",
+    header = ["site", "rounds trained", "train images", "val records (noisy)", "val AUROC", "val balanced acc", "val acc",
               "epsilon spent"]
     return markdown_table(header, [
         [r["site"], r["rounds_trained"], r["train_examples"], r["val_examples"], format_number(r["val_auroc"], 3),
@@ -83,8 +85,8 @@ def write_summary(out_dir: Path, scenario: dict, comparison: list[dict], sites: 
     if sites:
         units = sorted({site["privacy_unit"] for site in sites})
         text += ["## Federated model per site (each site's own validation split)", "", sites_table(sites), "",
-                 f"Privacy unit: {', '.join(units)} (each site's epsilon bounds what its model updates reveal "
-                 "about one such record).", ""]
+                 f"Privacy unit: {', '.join(units)} (each site's epsilon bounds what its model updates and noisy "
+                 "counts reveal about one such record). The validation scores come from the sites' noisy counts.", ""]
     markdown = "\n".join(text)
     write_atomic(out_dir / "summary.md", markdown.encode("utf-8"))
     payload = {"scenario": scenario, "seconds": seconds, "comparison": comparison, "federated_sites": sites}
