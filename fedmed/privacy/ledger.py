@@ -73,9 +73,7 @@ class LedgerEntry:
 
     @classmethod
     def from_dict(cls, data: dict) -> LedgerEntry:
-        data = dict(data)
-        data["accountant_state"] = [tuple(step) for step in data.get("accountant_state", [])]
-        return cls(**data)
+        return cls(**_with_history(data))
 
 
 @dataclass(frozen=True)
@@ -127,12 +125,15 @@ class LedgerRelease:
 
     @classmethod
     def from_dict(cls, data: dict) -> LedgerRelease:
-        data = dict(data)
-        data["accountant_state"] = [tuple(step) for step in data.get("accountant_state", [])]
-        return cls(**data)
+        return cls(**_with_history(data))
 
 
 LedgerRecord = LedgerEntry | LedgerRefusal | LedgerRelease
+
+
+def _with_history(data: dict) -> dict:
+    """A record's fields as read from JSON, with its accountant state as (sigma, rate, steps) tuples."""
+    return {**data, "accountant_state": [tuple(step) for step in data.get("accountant_state", [])]}
 
 
 def parse_ledger(text: str) -> tuple[list[LedgerRecord], list[tuple[int, str]]]:
