@@ -180,7 +180,8 @@ def test_the_model_card_holds_every_field_a_reader_needs(simulation):
     for name, site in card["sites"].items():
         assert site["examples"] > 0 and site["rounds_joined"] == 2 and site["epsilon"] > 0 and site["dp"], name
         assert card["privacy"]["sites"][name]["epsilon"] == site["epsilon"]
-    assert "one image" in card["privacy"]["unit"]
+    assert "one patient" in card["privacy"]["unit"], "the synthetic sites have PatientIDs: patient level"
+    assert all(site["privacy_unit"] == "patient" for site in card["privacy"]["sites"].values())
     last_round = [r for r in run_dir.metrics() if r["event"] == "round"][-1]
     assert card["quantitative_analyses"]["held_out"] == last_round["server_validation"]
     assert card["quantitative_analyses"]["sites_validation"]["val-auroc"] == card["validation"]["val-auroc"]
