@@ -95,19 +95,19 @@ def train_round(
     site: str,
     run_id: str,
     round_number: int,
-    patients: np.ndarray | None = None,
+    patient_of: np.ndarray | None = None,
     reserved: History = (),
 ) -> RoundResult:
     """Train ``model`` in place for one round unless the site's budget forbids it.
 
-    ``patients`` (one PatientID per image) makes a patient the protected record when the
-    site's ``privacy_unit`` is "patient": patients are Poisson-sampled, each patient's
-    summed gradient is clipped, and the accounting uses the patient sampling rate, with
-    the same expected number of images per step as image-level training. ``reserved`` is
-    the privacy cost of the run's releases still to come (``fedmed.privacy.release``)."""
+    ``patient_of`` (each image's patient number, from :func:`privacy_unit`) makes a patient
+    the protected record: patients are Poisson-sampled, each patient's summed gradient is
+    clipped, and the accounting uses the patient sampling rate, with the same expected
+    number of images per step as image-level training. ``reserved`` is the privacy cost of
+    the run's releases still to come (``fedmed.privacy.release``)."""
     examples = len(labels)
-    unit, patient_of = privacy_unit(privacy, patients, site)
-    records = examples if patient_of is None else int(patient_of.max()) + 1
+    unit = "image" if patient_of is None else "patient"
+    records = record_count(labels, patient_of)
     with ledger.locked():
         plan = plan_round_privacy(privacy, ledger, run_id, records, train.batch_size * records / examples,
                                   train.epochs, train.steps, reserved)
@@ -165,6 +165,11 @@ def privacy_unit(privacy: PrivacyConfig, patients: np.ndarray | None, site: str)
         return "image", None
     _, patient_of = np.unique(np.asarray(patients, dtype=str), return_inverse=True)
     return "patient", patient_of.astype(np.int64)
+
+
+def record_count(labels: np.ndarray, patient_of: np.ndarray | None) -> int:
+    """The protected records among training images: the images, or their patients."""
+    return len(labels) if patient_of is None else int(patient_of.max()) + 1
 
 
 def _patient_batches(sampled: np.ndarray, members: list[np.ndarray], physical: int

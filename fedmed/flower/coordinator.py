@@ -364,8 +364,7 @@ class FederatedRun:
             weighted = {key: _weighted([(s.get(key, math.nan), s["val-examples"]) for s in sites.values()])
                         for key in protocol.VALIDATION_METRICS[1:]}
             weighted["val-examples"] = sum(s["val-examples"] for s in sites.values())
-        record = {"event": "validation", "round": model_round, "sites": sites, "weighted": weighted,
-                  "noisy_counts": sorted(counts)}
+        record = {"event": "validation", "round": model_round, "sites": sites, "weighted": weighted}
         self.run_dir.append_metrics(record)
         self.results.record(record)
         self.last_validation = weighted

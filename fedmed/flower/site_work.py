@@ -26,7 +26,7 @@ from fedmed.model import ModelConfig, build_model, fixed_inputs
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.privacy.release import VALIDATION, SiteReleases, count_sensitivity, record_weights, validation_counts
-from fedmed.train import TrainConfig, evaluate, predict, privacy_unit, train_round
+from fedmed.train import TrainConfig, evaluate, predict, privacy_unit, record_count, train_round
 from fedmed.weights import load_state, model_state
 
 
@@ -82,7 +82,7 @@ class SiteWork:
         count = releases.count(round_number)
         result = train_round(
             model, inputs.train, inputs.train_labels, TrainConfig.from_settings(run, round_number), privacy,
-            ledger, site.name, run.run_id, round_number, inputs.train_patients, releases.reserved(),
+            ledger, site.name, run.run_id, round_number, inputs.train_patient_of, releases.reserved(),
         )
         trained = result.status == RoundStatus.TRAINED
         metrics.update({
@@ -118,8 +118,8 @@ class SiteWork:
     def releases(self, run: RunSettings, privacy: PrivacyConfig, ledger: PrivacyLedger, inputs: SiteInputs
                  ) -> SiteReleases:
         """The site's releases in this run, under its privacy unit."""
-        unit, patient_of = privacy_unit(privacy, inputs.train_patients, self.site.name)
-        records = len(inputs.train_labels) if patient_of is None else int(patient_of.max()) + 1
+        unit = "image" if inputs.train_patient_of is None else "patient"
+        records = record_count(inputs.train_labels, inputs.train_patient_of)
         evaluations = sum(run.evaluates(r) for r in range(run.rounds + 1))
         return SiteReleases(ledger, privacy, self.site.name, run.run_id, unit, records, evaluations)
 
@@ -141,13 +141,16 @@ class SiteWork:
 
     def inputs(self, run: RunSettings, model: nn.Module) -> SiteInputs:
         """What the run's network is fed for the site's training and validation images,
-        computed once per split and architecture (``fedmed.model.fixed_inputs``)."""
+        computed once per split and architecture (``fedmed.model.fixed_inputs``), with the
+        site's privacy unit decided once for its training images."""
         key = (_split_key(run), ModelConfig.from_settings(run))
         if key not in self._inputs:
             split = self.split(run)
+            _, patient_of = privacy_unit(PrivacyConfig.from_settings(self.site, run), split.train_patients,
+                                         self.site.name)
             self._inputs = {key: SiteInputs(fixed_inputs(model, split.train_images), split.train_labels,
                                             fixed_inputs(model, split.val_images), split.val_labels,
-                                            split.train_patients, split.val_patients)}
+                                            patient_of, split.val_patients)}
         return self._inputs[key]
 
     def held_bytes(self) -> int:
@@ -181,8 +184,8 @@ class SiteInputs:
     train_labels: np.ndarray
     val: np.ndarray
     val_labels: np.ndarray
-    train_patients: np.ndarray  # each training image's PatientID, for patient-level DP
-    val_patients: np.ndarray
+    train_patient_of: np.ndarray | None  # each training image's patient number; None: image-level DP
+    val_patients: np.ndarray  # each validation image's PatientID
 
 
 def validation_metrics(model, inputs: SiteInputs) -> dict[str, float]:

@@ -39,7 +39,7 @@ class PrivacyConfig:
     planned_rounds: int = 1
     privacy_unit: str = SiteSettings.privacy_unit  # "patient" or "image": see fedmed.train
     release_share: float = SiteSettings.release_share  # see fedmed.privacy.release
-    release_exact: str = ""  # statistics sent without DP, comma-separated
+    release_exact: str = SiteSettings.release_exact  # statistics sent without DP, comma-separated
 
     def __post_init__(self) -> None:
         if self.dp and self.target_epsilon <= 0:

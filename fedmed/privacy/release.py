@@ -18,10 +18,11 @@ patients too, so by default a site sends only:
 Each noisy release is a Gaussian mechanism, composed into the site's RDP history as one
 full-batch step ``(noise multiplier, 1.0, 1)``. Its noise multiplier is set so that the
 run's planned releases, counted alone, cost ``release_share`` of what the run may spend
-(the site's target epsilon less what it spent before the run); DP-SGD's noise is then calibrated with those releases reserved, so the site still
-ends the run at its target. The exact training loss, exact counts and validation scores,
-and the seconds a round took are withheld unless the site names them in ``release_exact``;
-then they are sent exactly and each is recorded as a non-private release.
+(the site's target epsilon less what it spent before the run); DP-SGD's noise is then
+calibrated with those releases reserved, so the site still ends the run at its target.
+The exact training loss, exact counts and validation scores, and the seconds a round took
+are withheld unless the site names them in ``release_exact``; then they are sent exactly
+and each is recorded as a non-private release.
 """
 
 from __future__ import annotations
@@ -215,9 +216,9 @@ class SiteReleases:
                 return None
             noisy = values + np.random.default_rng().normal(0.0, sigma * sensitivity, size=values.shape)
             self.ledger.append(LedgerRelease(
-                site=self.site, run_id=self.run_id, round=round_number, timestamp=timestamp_now(), statistic=statistic,
-                private=True, noise_multiplier=sigma, sensitivity=sensitivity, delta=self.delta, epsilon=after,
-                accountant_state=after_state, privacy_unit=self.unit,
+                site=self.site, run_id=self.run_id, round=round_number, timestamp=timestamp_now(),
+                statistic=statistic, private=True, noise_multiplier=sigma, sensitivity=sensitivity, delta=self.delta,
+                epsilon=after, accountant_state=after_state, privacy_unit=self.unit,
                 value=float(noisy[0]) if statistic == COUNT else None))
         return noisy
 
@@ -226,8 +227,8 @@ class SiteReleases:
         with self.ledger.locked():
             for statistic in statistics:
                 self.ledger.append(LedgerRelease(
-                    site=self.site, run_id=self.run_id, round=round_number, timestamp=timestamp_now(), statistic=statistic,
-                    private=False, noise_multiplier=0.0, sensitivity=0.0, delta=self.delta,
+                    site=self.site, run_id=self.run_id, round=round_number, timestamp=timestamp_now(),
+                    statistic=statistic, private=False, noise_multiplier=0.0, sensitivity=0.0, delta=self.delta,
                     epsilon=finite_or_none(self.ledger.epsilon(self.delta)),
                     accountant_state=self.ledger.history, privacy_unit=self.unit))
 

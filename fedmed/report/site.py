@@ -227,8 +227,9 @@ def _released(run: dict, releases: list[dict]) -> list[dict]:
                "mechanism": (f"DP-SGD: noise multiplier {', '.join(f'{s:.4g}' for s in run['noise_multipliers'])}, "
                              f"clip norm {run['max_grad_norm']:g}, sample rate {run['sample_rate']:.4g}, "
                              f"{run['steps']} steps") if run["dp"] else "NON-PRIVATE training",
-               "epsilon_alone": epsilon([(s, run["sample_rate"], run["steps"]) for s in run["noise_multipliers"][:1]],
-                                        delta) if run["dp"] and len(run["noise_multipliers"]) == 1 else None}
+               # one noise multiplier per run (a run calibrates once); otherwise not one mechanism
+               "epsilon_alone": (epsilon([(run["noise_multipliers"][0], run["sample_rate"], run["steps"])], delta)
+                                 if run["dp"] and len(run["noise_multipliers"]) == 1 else None)}
     rows = [updates]
     for statistic, private in dict.fromkeys((r["statistic"], r["private"]) for r in releases):
         same = [r for r in releases if r["statistic"] == statistic and r["private"] == private]
