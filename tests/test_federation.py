@@ -18,6 +18,7 @@ from fedmed.flower import protocol
 from fedmed.flower.rundir import RunDirectory, load_arrays
 from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.privacy.release import scores_from_counts
 from fedmed.report import build_report
 from fedmed.weights import model_state
 from tests.federation_helpers import BIN, Federation, process_env
@@ -66,8 +67,16 @@ def test_run_directory_is_complete(finished_run):
     assert all(sorted(r["trained"]) == list(SITES) and r["aggregated"] for r in rounds)
     validations = {r["round"]: r for r in run_dir.metrics() if r["event"] == "validation"}
     assert sorted(validations) == [0, 1, 2], "each global model, initial and after every round, is validated"
-    for record in validations.values():
-        assert 0.0 <= record["weighted"]["val-auroc"] <= 1.0 and sorted(record["sites"]) == list(SITES)
+    received = run_dir.received()
+    for model_round, record in validations.items():
+        assert sorted(record["sites"]) == list(SITES)
+        # the sites' combined scores are those of their summed noisy counts, as received: the
+        # validation of model r came with round r + 1's updates, the final model's alone
+        final = model_round == ROUNDS
+        counts = [r["metrics"][protocol.VALIDATION_COUNTS] for r in received
+                  if r["round"] == (model_round if final else model_round + 1) and bool(r["arrays"]) != final]
+        assert len(counts) == len(SITES)
+        assert record["weighted"] == pytest.approx(scores_from_counts(np.sum(counts, axis=0), 2), nan_ok=True)
     for round_number in (1, 2):
         state = load_arrays(run_dir.path / "checkpoints" / f"round-{round_number:04d}.npz")
         assert all(np.isfinite(a).all() for a in state.values())

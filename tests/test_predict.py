@@ -184,7 +184,9 @@ def test_the_model_card_holds_every_field_a_reader_needs(simulation):
     assert all(site["privacy_unit"] == "patient" for site in card["privacy"]["sites"].values())
     last_round = [r for r in run_dir.metrics() if r["event"] == "round"][-1]
     assert card["quantitative_analyses"]["held_out"] == last_round["server_validation"]
-    assert card["quantitative_analyses"]["sites_validation"]["val-auroc"] == card["validation"]["val-auroc"]
+    # NaN when the noise leaves a class of these tiny sites without records
+    assert card["quantitative_analyses"]["sites_validation"]["val-auroc"] == \
+        pytest.approx(card["validation"]["val-auroc"], nan_ok=True)
     assert card["decision"]["rule"] and card["decision"]["site_data_used"] is False
     assert any("px" in item for item in card["caveats_and_recommendations"])
     text = (run_dir.model_dir / "model_card.md").read_text()
