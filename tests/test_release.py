@@ -23,6 +23,8 @@ from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.privacy.release import (SCORE_EDGES, SiteReleases, count_sensitivity, record_weights, scores_from_counts,
                                     validation_counts)
+from fedmed.report import build_report
+from fedmed.report.document import report_document
 from fedmed.report.site import site_account
 from fedmed.weights import model_state
 
@@ -162,3 +164,6 @@ def test_statistics_a_site_releases_exactly_are_sent_recorded_and_reported(site,
     [run] = account["runs"]
     assert {(w["what"], w["private"]) for w in run["released"]} == \
         {("model update", True), ("examples", False), ("validation", False), ("loss", False), ("timing", False)}
+    report = build_report(ledgers=[site.ledger])  # the whole report, as fedmed-report writes it
+    assert "non-private-release" in report["warning_codes"]
+    assert report_document(report, []).blocks, "and it renders"

@@ -10,6 +10,7 @@ WARNING = "warning"
 # code -> what it means (documented in the report schema)
 CODES = {
     "non-private-rounds": "rounds were trained without differential privacy: no guarantee holds",
+    "non-private-release": "a site sent a statistic exactly, without differential privacy (privacy.release_exact)",
     "budget-exceeded": "the site's spent epsilon is above its budget",
     "budget-nearly-spent": "more than 80% of the site's budget is spent",
     "delta-too-large": "a round ran with delta >= 1/n, which permits leaking a whole record",
