@@ -159,6 +159,7 @@ def test_statistics_a_site_releases_exactly_are_sent_recorded_and_reported(site,
     assert not [r for r in ledger.releases if r.private], "nothing left to add noise to"
     assert train["examples"] == ledger.entries[0].examples, "the exact count"
     account, findings = site_account(site.ledger)
+    assert account["epsilon_second_opinion"] < account["epsilon_spent"], "exact releases spend and hide nothing"
     flagged = {f.message.split(": ")[1].split(" sent")[0] for f in findings if f.code == "non-private-release"}
     assert flagged == {"examples", "validation", "loss", "timing"}
     [run] = account["runs"]

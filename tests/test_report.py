@@ -193,6 +193,7 @@ def test_a_simulation_writes_its_run_report(simulation):
         ledger = site_ledger.entries
         assert account["epsilon_spent"] == pytest.approx(site_ledger.epsilon(ledger[-1].delta), rel=1e-12)
         assert account["epsilon_spent"] > ledger[-1].epsilon, "the final validation was released after round 2"
+        assert 0 < account["epsilon_second_opinion"] < account["epsilon_spent"], "PLD's bound, tighter, of the same total"
         assert [r["sites"][account["site"]]["epsilon"] for r in run["rounds"]] == \
             pytest.approx([e.epsilon for e in ledger], rel=1e-9)
         # what left the site: two DP-SGD updates, the noisy record count once, the noisy

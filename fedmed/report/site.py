@@ -38,7 +38,8 @@ def site_account(ledger_path: Path, budget: float | None = None) -> tuple[dict, 
     lines = line_count(text)
     findings = _line_findings(ledger_path, problems, lines, site)
 
-    rounds, releases, checks = _history([r for r in records if isinstance(r, (LedgerEntry, LedgerRelease))], site)
+    chain = [r for r in records if isinstance(r, (LedgerEntry, LedgerRelease))]
+    rounds, releases, checks = _history(chain, site)
     findings += checks + _release_findings(releases, site)
     account = _empty_account(site, ledger_path)
     account.update(
@@ -51,8 +52,11 @@ def site_account(ledger_path: Path, budget: float | None = None) -> tuple[dict, 
     if entries:
         last = entries[-1]
         non_private = sum(not e.dp for e in entries)
-        latest = max((r for r in [*rounds, *releases] if r["epsilon"] is not None), key=lambda r: r["line"],
-                     default=rounds[-1])
+        # the last round or private release: what the site has spent (an exact release spends nothing)
+        latest = max((r for r in [*rounds, *releases] if r["epsilon"] is not None and r.get("private", True)),
+                     key=lambda r: r["line"], default=rounds[-1])
+        second = latest["epsilon_second_opinion"] if "statistic" not in latest else _second_opinion(
+            chain[latest["line"]].accountant_state, latest["delta"], "the latest release", site, findings)
         account.update(
             budget=budget if budget is not None else last.max_epsilon,
             target_epsilon=last.target_epsilon,
@@ -60,7 +64,7 @@ def site_account(ledger_path: Path, budget: float | None = None) -> tuple[dict, 
             non_private_rounds=non_private,
             # unbounded (null) once any round was non-private
             epsilon_spent=None if non_private else latest["epsilon"],
-            epsilon_second_opinion=None if non_private else latest["epsilon_second_opinion"],
+            epsilon_second_opinion=None if non_private else second,
         )
     elif budget is not None:
         account["budget"] = budget
@@ -135,15 +139,16 @@ def _history(records: list[LedgerEntry | LedgerRelease], site: str) -> tuple[lis
 
 
 def _release_row(release: LedgerRelease, state: list, line: int, site: str, findings: list[Finding]) -> dict:
-    epsilons = _checked_epsilon(state, release.delta, release.epsilon if release.private else None,
-                                f"run {release.run_id} round {release.round} ({release.statistic} release)",
-                                site, findings)
+    """A release, its epsilon checked (the second opinion is asked for the site's total only:
+    a report of many runs holds many releases)."""
+    if release.private:
+        _check_epsilon(state, release.delta, release.epsilon,
+                       f"run {release.run_id} round {release.round} ({release.statistic} release)", site, findings)
     return {
         "line": line, "run_id": release.run_id, "round": release.round, "timestamp": release.timestamp,
         "statistic": release.statistic, "private": release.private, "noise_multiplier": release.noise_multiplier,
         "sensitivity": release.sensitivity, "noise_std": release.noise_multiplier * release.sensitivity,
-        "delta": release.delta, "epsilon": release.epsilon, "epsilon_second_opinion": epsilons,
-        "privacy_unit": release.privacy_unit,
+        "delta": release.delta, "epsilon": release.epsilon, "privacy_unit": release.privacy_unit,
     }
 
 
@@ -159,7 +164,11 @@ def _release_findings(releases: list[dict], site: str) -> list[Finding]:
 
 def _round_row(entry: LedgerEntry, state: list, site: str, findings: list[Finding]) -> dict:
     recorded = entry.epsilon if entry.dp else None
-    second = _checked_epsilon(state, entry.delta, recorded, f"run {entry.run_id} round {entry.round}", site, findings)
+    second = None
+    if recorded is not None:
+        what = f"run {entry.run_id} round {entry.round}"
+        _check_epsilon(state, entry.delta, recorded, what, site, findings)
+        second = _second_opinion(state, entry.delta, what, site, findings)
     return {
         "run_id": entry.run_id, "round": entry.round, "timestamp": entry.timestamp, "dp": entry.dp,
         "examples": entry.examples, "steps": entry.steps, "sample_rate": entry.sample_rate,
@@ -171,15 +180,17 @@ def _round_row(entry: LedgerEntry, state: list, site: str, findings: list[Findin
     }
 
 
-def _checked_epsilon(state: list, delta: float, recorded: float | None, what: str, site: str,
-                     findings: list[Finding]) -> float | None:
-    """Check a recorded epsilon against its accountant state; returns the second opinion."""
-    if recorded is None:
-        return None
+def _check_epsilon(state: list, delta: float, recorded: float, what: str, site: str,
+                   findings: list[Finding]) -> None:
+    """A recorded epsilon must be what its accountant state gives."""
     recomputed = epsilon(state, delta)
     if not math.isclose(recomputed, recorded, rel_tol=RELATIVE_TOLERANCE, abs_tol=1e-9):
         findings.append(critical("ledger-arithmetic", f"{what}: recorded epsilon {recorded:.6g} but its accountant "
                                  f"state gives {recomputed:.6g}", site))
+
+
+def _second_opinion(state: list, delta: float, what: str, site: str, findings: list[Finding]) -> float | None:
+    """The independent accountant's epsilon for ``state`` (None, with a warning, if it cannot)."""
     try:
         return second_opinion_epsilon(state, delta)
     except ValueError as exc:
