@@ -32,16 +32,33 @@ def second_opinion_epsilon(history: History, delta: float) -> float:
 @lru_cache(maxsize=1024)
 def _pld_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     """What dp-accounting's ``PLDAccountant`` gives for these Poisson-subsampled Gaussian
-    steps, composed the same way, with each step's distribution built once per (noise,
-    rate) instead of once per report row (a report asks for every round's prefix)."""
+    steps, composed the same way."""
     try:
-        composed = None
-        for sigma, rate, steps in history:
-            segment = _step_pld(sigma, rate).self_compose(steps)
-            composed = segment if composed is None else composed.compose(segment)
-        return float(composed.get_epsilon_for_delta(delta))
+        return float(_composed(history).get_epsilon_for_delta(delta))
     except (ValueError, RuntimeError, ArithmeticError, OverflowError) as exc:
         raise ValueError(f"the PLD accountant cannot evaluate this history: {exc}") from exc
+
+
+# Composed distributions of history prefixes: a report asks for every round's prefix of a
+# site's history, and each prefix extends the one before by one segment, so each is one
+# composition away from a prefix already composed (releases between rounds make many segments).
+_PREFIXES: dict[tuple, object] = {}
+PREFIXES_KEPT = 2048
+
+
+def _composed(history: tuple[tuple[float, float, int], ...]):
+    """The privacy loss distribution of ``history``, built on its longest prefix composed
+    before (each segment's step distribution built once per (noise, rate))."""
+    if len(_PREFIXES) > PREFIXES_KEPT:
+        _PREFIXES.clear()
+    start = next((n for n in range(len(history), 0, -1) if history[:n] in _PREFIXES), 0)
+    composed = _PREFIXES[history[:start]] if start else None
+    for n in range(start, len(history)):
+        sigma, rate, steps = history[n]
+        segment = _step_pld(sigma, rate).self_compose(steps)
+        composed = segment if composed is None else composed.compose(segment)
+        _PREFIXES[history[: n + 1]] = composed
+    return composed
 
 
 @lru_cache(maxsize=64)
