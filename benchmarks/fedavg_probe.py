@@ -2,7 +2,7 @@
 
 Each virtual site does exactly what a fedmed site does in a round (``SiteWork.train``: its
 DICOM data, its own ledger, DP-SGD at its own budget), and the server step is fedmed's
-(``weighted_average`` then ``server_step``), but without Flower's processes in between, so
+(``aggregate_round``: updates bounded, then combined; then ``server_step``), but without Flower's processes in between, so
 a round costs only the sites' training. Use it to search settings; confirm a recipe with
 ``fedmed-simulate`` and the same ``--set`` overrides (BENCHMARKS.md gives the commands).
 
@@ -10,7 +10,7 @@ a round costs only the sites' training. Use it to search settings; confirm a rec
         --set data.path=../shared/data/pneumoniamnist.npz --set model.frontend=scattering
 
 Prints one JSON line per round (held-out test AUROC and balanced accuracy of the global
-model, the sites' largest epsilon) and, at the end, each site's validation AUROC.
+model, the sites' largest epsilon, each update's norm and the round's norm bound) and, at the end, each site's validation AUROC.
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
+
+from fedmed.flower.aggregation import aggregate_round
 from fedmed.flower.coordinator import load_server_eval
-from fedmed.flower.fedavg import SiteUpdate, server_step, weighted_average
+from fedmed.flower.fedavg import SiteUpdate, server_step
 from fedmed.flower.packing import pack, unpack
 from fedmed.flower.site_work import SiteWork, validation_metrics
 from fedmed.model import ModelConfig, build_model
@@ -57,19 +60,23 @@ def main() -> None:
     keep_freed_memory()  # as a site's worker does
     model = build_model(ModelConfig.from_settings(run), seed=run.seed)
     state, velocity = model_state(model), None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     test = load_server_eval(run, model)
     averages: dict[float, dict] = {}
     for round_number in range(1, run.rounds + 1):
         started = time.monotonic()
-        updates, epsilons = [], []
+        updates, reports, epsilons, norms, bound = [], [], [], {}, None
         for site in sites:
             reply = site.train(run, pack(state), round_number)
             if reply.model is not None:
                 updates.append(SiteUpdate(reply.site, int(reply.metrics["examples"]), unpack(reply.model, state)))
+                reports.append(reply.metrics)
+                norms[reply.site] = round(float(np.linalg.norm(reply.model.astype(np.float64) - pack(state))), 3)
             epsilons.append(reply.metrics["epsilon"])
         if updates:
-            state, velocity = server_step(state, weighted_average(updates), velocity, run.server_learning_rate,
-                                          run.server_momentum)
+            combined, bounded = aggregate_round(run, round_number, state, updates, reports, trainable)
+            bound = round(bounded.norm_bound, 3) if np.isfinite(bounded.norm_bound) else None
+            state, velocity = server_step(state, combined, velocity, run.server_learning_rate, run.server_momentum)
         load_state(model, state)
         scores = evaluate(model, *test)
         ema_scores = {}
@@ -83,7 +90,7 @@ def main() -> None:
         load_state(model, state)
         print(json.dumps({"round": round_number, "auroc": round(scores["auroc"], 4),
                           "balanced_accuracy": round(scores["balanced_accuracy"], 3), "ema": ema_scores,
-                          "max_epsilon": round(max(epsilons), 3),
+                          "max_epsilon": round(max(epsilons), 3), "update_norms": norms, "norm_bound": bound,
                           "seconds": round(time.monotonic() - started, 1)}), flush=True)
     print(json.dumps({"site_val_auroc": {site.site.name: round(validation_metrics(model, site.inputs(run, model))["val-auroc"], 4)
                                          for site in sites}}), flush=True)

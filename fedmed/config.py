@@ -36,6 +36,8 @@ FRONTENDS = ("pixels", "scattering")  # what the residual stages see: see fedmed
 PRIVACY_UNITS = ("image", "patient")  # what one DP record is at a site
 # Statistics a site may send exactly, without DP, when its settings say so (see fedmed.privacy.release).
 EXACT_RELEASES = ("examples", "validation", "loss", "timing")
+# How the coordinator combines the sites' bounded updates: see fedmed.flower.aggregation.
+AGGREGATIONS = ("mean", "median", "trimmed-mean")
 NORM_GROUPS = 8  # GroupNorm groups of the model; the model's width must be a multiple
 
 
@@ -147,6 +149,23 @@ class RunSettings:
                                    section="federation", unit="s", above=0.0, in_scenario=False)
     site_wait_timeout: float = setting(600.0, "seconds to wait for min_sites hospitals to connect",
                                        section="federation", unit="s", above=0.0, in_scenario=False)
+    aggregation: str = setting("mean", "how the coordinator combines the sites' updates: mean (FedAvg, weighted "
+                               "by record counts), or the coordinate-wise median or trimmed-mean (unweighted; "
+                               "one outlier site cannot steer them)", section="federation", choices=AGGREGATIONS)
+    trim_fraction: float = setting(0.2, "trimmed-mean: share of the updates dropped at each end of every "
+                                   "coordinate (at least one)", section="federation", low=0.0, below=0.5)
+    max_update_norm: float = setting(0.0, "longest move from the global model one site's update may make; a "
+                                     "longer one is scaled down to it and recorded (0: the longest an honest "
+                                     "DP-SGD update makes, from the learning rate, steps, clip norm and noise)",
+                                     section="federation", low=0.0)
+    max_site_examples: int = setting(0, "largest record count a site's weight may claim (the consortium's "
+                                     "declared maximum); a larger claim is capped and recorded (0: 10 x the "
+                                     "round's median claim; under secure aggregation, 1,000,000)",
+                                     section="federation", low=0)
+    secure_aggregation: bool = setting(False, "SecAgg+: the coordinator learns only the sum of the sites' "
+                                       "bounded, weighted updates and of their weights, never one site's "
+                                       "update (needs aggregation = mean)",
+                                       section="federation", in_scenario=False)
     initial_model: str = setting("", "start round 1 from this model instead of random weights: a run's model "
                                  "folder (RUN_DIR/model) or a model.npz of pre-trained weights; the "
                                  "architecture must match", section="data")
@@ -167,6 +186,9 @@ class RunSettings:
             raise ValueError(f"data.classes must name at least 2 classes, got {self.classes!r}")
         for name in ("class_weights", "class_prior"):
             _check_per_class(name, getattr(self, name), self.class_names)
+        if self.secure_aggregation and self.aggregation != "mean":
+            raise ValueError("secure aggregation sums the sites' updates, so the coordinator can only take their "
+                             f"mean: set federation.aggregation = \"mean\" (not {self.aggregation!r})")
 
     def evaluates(self, model_round: int) -> bool:
         """Whether the global model after ``model_round`` (0: the initial one) is evaluated."""

@@ -48,7 +48,8 @@ INTO_MODEL = {"depth": "depth", "width": "width", "frontend": "frontend", "image
               "classes": "num_classes"}
 SITE_SPLIT = {"classes", "image_size", "val_fraction", "seed"}  # the site's data and its validation split
 COORDINATOR = {"server_learning_rate", "server_momentum", "min_sites", "fraction_train", "round_timeout",
-               "site_wait_timeout", "server_eval_data", "initial_model"}
+               "site_wait_timeout", "server_eval_data", "initial_model", "aggregation", "trim_fraction",
+               "max_update_norm", "max_site_examples", "secure_aggregation"}
 SITE_IDENTITY = {"name", "data", "cache_dir"}
 EVALUATION = {"evaluate_every"}  # which rounds' models the sites and the coordinator evaluate
 
@@ -233,7 +234,8 @@ def test_a_deployment_setting_is_an_option_and_a_config_file_key(cls, cli, f, tm
 
 
 def test_settings_survive_the_trip_through_flower_unchanged(tmp_path):
-    changed = {f.name: other_value(RunSettings, f) for f in options(RunSettings)} | {"class_weights": "2,0.5,1", "class_prior": "0.5,0.3,0.2"}
+    changed = {f.name: other_value(RunSettings, f) for f in options(RunSettings)} | {
+        "class_weights": "2,0.5,1", "class_prior": "0.5,0.3,0.2", "aggregation": "mean"}  # secure: mean only
     run = RunSettings(**changed, run_dir=str(tmp_path), run_id="run-1234", start_round=2,
                       simulation_sites=json.dumps([{"name": 'site "one"', "data": "/d"}]))
     assert at_the_site(run, tmp_path) == run

@@ -19,7 +19,8 @@ from torch import nn
 
 from fedmed.config import PRIVACY_UNITS, RunSettings
 from fedmed.flower import protocol
-from fedmed.flower.fedavg import SiteUpdate, server_step, validate_update, weighted_average
+from fedmed.flower.aggregation import aggregate_round
+from fedmed.flower.fedavg import SiteUpdate, server_step, validate_update
 from fedmed.flower.initial_model import load_initial_model
 from fedmed.flower.model_card import model_card, model_card_markdown
 from fedmed.flower.packing import pack, record_to_vector, unpack, vector_to_record
@@ -44,6 +45,8 @@ class RoundOutcome:
     rejected: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
+    clipped: dict[str, str] = field(default_factory=dict)  # updates bounded before aggregation, with why
+    norm_bound: float = math.inf  # the round's bound on one update's norm
     site_metrics: dict[str, dict] = field(default_factory=dict)
     reply_seconds: dict[str, float] = field(default_factory=dict)  # from sending to the reply's arrival
 
@@ -62,6 +65,7 @@ class FederatedRun:
         self.results = RunResults(self.run_dir)  # metrics.csv and TensorBoard
         self.model = build_model(ModelConfig.from_settings(run), seed=run.seed)
         self.reference = model_state(self.model)
+        self.trained_parameters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.server_eval = load_server_eval(run, self.model)
         self.velocity: dict[str, np.ndarray] | None = None  # server momentum (FedAvgM)
         self.returning = 0  # on a resume: how many sites trained the last recorded round
@@ -96,8 +100,9 @@ class FederatedRun:
             self._record_validation(round_number - 1, outcome.site_metrics)
             aggregated = len(outcome.updates) >= self.run.min_sites
             if aggregated:
-                state, self.velocity = server_step(state, weighted_average(outcome.updates), self.velocity,
-                                                   self.run.server_learning_rate, self.run.server_momentum)
+                state, self.velocity = server_step(state, self._aggregate(round_number, state, outcome),
+                                                   self.velocity, self.run.server_learning_rate,
+                                                   self.run.server_momentum)
             else:
                 log.warning("round %d: %d valid updates, fewer than the minimum of %d sites; "
                             "the global model is kept unchanged", round_number, len(outcome.updates),
@@ -313,6 +318,17 @@ class FederatedRun:
     def _name(self, node: int) -> str:
         return self.names.get(node, f"node-{node}")
 
+    def _aggregate(self, round_number: int, state: dict[str, np.ndarray], outcome: RoundOutcome
+                   ) -> dict[str, np.ndarray]:
+        """The sites' combined model (``fedmed.flower.aggregation``); what was bounded goes into ``outcome``."""
+        reports = [outcome.site_metrics[u.site] for u in outcome.updates]
+        combined, bounded = aggregate_round(self.run, round_number, state, outcome.updates, reports,
+                                            self.trained_parameters)
+        outcome.norm_bound, outcome.clipped = bounded.norm_bound, bounded.clipped
+        for name, reason in bounded.clipped.items():
+            log.warning("round %d: update of %s bounded: %s", round_number, name, reason)
+        return combined
+
     # -- records -----------------------------------------------------------------------
 
     def _record_round(self, round_number: int, outcome: RoundOutcome, aggregated: bool,
@@ -326,7 +342,9 @@ class FederatedRun:
             "event": "round", "round": round_number, "rounds": self.run.rounds,
             "seconds": seconds, "aggregated": aggregated, "min_sites": self.run.min_sites,
             "trained": trained, "budget_exhausted": outcome.budget_exhausted,
-            "rejected": outcome.rejected, "failed": outcome.failed, "missing": outcome.missing,
+            "rejected": outcome.rejected, "clipped": outcome.clipped,
+            "norm_bound": outcome.norm_bound if math.isfinite(outcome.norm_bound) else None,
+            "aggregation": self.run.aggregation, "failed": outcome.failed, "missing": outcome.missing,
             "examples": examples, "train_loss": _weighted(losses),
             "slowest_site_train_seconds": max(
                 (m.get("seconds-train", 0.0) for m in outcome.site_metrics.values()), default=0.0),
