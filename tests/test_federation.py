@@ -152,26 +152,34 @@ def test_no_tls_choice_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "--root-certificates" in result.stderr and "--insecure" in result.stderr
 
 
-def test_only_sites_with_an_authorized_key_may_join(tmp_path, sites_dir, certificates):
-    make_site_key(tmp_path / "keys", "site-1")
-    make_site_key(tmp_path / "keys", "site-2")
+def test_only_sites_with_an_authorized_key_may_join_and_each_is_recorded_under_its_key(
+        tmp_path, sites_dir, certificates):
+    for site in ("site-1", "site-2", "site-3"):
+        make_site_key(tmp_path / "keys", site)
     (tmp_path / "authorized").mkdir()
-    shutil.copy(tmp_path / "keys" / "site-1.pub", tmp_path / "authorized")
+    for site in ("site-1", "site-2"):
+        shutil.copy(tmp_path / "keys" / f"{site}.pub", tmp_path / "authorized")
     federation = Federation(tmp_path, sites_dir, certificates)
     try:
-        federation.start_server("--rounds", "1", "--min-sites", "1", "--run-dir", str(tmp_path / "run"),
+        federation.start_server("--rounds", "1", "--min-sites", "2", "--run-dir", str(tmp_path / "run"),
                                 "--authorized-keys", str(tmp_path / "authorized"))
-        for site in ("site-1", "site-2"):
-            federation.start_client(site, "--auth-key", str(tmp_path / "keys" / f"{site}.key"))
+        federation.start_client("site-1", "--auth-key", str(tmp_path / "keys" / "site-1.key"))
+        # site-2 holds its own key but answers under site-1's name
+        federation.start_client("site-2", "--auth-key", str(tmp_path / "keys" / "site-2.key"), "--site", "site-1")
+        federation.start_client("site-3", "--auth-key", str(tmp_path / "keys" / "site-3.key"))
         assert federation.wait_server(300) == 0, federation.output("server")
-        assert "did not accept this site (is site-2's public key in its --authorized-keys" in \
-            federation.output("site-2")
-        assert federation.clients["site-2"].poll() is None, "a refused site keeps trying, it does not crash"
+        assert "did not accept this site (is site-3's public key in its --authorized-keys" in \
+            federation.output("site-3")
+        assert federation.clients["site-3"].poll() is None, "a refused site keeps trying, it does not crash"
     finally:
         federation.stop_all()
-    rounds = [r for r in RunDirectory(tmp_path / "run").metrics() if r["event"] == "round"]
-    assert [r["trained"] for r in rounds] == [["site-1"]]
-    assert not federation.ledger("site-2").exists()
+    run = RunDirectory(tmp_path / "run")
+    rounds = [r for r in run.metrics() if r["event"] == "round"]
+    assert [sorted(r["trained"]) for r in rounds] == [["site-1", "site-2"]]
+    impostor = [r for r in run.received() if r["site"] == "site-2"]
+    assert impostor and all(r["text"]["name"] == "site-1" and r["key_bound"] for r in impostor)
+    assert sorted(run.identities().values()) == ["site-1", "site-2"]
+    assert not federation.ledger("site-3").exists()
 
 
 def test_sites_reach_a_coordinator_listening_on_every_interface_by_its_host_name(tmp_path, sites_dir):

@@ -73,7 +73,7 @@ def launch(run: RunSettings, run_dir: RunDirectory, superlink: ManagedProcess, h
     wait_for_port(host, port, 60, superlink)
     env = write_flower_home(run_dir.path / ".flwr", f"{host}:{port}", root_certificate)
     if authorized_keys is not None:
-        register_keys(authorized_keys, env)
+        run_dir.write_identities(register_keys(authorized_keys, env))
     for earlier in run_dir.flower_runs():
         stop_run(earlier, env)  # a crashed coordinator's run must not hand out stale work
     app = write_app(run_dir.path / "app" / f"from-round-{run.start_round}", run)
@@ -118,18 +118,23 @@ def write_node_config(path: Path, values: dict[str, object]) -> Path:
     return path
 
 
-def register_keys(folder: Path, env: dict[str, str]) -> None:
-    """Register every site public key (*.pub) in ``folder`` with the SuperLink."""
+def register_keys(folder: Path, env: dict[str, str]) -> dict[int, str]:
+    """Register every site public key (*.pub) in ``folder`` with the SuperLink; returns the
+    node id Flower bound to each key, with the site name the key file gives (its stem)."""
     keys = sorted(folder.glob("*.pub"))
     if not keys:
         raise RuntimeError(f"--authorized-keys {folder} holds no *.pub files")
+    identities = {}
     for key in keys:
-        result = subprocess.run([flower_command("flwr"), "supernode", "register", str(key), CONNECTION],
-                                capture_output=True, text=True, env=child_environ(env))
+        result = subprocess.run([flower_command("flwr"), "supernode", "register", str(key), CONNECTION,
+                                 "--format", "json"], capture_output=True, text=True, env=child_environ(env))
         answer = (result.stderr or result.stdout).strip()
-        if result.returncode != 0 and "already in use" not in answer:  # known from before a --resume
-            raise RuntimeError(f"could not register {key}: {answer[-500:]}")
+        if result.returncode != 0 or '"node-id"' not in result.stdout:
+            raise RuntimeError(f"could not register {key}: {answer[-500:]} (each site needs its own key)")
+        reply = result.stdout[result.stdout.index("{"): result.stdout.rindex("}") + 1]
+        identities[int(json.loads(reply)["node-id"])] = key.stem
     print(f"{len(keys)} site keys registered; other SuperNodes are refused", flush=True)
+    return identities
 
 
 def submit_run(app_dir: Path, env: dict[str, str], federation_config: str = "") -> str:

@@ -58,6 +58,7 @@ class FederatedRun:
         self.poll_interval = poll_interval
         self.run_dir = RunDirectory(run.run_dir)
         self.names: dict[int, str] = {}  # node id -> site name, learnt from replies
+        self.bound = self.run_dir.identities()  # node id -> the name its key was registered under
         self.sites: dict[str, dict] = {}  # per-site summary for the model card
         self.last_validation: dict | None = None  # sites' weighted validation of the latest model
         self.last_held_out: dict | None = None  # the latest evaluation on the coordinator's own data
@@ -187,7 +188,7 @@ class FederatedRun:
         replies, _, _ = self._exchange(messages, timeout=INTRODUCTION_TIMEOUT)
         for node, reply in replies.items():
             if not reply.has_error() and protocol.SITE in reply.content:
-                self.names[node] = str(reply.content[protocol.SITE].get("name", ""))[:100] or self._name(node)
+                self._site_name(node, reply.content[protocol.SITE].get("name", ""))
 
     def _available_nodes(self) -> list[int]:
         return sorted(self.grid.get_node_ids())
@@ -262,8 +263,7 @@ class FederatedRun:
         if extra:
             problems.append(f"unexpected records: {', '.join(extra)}")
         site = dict(content.get(protocol.SITE, {}))
-        name = str(site.get("name") or self._name(node))[:100]
-        self.names[node] = name
+        name = self._site_name(node, site.get("name"))
         if set(site) - protocol.REPLY_TEXT or any(len(str(v)) > protocol.MAX_TEXT for v in site.values()):
             problems.append("site record has fields or text beyond the protocol")
         metrics = dict(content.get(protocol.METRICS, {}))
@@ -313,10 +313,23 @@ class FederatedRun:
             "records": sorted(content.keys()), "arrays": arrays,
             "metrics": dict(content.get(protocol.METRICS, {})),
             "text": dict(content.get(protocol.SITE, {})),
+            "key_bound": node in self.bound,
         })
 
+    def _site_name(self, node: int, claimed: object) -> str:
+        """The name a reply is recorded under: with site keys, the name the node's key was
+        registered under, whatever the reply claims (a site cannot answer as another);
+        otherwise the name the site gives."""
+        claimed = str(claimed or "")[:100]
+        name = self.bound.get(node) or claimed or self._name(node)
+        if node in self.bound and claimed and claimed != name and self.names.get(node) != name:
+            log.warning("node %d, registered with the key of %s, answers as %r; its replies are recorded as %s",
+                        node, name, claimed, name)
+        self.names[node] = name
+        return name
+
     def _name(self, node: int) -> str:
-        return self.names.get(node, f"node-{node}")
+        return self.bound.get(node) or self.names.get(node, f"node-{node}")
 
     def _aggregate(self, round_number: int, state: dict[str, np.ndarray], outcome: RoundOutcome
                    ) -> dict[str, np.ndarray]:
@@ -402,8 +415,7 @@ class FederatedRun:
 
     def _read_evaluation(self, node: int, reply: Message, round_number: int) -> tuple[list[str], str, dict]:
         content = reply.content
-        site = dict(content.get(protocol.SITE, {}))
-        name = str(site.get("name") or self._name(node))[:100]
+        name = self._site_name(node, dict(content.get(protocol.SITE, {})).get("name"))
         metrics = dict(content.get(protocol.METRICS, {}))
         problems = self._check_values(metrics)
         if set(content.keys()) - {protocol.METRICS, protocol.SITE}:

@@ -12,6 +12,7 @@
     metrics.csv            one row per round, for spreadsheets (fedmed.flower.results)
     tensorboard/           the same as TensorBoard event files, when tensorboard is installed
     flower-runs.jsonl      the Flower runs that carried this fedmed run (one per start or resume)
+    identities.json        with site keys: the site name each registered key's node id is bound to
 """
 
 from __future__ import annotations
@@ -68,6 +69,17 @@ class RunDirectory:
         if not self.config_path.is_file():
             raise FileNotFoundError(f"{self.path} is not a fedmed run directory (no config.json)")
         return json.loads(self.config_path.read_text(encoding="utf-8"))
+
+    def write_identities(self, names: dict[int, str]) -> None:
+        """The site name bound to each node id at key registration (this SuperLink's ids)."""
+        write_atomic(self.path / "identities.json", _json_bytes({str(node): name for node, name in names.items()}))
+
+    def identities(self) -> dict[int, str]:
+        """Node id -> bound site name; empty when sites are not authenticated by key."""
+        path = self.path / "identities.json"
+        if not path.is_file():
+            return {}
+        return {int(node): str(name) for node, name in json.loads(path.read_text(encoding="utf-8")).items()}
 
     def write_status(self, **status) -> None:
         write_atomic(self.status_path, _json_bytes(status))
