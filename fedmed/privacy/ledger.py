@@ -9,20 +9,32 @@ site sent besides its model updates is a line with ``"kind": "release"`` (see
 ``fedmed.privacy.release``): a noisy one with its Gaussian mechanism composed into the
 history, an exact one marked as a non-private release.
 
+The lines form a hash chain, so an edited, inserted or removed line shows: each line
+written by this version carries ``"previous"``, the SHA-256 (hex) of the line before it
+exactly as stored (its UTF-8 bytes without the newline), and the first line carries
+``GENESIS``. Old lines are therefore never re-serialized: an append writes every earlier
+line back byte for byte. Lines written before the chain existed have no ``previous``; a
+ledger may start with such lines and continue chained (a site that upgraded fedmed), the
+first chained line linking to the last old one, but those old lines are not protected. The
+chain cannot show that the last lines were removed or the last line edited (nothing follows
+them): keep backups. ``verify_chain`` checks a ledger's text.
+
 Writes are atomic: the new ledger is written to a temporary file, flushed to disk and
 renamed over the old one, so a crash leaves either the old ledger or the new one. A torn
-last line (from a crash of another writer or a copy cut short) is reported and ignored;
-damage anywhere before it stops the site, because it can no longer prove what it spent.
-A lock file keeps two processes of one site from spending the same budget at once.
+last line (from a crash of another writer or a copy cut short) is reported and ignored, and
+the next write drops it; damage anywhere before it, or a broken chain, stops the site,
+because it can no longer prove what it spent. A lock file keeps two processes of one site
+from spending the same budget at once.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +43,7 @@ from fedmed.files import write_atomic
 from fedmed.privacy.accounting import ACCOUNTANT, History, epsilon
 
 LEDGER_VERSION = 1
+GENESIS = "0" * 64  # the ``previous`` of a ledger's first line
 
 
 def timestamp_now() -> str:
@@ -67,6 +80,7 @@ class LedgerEntry:
     # protected by group privacy, about k x epsilon). Entries written before this field
     # existed were all image-level, which is what a missing value reads as.
     privacy_unit: str = "image"
+    previous: str | None = None  # hash of the line before; None: written before the chain existed
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
@@ -91,6 +105,7 @@ class LedgerRefusal:
     max_epsilon: float | None
     kind: str = "refusal"
     version: int = LEDGER_VERSION
+    previous: str | None = None  # hash of the line before; None: written before the chain existed
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
@@ -119,6 +134,7 @@ class LedgerRelease:
     value: float | None = None  # the noisy record count, resent in the run's later rounds
     kind: str = "release"
     version: int = LEDGER_VERSION
+    previous: str | None = None  # hash of the line before; None: written before the chain existed
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
@@ -169,30 +185,104 @@ def _lines(text: str) -> list[str]:
     return lines
 
 
+def line_hash(line: str) -> str:
+    """What the next line's ``previous`` must be: SHA-256 of ``line``'s stored bytes (no newline)."""
+    return hashlib.sha256(line.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    """What a ledger's hash chain shows."""
+
+    chained: int  # lines carrying a link
+    unchained: int  # lines written before the chain existed (all before the first chained line)
+    first_bad_line: int | None = None  # 1-based; None while the chain holds
+    problem: str | None = None  # the break, in words for a privacy officer
+
+    @property
+    def intact(self) -> bool:
+        return self.first_bad_line is None
+
+    @property
+    def status(self) -> str:
+        """broken, chained, partly-chained (older unchained lines, then chained ones), unchained or empty."""
+        if not self.intact:
+            return "broken"
+        if self.chained:
+            return "partly-chained" if self.unchained else "chained"
+        return "unchained" if self.unchained else "empty"
+
+
+def verify_chain(text: str) -> ChainCheck:
+    """Check that every line of a ledger's ``text`` links to the line before it.
+
+    A line that is not a JSON object (damaged, or a torn last line: ``parse_ledger`` reports
+    those) has no readable link of its own, but the line after it must still link to its
+    bytes. Lines without a link are legitimate only before the first linked line."""
+    chained = unchained = 0
+    expected = GENESIS
+    for number, line in enumerate(_lines(text), start=1):
+        readable, link = _link(line)
+        problem = _link_problem(number, readable, link, expected, chained)
+        if problem:
+            return ChainCheck(chained, unchained, number, problem)
+        chained += int(readable and link is not None)
+        unchained += int(readable and link is None)
+        expected = line_hash(line)
+    return ChainCheck(chained, unchained)
+
+
+def _link(line: str) -> tuple[bool, object]:
+    """(whether ``line`` is a JSON object, its ``previous`` or None)."""
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return False, None
+    return (True, data.get("previous")) if isinstance(data, dict) else (False, None)
+
+
+def _link_problem(number: int, readable: bool, link: object, expected: str, chained: int) -> str | None:
+    """Why line ``number`` breaks the chain, or None when it does not."""
+    if not readable or (link is None and not chained) or link == expected:
+        return None
+    if link is None:
+        what = "has no link to the line before it, although earlier lines have one"
+    else:
+        what = "does not follow from " + (f"line {number - 1}" if number > 1 else "the start of the ledger")
+    return f"line {number} {what}: a line was edited, inserted or removed at or before line {number}"
+
+
 class PrivacyLedger:
     """Append-only record of a site's privacy spending."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.warnings: list[str] = []
-        self.records: list[LedgerRecord] = self._load()
+        self.records, self.lines = self._load()
 
-    def _load(self) -> list[LedgerRecord]:
+    def _load(self) -> tuple[list[LedgerRecord], list[str]]:
+        """The records and, to write back verbatim, the text of their lines (a torn last line dropped)."""
         if not self.path.exists():
-            return []
+            return [], []
         text = self.path.read_text(encoding="utf-8")
         records, problems = parse_ledger(text)
-        lines = line_count(text)
+        lines = _lines(text)
         for number, problem in problems:
-            if number != lines:
+            if number != len(lines):
                 raise LedgerError(
-                    f"{self.path}: line {number} of {lines} is damaged ({problem}); the site cannot "
+                    f"{self.path}: line {number} of {len(lines)} is damaged ({problem}); the site cannot "
                     "prove what it has spent. Restore the ledger from a backup before training again."
                 )
             self.warnings.append(
                 f"{self.path}: line {number} is incomplete and was ignored (a write cut short): {problem}"
             )
-        return records
+        chain = verify_chain(text)
+        if not chain.intact:
+            raise LedgerError(
+                f"{self.path}: {chain.problem}; the site cannot prove what it has spent. Restore the ledger "
+                "from a backup before training again."
+            )
+        return records, lines[:-1] if problems else lines
 
     @property
     def entries(self) -> list[LedgerEntry]:
@@ -226,10 +316,13 @@ class PrivacyLedger:
         return [e for e in self.entries if e.run_id == run_id]
 
     def append(self, record: LedgerRecord) -> None:
-        """Add ``record`` atomically; earlier records are rewritten byte for byte."""
-        text = "".join(r.to_json() + "\n" for r in [*self.records, record])
-        write_atomic(self.path, text.encode("utf-8"))
-        self.records.append(record)
+        """Add ``record`` atomically, linked to the last line (whatever ``previous`` it came
+        with); earlier lines are written back byte for byte, so their links still hold."""
+        linked = replace(record, previous=line_hash(self.lines[-1]) if self.lines else GENESIS)
+        line = linked.to_json()
+        write_atomic(self.path, "".join(f"{kept}\n" for kept in [*self.lines, line]).encode("utf-8"))
+        self.records.append(linked)
+        self.lines.append(line)
 
     @contextmanager
     def locked(self) -> Iterator[PrivacyLedger]:
@@ -239,7 +332,7 @@ class PrivacyLedger:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 self.warnings = []
-                self.records = self._load()
+                self.records, self.lines = self._load()
                 yield self
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)

@@ -121,7 +121,8 @@ def _run_blocks(run: dict, figures: dict[str, Figure]) -> list:
 def _site_blocks(a: dict) -> list:
     units = sorted({r["privacy_unit"] for r in a["rounds"]}) or ["image"]
     blocks = [Heading(f"Site {a['site']}"),
-              Text(f"Ledger {a['ledger']} ({a['ledger_lines']} lines). Accountant {a['accountant']}; "
+              Text(f"Ledger {a['ledger']} ({a['ledger_lines']} lines).{_chain_text(a['ledger_chain'])} "
+                   f"Accountant {a['accountant']}; "
                    f"second opinion {a['second_opinion_accountant']}. Privacy unit: {', '.join(units)} "
                    "(each epsilon bounds what is revealed about one such record; a patient with k "
                    "images is protected by about k times an image-level epsilon).")]
@@ -157,6 +158,20 @@ def _site_blocks(a: dict) -> list:
         blocks.append(Table(["run", "round", "time", "epsilon before", "epsilon it would reach", "budget", "reason"],
                             rows))
     return blocks
+
+
+def _chain_text(chain: dict | None) -> str:
+    """The hash chain's state in one sentence (nothing for a ledger that could not be read or is empty)."""
+    if chain is None or chain["status"] == "empty":
+        return ""
+    if chain["status"] == "broken":
+        return f" Hash chain: BROKEN at line {chain['first_bad_line']}."
+    if chain["status"] == "unchained":
+        return " Hash chain: none (written by an older fedmed; edits cannot be detected)."
+    if chain["status"] == "partly-chained":
+        return (f" Hash chain: intact from line {chain['unchained_lines'] + 1}; the {chain['unchained_lines']} "
+                "line(s) before it were written by an older fedmed.")
+    return " Hash chain: intact."
 
 
 def _names(values) -> str:

@@ -17,6 +17,8 @@ CODES = {
     "ledger-missing": "the ledger file does not exist or cannot be read",
     "ledger-damaged": "a ledger line other than the last cannot be read",
     "ledger-torn-line": "the ledger's last line is incomplete (a write cut short) and was ignored",
+    "ledger-chain-broken": "a ledger line does not link to the line before it: a line was edited, inserted or removed",
+    "ledger-unchained": "ledger lines written before the hash chain existed: an edit to them cannot be detected",
     "ledger-arithmetic": "a ledger entry's epsilon or accountant state does not follow from its parameters",
     "ledger-duplicate-round": "the ledger holds the same run and round twice",
     "ledger-missing-round": "the run directory says the site trained a round its ledger lacks",

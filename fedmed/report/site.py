@@ -1,9 +1,12 @@
 """A site's privacy account, read from its ledger (the authoritative record).
 
-Every entry is re-checked: its epsilon is recomputed from its accountant state, the state
-must follow from the previous one and the round's (or release's) parameters, and the same
-history is given to an independent accountant (PLD) for a second opinion. Each run lists
-what left the site: its model updates and every other release, private or not.
+The ledger's hash chain is verified: a broken link means a line was edited, inserted or
+removed, and the report says where (it is still produced, since that is when the privacy
+officer needs it). Every entry is re-checked: its epsilon is recomputed from its accountant
+state, the state must follow from the previous one and the round's (or release's)
+parameters, and the same history is given to an independent accountant (PLD) for a second
+opinion. Each run lists what left the site: its model updates and every other release,
+private or not.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import math
 from pathlib import Path
 
 from fedmed.privacy.accounting import ACCOUNTANT, epsilon, extend
-from fedmed.privacy.ledger import LedgerEntry, LedgerRefusal, LedgerRelease, line_count, parse_ledger
+from fedmed.privacy.ledger import (ChainCheck, LedgerEntry, LedgerRefusal, LedgerRelease, line_count, parse_ledger,
+                                   verify_chain)
 from fedmed.privacy.second_opinion import SECOND_OPINION, second_opinion_epsilon
 from fedmed.report.findings import NEARLY_SPENT, Finding, critical, warning
 
@@ -37,6 +41,8 @@ def site_account(ledger_path: Path, budget: float | None = None) -> tuple[dict, 
     site = entries[0].site if entries else (refusals[0].site if refusals else ledger_path.parent.name)
     lines = line_count(text)
     findings = _line_findings(ledger_path, problems, lines, site)
+    links = verify_chain(text)
+    findings += _chain_findings(ledger_path, links, site)
 
     chain = [r for r in records if isinstance(r, (LedgerEntry, LedgerRelease))]
     rounds, releases, checks = _history(chain, site)
@@ -44,6 +50,8 @@ def site_account(ledger_path: Path, budget: float | None = None) -> tuple[dict, 
     account = _empty_account(site, ledger_path)
     account.update(
         ledger_lines=lines,
+        ledger_chain={"status": links.status, "chained_lines": links.chained, "unchained_lines": links.unchained,
+                      "first_bad_line": links.first_bad_line},
         rounds=rounds,
         releases=releases,
         runs=_runs(rounds, releases),
@@ -79,7 +87,7 @@ def site_account(ledger_path: Path, budget: float | None = None) -> tuple[dict, 
 
 def _empty_account(site: str, path: Path) -> dict:
     return {
-        "site": site, "ledger": str(path), "ledger_lines": 0, "accountant": ACCOUNTANT,
+        "site": site, "ledger": str(path), "ledger_lines": 0, "ledger_chain": None, "accountant": ACCOUNTANT,
         "second_opinion_accountant": SECOND_OPINION, "delta": None, "budget": None, "target_epsilon": None,
         "epsilon_spent": 0.0, "epsilon_second_opinion": 0.0, "non_private_rounds": 0,
         "budget_left": None, "budget_used": None, "runs": [], "rounds": [], "releases": [], "refused": [],
@@ -97,6 +105,23 @@ def _line_findings(path: Path, problems: list[tuple[int, str]], lines: int, site
                                      f"({problem}); the ledger cannot prove what the site spent. Restore it "
                                      "from a backup.", site))
     return findings
+
+
+def _chain_findings(path: Path, links: ChainCheck, site: str) -> list[Finding]:
+    """A broken hash chain is critical; lines written before the chain existed are a warning,
+    since nothing shows an edit to them."""
+    if not links.intact:
+        return [critical("ledger-chain-broken", f"{path}: {links.problem}. The ledger cannot prove what the site "
+                         "spent. Restore it from a backup.", site)]
+    if links.status == "unchained":
+        return [warning("ledger-unchained", f"{path}: none of its {links.unchained} line(s) carries a hash link "
+                        "(written by a fedmed older than the chain), so an edited, inserted or removed line cannot "
+                        "be detected; the site's next write starts the chain", site)]
+    if links.status == "partly-chained":
+        return [warning("ledger-unchained", f"{path}: its first {links.unchained} line(s) were written by a fedmed "
+                        "older than the hash chain, so an edit among them cannot always be detected; the "
+                        f"{links.chained} line(s) after them are chained", site)]
+    return []
 
 
 def _history(records: list[LedgerEntry | LedgerRelease], site: str) -> tuple[list[dict], list[dict], list[Finding]]:
