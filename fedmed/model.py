@@ -28,6 +28,7 @@ width, 2x, 4x and 8x that many channels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
@@ -217,3 +218,10 @@ def build_model(config: ModelConfig = ModelConfig(), seed: int | None = None) ->
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return GroupNormResNet(config)
+
+
+@cache
+def trained_parameter_count(config: ModelConfig) -> int:
+    """How many numbers of the model training changes (a fixed front-end's are not):
+    DP-SGD's noise has this many dimensions."""
+    return sum(p.numel() for p in build_model(config, seed=0).parameters() if p.requires_grad)

@@ -26,6 +26,7 @@ from fedmed.config import AGGREGATIONS, RunSettings
 from fedmed.flower.fedavg import SiteUpdate
 
 WEIGHT_CAP_MEDIANS = 10.0  # default weight cap: this many times the round's median record count
+SECURE_WEIGHT_CAP = 1_000_000  # default weight cap under secure aggregation, where no claim is seen
 NOISE_MARGIN = 1.25  # the noise's norm concentrates within a few percent of its expectation; room to spare
 
 
@@ -37,6 +38,11 @@ class BoundedRound:
     weights: dict[str, float]  # site -> its (possibly capped) weight
     norm_bound: float  # math.inf: none applied
     clipped: dict[str, str] = field(default_factory=dict)  # site -> what was changed and why
+
+
+def weight_cap(run: RunSettings) -> int:
+    """The record count a weight share of 1 stands for under secure aggregation."""
+    return run.max_site_examples or SECURE_WEIGHT_CAP
 
 
 def momentum_sums(steps: int, momentum: float) -> np.ndarray:

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmed.config import RunSettings, SiteSettings
-from fedmed.flower import protocol
+from fedmed.flower import protocol, secagg, secagg_site
 from fedmed.flower.packing import record_to_vector, vector_to_record
 from fedmed.flower.protocol import EvaluateRequest, SiteReply, SiteRequest, TrainRequest
 
@@ -32,10 +32,15 @@ LOCAL_WORK_BYTES = 2 * 2**30
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    request = TrainRequest(RunSettings.from_flower(context.run_config),
-                           record_to_vector(message.content[protocol.ARRAYS]),
-                           int(message.content[protocol.CONFIG]["round"]))
-    return _reply(_do(request, context), message)
+    run = RunSettings.from_flower(context.run_config)
+    if secagg.RECORD in message.content:  # a stage of secure aggregation
+        return secagg_site.handle(message, context, run, lambda: _do(_train_request(run, message), context))
+    return _reply(_do(_train_request(run, message), context), message)
+
+
+def _train_request(run: RunSettings, message: Message) -> TrainRequest:
+    return TrainRequest(run, record_to_vector(message.content[protocol.ARRAYS]),
+                        int(message.content[protocol.CONFIG]["round"]))
 
 
 @app.evaluate()

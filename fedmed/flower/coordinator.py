@@ -19,7 +19,9 @@ from torch import nn
 
 from fedmed.config import PRIVACY_UNITS, RunSettings
 from fedmed.flower import protocol
-from fedmed.flower.aggregation import aggregate_round
+from fedmed.flower import secagg
+from fedmed.flower.aggregation import aggregate_round, apply_move, round_norm_bound, weight_cap
+from fedmed.flower.secagg_coordinator import SecureRoundFailed, SecureSum
 from fedmed.flower.fedavg import SiteUpdate, server_step, validate_update
 from fedmed.flower.initial_model import load_initial_model
 from fedmed.flower.model_card import model_card, model_card_markdown
@@ -27,7 +29,7 @@ from fedmed.flower.packing import pack, record_to_vector, unpack, vector_to_reco
 from fedmed.flower.protocol import RoundStatus
 from fedmed.flower.results import RunResults
 from fedmed.flower.rundir import RunDirectory
-from fedmed.model import ModelConfig, build_model, fixed_inputs
+from fedmed.model import ModelConfig, build_model, fixed_inputs, trained_parameter_count
 from fedmed.privacy.release import counts_length, scores_from_counts
 from fedmed.weights import load_state, model_state
 
@@ -45,6 +47,10 @@ class RoundOutcome:
     rejected: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
+    trained: list[str] = field(default_factory=list)  # the sites whose updates are in the aggregate
+    examples: float = 0.0  # their summed (capped, under secure aggregation) record counts
+    masked: dict[int, np.ndarray] = field(default_factory=dict)  # secure aggregation: node -> masked vector
+    secure: dict | None = None  # secure aggregation: threshold, sites summed, dropouts, failure
     clipped: dict[str, str] = field(default_factory=dict)  # updates bounded before aggregation, with why
     norm_bound: float = math.inf  # the round's bound on one update's norm
     site_metrics: dict[str, dict] = field(default_factory=dict)
@@ -66,7 +72,7 @@ class FederatedRun:
         self.results = RunResults(self.run_dir)  # metrics.csv and TensorBoard
         self.model = build_model(ModelConfig.from_settings(run), seed=run.seed)
         self.reference = model_state(self.model)
-        self.trained_parameters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.trained_parameters = trained_parameter_count(ModelConfig.from_settings(run))
         self.server_eval = load_server_eval(run, self.model)
         self.velocity: dict[str, np.ndarray] | None = None  # server momentum (FedAvgM)
         self.returning = 0  # on a resume: how many sites trained the last recorded round
@@ -94,24 +100,25 @@ class FederatedRun:
             started = time.monotonic()
             chosen = self._sample(nodes, round_number)
             self._status("training", round_number, connected=len(nodes), asked=len(chosen))
-            messages = [self._message(MessageType.TRAIN, node, state, round_number) for node in chosen]
-            replies, missing, arrivals = self._exchange(messages)
-            outcome = self._collect(round_number, replies, missing)
-            outcome.reply_seconds = {self._name(node): t for node, t in arrivals.items()}
+            if self.run.secure_aggregation:
+                outcome, combined = self._secure_round(round_number, chosen, state)
+            else:
+                outcome = self._plain_round(round_number, chosen, state)
+                combined = self._aggregate(round_number, state, outcome) \
+                    if len(outcome.updates) >= self.run.min_sites else None
             self._record_validation(round_number - 1, outcome.site_metrics)
-            aggregated = len(outcome.updates) >= self.run.min_sites
+            aggregated = combined is not None
             if aggregated:
-                state, self.velocity = server_step(state, self._aggregate(round_number, state, outcome),
-                                                   self.velocity, self.run.server_learning_rate,
+                state, self.velocity = server_step(state, combined, self.velocity, self.run.server_learning_rate,
                                                    self.run.server_momentum)
             else:
                 log.warning("round %d: %d valid updates, fewer than the minimum of %d sites; "
-                            "the global model is kept unchanged", round_number, len(outcome.updates),
+                            "the global model is kept unchanged", round_number, len(outcome.trained),
                             self.run.min_sites)
             self.run_dir.save_checkpoint(round_number, state, self.velocity)
             rounds_done = round_number
             self._record_round(round_number, outcome, aggregated, state, time.monotonic() - started)
-            if not outcome.updates and outcome.budget_exhausted and not outcome.failed and not outcome.missing:
+            if not outcome.trained and outcome.budget_exhausted and not outcome.failed and not outcome.missing:
                 log.warning("every site that answered has exhausted its privacy budget; stopping")
                 self._finish(state, rounds_done)
                 self._status("stopped", round_number, reason="every site's privacy budget is exhausted")
@@ -231,6 +238,52 @@ class FederatedRun:
                 time.sleep(self.poll_interval)
         return replies, [destinations[m] for m in waiting], arrivals
 
+    def _plain_round(self, round_number: int, chosen: list[int], state: dict[str, np.ndarray]) -> RoundOutcome:
+        messages = [self._message(MessageType.TRAIN, node, state, round_number) for node in chosen]
+        replies, missing, arrivals = self._exchange(messages)
+        outcome = self._collect(round_number, replies, missing)
+        outcome.reply_seconds = {self._name(node): t for node, t in arrivals.items()}
+        return outcome
+
+    def _secure_round(self, round_number: int, chosen: list[int], state: dict[str, np.ndarray]
+                      ) -> tuple[RoundOutcome, dict[str, np.ndarray] | None]:
+        """A round under secure aggregation (``fedmed.flower.secagg``): the coordinator
+        learns the sum of the sites' bounded, weighted moves and of their weight shares,
+        and moves the model by their ratio, itself bounded. None: the round changes nothing."""
+        secure = SecureSum(round_number, chosen)
+        outcome = RoundOutcome()
+        try:
+            secure.take_keys(self._exchange(secure.keys_messages())[0])
+            secure.take_shares(self._exchange(secure.shares_messages())[0])
+            replies, missing, arrivals = self._exchange(secure.train_messages(
+                lambda node: self._message(MessageType.TRAIN, node, state, round_number)))
+            outcome = self._collect(round_number, replies, missing)
+            outcome.reply_seconds = {self._name(node): t for node, t in arrivals.items()}
+            secure.take_masked(outcome.masked)
+            total, count = secure.unmask(self._exchange(secure.unmask_messages())[0])
+        except SecureRoundFailed as error:
+            outcome.secure = {"threshold": secure.threshold, "failed": str(error)}
+            log.warning("round %d: secure aggregation failed: %s", round_number, error)
+            return outcome, None
+        outcome.secure = {"threshold": secure.threshold, "summed": count,
+                          "dropped": [self._name(n) for n in secure.dropped]}
+        share = float(total[-1])
+        if count < self.run.min_sites or not 0 < share <= count + 1e-6:
+            outcome.secure["failed"] = (f"{count} sites summed (minimum {self.run.min_sites}), weight shares "
+                                        f"{share:.6g}: outside 0..{count}, a site broke the protocol")
+            return outcome, None
+        outcome.examples = share * weight_cap(self.run)
+        move = total[:-1] / share
+        reports = [m for m in outcome.site_metrics.values() if m.get("status") == RoundStatus.TRAINED]
+        model_norm = float(np.linalg.norm(pack(state).astype(np.float64)))
+        outcome.norm_bound = round_norm_bound(self.run, round_number, reports, self.trained_parameters, model_norm)
+        norm = float(np.linalg.norm(move))
+        if norm > outcome.norm_bound:
+            move *= outcome.norm_bound / norm
+            outcome.clipped["aggregate"] = (f"summed move's norm {norm:.4g} above the bound "
+                                            f"{outcome.norm_bound:.4g}: scaled down to it")
+        return outcome, apply_move(state, move)
+
     def _collect(self, round_number: int, replies: dict[int, Message], missing: list[int]) -> RoundOutcome:
         outcome = RoundOutcome(missing=[self._name(n) for n in missing])
         for node, reply in replies.items():
@@ -246,8 +299,13 @@ class FederatedRun:
             outcome.site_metrics[name] = metrics
             if metrics.get("status") == RoundStatus.BUDGET_EXHAUSTED:
                 outcome.budget_exhausted.append(name)
+            elif self.run.secure_aggregation:
+                outcome.masked[node] = state[secagg.MASKED]
+                outcome.trained.append(name)
             else:
                 outcome.updates.append(SiteUpdate(name, int(metrics["examples"]), state))
+                outcome.trained.append(name)
+                outcome.examples += int(metrics["examples"])
         for name, reason in outcome.failed.items():
             log.warning("round %d: site %s failed: %s", round_number, name, reason)
         if outcome.missing:
@@ -259,7 +317,9 @@ class FederatedRun:
         """Check a site's reply against the protocol; returns problems, name, scalars, arrays."""
         content = reply.content
         problems = []
-        extra = sorted(set(content.keys()) - {protocol.ARRAYS, protocol.METRICS, protocol.SITE})
+        expected = {protocol.METRICS, protocol.SITE}
+        expected |= {secagg.MASKED, secagg.RECORD} if self.run.secure_aggregation else {protocol.ARRAYS}
+        extra = sorted(set(content.keys()) - expected)
         if extra:
             problems.append(f"unexpected records: {', '.join(extra)}")
         site = dict(content.get(protocol.SITE, {}))
@@ -273,7 +333,11 @@ class FederatedRun:
         problems += self._check_values(metrics)
         status = metrics.get("status")
         state: dict = {}
-        if status == RoundStatus.TRAINED:
+        if status == RoundStatus.TRAINED and self.run.secure_aggregation:
+            problems += self._check_masked(content, metrics)
+            if not problems:
+                state = {secagg.MASKED: content[secagg.MASKED][secagg.MASKED].numpy()}
+        elif status == RoundStatus.TRAINED:
             if protocol.ARRAYS not in content:
                 problems.append("a trained reply without model arrays")
             else:
@@ -284,11 +348,24 @@ class FederatedRun:
                 else:
                     problems += validate_update(state, metrics.get("examples", math.nan), self.reference)
         elif status == RoundStatus.BUDGET_EXHAUSTED:
-            if protocol.ARRAYS in content:
+            if protocol.ARRAYS in content or secagg.MASKED in content:
                 problems.append("a budget-exhausted reply must not carry arrays")
         else:
             problems.append(f"unknown status {status!r}")
         return problems, name, metrics, state
+
+    def _check_masked(self, content: RecordDict, metrics: dict) -> list[str]:
+        """A masked update is one uint64 vector: the model's size plus the weight share."""
+        size = sum(a.size for a in self.reference.values()) + 1
+        if "examples" in metrics:
+            return ["a secure-aggregation reply must not send its record count in clear"]
+        record = content.get(secagg.MASKED)
+        if record is None or list(record.keys()) != [secagg.MASKED]:
+            return ["a trained secure-aggregation reply without its masked vector"]
+        vector = record[secagg.MASKED].numpy()
+        if vector.dtype != np.uint64 or vector.shape != (size,):
+            return [f"the masked vector is {vector.dtype}{list(vector.shape)}, expected uint64[{size}]"]
+        return []
 
     def _check_values(self, metrics: dict) -> list[str]:
         """Single numbers, except the validation counts: a list of the run's length."""
@@ -305,9 +382,8 @@ class FederatedRun:
     def _audit(self, round_number: int, node: int, name: str, reply: Message) -> None:
         """Record what this reply carried, so anyone can check what left each site."""
         content = reply.content
-        arrays = {}
-        if protocol.ARRAYS in content:
-            arrays = {k: [list(a.shape), str(a.dtype)] for k, a in content[protocol.ARRAYS].items()}
+        arrays = {k: [list(a.shape), str(a.dtype)] for record in (protocol.ARRAYS, secagg.MASKED)
+                  if record in content for k, a in content[record].items()}
         self.run_dir.append_received({
             "round": round_number, "site": name, "node_id": node,
             "records": sorted(content.keys()), "arrays": arrays,
@@ -348,8 +424,8 @@ class FederatedRun:
                       state: dict[str, np.ndarray], seconds: float) -> None:
         for name, metrics in outcome.site_metrics.items():
             self._remember_site(name, metrics)
-        trained = [u.site for u in outcome.updates]
-        examples = sum(u.examples for u in outcome.updates)
+        trained = outcome.trained
+        examples = outcome.examples
         losses = [(outcome.site_metrics[u.site].get("loss", math.nan), u.examples) for u in outcome.updates]
         record = {
             "event": "round", "round": round_number, "rounds": self.run.rounds,
@@ -357,7 +433,7 @@ class FederatedRun:
             "trained": trained, "budget_exhausted": outcome.budget_exhausted,
             "rejected": outcome.rejected, "clipped": outcome.clipped,
             "norm_bound": outcome.norm_bound if math.isfinite(outcome.norm_bound) else None,
-            "aggregation": self.run.aggregation, "failed": outcome.failed, "missing": outcome.missing,
+            "aggregation": self.run.aggregation, "secure_aggregation": outcome.secure, "failed": outcome.failed, "missing": outcome.missing,
             "examples": examples, "train_loss": _weighted(losses),
             "slowest_site_train_seconds": max(
                 (m.get("seconds-train", 0.0) for m in outcome.site_metrics.values()), default=0.0),

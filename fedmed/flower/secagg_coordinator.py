@@ -1,0 +1,128 @@
+"""The coordinator's side of secure aggregation (see ``fedmed.flower.secagg``).
+
+``SecureSum`` is the protocol's state for one round, separate from how messages travel:
+each stage turns the previous stage's replies into the next stage's messages, and the
+last one into the sum. The coordinator sends them with its Grid; a test can hand them to
+sites directly. What the coordinator ever holds of one site is its public keys, sealed
+shares it cannot read, its metrics and its masked vector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from fedmed.flower import secagg
+
+
+class SecureRoundFailed(RuntimeError):
+    """Too few sites at some stage: nothing was unmasked, and the round changes nothing."""
+
+
+@dataclass
+class SecureSum:
+    round: int
+    chosen: list[int]
+    threshold: int = 0
+    publics1: dict[int, bytes] = field(default_factory=dict)
+    publics2: dict[int, bytes] = field(default_factory=dict)
+    sealed: dict[int, dict[int, bytes]] = field(default_factory=dict)  # addressee -> sender -> shares
+    masked: dict[int, np.ndarray] = field(default_factory=dict)  # survivor -> its masked vector
+    dropped: list[int] = field(default_factory=list)  # shared its secrets, then sent no masked vector
+
+    def __post_init__(self) -> None:
+        self.threshold = secagg.threshold(len(self.chosen))
+
+    def keys_messages(self) -> list[Message]:
+        return [self._message(node, {"round": self.round, "threshold": self.threshold}, "keys")
+                for node in self.chosen]
+
+    def take_keys(self, replies: dict[int, Message]) -> None:
+        for node, reply in self._answers(replies, "public1", "public2").items():
+            self.publics1[node], self.publics2[node] = bytes(reply["public1"]), bytes(reply["public2"])
+        self._enough(self.publics1, "sent keys")
+
+    def shares_messages(self) -> list[Message]:
+        nodes = sorted(self.publics1)
+        fields = {"nodes": nodes, "publics1": [self.publics1[n] for n in nodes],
+                  "publics2": [self.publics2[n] for n in nodes]}
+        return [self._message(node, fields, "shares") for node in nodes]
+
+    def take_shares(self, replies: dict[int, Message]) -> None:
+        senders = self._answers(replies, "addressees", "sealed")
+        self._enough(senders, "shared their secrets")
+        self.sealed = {node: {} for node in senders}
+        for sender, reply in senders.items():
+            for addressee, sealed in zip(reply["addressees"], reply["sealed"], strict=True):
+                if int(addressee) in self.sealed:
+                    self.sealed[int(addressee)][sender] = bytes(sealed)
+
+    def train_messages(self, model_message) -> list[Message]:
+        """Each sharing site's train message (``model_message(node)``: the usual one, with
+        the global model) with the shares sealed for it."""
+        messages = []
+        for node, shares in self.sealed.items():
+            message = model_message(node)
+            senders = sorted(shares)
+            message.content[secagg.RECORD] = ConfigRecord({
+                secagg.STAGE: "train", "round": self.round, "senders": senders,
+                "sealed": [shares[s] for s in senders]})
+            messages.append(message)
+        return messages
+
+    def take_masked(self, vectors: dict[int, np.ndarray]) -> None:
+        """The masked vectors that arrived; every other sharing site has dropped out."""
+        self.masked = dict(vectors)
+        self.dropped = sorted(set(self.sealed) - set(self.masked))
+        self._enough(self.masked, "sent masked updates")
+
+    def unmask_messages(self) -> list[Message]:
+        fields = {"alive": sorted(self.masked), "dropped": self.dropped}
+        return [self._message(node, fields, "unmask") for node in sorted(self.masked)]
+
+    def unmask(self, replies: dict[int, Message]) -> tuple[np.ndarray, int]:
+        """The sum of the survivors' vectors (dequantized), and how many they are."""
+        answers = self._answers(replies, "nodes", "shares")
+        self._enough(answers, "sent their shares for unmasking")
+        shares: dict[int, list[bytes]] = {}
+        for reply in answers.values():
+            for node, share in zip(reply["nodes"], reply["shares"], strict=True):
+                shares.setdefault(int(node), []).append(bytes(share))
+        size = next(iter(self.masked.values())).size
+        total = np.zeros(size, dtype=np.uint64)
+        for vector in self.masked.values():
+            total += vector
+        for node in self.masked:  # each survivor's own mask
+            total -= secagg.mask(secagg.join(self._needed(shares, node)), size)
+        for gone in self.dropped:  # the pairwise masks the survivors shared with a dropped site
+            secret = secagg.join(self._needed(shares, gone))
+            for node in self.masked:
+                pair = secagg.mask(secagg.agreed_key(secret, self.publics1[node]), size)
+                total = total - pair if secagg.pairwise_sign(node, gone) > 0 else total + pair
+        return secagg.dequantize(total, len(self.masked)), len(self.masked)
+
+    def _needed(self, shares: dict[int, list[bytes]], node: int) -> list[bytes]:
+        if len(shares.get(node, [])) < self.threshold:
+            raise SecureRoundFailed(f"{len(shares.get(node, []))} shares for node {node}, fewer than the "
+                                    f"threshold of {self.threshold}")
+        return shares[node][: self.threshold]
+
+    def _enough(self, nodes: dict, what: str) -> None:
+        if len(nodes) < self.threshold:
+            raise SecureRoundFailed(f"{len(nodes)} of {len(self.chosen)} sites {what}, fewer than the threshold "
+                                    f"of {self.threshold}: nothing was unmasked")
+
+    def _answers(self, replies: dict[int, Message], *keys: str) -> dict[int, ConfigRecord]:
+        """The answers that carry ``keys``; an error or anything else counts as a dropout."""
+        answers = {}
+        for node, reply in replies.items():
+            if not reply.has_error() and secagg.RECORD in reply.content and \
+                    all(k in reply.content[secagg.RECORD] for k in keys):
+                answers[node] = reply.content[secagg.RECORD]
+        return answers
+
+    def _message(self, node: int, fields: dict, stage: str) -> Message:
+        content = RecordDict({secagg.RECORD: ConfigRecord({secagg.STAGE: stage, **fields})})
+        return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(self.round))

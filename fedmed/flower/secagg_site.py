@@ -1,0 +1,161 @@
+"""A site's side of secure aggregation (see ``fedmed.flower.secagg``).
+
+The coordinator drives four stages, each one train message with a ``secagg`` record;
+between them the site keeps its protocol state in its Flower context (it survives from
+message to message in ``fedmed-client`` and in a simulation alike). In the ``train``
+stage the site trains its private round as usual, bounds and weights its move from the
+global model, and sends that move only masked. Every request is checked: a site never
+reveals both shares of one site's secrets, and never answers for fewer sites than the
+threshold.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedmed.config import RunSettings
+from fedmed.flower import protocol, secagg
+from fedmed.flower.aggregation import honest_norm_bound, weight_cap
+from fedmed.flower.packing import record_to_vector
+from fedmed.flower.protocol import SiteReply
+
+STATE = "secagg-state"  # the context record holding the site's protocol state
+
+
+class ProtocolError(ValueError):
+    """A secure-aggregation request the site refuses to answer."""
+
+
+def handle(message: Message, context: Context, run: RunSettings, train: Callable[[], SiteReply]) -> Message:
+    """Answer one stage of the protocol; ``train`` runs the site's private round."""
+    fields = message.content[secagg.RECORD]
+    stage = fields.get(secagg.STAGE)
+    node = int(message.metadata.dst_node_id)
+    if stage == "keys":
+        state = {"round": int(fields["round"]), "threshold": int(fields["threshold"]), "node": node}
+        state["secret1"], state["public1"] = secagg.key_pair()
+        state["secret2"], state["public2"] = secagg.key_pair()
+        context.state[STATE] = ConfigRecord(state)
+        return _reply(message, {"public1": state["public1"], "public2": state["public2"]})
+    state = dict(context.state.get(STATE, ConfigRecord({})))
+    if not state or state.get("node") != node:
+        raise ProtocolError(f"stage {stage!r} arrived before this site's keys stage")
+    if stage == "shares":
+        answer = _share(state, fields)
+    elif stage == "train":
+        return _train(message, context, run, state, fields, train)
+    elif stage == "unmask":
+        answer = _unmask(state, fields)
+    else:
+        raise ProtocolError(f"unknown secure-aggregation stage {stage!r}")
+    context.state[STATE] = ConfigRecord(state)
+    return _reply(message, answer)
+
+
+def _share(state: dict, fields: ConfigRecord) -> dict:
+    """Split this site's mask seed and key-agreement secret among the sites that sent keys."""
+    nodes = [int(n) for n in fields["nodes"]]
+    publics1, publics2 = list(fields["publics1"]), list(fields["publics2"])
+    own = state["node"]
+    if len(nodes) < state["threshold"]:
+        raise ProtocolError(f"{len(nodes)} sites sent keys, fewer than the threshold of {state['threshold']}")
+    if own not in nodes or publics1[nodes.index(own)] != state["public1"] or \
+            publics2[nodes.index(own)] != state["public2"]:
+        raise ProtocolError("the coordinator's key list does not hold this site's own keys")
+    if len(set(publics1 + publics2)) != 2 * len(nodes) or len(set(nodes)) != len(nodes):
+        raise ProtocolError("the key list repeats a node or a key")
+    seed = os.urandom(32)
+    seed_shares = secagg.split(seed, state["threshold"], len(nodes))
+    secret_shares = secagg.split(state["secret1"], state["threshold"], len(nodes))
+    addressees, sealed = [], []
+    for index, other in enumerate(nodes):
+        if other == own:
+            continue
+        key = secagg.agreed_key(state["secret2"], publics2[index])
+        addressees.append(other)
+        sealed.append(secagg.seal(key, own, other, seed_shares[index], secret_shares[index]))
+    mine = nodes.index(own)
+    state.update(seed=seed, nodes=nodes, publics1=publics1, publics2=publics2, sources=[own],
+                 seed_shares=[seed_shares[mine]], secret_shares=[secret_shares[mine]])
+    return {"addressees": addressees, "sealed": sealed}
+
+
+def _train(message: Message, context: Context, run: RunSettings, state: dict, fields: ConfigRecord,
+           train: Callable[[], SiteReply]) -> Message:
+    """Read the shares sent to this site, train, and send the bounded, weighted move masked."""
+    senders = [int(n) for n in fields["senders"]]
+    own, nodes = state["node"], state["nodes"]
+    if len(set(senders)) != len(senders) or not set(senders) <= set(nodes) - {own}:
+        raise ProtocolError("shares forwarded from sites outside the round's key list")
+    if len(senders) + 1 < state["threshold"]:
+        raise ProtocolError(f"shares from {len(senders) + 1} sites, fewer than the threshold of {state['threshold']}")
+    sources, seed_shares, secret_shares = [own], list(state["seed_shares"]), list(state["secret_shares"])
+    pair_keys = {}
+    for sender, sealed in zip(senders, fields["sealed"], strict=True):
+        index = nodes.index(sender)
+        seed_share, secret_share = secagg.unseal(secagg.agreed_key(state["secret2"], state["publics2"][index]),
+                                                 sender, own, sealed)
+        sources.append(sender)
+        seed_shares.append(seed_share)
+        secret_shares.append(secret_share)
+        pair_keys[sender] = secagg.agreed_key(state["secret1"], state["publics1"][index])
+    state.update(sources=sources, seed_shares=seed_shares, secret_shares=secret_shares)
+    context.state[STATE] = ConfigRecord(state)
+    reply = train()
+    metrics = {k: v for k, v in reply.metrics.items() if k != "examples"}  # the weight travels inside the sum
+    content = RecordDict({
+        protocol.METRICS: MetricRecord(metrics),
+        protocol.SITE: ConfigRecord({"name": reply.site, "message": reply.message[: protocol.MAX_TEXT]}),
+        secagg.RECORD: ConfigRecord({secagg.STAGE: "train"}),
+    })
+    if reply.model is not None:
+        received = record_to_vector(message.content[protocol.ARRAYS])
+        summand = weighted_move(run, int(fields["round"]), reply, received)
+        masked = secagg.add_masks(secagg.quantize(summand), own, state["seed"], pair_keys)
+        content[secagg.MASKED] = ArrayRecord({secagg.MASKED: Array(masked)})
+    return Message(content, reply_to=message)
+
+
+def weighted_move(run: RunSettings, round_number: int, reply: SiteReply, received: np.ndarray) -> np.ndarray:
+    """What this site adds to the sum: its move from the global model, bounded in norm
+    (``max_update_norm``, else the honest bound for its own steps and noise), times its
+    weight share (its record count over ``weight_cap``, at most 1), then that share."""
+    from fedmed.model import ModelConfig, trained_parameter_count  # torch: the site has it loaded
+
+    move = reply.model.astype(np.float64) - received.astype(np.float64)
+    bound = run.max_update_norm or honest_norm_bound(
+        run, round_number, float(reply.metrics.get("steps", 1)), float(reply.metrics.get("noise-multiplier", 0.0)),
+        trained_parameter_count(ModelConfig.from_settings(run)), float(np.linalg.norm(received)))
+    if not reply.metrics.get("dp") and not run.max_update_norm:
+        bound = math.inf  # nothing bounds a non-private move but a fixed setting
+    norm = float(np.linalg.norm(move))
+    if norm > bound:
+        move *= bound / norm
+    share = min(float(reply.metrics.get("examples", 1)), weight_cap(run)) / weight_cap(run)
+    return np.append(share * move, share)
+
+
+def _unmask(state: dict, fields: ConfigRecord) -> dict:
+    """Shares of the surviving sites' seeds and of the dropped sites' secrets."""
+    alive, dropped = [int(n) for n in fields["alive"]], [int(n) for n in fields["dropped"]]
+    if set(alive) & set(dropped):
+        raise ProtocolError("a site is listed both as alive and as dropped: refusing to reveal both of its shares")
+    if state["node"] not in alive or len(alive) < state["threshold"]:
+        raise ProtocolError(f"unmasking for {len(alive)} sites, below the threshold of {state['threshold']}, "
+                            "or without this site")
+    sources = state["sources"]
+    if not set(alive + dropped) <= set(sources):
+        raise ProtocolError("unmasking asks for sites this site holds no shares of")
+    shares = [state["seed_shares"][sources.index(n)] for n in alive]
+    shares += [state["secret_shares"][sources.index(n)] for n in dropped]
+    state["unmasked"] = True
+    return {"nodes": alive + dropped, "shares": shares}
+
+
+def _reply(message: Message, fields: dict) -> Message:
+    return Message(RecordDict({secagg.RECORD: ConfigRecord(fields)}), reply_to=message)
