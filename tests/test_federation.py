@@ -203,3 +203,35 @@ def test_sites_reach_a_coordinator_listening_on_every_interface_by_its_host_name
         federation.stop_all()
     rounds = [r for r in RunDirectory(tmp_path / "run").metrics() if r["event"] == "round"]
     assert [sorted(r["trained"]) for r in rounds] == [["site-1", "site-2"]]
+
+
+def test_under_secure_aggregation_the_coordinator_holds_only_masked_updates(tmp_path, sites_dir, certificates):
+    """Real sites over TLS: each trained reply carries one masked vector (the model's size
+    plus the weight share, uint64) and no record count; the coordinator's round sums all
+    three, moves the model and records nothing of any one site's update."""
+    federation = Federation(tmp_path, sites_dir, certificates)
+    try:
+        federation.start_server("--rounds", "1", "--min-sites", "3", "--run-dir", str(tmp_path / "run"),
+                                "--secure-aggregation", "--max-site-examples", "1000")
+        for site in SITES:
+            federation.start_client(site)
+        assert federation.wait_server(300) == 0, federation.output("server")
+    finally:
+        federation.stop_all()
+    run_dir = RunDirectory(tmp_path / "run")
+    config = RunSettings.from_flower(run_dir.read_config())
+    parameters = sum(a.size for a in model_state(build_model(ModelConfig.from_settings(config))).values())
+    (round_record,) = [r for r in run_dir.metrics() if r["event"] == "round"]
+    assert round_record["aggregated"] and sorted(round_record["trained"]) == list(SITES)
+    assert round_record["secure_aggregation"] == {"threshold": 2, "summed": 3, "dropped": []}
+    trained = [r for r in run_dir.received() if r["round"] == 1 and r["arrays"]]
+    assert len(trained) == len(SITES)
+    for reply in trained:
+        assert reply["arrays"] == {"masked": [[parameters + 1], "uint64"]}
+        assert "examples" not in reply["metrics"] and protocol.VALIDATION_COUNTS in reply["metrics"]
+    before = build_model(ModelConfig.from_settings(config), seed=config.seed)
+    after = load_arrays(run_dir.path / "checkpoints" / "round-0001.npz")
+    assert all(np.isfinite(a).all() for a in after.values())
+    assert not all(np.array_equal(after[k], v) for k, v in model_state(before).items()), "the sum moved the model"
+    for site in SITES:
+        assert [e.round for e in PrivacyLedger(federation.ledger(site)).entries] == [1]
