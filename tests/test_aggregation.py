@@ -142,3 +142,24 @@ def test_the_coordinator_records_each_bounded_update_with_its_reason(tmp_path):
 def test_secure_aggregation_refuses_a_rule_it_cannot_compute():
     with pytest.raises(ValueError, match="can only take their mean"):
         RunSettings(secure_aggregation=True, aggregation="median")
+
+
+def test_the_run_report_lists_each_bounded_update_and_a_failed_secure_round(tmp_path):
+    from fedmed.report.run import run_view
+
+    settings = RunSettings(run_dir=str(tmp_path), width=8, image_size=16, max_update_norm=0.5)
+    run = FederatedRun(grid=None, run=settings)
+    run.run_dir.write_config(settings.to_flower())
+    vector = pack(run.reference)
+    replies = [_reply(run, 1, "honest", vector_to_record(vector + 1e-4)),
+               _reply(run, 2, "scaled", vector_to_record(vector + 1.0))]
+    outcome = run._collect(1, {r.metadata.src_node_id: r for r in replies}, missing=[])
+    state = run._aggregate(1, run.reference, outcome)
+    run._record_round(1, outcome, True, state, 0.1)
+    failed = type(outcome)(secure={"threshold": 3, "failed": "2 of 4 sites sent masked updates"})
+    run._record_round(2, failed, False, state, 0.1)
+    view, findings = run_view(tmp_path)
+    assert view["rounds"][0]["bounded"] == {"scaled": outcome.clipped["scaled"]}
+    codes = {f.code: f.message for f in findings}
+    assert "round 1: scaled: update norm" in codes["updates-bounded"]
+    assert codes["secure-aggregation-failed"] == "round 2: 2 of 4 sites sent masked updates"

@@ -28,6 +28,9 @@ CODES = {
     "rounds-refused": "the site refused rounds because its budget would have been exceeded",
     "sites-dropped": "sites that were asked to train did not return a usable update",
     "budget-wasted": "sites paid privacy budget for a round the coordinator discarded (too few valid updates)",
+    "updates-bounded": "the coordinator scaled down an update longer than the norm bound or capped a claimed weight",
+    "secure-aggregation-failed": "too few sites completed secure aggregation: nothing was unmasked, the round "
+                                 "changed nothing",
 }
 
 NEARLY_SPENT = 0.8

@@ -39,6 +39,14 @@ def run_view(path: Path) -> tuple[dict, list[Finding]]:
     if dropped:
         findings.append(warning("sites-dropped", f"{len(dropped)} site update(s) were lost: "
                                 + "; ".join(f"round {r}: {n}" for r, n in sorted(dropped))))
+    bounded = [f"round {row['round']}: {name}: {why}" for row in rows for name, why in row["bounded"].items()]
+    if bounded:
+        findings.append(warning("updates-bounded", f"{len(bounded)} update(s) bounded before aggregation: "
+                                + "; ".join(bounded)))
+    for row in rows:
+        if (row["secure_aggregation"] or {}).get("failed"):
+            findings.append(warning("secure-aggregation-failed", f"round {row['round']}: "
+                                    f"{row['secure_aggregation']['failed']}"))
     for row in rows:
         if row["wasted"]:
             findings.append(warning("budget-wasted", f"round {row['round']} was discarded ({len(row['trained'])} "
@@ -66,6 +74,8 @@ def _round_row(record: dict, validation: dict | None) -> dict:
         "trained": list(record.get("trained", [])), "budget_exhausted": list(record.get("budget_exhausted", [])),
         "rejected": dict(record.get("rejected", {})), "failed": dict(record.get("failed", {})),
         "missing": list(record.get("missing", [])), "examples": record.get("examples"),
+        "bounded": dict(record.get("clipped", {})), "norm_bound": record.get("norm_bound"),
+        "secure_aggregation": record.get("secure_aggregation"),
         # sites that trained (and paid) for a round the coordinator then discarded
         "wasted": [] if record.get("aggregated") else list(record.get("trained", [])),
         "train_loss": finite_or_none(record.get("train_loss")), "seconds": record.get("seconds"),
