@@ -55,7 +55,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fedavg-probe-"))
     run = dataclasses.replace(scenario.run, run_dir=str(work), run_id=f"probe-{uuid.uuid4().hex[:8]}",
                               server_eval_data=str(data.test_dir))
-    sites = [SiteWork(dataclasses.replace(settings, name=name, data=str(folder), ledger=str(work / f"{name}.jsonl")))
+    sites = [SiteWork(dataclasses.replace(settings, name=name, data=str(folder), ledger=str(work / name / "ledger.jsonl")))
              for name, folder, settings in zip(data.names, data.site_dirs, scenario.site_settings)]
     keep_freed_memory()  # as a site's worker does
     model = build_model(ModelConfig.from_settings(run), seed=run.seed)

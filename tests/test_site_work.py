@@ -92,3 +92,6 @@ def test_a_restarted_site_resends_the_round_it_already_paid_for(site, tmp_path):
     other_run = restarted.train(dataclass_replace(RUN, run_id="run-other"), model, 1)
     assert "resent" not in other_run.message, "the key is (run, round, model)"
     assert [e.round for e in PrivacyLedger(site.ledger).entries] == [1, 1]
+    neighbour = SiteWork(dataclass_replace(site, name="site-9", ledger=str(tmp_path / "state" / "other.jsonl")))
+    own = neighbour.train(dataclass_replace(RUN, run_id="run-other"), model, 1)
+    assert own.site == "site-9" and "resent" not in own.message, "a folder shared with another site: never its update"

@@ -27,6 +27,9 @@ from fedmed.flower.fedavg import SiteUpdate
 
 WEIGHT_CAP_MEDIANS = 10.0  # default weight cap: this many times the round's median record count
 SECURE_WEIGHT_CAP = 1_000_000  # default weight cap under secure aggregation, where no claim is seen
+# Sites' noise multipliers differ with their sizes and budgets: the default bound follows
+# the largest reported within this factor of the lower median.
+REPORT_SPREAD = 2.0
 NOISE_MARGIN = 1.25  # the noise's norm concentrates within a few percent of its expectation; room to spare
 
 
@@ -70,16 +73,18 @@ def honest_norm_bound(run: RunSettings, round_number: int, steps: float, noise_m
 
 def round_norm_bound(run: RunSettings, round_number: int, reports: list[dict], trained_parameters: int,
                      model_norm: float) -> float:
-    """The round's norm bound: the fixed setting, or the honest bound at the lower median of
-    the trained sites' reported steps and noise multipliers (with an honest majority, an
-    honest site's figures). None applies (inf) where most sites train without DP: their
-    gradients are not clipped, so nothing bounds an honest move."""
+    """The round's norm bound: the fixed setting, or the honest bound for the trained sites'
+    reported steps and noise multipliers: the largest reported value within
+    ``REPORT_SPREAD`` times the lower median, so that with an honest majority an honest
+    site's figure sets it, and a site claiming more widens it no further. None applies
+    (inf) where most sites train without DP: their gradients are not clipped, so nothing
+    bounds an honest move."""
     if run.max_update_norm > 0:
         return run.max_update_norm
     if not reports or _lower_median([float(r.get("dp", 0)) for r in reports]) < 1:
         return math.inf
-    steps = _lower_median([float(r.get("steps", 1)) for r in reports])
-    noise = _lower_median([float(r.get("noise-multiplier", 0.0)) for r in reports])
+    steps = _largest_within_spread([float(r.get("steps", 1)) for r in reports])
+    noise = _largest_within_spread([float(r.get("noise-multiplier", 0.0)) for r in reports])
     return honest_norm_bound(run, round_number, steps, noise, trained_parameters, model_norm)
 
 
@@ -145,6 +150,11 @@ def apply_move(current: dict[str, np.ndarray], move: np.ndarray) -> dict[str, np
 
 def _flat(state: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([np.ravel(a).astype(np.float64) for a in state.values()])
+
+
+def _largest_within_spread(values: list[float]) -> float:
+    limit = REPORT_SPREAD * _lower_median(values)
+    return max(v for v in values if v <= limit)
 
 
 def _lower_median(values: list[float]) -> float:

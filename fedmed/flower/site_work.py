@@ -66,7 +66,7 @@ class SiteWork:
         started = time.perf_counter()
         request = (run.run_id, round_number, hashlib.sha256(vector.tobytes()).hexdigest())
         earlier = self._resend.get(request)
-        if earlier is not None:
+        if earlier is not None and earlier.site == self.site.name:  # never another site's, sharing a folder
             return dataclasses.replace(earlier, message=(
                 f"round {round_number} asked again with the same model: earlier update resent, "
                 "no new privacy spending"))
