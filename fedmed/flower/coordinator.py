@@ -36,6 +36,7 @@ from fedmed.weights import load_state, model_state
 log = logging.getLogger("fedmed.coordinator")
 REJOIN_GRACE = 60.0  # seconds a resumed run waits for the sites of its last round to register again
 INTRODUCTION_TIMEOUT = 10.0  # seconds to wait for new sites to say their names
+SECURE_STAGE_TIMEOUT = 60.0  # seconds to wait for secure aggregation's key and share stages (milliseconds of work)
 
 
 @dataclass
@@ -253,14 +254,15 @@ class FederatedRun:
         secure = SecureSum(round_number, chosen)
         outcome = RoundOutcome()
         try:
-            secure.take_keys(self._exchange(secure.keys_messages())[0])
-            secure.take_shares(self._exchange(secure.shares_messages())[0])
+            stage_timeout = min(self.run.round_timeout, SECURE_STAGE_TIMEOUT)
+            secure.take_keys(self._exchange(secure.keys_messages(), stage_timeout)[0])
+            secure.take_shares(self._exchange(secure.shares_messages(), stage_timeout)[0])
             replies, missing, arrivals = self._exchange(secure.train_messages(
                 lambda node: self._message(MessageType.TRAIN, node, state, round_number)))
             outcome = self._collect(round_number, replies, missing)
             outcome.reply_seconds = {self._name(node): t for node, t in arrivals.items()}
             secure.take_masked(outcome.masked)
-            total, count = secure.unmask(self._exchange(secure.unmask_messages())[0])
+            total, count = secure.unmask(self._exchange(secure.unmask_messages(), stage_timeout)[0])
         except SecureRoundFailed as error:
             outcome.secure = {"threshold": secure.threshold, "failed": str(error)}
             log.warning("round %d: secure aggregation failed: %s", round_number, error)
