@@ -235,3 +235,28 @@ def test_under_secure_aggregation_the_coordinator_holds_only_masked_updates(tmp_
     assert not all(np.array_equal(after[k], v) for k, v in model_state(before).items()), "the sum moved the model"
     for site in SITES:
         assert [e.round for e in PrivacyLedger(federation.ledger(site)).entries] == [1]
+
+
+def test_under_secure_aggregation_a_site_dropping_mid_protocol_is_unmasked_around(tmp_path, sites_dir,
+                                                                                   certificates):
+    """site-3 shares its secrets, then refuses to train (its budget is too small): the
+    coordinator rebuilds its secret from the others' shares and removes its masks. The
+    unmasked sum of weight shares is exactly the two survivors' record counts, as their
+    ledgers recorded them (the round is then too small to change the model: min sites 3)."""
+    federation = Federation(tmp_path, sites_dir, certificates)
+    try:
+        federation.start_server("--rounds", "1", "--min-sites", "3", "--run-dir", str(tmp_path / "run"),
+                                "--secure-aggregation", "--max-site-examples", "1000")
+        federation.start_client("site-1")
+        federation.start_client("site-2")
+        federation.start_client("site-3", "--max-epsilon", "0.01")
+        assert federation.wait_server(300) == 0, federation.output("server")
+    finally:
+        federation.stop_all()
+    (round_record,) = [r for r in RunDirectory(tmp_path / "run").metrics() if r["event"] == "round"]
+    assert round_record["budget_exhausted"] == ["site-3"] and sorted(round_record["trained"]) == ["site-1", "site-2"]
+    assert round_record["secure_aggregation"] == {"threshold": 2, "summed": 2, "dropped": ["site-3"]}
+    counts = [max(1, round(next(r.value for r in PrivacyLedger(federation.ledger(site)).releases
+                                if r.statistic == "examples"))) for site in ("site-1", "site-2")]
+    assert round_record["examples"] == pytest.approx(sum(counts), abs=1e-6)
+    assert not round_record["aggregated"]

@@ -270,11 +270,13 @@ class FederatedRun:
         outcome.secure = {"threshold": secure.threshold, "summed": count,
                           "dropped": [self._name(n) for n in secure.dropped]}
         share = float(total[-1])
-        if count < self.run.min_sites or not 0 < share <= count + 1e-6:
-            outcome.secure["failed"] = (f"{count} sites summed (minimum {self.run.min_sites}), weight shares "
-                                        f"{share:.6g}: outside 0..{count}, a site broke the protocol")
-            return outcome, None
         outcome.examples = share * weight_cap(self.run)
+        if not 0 < share <= count + 1e-6:
+            outcome.secure["failed"] = (f"the {count} sites' weight shares sum to {share:.6g}, outside 0..{count}: "
+                                        "a site broke the protocol")
+            return outcome, None
+        if count < self.run.min_sites:
+            return outcome, None  # recorded as too few valid updates, as without secure aggregation
         move = total[:-1] / share
         reports = [m for m in outcome.site_metrics.values() if m.get("status") == RoundStatus.TRAINED]
         model_norm = float(np.linalg.norm(pack(state).astype(np.float64)))
