@@ -23,6 +23,7 @@ ACTIVATION_RETRY = 10.0  # seconds between attempts while the coordinator refuse
 # then starts a new SuperNode, which registers again, after this pause (seconds).
 REJOIN_PAUSE = 1.0
 SHUT_DOWN = "SuperNode terminated gracefully"  # what a SuperNode logs when it ends itself
+SHUTDOWN_LOG_LINES = 500  # how far back an exited SuperNode's log is searched for its shutdown
 EXIT_HANG = 3.0  # seconds a SuperNode that has shut down may take to exit before it is stopped
 RUNTIME_STOP_WAIT = 5.0  # seconds a stopping site gives the round it is serving to finish
 
@@ -92,9 +93,11 @@ def _run_supernode(site: SiteSettings, client: ClientSettings, state: Path, port
 
 
 def _wait_for_exit(supernode: ManagedProcess) -> int:
-    """The SuperNode's exit code. One that has shut down but whose process does not exit (a
-    download thread of Flower's keeps retrying a coordinator that is gone) is stopped after
-    ``EXIT_HANG`` seconds and counts as having ended itself (0)."""
+    """The SuperNode's exit code. One that has shut down counts as having ended itself (0):
+    one whose process does not exit (a download thread of Flower's keeps retrying a
+    coordinator that is gone) is stopped after ``EXIT_HANG`` seconds, and one that a second
+    interrupt of Flower's own cut short while it was shutting down (exit code -2, after a
+    traceback) still said so first."""
     shut_down_at = None
     while (code := supernode.process.poll()) is None:
         if shut_down_at is None and SHUT_DOWN in supernode.log_tail(lines=10):
@@ -103,4 +106,4 @@ def _wait_for_exit(supernode: ManagedProcess) -> int:
             supernode.stop(grace=1.0)
             return 0
         time.sleep(0.5)
-    return code
+    return 0 if code != 0 and SHUT_DOWN in supernode.log_tail(lines=SHUTDOWN_LOG_LINES) else code

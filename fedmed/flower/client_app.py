@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmed.config import RunSettings, SiteSettings
-from fedmed.flower import protocol, secagg, secagg_site
+from fedmed.flower import protocol
 from fedmed.flower.packing import record_to_vector, vector_to_record
 from fedmed.flower.protocol import EvaluateRequest, SiteReply, SiteRequest, TrainRequest
 
@@ -33,7 +33,10 @@ LOCAL_WORK_BYTES = 2 * 2**30
 @app.train()
 def train(message: Message, context: Context) -> Message:
     run = RunSettings.from_flower(context.run_config)
-    if secagg.RECORD in message.content:  # a stage of secure aggregation
+    if protocol.SECURE in message.content:  # a stage of secure aggregation
+        # imported here: a site in a plain run never loads the protocol's code
+        from fedmed.flower import secagg_site
+
         return secagg_site.handle(message, context, run, lambda: _do(_train_request(run, message), context))
     return _reply(_do(_train_request(run, message), context), message)
 

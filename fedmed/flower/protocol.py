@@ -59,6 +59,7 @@ REPLY_TEXT = frozenset({"name", "message"})
 MAX_TEXT = 500
 
 ARRAYS = "arrays"
+SECURE = "secagg"  # the record of a secure-aggregation message (see fedmed.flower.secagg)
 METRICS = "metrics"
 SITE = "site"
 CONFIG = "config"
