@@ -64,16 +64,16 @@ def test_the_task_secret_is_fresh_and_private(tmp_path):
 
 
 def _watch_site_processes(federation: Federation, seen: dict[int, str]) -> None:
-    """Remember every process under the sites, by pid, with its command line. A process
-    read while it is starting or already a zombie has an empty one: it is read again on
-    the next look."""
+    """Remember every process under the sites, by pid, with its latest command line. A
+    process read while it is starting or already a zombie has an empty one, and one read
+    between fork and exec still has its parent's: each is read again on the next look."""
     for pid in descendants({p.pid for p in federation.clients.values()}):
         try:
             command = " ".join(psutil.Process(pid).cmdline())
         except psutil.Error:
             continue
         if command:
-            seen.setdefault(pid, command)
+            seen[pid] = command
 
 
 def test_one_site_process_serves_every_round_of_two_consecutive_runs(tmp_path, sites_dir):
