@@ -99,9 +99,8 @@ def bound_updates(updates: list[SiteUpdate], current: dict[str, np.ndarray], nor
     for update in updates:
         move = _flat(update.state) - base
         reasons = []
-        norm = float(np.linalg.norm(move))
-        if norm > norm_bound:
-            move *= norm_bound / norm
+        norm = scale_to_bound(move, norm_bound)
+        if norm is not None:
             reasons.append(f"update norm {norm:.4g} above the bound {norm_bound:.4g}: scaled down to it")
         weight = float(update.examples)
         if weight > cap:
@@ -112,6 +111,20 @@ def bound_updates(updates: list[SiteUpdate], current: dict[str, np.ndarray], nor
         if reasons:
             bounded.clipped[update.site] = "; ".join(reasons)
     return bounded
+
+
+def scale_to_bound(move: np.ndarray, bound: float) -> float | None:
+    """Scale ``move`` in place to at most ``bound`` long; its norm before, when it was longer."""
+    norm = float(np.linalg.norm(move))
+    if norm <= bound:
+        return None
+    move *= bound / norm
+    return norm
+
+
+def state_norm(state: dict[str, np.ndarray]) -> float:
+    """The L2 norm of a model's weights, all tensors together."""
+    return float(np.linalg.norm(_flat(state)))
 
 
 def combine(bounded: BoundedRound, rule: str, trim_fraction: float) -> np.ndarray:
@@ -166,7 +179,6 @@ def aggregate_round(run: RunSettings, round_number: int, current: dict[str, np.n
     """The round's combined model under the run's settings: each update bounded (the
     round's norm bound from ``reports``, the sites' metrics, and the weight cap), then
     combined by ``run.aggregation``; with what was bounded."""
-    model_norm = float(np.linalg.norm(_flat(current)))
-    norm_bound = round_norm_bound(run, round_number, reports, trained_parameters, model_norm)
+    norm_bound = round_norm_bound(run, round_number, reports, trained_parameters, state_norm(current))
     bounded = bound_updates(updates, current, norm_bound, run.max_site_examples)
     return apply_move(current, combine(bounded, run.aggregation, run.trim_fraction)), bounded

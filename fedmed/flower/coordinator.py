@@ -20,7 +20,8 @@ from torch import nn
 from fedmed.config import PRIVACY_UNITS, RunSettings
 from fedmed.flower import protocol
 from fedmed.flower import secagg
-from fedmed.flower.aggregation import aggregate_round, apply_move, round_norm_bound, weight_cap
+from fedmed.flower.aggregation import (aggregate_round, apply_move, round_norm_bound, scale_to_bound, state_norm,
+                                       weight_cap)
 from fedmed.flower.secagg_coordinator import SecureRoundFailed, SecureSum
 from fedmed.flower.fedavg import SiteUpdate, server_step, validate_update
 from fedmed.flower.initial_model import load_initial_model
@@ -279,11 +280,10 @@ class FederatedRun:
             return outcome, None  # recorded as too few valid updates, as without secure aggregation
         move = total[:-1] / share
         reports = [m for m in outcome.site_metrics.values() if m.get("status") == RoundStatus.TRAINED]
-        model_norm = float(np.linalg.norm(pack(state).astype(np.float64)))
-        outcome.norm_bound = round_norm_bound(self.run, round_number, reports, self.trained_parameters, model_norm)
-        norm = float(np.linalg.norm(move))
-        if norm > outcome.norm_bound:
-            move *= outcome.norm_bound / norm
+        outcome.norm_bound = round_norm_bound(self.run, round_number, reports, self.trained_parameters,
+                                              state_norm(state))
+        norm = scale_to_bound(move, outcome.norm_bound)
+        if norm is not None:
             outcome.clipped["aggregate"] = (f"summed move's norm {norm:.4g} above the bound "
                                             f"{outcome.norm_bound:.4g}: scaled down to it")
         return outcome, apply_move(state, move)
@@ -437,7 +437,8 @@ class FederatedRun:
             "trained": trained, "budget_exhausted": outcome.budget_exhausted,
             "rejected": outcome.rejected, "clipped": outcome.clipped,
             "norm_bound": outcome.norm_bound if math.isfinite(outcome.norm_bound) else None,
-            "aggregation": self.run.aggregation, "secure_aggregation": outcome.secure, "failed": outcome.failed, "missing": outcome.missing,
+            "aggregation": self.run.aggregation, "secure_aggregation": outcome.secure,
+            "failed": outcome.failed, "missing": outcome.missing,
             "examples": examples, "train_loss": _weighted(losses),
             "slowest_site_train_seconds": max(
                 (m.get("seconds-train", 0.0) for m in outcome.site_metrics.values()), default=0.0),

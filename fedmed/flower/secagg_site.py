@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from fedmed.config import RunSettings
 from fedmed.flower import protocol, secagg
-from fedmed.flower.aggregation import honest_norm_bound, weight_cap
+from fedmed.flower.aggregation import honest_norm_bound, scale_to_bound, weight_cap
 from fedmed.flower.packing import record_to_vector
 from fedmed.flower.protocol import SiteReply
 
@@ -133,9 +133,7 @@ def weighted_move(run: RunSettings, round_number: int, reply: SiteReply, receive
         trained_parameter_count(ModelConfig.from_settings(run)), float(np.linalg.norm(received)))
     if not reply.metrics.get("dp") and not run.max_update_norm:
         bound = math.inf  # nothing bounds a non-private move but a fixed setting
-    norm = float(np.linalg.norm(move))
-    if norm > bound:
-        move *= bound / norm
+    scale_to_bound(move, bound)
     share = min(float(reply.metrics.get("examples", 1)), weight_cap(run)) / weight_cap(run)
     return np.append(share * move, share)
 

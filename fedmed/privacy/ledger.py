@@ -55,8 +55,15 @@ class LedgerError(Exception):
     """The ledger cannot be trusted; the site must not train until a person looks at it."""
 
 
+class _LedgerLine:
+    """A record as one ledger line: JSON with sorted keys, so the same record is the same bytes."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
+
+
 @dataclass(frozen=True)
-class LedgerEntry:
+class LedgerEntry(_LedgerLine):
     """One completed round at one site."""
 
     site: str
@@ -82,16 +89,13 @@ class LedgerEntry:
     privacy_unit: str = "image"
     previous: str | None = None  # hash of the line before; None: written before the chain existed
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
-
     @classmethod
     def from_dict(cls, data: dict) -> LedgerEntry:
         return cls(**_with_history(data))
 
 
 @dataclass(frozen=True)
-class LedgerRefusal:
+class LedgerRefusal(_LedgerLine):
     """A round the site refused to train; nothing was spent."""
 
     site: str
@@ -107,16 +111,13 @@ class LedgerRefusal:
     version: int = LEDGER_VERSION
     previous: str | None = None  # hash of the line before; None: written before the chain existed
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
-
     @classmethod
     def from_dict(cls, data: dict) -> LedgerRefusal:
         return cls(**data)
 
 
 @dataclass(frozen=True)
-class LedgerRelease:
+class LedgerRelease(_LedgerLine):
     """A statistic the site sent besides a model update."""
 
     site: str
@@ -135,9 +136,6 @@ class LedgerRelease:
     kind: str = "release"
     version: int = LEDGER_VERSION
     previous: str | None = None  # hash of the line before; None: written before the chain existed
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: dict) -> LedgerRelease:

@@ -100,7 +100,7 @@ def _run_blocks(run: dict, figures: dict[str, Figure]) -> list:
         val = r["validation"] or {}
         held_out = r["server_validation"] or {}
         rows.append([str(r["round"]), format_number(r["aggregated"]), _names(r["trained"]), _names(r["budget_exhausted"]),
-                     _names(r["rejected"]), _names(r.get("bounded", {})), _names(r["failed"]), _names(r["missing"]), _names(r["wasted"]),
+                     _names(r["rejected"]), _names(r["bounded"]), _names(r["failed"]), _names(r["missing"]), _names(r["wasted"]),
                      format_number(r["train_loss"]),
                      format_number(val.get("auroc")), format_number(val.get("accuracy")), format_number(val.get("balanced_accuracy")),
                      format_number(held_out.get("auroc"))])
