@@ -45,7 +45,8 @@ class Federation:
 
     def start_client(self, site: str, *extra: str, program: list[str] | None = None) -> subprocess.Popen:
         """``fedmed-client`` for ``site``, or ``program`` given the same arguments."""
-        tls = (["--root-certificates", str(self.certificates / "ca.crt")] if self.certificates
+        tls = (["--root-certificates", str(self.certificates / "ca.crt"),
+                "--coordinator-key", str(self.certificates / "coordinator.pub")] if self.certificates
                else ["--insecure"])
         command = [*(program or [str(BIN / "fedmed-client")]), "--server", f"{self.server_name}:{self.port}",
                    "--data", str(self.sites_dir / site), "--site", site, *tls,

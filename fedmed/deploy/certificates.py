@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedmed.files import write_atomic
+from fedmed.run_signing import PRIVATE_KEY, PUBLIC_KEY, make_coordinator_key
 
 CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server.crt", "server.key"
 
@@ -23,7 +24,8 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1")
 def make_dev_certificates(out_dir: Path, hosts: list[str], days: int = 365) -> dict[str, Path]:
     """A throw-away CA and a server certificate for ``hosts`` (names or IP addresses) and
     for this machine's loopback names, which the coordinator's own SuperLink dials (Flower
-    reaches its runtime API on 127.0.0.1 over the same TLS)."""
+    reaches its runtime API on 127.0.0.1 over the same TLS); and the coordinator's key pair
+    for signing run settings (``fedmed.run_signing``)."""
     if not hosts:
         raise ValueError("give at least one host name or IP address for the server certificate")
     hosts = list(dict.fromkeys([*hosts, *LOOPBACK_NAMES]))
@@ -59,6 +61,7 @@ def make_dev_certificates(out_dir: Path, hosts: list[str], days: int = 365) -> d
     write_atomic(paths[SERVER_CERT], server_cert.public_bytes(serialization.Encoding.PEM))
     write_atomic(paths[SERVER_KEY], _private_pem(server_key))
     paths[SERVER_KEY].chmod(0o600)
+    paths[PRIVATE_KEY], paths[PUBLIC_KEY] = make_coordinator_key(out_dir)
     # The CA key is not kept: nobody can sign more certificates with this throw-away CA.
     return paths
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -37,15 +38,22 @@ def check_tls_choice(certificates: Path | None, insecure: bool, files: tuple[str
             raise ValueError(f"{certificates} lacks {', '.join(missing)}")
 
 
-def start_superlink(host: str, port: int, certificates: Path | None, log_path: Path, flwr_home: Path,
+# Flower's legacy gRPC Control and Fleet APIs listen on all interfaces when these are "1".
+LEGACY_GRPC_OFF = {"FLWR_INTERNAL_GRPC_CONTROL_API": "0", "FLWR_INTERNAL_GRPC_FLEET_API": "0"}
+
+
+def start_superlink(port: int, certificates: Path | None, log_path: Path, flwr_home: Path,
                     node_auth: bool = False) -> ManagedProcess:
-    """The SuperLink keeps its state (registered sites, runs, messages) in memory: a SQLite
-    file made every message wait for disk writes (BENCHMARKS.md, round overhead: 0.8 s
-    against 0.3 s a round). A restarted coordinator starts afresh; the sites notice and
-    register again by themselves (``fedmed.deploy.site``), and the run directory holds what
-    a resumed run needs."""
+    """A SuperLink on loopback only: its one port also serves Flower's Control API, which
+    must never be reachable from where the sites connect (the sites reach its Fleet API
+    through ``fedmed.deploy.gateway``).
+
+    It keeps its state (registered sites, runs, messages) in memory: a SQLite file made
+    every message wait for disk writes (BENCHMARKS.md, round overhead: 0.8 s against 0.3 s
+    a round). A restarted coordinator starts afresh; the sites notice and register again by
+    themselves (``fedmed.deploy.site``), and the run directory holds what a resumed run needs."""
     command = [flower_command("flower-superlink"), "--disable-runtime-dependency-installation",
-               "--host", host, "--port", str(port)]  # state in memory (the default)
+               "--host", "127.0.0.1", "--port", str(port)]  # state in memory (the default)
     if certificates is None:
         command.append("--insecure")
     else:
@@ -54,7 +62,18 @@ def start_superlink(host: str, port: int, certificates: Path | None, log_path: P
                     "--ssl-keyfile", str(certificates / SERVER_KEY)]
     if node_auth:
         command.append("--enable-supernode-auth")
-    return ManagedProcess(command, log_path, {"FLWR_HOME": str(flwr_home)})
+    return ManagedProcess(command, log_path, {"FLWR_HOME": str(flwr_home), **LEGACY_GRPC_OFF})
+
+
+def start_gateway(host: str, port: int, superlink_port: int, certificates: Path | None,
+                  log_path: Path) -> ManagedProcess:
+    """The sites' door on ``host:port``: forwards only the Fleet API to the loopback SuperLink."""
+    command = [sys.executable, "-m", "fedmed.deploy.gateway", "--host", host, "--port", str(port),
+               "--upstream-port", str(superlink_port)]
+    if certificates is not None:
+        command += ["--certfile", str(certificates / SERVER_CERT), "--keyfile", str(certificates / SERVER_KEY),
+                    "--ca-certfile", str(certificates / CA_CERT)]
+    return ManagedProcess(command, log_path)
 
 
 def start_simulation_superlink(port: int, log_path: Path, flwr_home: Path, env: dict[str, str]) -> ManagedProcess:

@@ -3,6 +3,7 @@ that admits the hospitals, and the run on it (``fedmed.deploy.launch``)."""
 
 from __future__ import annotations
 
+import sys
 import uuid
 from dataclasses import replace
 from datetime import datetime
@@ -10,8 +11,10 @@ from pathlib import Path
 
 from fedmed.config import RunSettings, ServerSettings
 from fedmed.deploy.certificates import CA_CERT, SERVER_CERT, SERVER_KEY
-from fedmed.deploy.launch import check_tls_choice, launch, start_superlink
+from fedmed.deploy.launch import check_tls_choice, launch, start_gateway, start_superlink
+from fedmed.deploy.processes import free_port, wait_for_port
 from fedmed.flower.rundir import RunDirectory
+from fedmed.run_signing import PRIVATE_KEY, sign_run
 
 
 def check_server(server: ServerSettings) -> None:
@@ -53,19 +56,39 @@ def resumed_run(path: Path) -> tuple[RunSettings, RunDirectory]:
     return replace(run, start_round=done + 1), run_dir
 
 
+def signing_key(server: ServerSettings) -> Path | None:
+    """The coordinator's private signing key: the setting, else coordinator.key beside the certificates."""
+    if server.signing_key:
+        return Path(server.signing_key)
+    certificates = certificates_dir(server)
+    default = certificates / PRIVATE_KEY if certificates else None
+    return default if default is not None and default.is_file() else None
+
+
 def coordinate(run: RunSettings, run_dir: RunDirectory, server: ServerSettings, live: bool) -> dict:
-    """Start the SuperLink, register the sites' keys, run the rounds; the SuperLink is
-    stopped before this returns the run's final status."""
+    """Start the SuperLink on loopback and the sites' gateway on the operator's address,
+    register the sites' keys, sign the run's settings and run the rounds; both processes
+    are stopped before this returns the run's final status."""
     certificates = certificates_dir(server)
     keys = Path(server.authorized_keys) if server.authorized_keys else None
-    superlink = start_superlink(server.host, server.port, certificates, run_dir.path / "logs" / "superlink.log",
-                                run_dir.path / ".flwr", node_auth=keys is not None)
+    key = signing_key(server)
+    if key is not None:
+        run = sign_run(run, key)
+    else:
+        print("WARNING: no signing key (coordinator.key): sites that pinned a coordinator key will refuse "
+              "this run", file=sys.stderr)
+    logs = run_dir.path / "logs"
+    superlink_port = free_port()
+    superlink = start_superlink(superlink_port, certificates, logs / "superlink.log", run_dir.path / ".flwr",
+                                node_auth=keys is not None)
+    gateway = start_gateway(server.host, server.port, superlink_port, certificates, logs / "gateway.log")
     try:
-        local = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
+        wait_for_port({"0.0.0.0": "127.0.0.1", "::": "::1"}.get(server.host, server.host), server.port, 60, gateway)
         ca = certificates / CA_CERT if certificates else None
         # Over TLS, connect by a name the development certificate covers.
-        host = "localhost" if ca is not None and local == "127.0.0.1" else local
-        return launch(run, run_dir, superlink, host, server.port, root_certificate=ca, authorized_keys=keys,
+        host = "localhost" if ca is not None else "127.0.0.1"
+        return launch(run, run_dir, superlink, host, superlink_port, root_certificate=ca, authorized_keys=keys,
                       live=live)
     finally:
+        gateway.stop()
         superlink.stop()

@@ -35,7 +35,8 @@ def state_dir(site: SiteSettings, client: ClientSettings) -> Path:
 def site_settings(site: SiteSettings, client: ClientSettings) -> SiteSettings:
     """The site's settings with absolute paths and its ledger in the state directory."""
     return replace(site, data=str(Path(site.data).resolve()), ledger=str(state_dir(site, client) / "ledger.jsonl"),
-                   cache_dir=str(Path(site.cache_dir or default_cache_dir()).resolve()))
+                   cache_dir=str(Path(site.cache_dir or default_cache_dir()).resolve()),
+                   coordinator_key=str(Path(site.coordinator_key).resolve()) if site.coordinator_key else "")
 
 
 def serve(work: SiteWork, client: ClientSettings) -> int:
@@ -45,7 +46,7 @@ def serve(work: SiteWork, client: ClientSettings) -> int:
     client_app.serve_site(work)
     secret = write_secret(state)
     port = free_port()
-    runtime = SiteRuntime(f"127.0.0.1:{port}", secret.read_bytes(), client_app.app)
+    runtime = SiteRuntime(f"127.0.0.1:{port}", secret.read_bytes(), client_app.app, site)
     runtime.start()
     try:
         return _run_supernode(site, client, state, port, secret)

@@ -10,7 +10,9 @@ and little else (BENCHMARKS.md, "Round overhead").
 Only the holder of the site's secret (a file only the site's user can read) may acquire
 tasks. The runtime serves fedmed's own ClientApp only: a task of a run submitted with any
 other app gets an error reply and never reaches the site's data, and no code from the
-run's app bundle is ever imported. A failure in one round becomes that round's error
+run's app bundle is ever imported. With a pinned coordinator key (``site.coordinator_key``)
+it serves only runs whose settings that coordinator signed (``fedmed.run_signing``); any
+other run is refused the same way, before the ClientApp sees it. A failure in one round becomes that round's error
 reply and a failed task; the next round is served as usual.
 """
 
@@ -57,9 +59,10 @@ from flwr.supercore.interceptors import (  # noqa: E402
 from flwr.supercore.runtime import RuntimeHttpClient  # noqa: E402
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output  # noqa: E402
 
-from fedmed.config import tomllib  # noqa: E402
+from fedmed.config import RunSettings, SiteSettings, tomllib  # noqa: E402
 from fedmed.deploy.launch import APP_COMPONENTS  # noqa: E402
 from fedmed.flower import protocol  # noqa: E402
+from fedmed.run_signing import RunRefused, check_run  # noqa: E402
 
 log = logging.getLogger("fedmed.site")
 
@@ -85,9 +88,10 @@ class ForeignAppError(RuntimeError):
 class SiteRuntime:
     """Acquires the ClientApp tasks of one SuperNode and answers them with ``app``, one at a time."""
 
-    def __init__(self, address: str, secret: bytes, app: ClientApp) -> None:
+    def __init__(self, address: str, secret: bytes, app: ClientApp, site: SiteSettings | None = None) -> None:
         self.address = address  # the SuperNode's runtime API, host:port
         self.app = app
+        self.site = site  # whose pinned coordinator key and federation decide which runs are served
         self._stop = threading.Event()
         self._acquirer = RuntimeHttpClient.from_server_address(
             address, insecure=True, root_certificates=None,
@@ -138,9 +142,17 @@ class SiteRuntime:
             context = context_from_proto(task.context)
             message = _pull_message(client, context)
             _check_app(fab_from_proto(task.fab).content)
+            self.check_run(context)
             reply = self.app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
             _print_round(message, reply)
+        except (ForeignAppError, RunRefused) as error:  # a run this site never agreed to serve
+            details = f"{type(error).__name__}: {error}"
+            log.warning("refused a task: %s", error)
+            print(f"refused: {error}; nothing was read or spent", file=sys.stderr, flush=True)
+            if message is not None:
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details[:1000]),
+                                reply_to=message)
         except Exception as error:  # the coordinator gets this round's error; the site goes on
             details = f"{type(error).__name__}: {error}"
             log.exception("a round's work failed")
@@ -157,6 +169,16 @@ class SiteRuntime:
             push_task_output(client, context, status, details)
             heartbeat.stop()
             client.close()
+
+    def check_run(self, context: Context) -> None:
+        """Refuse a run the site's pinned coordinator did not sign (``RunRefused``)."""
+        if self.site is None or not self.site.coordinator_key:
+            return
+        try:
+            run = RunSettings.from_flower(context.run_config)
+        except ValueError as error:
+            raise RunRefused(f"the run's settings are not fedmed's ({error})") from error
+        check_run(run, Path(self.site.coordinator_key), self.site.federation_name)
 
 
 def _heartbeat(client: RuntimeHttpClient):
