@@ -31,6 +31,10 @@ from fedmed.files import write_atomic
 PRIVATE_KEY, PUBLIC_KEY = "coordinator.key", "coordinator.pub"
 
 
+_HINT = {what: f"give the coordinator's {name} (a key pair is made by `fedmed certificates coordinator-key`)"
+         for what, name in (("public", PUBLIC_KEY), ("private", PRIVATE_KEY))}
+
+
 class RunRefused(Exception):
     """A site does not serve this run: it is not signed by the coordinator the site pinned,
     or not of the site's federation. Nothing was read or spent."""
@@ -91,8 +95,8 @@ def _load(path: Path, loader, kind: type, what: str):
         data = Path(path).read_bytes()
         key = loader(data, None) if what == "private" else loader(data)
     except (OSError, ValueError, TypeError) as error:
-        raise ValueError(f"cannot read the coordinator's {what} signing key {path}: {error}") from error
+        raise ValueError(f"cannot read the coordinator's {what} signing key {path} ({error}); {_HINT[what]}") \
+            from error
     if not isinstance(key, kind):
-        raise ValueError(f"{path} is not an Ed25519 {what} key (make one with `fedmed certificates "
-                         "coordinator-key`)")
+        raise ValueError(f"{path} is not an Ed25519 {what} key; {_HINT[what]}")
     return key
