@@ -4,6 +4,7 @@ serves only runs its pinned coordinator signed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import subprocess
@@ -133,3 +134,25 @@ def test_fedmed_client_over_tls_needs_a_pinned_coordinator_key(tmp_path):
     result = subprocess.run([*base, "--coordinator-key", str(tmp_path / "certs" / "server.key")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "server.key" in result.stderr and "coordinator.pub" in result.stderr
+
+
+def test_the_gateway_forwards_only_fleet_calls_and_bounds_their_size(monkeypatch):
+    from fedmed.deploy import gateway
+
+    assert gateway.is_site_request("POST", "/v1/fleet/pull-messages")
+    for method, path in [("POST", "/v1/control/start-run"), ("POST", "/v1/runtime/pull-app-inputs"),
+                         ("GET", "/v1/fleet/pull-messages"), ("POST", "/v1/fleet/../control/list-runs"),
+                         ("GET", "/docs"), ("POST", "/health")]:
+        assert not gateway.is_site_request(method, path), (method, path)
+    monkeypatch.setattr(gateway, "MAX_BODY", 1000)
+    app = gateway.create_app("http://127.0.0.1:9", False)  # nobody listens upstream
+
+    async def statuses() -> list[int]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+            return [(await client.post("/v1/control/list-runs", content=b"")).status_code,
+                    (await client.get("/docs")).status_code,
+                    (await client.post("/v1/fleet/push-object", content=b"x" * 1001)).status_code,
+                    (await client.post("/v1/fleet/push-object", content=b"x" * 1000)).status_code]
+
+    # refused before forwarding: 404, 404, 413; forwarded, and nobody answers: 503
+    assert asyncio.run(statuses()) == [404, 404, 413, 503]

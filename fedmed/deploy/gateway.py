@@ -39,6 +39,10 @@ FLEET_PREFIX = "/v1/fleet/"  # the only API a site needs
 NOT_FORWARDED = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                            "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=600.0, pool=10.0)
+# Largest request body forwarded. A site's biggest request carries one model vector (a
+# ResNet-50 at width 64, 23.5 M parameters, is 94 MB as float32); anything far larger is
+# refused before it is buffered, so a stranger cannot fill the coordinator's memory.
+MAX_BODY = 512 * 2**20
 
 log = logging.getLogger("fedmed.gateway")
 
@@ -58,9 +62,13 @@ def create_app(upstream: str, verify: ssl.SSLContext | bool) -> Starlette:
             log.warning("refused %s %s from %s: only the Fleet API is served on the sites' port",
                         request.method, request.url.path[:200].encode("unicode_escape").decode("ascii"), caller)
             return PlainTextResponse("not found", status_code=404)
+        body = await _bounded_body(request)
+        if body is None:
+            log.warning("refused %s from %s: body over %d bytes", request.url.path, caller, MAX_BODY)
+            return PlainTextResponse("request too large", status_code=413)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED]
         outgoing = client.build_request(request.method, request.url.path, params=request.query_params,
-                                        headers=headers, content=await request.body())
+                                        headers=headers, content=body)
         try:
             answer = await client.send(outgoing, stream=True)
         except httpx.HTTPError as error:
@@ -78,6 +86,19 @@ def create_app(upstream: str, verify: ssl.SSLContext | bool) -> Starlette:
         await client.aclose()
 
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+async def _bounded_body(request: Request) -> bytes | None:
+    """The request's body, or None as soon as it passes ``MAX_BODY`` (nothing more is read)."""
+    declared = request.headers.get("content-length", "0")
+    if not declared.isdigit() or int(declared) > MAX_BODY:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            return None
+    return bytes(body)
 
 
 def upstream_tls(ca_certfile: str) -> ssl.SSLContext:

@@ -12,7 +12,7 @@ from pathlib import Path
 from fedmed.config import RunSettings, ServerSettings
 from fedmed.deploy.certificates import CA_CERT, SERVER_CERT, SERVER_KEY
 from fedmed.deploy.launch import check_tls_choice, launch, start_gateway, start_superlink
-from fedmed.deploy.processes import free_port, wait_for_port
+from fedmed.deploy.processes import ManagedProcess, free_port, wait_for_port
 from fedmed.flower.rundir import RunDirectory
 from fedmed.run_signing import PRIVATE_KEY, sign_run
 
@@ -65,6 +65,11 @@ def signing_key(server: ServerSettings) -> Path | None:
     return default if default is not None and default.is_file() else None
 
 
+def _check_running(process: ManagedProcess, what: str) -> None:
+    if not process.running():
+        raise RuntimeError(f"{what} stopped (code {process.process.returncode}):\n{process.log_tail()}")
+
+
 def coordinate(run: RunSettings, run_dir: RunDirectory, server: ServerSettings, live: bool) -> dict:
     """Start the SuperLink on loopback and the sites' gateway on the operator's address,
     register the sites' keys, sign the run's settings and run the rounds; both processes
@@ -88,7 +93,7 @@ def coordinate(run: RunSettings, run_dir: RunDirectory, server: ServerSettings, 
         # Over TLS, connect by a name the development certificate covers.
         host = "localhost" if ca is not None else "127.0.0.1"
         return launch(run, run_dir, superlink, host, superlink_port, root_certificate=ca, authorized_keys=keys,
-                      live=live)
+                      live=live, on_tick=lambda: _check_running(gateway, "the sites' gateway"))
     finally:
         gateway.stop()
         superlink.stop()
