@@ -39,6 +39,9 @@ EXACT_RELEASES = ("examples", "validation", "loss", "timing")
 # How the coordinator combines the sites' bounded updates: see fedmed.flower.aggregation.
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 NORM_GROUPS = 8  # GroupNorm groups of the model; the model's width must be a multiple
+# The most classes a run may name: the classifier's last layer grows with them, and the
+# coordinator chooses them for every site (ImageNet has 1000; no medical task comes close).
+MAX_CLASSES = 1000
 
 
 def exact_releases(text: str) -> frozenset[str]:
@@ -102,20 +105,27 @@ class RunSettings:
                                   section="data", low=0.0, below=1.0)
     # model
     depth: int = setting(18, "ResNet depth", section="model", choices=(10, 18, 34, 50))
+    # The upper bounds of width and of the training settings cap what a coordinator can make
+    # every site build, hold and run; each is far beyond any real run (fedmed's run width 8 to
+    # 32, tens of rounds) yet keeps one request from asking a site for unbounded memory or time.
+    # width 256 (4x torchvision's): a ResNet-50 of 375 M parameters, 1.4 GiB a model sent.
     width: int = setting(16, "channels of the first ResNet stage (torchvision's: 64); later stages have 2x, "
-                         "4x, 8x", section="model", low=NORM_GROUPS, multiple_of=NORM_GROUPS)
+                         "4x, 8x", section="model", low=NORM_GROUPS, high=256, multiple_of=NORM_GROUPS)
     frontend: str = setting("pixels", "what the ResNet's stages learn from: pixels (a trained stem) or "
                             "scattering (a fixed wavelet scattering transform, fewer trained parameters for "
                             "DP to noise)", section="model", choices=FRONTENDS)
     # training
-    rounds: int = setting(3, "federated rounds", section="training", low=1)
-    local_epochs: int = setting(1, "passes over a site's data per round", section="training", low=1)
+    # rounds: daily rounds for 27 years; a site plans its releases over every round
+    rounds: int = setting(3, "federated rounds", section="training", low=1, high=10_000)
+    local_epochs: int = setting(1, "passes over a site's data per round", section="training", low=1, high=100)
     local_steps: int = setting(0, "DP-SGD steps per round at every site, whatever its size (0: local_epochs "
                                "passes over its data); equal steps keep large sites from drifting further "
-                               "than small ones under label skew", section="training", low=0)
-    batch_size: int = setting(64, "expected (logical) batch size of each step", section="training", low=1)
+                               "than small ones under label skew", section="training", low=0, high=10_000)
+    batch_size: int = setting(64, "expected (logical) batch size of each step", section="training", low=1,
+                              high=65_536)
+    # physical_batch_size: per-sample gradients of this many images are held at once
     physical_batch_size: int = setting(64, "images per forward/backward pass; bounds memory, not the step",
-                                       section="training", low=1)
+                                       section="training", low=1, high=4096)
     learning_rate: float = setting(0.1, "the sites' SGD step size", section="training", above=0.0)
     learning_rate_schedule: str = setting("constant", "the sites' step size over rounds: constant, or cosine "
                                           "(decays towards 0 by the last round, so late rounds add less "
@@ -182,8 +192,9 @@ class RunSettings:
         check_ranges(self)
         if not 1 <= self.start_round <= self.rounds:
             raise ValueError(f"the start round must be within 1..{self.rounds}, got {self.start_round}")
-        if len(self.class_names) < 2:
-            raise ValueError(f"data.classes must name at least 2 classes, got {self.classes!r}")
+        if not 2 <= len(self.class_names) <= MAX_CLASSES:
+            raise ValueError(f"data.classes must name 2 to {MAX_CLASSES} classes, got {len(self.class_names)}: "
+                             f"{self.classes[:200]!r}")
         for name in ("class_weights", "class_prior"):
             _check_per_class(name, getattr(self, name), self.class_names)
         if self.secure_aggregation and self.aggregation != "mean":
@@ -255,6 +266,11 @@ class SiteSettings:
     release_exact: str = setting("", "statistics this site sends exactly, without DP, comma-separated from: "
                                  f"{', '.join(EXACT_RELEASES)}; each is recorded in the ledger as a non-private "
                                  "release and shown as a finding (empty: none)", section="privacy", per_site=True)
+    min_secure_threshold: float = setting(0.5, "secure aggregation: the site answers a round only if the "
+                                          "coordinator's threshold (shares needed to unmask) is more than this "
+                                          "fraction of the sites in the round's key list, and at least 2 (0.5: a "
+                                          "strict majority, so no two disjoint groups of sites can each unmask)",
+                                          section="privacy", low=0.5, below=1.0)
     ledger: str = internal("", "the site's privacy ledger (fedmed-client keeps it in the state directory)")
 
     def __post_init__(self) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import re
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,7 @@ from fedmed.config import (ClientSettings, RunSettings, ServerSettings, Simulati
                            key, load_settings, options)
 from fedmed.deploy.launch import write_app, write_node_config
 from fedmed.deploy.site import site_settings
+from fedmed.flower.secagg_site import ProtocolError, check_threshold
 from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.simulate.federated import run_settings, site_settings as simulated_sites
@@ -52,6 +55,11 @@ COORDINATOR = {"server_learning_rate", "server_momentum", "min_sites", "fraction
                "max_update_norm", "max_site_examples", "secure_aggregation"}
 SITE_IDENTITY = {"name", "data", "cache_dir"}
 EVALUATION = {"evaluate_every"}  # which rounds' models the sites and the coordinator evaluate
+SECURE_AGGREGATION = {"min_secure_threshold"}  # a site's check of the coordinator's threshold (secagg_site)
+# What sizes a site's work, chosen by the coordinator: each has an upper bound (data.image_size's is older).
+SITE_WORK_BOUNDS = {"width": "in [8, 256], a multiple of 8", "rounds": "in [1, 10000]",
+                    "local_epochs": "in [1, 100]", "local_steps": "in [0, 10000]", "batch_size": "in [1, 65536]",
+                    "physical_batch_size": "in [1, 4096]"}
 
 TEXT_VALUES = {"classes": "normal,pneumonia,effusion", "class_weights": "2.0,0.5", "class_prior": "0.3,0.7",
                "source": "npz", "release_exact": "loss,timing"}
@@ -142,11 +150,15 @@ def check_site_value(site: SiteSettings, name: str, value) -> None:
     assert getattr(site, name) == value
     if name in INTO_PRIVACY:
         assert getattr(PrivacyConfig.from_settings(site, RunSettings()), INTO_PRIVACY[name]) == value
+    if name in SECURE_AGGREGATION:  # the site's minimum is what its check holds a threshold to
+        check_threshold(math.floor(value * 10) + 1, 10, site.min_secure_threshold)
+        with pytest.raises(ProtocolError, match=f"min_secure_threshold = {value:g}"):
+            check_threshold(math.floor(value * 10), 10, site.min_secure_threshold)
 
 
 def test_every_run_and_site_setting_has_a_home():
     placed = (set(INTO_TRAIN) | ROUND_SCHEDULE | set(INTO_PRIVACY) | set(INTO_MODEL) | SITE_SPLIT | COORDINATOR
-              | SITE_IDENTITY | EVALUATION)
+              | SITE_IDENTITY | EVALUATION | SECURE_AGGREGATION)
     for cls in (RunSettings, SiteSettings):
         unplaced = [key(f) for f in options(cls) if f.name not in placed]
         assert not unplaced, f"settings with no known use at the site or coordinator: {unplaced}"
@@ -260,7 +272,7 @@ def test_a_config_file_with_an_unknown_or_out_of_range_key_is_refused_by_name(tm
                              str(tmp_path / "run")], capture_output=True, text=True, env=process_env(tmp_path),
                             timeout=120)
     assert result.returncode == 2 and str(config) in result.stderr
-    assert "training.rounds must be >= 1, got 0" in result.stderr
+    assert "training.rounds must be in [1, 10000], got 0" in result.stderr
     with pytest.raises(ValueError, match="model.width must be a multiple of 8, got 12"):
         RunSettings(width=12)
     assert not (tmp_path / "run").exists(), "nothing is written for a refused configuration"
@@ -274,6 +286,25 @@ def test_a_config_file_with_an_unknown_or_out_of_range_key_is_refused_by_name(tm
     with pytest.raises(ValueError, match=r"sim.toml: unknown section \[privcy\].*did you mean privacy"):
         (tmp_path / "sim.toml").write_text("[privcy]\ndp = false\n")
         load_scenario(tmp_path / "sim.toml")
+
+
+@pytest.mark.parametrize("name", sorted(SITE_WORK_BOUNDS))
+def test_a_setting_that_sizes_a_site_s_work_is_refused_above_its_bound_by_name(name):
+    """A site takes these from the coordinator's run config: a refused value names the
+    setting and its bound, wherever it comes from."""
+    f = next(f for f in options(RunSettings) if f.name == name)
+    huge = {"width": 2**20, "rounds": 10**7}.get(name, 10**9)
+    refusal = re.escape(f"{key(f)} must be {SITE_WORK_BOUNDS[name]}, got {huge}")
+    with pytest.raises(ValueError, match=refusal):
+        RunSettings(**{name: huge})
+    with pytest.raises(ValueError, match=f"the run config: {refusal}"):
+        RunSettings.from_flower({**RunSettings().to_flower(), name.replace("_", "-"): huge})
+    assert getattr(RunSettings(**{name: f.metadata["high"]}), name) == f.metadata["high"]
+
+
+def test_a_run_names_at_most_a_thousand_classes():
+    with pytest.raises(ValueError, match="data.classes must name 2 to 1000 classes, got 1001"):
+        RunSettings(classes=",".join(f"c{i}" for i in range(1001)))
 
 
 def test_options_on_the_command_line_win_over_the_config_file(tmp_path):

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from fedmed.config import RunSettings
-from fedmed.flower import protocol
+from fedmed.config import RunSettings, SiteSettings
+from fedmed.deploy.launch import write_app, write_flower_home
+from fedmed.deploy.processes import ManagedProcess
+from fedmed.flower import client_app, protocol
 from fedmed.flower.coordinator import FederatedRun
 from fedmed.flower.fedavg import SiteUpdate, server_step, weighted_average
 from fedmed.flower.packing import pack, unpack, vector_to_record
-from fedmed.flower.protocol import RoundStatus
+from fedmed.flower.protocol import RoundStatus, SiteReply, SiteRequest, TrainRequest
+from fedmed.flower.rundir import RunDirectory
 from flwr.supercore.task_identity import TaskIdentity
 
 
@@ -153,3 +160,89 @@ def test_with_too_few_sites_connected_no_site_is_asked_to_train(tmp_path):
     assert grid.calls > 2, "the run started with two sites, then waited for the second to come back"
     assert grid.sent == []
     assert run.run_dir.status()["phase"] == "waiting"
+
+
+class _MovingSite:
+    """A site's work that moves the received model a little each round (no data, no DP)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.site = SiteSettings(name=name)
+
+    def handle(self, request: SiteRequest) -> SiteReply:
+        if isinstance(request, TrainRequest):
+            metrics = {"status": int(RoundStatus.TRAINED), "dp": 1, "steps": 1, "epsilon": 1.0, "delta": 1e-5,
+                       "noise-multiplier": 1.0, "privacy-unit": 1, "examples": 50}
+            return SiteReply(self.name, metrics, model=request.model + np.float32(0.001))
+        return SiteReply(self.name, {})
+
+
+class _SitesGrid:
+    """Flower's Grid with each message answered at once by fedmed's ClientApp, serving the
+    node's ``_MovingSite``."""
+
+    def __init__(self, run: RunSettings, sites: dict[int, _MovingSite]) -> None:
+        self.run, self.sites = run, sites
+        self.replies: dict[str, Message] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.sites)
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for message in messages:
+            message_id = f"m{len(self.replies)}"
+            message.metadata.__dict__["_message_id"] = message_id
+            node = message.metadata.dst_node_id
+            client_app.serve_site(self.sites[node])
+            handler = client_app.evaluate_global if message.metadata.message_type == MessageType.EVALUATE \
+                else client_app.train
+            reply = handler(message, Context(1, node, {}, RecordDict(), self.run.to_flower()))
+            reply.metadata.__dict__["_src_node_id"] = node
+            self.replies[message_id] = reply
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        return [self.replies[m] for m in list(message_ids) if m in self.replies]
+
+
+def test_a_run_directory_is_its_owner_s_alone(tmp_path):
+    """A short run's directory, written by fedmed's coordinator and by a process started as
+    the SuperLink is (Flower's ServerApp writes server.log under it): every folder 0700,
+    every file 0600."""
+    path = tmp_path / "runs" / "run-1"
+    settings = RunSettings(run_dir=str(path), width=8, image_size=16, rounds=2, min_sites=2, max_update_norm=50.0,
+                           server_momentum=0.5, round_timeout=5.0)
+    run_dir = RunDirectory(path)
+    run_dir.write_config(settings.to_flower())  # as fedmed-server's new_run
+    child = ("import pathlib, sys; run = pathlib.Path(sys.argv[1]); (run / '.flwr' / 'state').mkdir(parents=True);"
+             "(run / '.flwr' / 'state' / 'flower.db').write_text('x'); (run / 'server.log').write_text('log')")
+    process = ManagedProcess([sys.executable, "-c", child, str(path)], path / "logs" / "superlink.log")
+    assert process.process.wait(60) == 0, process.log_tail()
+    process.stop()
+    write_flower_home(path / ".flwr", "127.0.0.1:9093", None)
+    write_app(path / "app" / "from-round-1", settings)
+    run_dir.add_flower_run("4242", 1)
+    run_dir.write_identities({11: "site-1", 12: "site-2"})
+    grid = _SitesGrid(settings, {11: _MovingSite("site-1"), 12: _MovingSite("site-2")})
+    try:
+        run = FederatedRun(grid=grid, run=settings, poll_interval=0.01)
+        run.names.update({11: "site-1", 12: "site-2"})
+        assert run.execute() == "completed"
+    finally:
+        client_app.serve_site(None)
+    folders, files = {}, {}
+    for root, dirs, names in os.walk(path):
+        folders.update({Path(root, d).relative_to(path): stat.S_IMODE(os.stat(Path(root, d)).st_mode) for d in dirs})
+        files.update({Path(root, n).relative_to(path): stat.S_IMODE(os.stat(Path(root, n)).st_mode) for n in names})
+    for expected in ("config.json", "status.json", "metrics.jsonl", "received.jsonl", "flower-runs.jsonl",
+                     "identities.json", "metrics.csv", "server.log", "logs/superlink.log", "checkpoints/round-0002.npz",
+                     "checkpoints/velocity-0002.npz", "model/model.npz", "model/model_card.json", ".flwr/state/flower.db"):
+        assert Path(expected) in files, f"{expected} was not written: {sorted(map(str, files))}"
+    assert {"tensorboard", "model", "checkpoints", "logs", ".flwr", "app", "app/from-round-1"} <= set(map(str, folders))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    assert {str(f): oct(m) for f, m in folders.items() if m != 0o700} == {}
+    # Written by fedmed.deploy.launch with the umask's mode: private only through their 0700 folders.
+    launch_files = {".flwr/config.toml", "app/from-round-1/pyproject.toml"}
+    assert {str(f): oct(m) for f, m in files.items() if m != 0o600 and str(f) not in launch_files} == {}

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
 
-from fedmed.config import RunSettings
-from fedmed.flower import secagg, secagg_site
+from fedmed.config import RunSettings, SiteSettings
+from fedmed.flower import client_app, secagg, secagg_site
 from fedmed.flower.coordinator import FederatedRun
 from fedmed.flower.packing import pack, record_to_vector
 from fedmed.flower.protocol import RoundStatus, SiteReply
+from fedmed.flower.secagg_coordinator import SecureSum
 from fedmed.flower.secagg_site import ProtocolError
 from tests.test_coordinator import task_identity  # noqa: F401 - the fixture sets Flower's ids
 
@@ -68,7 +69,7 @@ def _site(run: RunSettings, name: str, move: np.ndarray, examples: int, drops: b
                        "noise-multiplier": 1.0, "privacy-unit": 1, "examples": examples}
             return SiteReply(name, metrics, model=(received + move).astype(np.float32))
 
-        return secagg_site.handle(message, context, run, train)
+        return secagg_site.handle(message, context, run, train, SiteSettings.min_secure_threshold)
 
     return handler
 
@@ -137,3 +138,49 @@ def test_a_site_bounds_its_own_move_before_masking():
     summand = secagg_site.weighted_move(run, 1, reply, received)
     assert summand[-1] == 1.0  # the weight share is capped at the declared maximum
     assert np.linalg.norm(summand[:-1]) == pytest.approx(0.5)
+
+
+def _keys_then_shares(secure: SecureSum, handler, contexts: dict[int, Context]) -> dict[int, Message]:
+    """The keys and shares stages of ``secure``, each site answering through ``handler``;
+    returns each site's answer to the shares stage (the site's error, if it refused)."""
+    secure.take_keys({m.metadata.dst_node_id: handler(m, contexts[m.metadata.dst_node_id])
+                      for m in secure.keys_messages()})
+    answers = {}
+    for message in secure.shares_messages():
+        node = message.metadata.dst_node_id
+        try:
+            answers[node] = handler(message, contexts[node])
+        except ProtocolError as error:
+            answers[node] = error
+    return answers
+
+
+def test_a_site_splits_its_secrets_only_under_a_strict_majority_threshold(tmp_path):
+    """The coordinator chooses the threshold; a site's ClientApp checks it against the site's
+    own minimum (its node config) once it knows how many sites the round has."""
+    nodes = list(range(1, 11))
+    run = RunSettings(secure_aggregation=True)
+    site = SiteSettings(name="st-mary", data=str(tmp_path), ledger=str(tmp_path / "ledger.jsonl"))
+    contexts = {n: Context(1, n, site.to_flower(), RecordDict(), run.to_flower()) for n in nodes}
+    for threshold in (1, 5, 6):
+        secure = SecureSum(1, nodes)
+        assert secure.threshold == 6  # fedmed's own coordinator asks for a strict majority
+        secure.threshold = threshold  # a coordinator that may ask for less
+        answers = _keys_then_shares(secure, client_app.train, contexts)
+        if threshold <= 5:
+            assert all(isinstance(a, ProtocolError) for a in answers.values()), threshold
+            assert f"threshold of {threshold} for 10 sites is too low" in str(answers[1])
+            assert "privacy.min_secure_threshold = 0.5 of the sites (5)" in str(answers[1])
+        else:
+            assert all(isinstance(a, Message) and a.content[secagg.RECORD]["sealed"] for a in answers.values())
+
+
+def test_a_site_may_ask_for_a_larger_threshold_than_a_majority(tmp_path):
+    nodes = list(range(1, 11))
+    run = RunSettings(secure_aggregation=True)
+    site = SiteSettings(name="st-mary", data=str(tmp_path), ledger=str(tmp_path / "ledger.jsonl"),
+                        min_secure_threshold=0.7)
+    contexts = {n: Context(1, n, site.to_flower(), RecordDict(), run.to_flower()) for n in nodes}
+    answers = _keys_then_shares(SecureSum(1, nodes), client_app.train, contexts)
+    assert "threshold of 6 for 10 sites is too low" in str(answers[3])
+    assert "privacy.min_secure_threshold = 0.7 of the sites (7)" in str(answers[3])

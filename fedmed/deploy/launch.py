@@ -20,6 +20,7 @@ from fedmed.config import RunSettings
 from fedmed.deploy.certificates import CA_CERT, SERVER_CERT, SERVER_KEY
 from fedmed.deploy.processes import ManagedProcess, child_environ, flower_command, wait_for_port
 from fedmed.deploy.progress import CONNECTION, follow_run
+from fedmed.files import private_dir
 from fedmed.flower.rundir import RunDirectory
 
 APP_COMPONENTS = {"serverapp": "fedmed.flower.server_app:app", "clientapp": "fedmed.flower.client_app:app"}
@@ -105,7 +106,7 @@ def launch(run: RunSettings, run_dir: RunDirectory, superlink: ManagedProcess, h
 
 def write_flower_home(flwr_home: Path, address: str, root_certificate: Path | None) -> dict[str, str]:
     """A private Flower config with one connection; returns the environment that uses it."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
+    private_dir(flwr_home)  # owner-only, as all of a run directory
     connection: dict[str, object] = {"address": address}
     if root_certificate is None:
         connection["insecure"] = True
@@ -118,7 +119,7 @@ def write_flower_home(flwr_home: Path, address: str, root_certificate: Path | No
 def write_app(app_dir: Path, run: RunSettings) -> Path:
     """The app spec ``flwr run`` submits: fedmed's installed apps with this run's settings
     as the app's config (which Flower hands every ServerApp and ClientApp as run config)."""
-    app_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(app_dir)  # owner-only, as all of a run directory
     spec = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {"name": "fedmed-run", "version": "1.0.0", "description": "fedmed federated run",

@@ -1,4 +1,10 @@
-"""Child processes (SuperLink, SuperNode, flwr) that are always stopped with their parent."""
+"""Child processes (SuperLink, SuperNode, flwr) that are always stopped with their parent.
+
+A managed child logs to an owner-only file (in an owner-only folder when it makes one)
+and runs under the umask ``CHILD_UMASK``: what it and its own children create (Flower's
+ServerApp writes server.log in the run directory, Flower its state under .flwr) is its
+owner's alone.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,11 @@ from pathlib import Path
 
 import psutil
 
+from fedmed.files import open_append, private_dir
 from fedmed.runtime import libc
 
 _PR_SET_PDEATHSIG = 1
+CHILD_UMASK = 0o077  # files 0600 and folders 0700 unless a child asks otherwise
 
 
 def flower_command(name: str) -> str:
@@ -49,12 +57,13 @@ class ManagedProcess:
     def __init__(self, command: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.command = command
         self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "ab")
+        if not log_path.parent.exists():  # an existing folder (a site's state, a run's logs) keeps its owner's mode
+            private_dir(log_path.parent)
+        self._log = open_append(log_path)
         self._log_start = self._log.tell()  # the log may hold earlier processes' output
         self.process = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=child_environ(env), start_new_session=True, preexec_fn=_stop_with_parent,
+            env=child_environ(env), start_new_session=True, preexec_fn=_stop_with_parent, umask=CHILD_UMASK,
         )
 
     @property

@@ -3,7 +3,9 @@
 It reads the run's settings once, hands the site's work a typed request (validate the
 received global model on the site's validation split, then train one private round
 through the site's ledger) and replies with the model's arrays and whitelisted scalars
-only.
+only. The received model is checked against the run's model size before it is
+deserialised (``received_model``), in every kind of request; the run's settings are
+checked against their bounds (``RunSettings.from_flower``) before anything else.
 
 The work runs in the process that calls the ClientApp: under ``fedmed-client`` that is the
 site's long-lived process (``fedmed.deploy.site_runtime``), which hands over its site's
@@ -14,12 +16,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmed.config import RunSettings, SiteSettings
 from fedmed.flower import protocol
-from fedmed.flower.packing import record_to_vector, vector_to_record
+from fedmed.flower.packing import packed_size, record_to_vector, vector_to_record
 from fedmed.flower.protocol import EvaluateRequest, SiteReply, SiteRequest, TrainRequest
 
 app = ClientApp()
@@ -37,20 +40,25 @@ def train(message: Message, context: Context) -> Message:
         # imported here: a site in a plain run never loads the protocol's code
         from fedmed.flower import secagg_site
 
-        return secagg_site.handle(message, context, run, lambda: _do(_train_request(run, message), context))
+        return secagg_site.handle(message, context, run, lambda: _do(_train_request(run, message), context),
+                                  _site(context).min_secure_threshold)
     return _reply(_do(_train_request(run, message), context), message)
 
 
 def _train_request(run: RunSettings, message: Message) -> TrainRequest:
-    return TrainRequest(run, record_to_vector(message.content[protocol.ARRAYS]),
-                        int(message.content[protocol.CONFIG]["round"]))
+    return TrainRequest(run, received_model(run, message), int(message.content[protocol.CONFIG]["round"]))
 
 
 @app.evaluate()
 def evaluate_global(message: Message, context: Context) -> Message:
-    request = EvaluateRequest(RunSettings.from_flower(context.run_config),
-                              record_to_vector(message.content[protocol.ARRAYS]))
-    return _reply(_do(request, context), message)
+    run = RunSettings.from_flower(context.run_config)
+    return _reply(_do(EvaluateRequest(run, received_model(run, message)), context), message)
+
+
+def received_model(run: RunSettings, message: Message) -> np.ndarray:
+    """The coordinator's model as a packed vector, refused before it is deserialised or
+    hashed unless it is exactly the size of ``run``'s model."""
+    return record_to_vector(message.content[protocol.ARRAYS], packed_size(run))
 
 
 @app.query()
@@ -83,6 +91,11 @@ def _do(request: SiteRequest, context: Context) -> SiteReply:
     while len(_local_work) > 1 and sum(w.held_bytes() for w in _local_work.values()) > LOCAL_WORK_BYTES:
         _local_work.pop(next(iter(_local_work)))
     return reply
+
+
+def _site(context: Context) -> SiteSettings:
+    """This site's settings: those of the process's site, or of a simulation's virtual site."""
+    return _site_work.site if _site_work is not None else SiteSettings.from_flower(_site_config(context))
 
 
 def _site_config(context: Context) -> dict:

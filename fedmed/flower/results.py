@@ -1,6 +1,7 @@
 """A run's per-round results in the tools people already open: ``metrics.csv`` (one row
 per round) and, when the ``tensorboard`` package is installed, TensorBoard event files in
-``RUN_DIR/tensorboard``. Both are derived from ``metrics.jsonl``, which stays the record."""
+``RUN_DIR/tensorboard``. Both are derived from ``metrics.jsonl``, which stays the record,
+and are owner-only like all of a run directory (``fedmed.flower.rundir``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import csv
 import io
 import logging
 import math
+import os
 
-from fedmed.files import write_atomic
+from fedmed.files import PRIVATE_FILE, private_dir, write_atomic
 from fedmed.flower.rundir import RunDirectory
 
 log = logging.getLogger("fedmed.coordinator")
@@ -51,14 +53,17 @@ class RunResults:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # the optional extra: fedmed[tensorboard]
             return
-        self._writer = SummaryWriter(log_dir=str(run_dir.path / "tensorboard"))
+        folder = private_dir(run_dir.private(run_dir.path / "tensorboard"))
+        self._writer = SummaryWriter(log_dir=str(folder))
+        for events in folder.iterdir():  # the writer opens its one event file at once, with the umask's mode
+            os.chmod(events, PRIVATE_FILE)
 
     def record(self, record: dict) -> None:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(round_rows(self.run_dir.metrics()))
-        write_atomic(self.run_dir.path / "metrics.csv", buffer.getvalue().encode("utf-8"))
+        write_atomic(self.run_dir.private(self.run_dir.path / "metrics.csv"), buffer.getvalue().encode("utf-8"))
         if self._writer is not None:
             self._log(record)
 

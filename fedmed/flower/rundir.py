@@ -13,6 +13,13 @@
     tensorboard/           the same as TensorBoard event files, when tensorboard is installed
     flower-runs.jsonl      the Flower runs that carried this fedmed run (one per start or resume)
     identities.json        with site keys: the site name each registered key's node id is bound to
+    logs/, server.log      the SuperLink's and the ServerApp's logs
+    .flwr/, app/           Flower's config for this run and the app spec it submits
+
+Everything in it is the coordinator operator's alone: every folder is 0700 and every file
+fedmed writes 0600 (``fedmed.files``), made so on every write, so a run directory from an
+earlier fedmed becomes private when it is resumed. The processes fedmed starts in it
+(``fedmed.deploy.processes``) create their own files owner-only as well.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmed.files import write_atomic
+from fedmed.files import open_append, private_dir, write_atomic
 
 CHECKPOINT = re.compile(r"round-(\d+)\.npz")
 
@@ -56,14 +63,22 @@ class RunDirectory:
     def model_dir(self) -> Path:
         return self.path / "model"
 
+    def private(self, path: Path) -> Path:
+        """``path``, in this run directory, with every folder from the run's own down to
+        its parent made owner-only (created if missing)."""
+        folder = private_dir(self.path)
+        for part in path.parent.relative_to(self.path).parts:
+            folder = private_dir(folder / part)
+        return path
+
     def add_flower_run(self, flower_run: str, start_round: int) -> None:
-        _append_line(self.path / "flower-runs.jsonl", {"flower_run": flower_run, "start_round": start_round})
+        self._append_line(self.path / "flower-runs.jsonl", {"flower_run": flower_run, "start_round": start_round})
 
     def flower_runs(self) -> list[str]:
         return [str(r["flower_run"]) for r in _read_lines(self.path / "flower-runs.jsonl") if "flower_run" in r]
 
     def write_config(self, config: dict) -> None:
-        write_atomic(self.config_path, _json_bytes(config))
+        write_atomic(self.private(self.config_path), _json_bytes(config))
 
     def read_config(self) -> dict:
         if not self.config_path.is_file():
@@ -72,7 +87,8 @@ class RunDirectory:
 
     def write_identities(self, names: dict[int, str]) -> None:
         """The site name bound to each node id at key registration (this SuperLink's ids)."""
-        write_atomic(self.path / "identities.json", _json_bytes({str(node): name for node, name in names.items()}))
+        names_json = _json_bytes({str(node): name for node, name in names.items()})
+        write_atomic(self.private(self.path / "identities.json"), names_json)
 
     def identities(self) -> dict[int, str]:
         """Node id -> bound site name; empty when sites are not authenticated by key."""
@@ -82,7 +98,7 @@ class RunDirectory:
         return {int(node): str(name) for node, name in json.loads(path.read_text(encoding="utf-8")).items()}
 
     def write_status(self, **status) -> None:
-        write_atomic(self.status_path, _json_bytes(status))
+        write_atomic(self.private(self.status_path), _json_bytes(status))
 
     def status(self) -> dict:
         try:
@@ -91,10 +107,15 @@ class RunDirectory:
             return {}
 
     def append_metrics(self, record: dict) -> None:
-        _append_line(self.metrics_path, record)
+        self._append_line(self.metrics_path, record)
 
     def append_received(self, record: dict) -> None:
-        _append_line(self.received_path, record)
+        self._append_line(self.received_path, record)
+
+    def _append_line(self, path: Path, record: dict) -> None:
+        with open_append(self.private(path)) as handle:
+            handle.write((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+            handle.flush()
 
     def metrics(self) -> list[dict]:
         return _read_lines(self.metrics_path)
@@ -109,9 +130,9 @@ class RunDirectory:
         The velocity is written first, so a model checkpoint never lacks the velocity it needs.
         """
         if velocity is not None:
-            write_atomic(self._velocity_path(round_number), _npz_bytes(velocity))
+            write_atomic(self.private(self._velocity_path(round_number)), _npz_bytes(velocity))
         path = self.path / "checkpoints" / f"round-{round_number:04d}.npz"
-        write_atomic(path, _npz_bytes(state))
+        write_atomic(self.private(path), _npz_bytes(state))
         return path
 
     def server_velocity(self, round_number: int) -> dict[str, np.ndarray] | None:
@@ -133,7 +154,7 @@ class RunDirectory:
         return rounds[-1], load_arrays(self.path / "checkpoints" / f"round-{rounds[-1]:04d}.npz")
 
     def write_final_model(self, state: dict[str, np.ndarray], card: dict, card_text: str) -> None:
-        write_atomic(self.model_dir / MODEL_FILE, _npz_bytes(state))
+        write_atomic(self.private(self.model_dir / MODEL_FILE), _npz_bytes(state))
         write_atomic(self.model_dir / CARD_FILE, _json_bytes(card))
         write_atomic(self.model_dir / "model_card.md", card_text.encode("utf-8"))
 
@@ -152,13 +173,6 @@ def _npz_bytes(state: dict[str, np.ndarray]) -> bytes:
 
 def _json_bytes(value: dict) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=True, allow_nan=True) + "\n").encode("utf-8")
-
-
-def _append_line(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
-        handle.flush()
 
 
 def _read_lines(path: Path) -> list[dict]:

@@ -5,8 +5,11 @@ between them the site keeps its protocol state in its Flower context (it survive
 message to message in ``fedmed-client`` and in a simulation alike). In the ``train``
 stage the site trains its private round as usual, bounds and weights its move from the
 global model, and sends that move only masked. Every request is checked: a site never
-reveals both shares of one site's secrets, and never answers for fewer sites than the
-threshold.
+reveals both shares of one site's secrets, never answers for fewer sites than the
+threshold, and splits its secrets only under a threshold above its own minimum share of
+the round's sites (``privacy.min_secure_threshold``; the coordinator chooses the
+threshold). The received model is checked against the run's model size before it is
+deserialised (``fedmed.flower.packing``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from fedmed.config import RunSettings
 from fedmed.flower import protocol, secagg
 from fedmed.flower.aggregation import honest_norm_bound, scale_to_bound, weight_cap
-from fedmed.flower.packing import record_to_vector
+from fedmed.flower.packing import packed_size, record_to_vector
 from fedmed.flower.protocol import SiteReply
 
 STATE = "secagg-state"  # the context record holding the site's protocol state
@@ -31,8 +34,10 @@ class ProtocolError(ValueError):
     """A secure-aggregation request the site refuses to answer."""
 
 
-def handle(message: Message, context: Context, run: RunSettings, train: Callable[[], SiteReply]) -> Message:
-    """Answer one stage of the protocol; ``train`` runs the site's private round."""
+def handle(message: Message, context: Context, run: RunSettings, train: Callable[[], SiteReply],
+           min_threshold: float) -> Message:
+    """Answer one stage of the protocol; ``train`` runs the site's private round, and
+    ``min_threshold`` is the site's ``privacy.min_secure_threshold``."""
     fields = message.content[secagg.RECORD]
     stage = fields.get(secagg.STAGE)
     node = int(message.metadata.dst_node_id)
@@ -46,7 +51,7 @@ def handle(message: Message, context: Context, run: RunSettings, train: Callable
     if not state or state.get("node") != node:
         raise ProtocolError(f"stage {stage!r} arrived before this site's keys stage")
     if stage == "shares":
-        answer = _share(state, fields)
+        answer = _share(state, fields, min_threshold)
     elif stage == "train":
         return _train(message, context, run, state, fields, train)
     elif stage == "unmask":
@@ -57,11 +62,12 @@ def handle(message: Message, context: Context, run: RunSettings, train: Callable
     return _reply(message, answer)
 
 
-def _share(state: dict, fields: ConfigRecord) -> dict:
+def _share(state: dict, fields: ConfigRecord, min_threshold: float) -> dict:
     """Split this site's mask seed and key-agreement secret among the sites that sent keys."""
     nodes = [int(n) for n in fields["nodes"]]
     publics1, publics2 = list(fields["publics1"]), list(fields["publics2"])
     own = state["node"]
+    check_threshold(state["threshold"], len(nodes), min_threshold)
     if len(nodes) < state["threshold"]:
         raise ProtocolError(f"{len(nodes)} sites sent keys, fewer than the threshold of {state['threshold']}")
     if own not in nodes or publics1[nodes.index(own)] != state["public1"] or \
@@ -83,6 +89,18 @@ def _share(state: dict, fields: ConfigRecord) -> dict:
     state.update(seed=seed, nodes=nodes, publics1=publics1, publics2=publics2, sources=[own],
                  seed_shares=[seed_shares[mine]], secret_shares=[secret_shares[mine]])
     return {"addressees": addressees, "sealed": sealed}
+
+
+def check_threshold(threshold: int, sites: int, min_threshold: float) -> None:
+    """Refuse a threshold that is not more than ``min_threshold`` of the round's ``sites``,
+    or below 2. Under a strict majority no two disjoint groups of sites can each unmask, so
+    a coordinator that lists a site as alive to one group and as dropped to the other
+    cannot learn both its seed and its secret, hence its update."""
+    if threshold < 2 or threshold <= min_threshold * sites:
+        raise ProtocolError(
+            f"the coordinator's secure-aggregation threshold of {threshold} for {sites} sites is too low: this site "
+            f"needs more than privacy.min_secure_threshold = {min_threshold:g} of the sites "
+            f"({min_threshold * sites:g}) and at least 2")
 
 
 def _train(message: Message, context: Context, run: RunSettings, state: dict, fields: ConfigRecord,
@@ -114,7 +132,7 @@ def _train(message: Message, context: Context, run: RunSettings, state: dict, fi
         secagg.RECORD: ConfigRecord({secagg.STAGE: "train"}),
     })
     if reply.model is not None:
-        received = record_to_vector(message.content[protocol.ARRAYS])
+        received = record_to_vector(message.content[protocol.ARRAYS], packed_size(run))
         summand = weighted_move(run, int(fields["round"]), reply, received)
         masked = secagg.add_masks(secagg.quantize(summand), own, state["seed"], pair_keys)
         content[secagg.MASKED] = ArrayRecord({secagg.MASKED: Array(masked)})
