@@ -181,10 +181,15 @@ class RunSettings:
                                  "architecture must match", section="data")
     server_eval_data: str = setting("", "a DICOM folder or manifest the coordinator owns, evaluated after "
                                     "every round", section="federation", in_scenario=False)
+    federation_name: str = setting("", "the federation this run belongs to; a site that names one in its own "
+                                   "site.federation_name serves only that federation's runs",
+                                   section="federation", in_scenario=False)
     # filled in by fedmed
     run_dir: str = internal("", "the coordinator's run directory")
     run_id: str = internal("", "fedmed's run id; stays the same when a run is resumed")
     start_round: int = internal(1, "> 1 when resuming from the checkpoint of start_round - 1")
+    run_signature: str = internal("", "the coordinator's Ed25519 signature of every other setting (base64; "
+                                  "see fedmed.run_signing)")
     simulation_sites: str = internal("", "simulation only: JSON list of each virtual site's node config, "
                                      "indexed by Flower's partition id")
 
@@ -246,12 +251,29 @@ class SiteSettings:
                         "(path,label[,patient_id])", section="site", required=True, in_scenario=False)
     cache_dir: str = setting("", "preprocessing cache (default: $FEDMED_CACHE_DIR or ~/.cache/fedmed)",
                              section="site", in_scenario=False)
+    max_file_mb: int = setting(512, "files larger than this are skipped unread (reason too-large), so a stray "
+                               "huge file cannot exhaust the site's memory; raise it for very large images",
+                               section="site", unit="MB", low=1, high=1_000_000)
+    allow_outside_paths: bool = setting(False, "let a CSV manifest name files outside its own folder (absolute "
+                                        "paths, '..', links leading out); otherwise they are skipped as "
+                                        "outside-site-folder", section="site")
+    coordinator_key: str = setting("", "the coordinator's public signing key (coordinator.pub): this site serves "
+                                   "only runs whose settings carry its signature (fedmed-client needs it unless "
+                                   "--insecure)", section="site", in_scenario=False)
+    federation_name: str = setting("", "serve only runs of this federation (the coordinator's "
+                                   "federation.federation_name; empty: any run the coordinator signed)",
+                                   section="site", in_scenario=False)
     dp: bool = setting(True, "train with differential privacy; false only for non-private baselines",
                        section="privacy")
     max_epsilon: float = setting(8.0, "the site's lifetime privacy budget; rounds that would pass it are "
                                  "refused", section="privacy", above=0.0, per_site=True)
     target_epsilon: float = setting(0.0, "cumulative epsilon to reach by the end of this run (0: "
                                     "max_epsilon)", section="privacy", low=0.0, per_site=True)
+    max_epsilon_per_run: float = setting(0.0, "the most one run may spend, its own rounds and releases "
+                                         "composed alone; rounds and releases past it are refused, and the noise "
+                                         "is set so a run ends at or below it (0: half of max_epsilon, so a run, "
+                                         "whoever starts it, takes at most half of the lifetime budget and the "
+                                         "site can serve at least two)", section="privacy", low=0.0, per_site=True)
     delta: float = setting(0.0, "delta of the guarantee (0: a power of ten below 1/(10 n))",
                            section="privacy", low=0.0, below=1.0)
     privacy_unit: str = setting("patient", "what one protected record is: 'patient' (patients are sampled and "
@@ -302,6 +324,36 @@ class SiteSettings:
 
 
 @dataclass(frozen=True)
+class PretrainSettings:
+    """Non-private training on PUBLIC data (``fedmed pretrain``, a scenario's [pretrain]):
+    the starting model a federation then fine-tunes privately. A site's data is never
+    public data."""
+
+    data: str = setting("", "the public data: a MedMNIST-style .npz, a DICOM folder or manifest, or a folder "
+                        "of PNG/JPEG images by class (a scenario may say \"synthetic\": the generator's own "
+                        "public pool); empty: no pre-training", section="pretrain")
+    epochs: int = setting(5, "passes over the public training split (short pre-training transferred better "
+                          "than long in fedmed's probes)", section="pretrain", low=1, high=1000)
+    learning_rate: float = setting(0.05, "SGD step size, cosine-decayed over the epochs", section="pretrain",
+                                   above=0.0, high=10.0)
+    batch_size: int = setting(64, "images per step", section="pretrain", low=1, high=4096)
+    val_fraction: float = setting(0.15, "share of the public patients kept to validate each epoch",
+                                  section="pretrain", low=0.0, below=1.0)
+    patience: int = setting(0, "stop after this many epochs without a better validation AUROC and keep the "
+                            "best epoch's weights (0: train every epoch, keep the last)", section="pretrain",
+                            low=0, high=1000)
+    augment: bool = setting(True, "random small shifts, rotations and contrast changes (no horizontal flips: "
+                            "chest X-rays are not left-right symmetric)", section="pretrain")
+    source_name: str = setting("", "what the public data is, for the model card (e.g. its data set's name)",
+                               section="pretrain")
+    terms: str = setting("", "the public data's terms of use, for the model card", section="pretrain")
+    citation: str = setting("", "how the public data asks to be cited, for the model card", section="pretrain")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     """How ``fedmed-server`` listens and whom it admits."""
 
@@ -311,6 +363,9 @@ class ServerSettings:
     insecure: bool = setting(False, "no TLS: trusted test networks only", section="server")
     authorized_keys: str = setting("", "folder of site public keys (*.pub): only these sites may join "
                                    "(needs TLS)", section="server")
+    signing_key: str = setting("", "the coordinator's private signing key: every run's settings are signed with "
+                               "it, and sites that pinned its public key serve only signed runs (default: "
+                               "coordinator.key in the certificates folder, when present)", section="server")
 
     def __post_init__(self) -> None:
         check_ranges(self)

@@ -56,6 +56,7 @@ COORDINATOR = {"server_learning_rate", "server_momentum", "min_sites", "fraction
 SITE_IDENTITY = {"name", "data", "cache_dir"}
 EVALUATION = {"evaluate_every"}  # which rounds' models the sites and the coordinator evaluate
 SECURE_AGGREGATION = {"min_secure_threshold"}  # a site's check of the coordinator's threshold (secagg_site)
+RUN_ADMISSION = {"coordinator_key", "federation_name"}  # which runs a site serves (fedmed.run_signing)
 # What sizes a site's work, chosen by the coordinator: each has an upper bound (data.image_size's is older).
 SITE_WORK_BOUNDS = {"width": "in [8, 256], a multiple of 8", "rounds": "in [1, 10000]",
                     "local_epochs": "in [1, 100]", "local_steps": "in [0, 10000]", "batch_size": "in [1, 65536]",
@@ -158,7 +159,7 @@ def check_site_value(site: SiteSettings, name: str, value) -> None:
 
 def test_every_run_and_site_setting_has_a_home():
     placed = (set(INTO_TRAIN) | ROUND_SCHEDULE | set(INTO_PRIVACY) | set(INTO_MODEL) | SITE_SPLIT | COORDINATOR
-              | SITE_IDENTITY | EVALUATION | SECURE_AGGREGATION)
+              | SITE_IDENTITY | EVALUATION | SECURE_AGGREGATION | RUN_ADMISSION)
     for cls in (RunSettings, SiteSettings):
         unplaced = [key(f) for f in options(cls) if f.name not in placed]
         assert not unplaced, f"settings with no known use at the site or coordinator: {unplaced}"

@@ -8,10 +8,14 @@ import argparse
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedmed.config import ClientSettings, RunSettings, SiteSettings, add_options, load_settings
 from fedmed.flower.waits import check_flower
 from fedmed.runtime import keep_freed_memory
+
+if TYPE_CHECKING:
+    from fedmed.flower.site_data import SiteSplit
 
 PARTS = {"client": ClientSettings, "site": SiteSettings, "data": RunSettings}
 ONLY = {"data": ("classes", "image_size")}  # what the site needs of the run before the first round
@@ -32,6 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_pin(site: SiteSettings, client: ClientSettings) -> None:
+    """A site over TLS serves only runs its coordinator signed: it must pin that
+    coordinator's public key (``coordinator.pub``), and the key must be readable."""
+    if not site.coordinator_key:
+        if not client.insecure:
+            raise ValueError("give --coordinator-key FILE (the coordinator's coordinator.pub): the site serves only "
+                             "runs whose settings that coordinator signed")
+        print("WARNING: no --coordinator-key: this site serves any run the coordinator's SuperLink hands it",
+              file=sys.stderr)
+        return
+    from fedmed.run_signing import load_public_key
+
+    load_public_key(Path(site.coordinator_key))
+
+
+def print_site_data(split: SiteSplit, site: SiteSettings) -> None:
+    """The site's validation report and split. Every name passes ``printable``: a file name
+    that is not UTF-8 must not end the site with a UnicodeEncodeError on a strict stdout."""
+    from fedmed.data.report import printable  # the data package loads pydicom: only once data is read
+
+    print(split.data.report.to_text(), flush=True)
+    print(f"site {printable(site.name)}: {len(split.train)} training and {len(split.val)} validation images; "
+          f"ledger {printable(site.ledger)}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -48,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     if client.root_certificates and not Path(client.root_certificates).is_file():
         print(f"error: root certificate {client.root_certificates} not found", file=sys.stderr)
         return 2
+    try:
+        check_pin(settings["site"], client)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     from fedmed.deploy.site import serve, site_settings  # Flower's runtime internals: after check_flower
     from fedmed.flower.site_work import SiteWork
 
@@ -58,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(split.data.report.to_text(), flush=True)
-    print(f"site {site.name}: {len(split.train)} training and {len(split.val)} validation images; "
-          f"ledger {site.ledger}", flush=True)
+    print_site_data(split, site)
     if not site.dp:
         print("WARNING: --no-dp: this site trains WITHOUT differential privacy.", file=sys.stderr)
     if client.insecure:
