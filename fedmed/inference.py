@@ -1,8 +1,10 @@
 """A finished model on new studies: ``fedmed predict``.
 
 Files go through the reader, checks and preprocessing of training (``fedmed.data``), a
-bounded number at a time, so a folder of any size fits in memory. A file that cannot be
-used is listed with its reason and the others go on; source files are only read.
+bounded number at a time, so a folder of any size fits in memory. PNG and JPEG files are
+read too (:mod:`fedmed.data.picture`, the same preprocessing), so public images and exports
+can be scored beside DICOM studies. A file that cannot be used is listed with its reason and
+the others go on; source files are only read.
 """
 
 from __future__ import annotations
@@ -11,15 +13,16 @@ import csv
 import io
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from torch import nn
 
-from fedmed.data.cache import PREPROCESSING_VERSION, decode_files
-from fedmed.data.dicom import ReadOptions
+from fedmed.data.cache import PREPROCESSING_VERSION, Decoded, decode_files
+from fedmed.data.dicom import DicomReadError, ReadOptions
+from fedmed.data.picture import is_picture, read_picture
 from fedmed.data.report import FileOutcome, SkipReason
 from fedmed.flower.rundir import CARD_FILE, MODEL_FILE, load_arrays
 from fedmed.metrics import calibration, classification_metrics
@@ -85,7 +88,8 @@ def list_studies(data: Path | str, classes: tuple[str, ...]) -> tuple[list[Study
     labels came from ("" when there are none)."""
     data = Path(data)
     if not data.exists():
-        raise FileNotFoundError(f"{data} not found (give a DICOM folder, a .csv manifest or one DICOM file)")
+        raise FileNotFoundError(f"{data} not found (give a folder of DICOM, PNG or JPEG files, a .csv manifest "
+                                "or one such file)")
     if data.is_file() and data.suffix.lower() == ".csv":
         return _manifest_studies(data, classes)
     if data.is_file():
@@ -153,13 +157,13 @@ def predict_studies(loaded: LoadedModel, studies: list[Study], skipped: list[Fil
     all_probabilities, all_labels = [], []
     for start in range(0, len(studies), CHUNK):
         chunk = studies[start : start + CHUNK]
-        decoded = decode_files([s.path for s in chunk], options)  # no cache: nothing written
-        kept = [(s, d) for s, d in zip(chunk, decoded.files) if d.row is not None]
-        for study, outcome in zip(chunk, decoded.files):
+        images, files = decode_studies([s.path for s in chunk], options)
+        kept = [(s, d) for s, d in zip(chunk, files) if d.row is not None]
+        for study, outcome in zip(chunk, files):
             if outcome.row is None:
                 result.skipped.append(FileOutcome(study.shown, study.label, outcome.reason, outcome.detail))
         if kept:
-            probabilities = predict(loaded.model, np.asarray(decoded.images[[d.row for _, d in kept]]))
+            probabilities = predict(loaded.model, images[[d.row for _, d in kept]])
             for (study, outcome), p in zip(kept, probabilities):
                 row = {"path": study.shown, "sop_instance_uid": outcome.sop_instance_uid}
                 row |= {f"p_{name}": float(value) for name, value in zip(classes, p)}
@@ -176,6 +180,34 @@ def predict_studies(loaded: LoadedModel, studies: list[Study], skipped: list[Fil
         result.metrics = classification_metrics(labels, probabilities) | {
             "calibration": calibration(labels, probabilities), "labels_from": labels_from}
     return result
+
+
+def decode_studies(paths: list[Path], options: ReadOptions) -> tuple[np.ndarray, list[Decoded]]:
+    """The preprocessed images of ``paths`` and one :class:`Decoded` per path, in order:
+    PNG/JPEG files (by their first bytes, or by suffix when those say neither picture nor
+    DICOM) through :func:`read_picture`, the rest through the DICOM reader. Nothing is
+    cached or written: these are studies to score, not a site's training data."""
+    pictures = [is_picture(path) for path in paths]
+    dicom = decode_files([p for p, picture in zip(paths, pictures) if not picture], options)
+    from_dicom = iter(dicom.files)
+    images: list[np.ndarray] = []
+    files: list[Decoded] = []
+    for path, picture in zip(paths, pictures):
+        if picture:
+            try:
+                image, outcome = read_picture(path, options), Decoded(len(images))
+            except DicomReadError as exc:  # PictureReadError, or the shared file checks
+                image, outcome = None, Decoded(None, exc.reason, exc.detail)
+        else:
+            outcome = next(from_dicom)
+            image = None if outcome.row is None else dicom.images[outcome.row]
+            if image is not None:
+                outcome = replace(outcome, row=len(images))
+        if image is not None:
+            images.append(image)
+        files.append(outcome)
+    stacked = np.stack(images) if images else np.empty((0, options.image_size, options.image_size), np.float32)
+    return stacked, files
 
 
 def write_predictions(result: Predictions, out: Path, formats: tuple[str, ...]) -> list[Path]:

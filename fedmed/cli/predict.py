@@ -13,9 +13,10 @@ from fedmed.numbers import format_number
 def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "predict",
-        help="score DICOM studies with a finished model",
+        help="score DICOM (or PNG/JPEG) studies with a finished model",
         description=(
-            "Score every DICOM file of DATA with the model in MODEL (a run's model folder, RUN_DIR/model). "
+            "Score every DICOM, PNG or JPEG file of DATA with the model in MODEL (a run's model folder, "
+            "RUN_DIR/model). "
             "DATA is a folder of any layout, a CSV manifest with a 'path' column and an optional 'label' "
             "column, or one file. Files are read and preprocessed as in training; files that cannot be "
             "used are listed with their reason and never stop the others; source files are only read. "
@@ -25,7 +26,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("model", type=Path, metavar="MODEL", help="a run's model folder (RUN_DIR/model)")
-    p.add_argument("data", type=Path, metavar="DATA", help="DICOM folder, CSV manifest or one DICOM file")
+    p.add_argument("data", type=Path, metavar="DATA",
+                   help="folder of DICOM/PNG/JPEG files, CSV manifest or one such file")
     p.add_argument("--out", type=Path, default=Path("predictions.csv"),
                    help="where the predictions go; each format gets its own suffix, and the skipped files, "
                    "metrics and reliability plot are written beside it (default predictions.csv)")
