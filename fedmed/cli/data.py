@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmed.config import SiteSettings, add_options, given
 from fedmed.data.cache import default_cache_dir, purge_cache
-from fedmed.data.dicom import MULTIFRAME_POLICIES, ReadOptions
+from fedmed.data.dicom import MB, MULTIFRAME_POLICIES, ReadOptions
 from fedmed.data.export import SITE_STYLES, export_site
 from fedmed.data.make_sites import export_sites, site_names, synthetic_sites
 from fedmed.data.npz import SPLITS, load_npz, save_npz
 from fedmed.data.partition import class_table, dirichlet_partition
+from fedmed.data.report import printable
 from fedmed.data.site import SiteSource, load_site, site_cache_key
 from fedmed.data.split import split_by_patient
 from fedmed.data.synthetic import synthesize, synthetic_labels
@@ -59,16 +61,23 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
                    help="where decoded images are cached (default $FEDMED_CACHE_DIR or ~/.cache/fedmed)")
     p.add_argument("--no-cache", action="store_true", help="decode everything, write no cache")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_options(p, SiteSettings, "which files are read, as at the site (fedmed-client's [site] settings)",
+                only=SITE_FILE_CHECKS)
     p.set_defaults(handler=_validate)
 
 
+SITE_FILE_CHECKS = ("max_file_mb", "allow_outside_paths")  # validate checks files as the site does
+
+
 def _validate(args: argparse.Namespace) -> int:
-    source = SiteSource.from_path(args.data, _classes(args.classes))
+    site_settings = SiteSettings(**given(args, SiteSettings))  # the declared defaults and ranges
+    source = SiteSource.from_path(args.data, _classes(args.classes), site_settings.allow_outside_paths)
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
-    site = load_site(source, ReadOptions(args.image_size, args.multiframe), cache_dir)
+    options = ReadOptions(args.image_size, args.multiframe, site_settings.max_file_mb * MB)
+    site = load_site(source, options, cache_dir)
     print(site.report.to_json() if args.json else site.report.to_text())
     if len(site) == 0:
-        print(f"error: no usable image in {args.data}", file=sys.stderr)
+        print(f"error: no usable image in {printable(str(args.data))}", file=sys.stderr)
         return 1
     return 0
 
@@ -183,11 +192,11 @@ def _add_purge_cache(sub: argparse._SubParsersAction) -> None:
 def _purge_cache(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or default_cache_dir()
     if not cache_dir.is_dir():
-        print(f"no cache at {cache_dir}: nothing to purge")
+        print(f"no cache at {printable(str(cache_dir))}: nothing to purge")
         return 0
     site = site_cache_key(SiteSource.from_path(args.data)) if args.data else None
     removed = purge_cache(cache_dir, site)
     for folder in removed:
-        print(f"removed {folder}")
-    print(f"{len(removed)} cached site folder(s) removed from {cache_dir}")
+        print(f"removed {printable(str(folder))}")
+    print(f"{len(removed)} cached site folder(s) removed from {printable(str(cache_dir))}")
     return 0

@@ -3,7 +3,9 @@
 Each file is keyed by its identity (absolute path, size, modification time); the whole
 cache is keyed by the preprocessing options, so a changed file is decoded again and a
 changed option starts a fresh cache. Decoded images live in one ``.npy`` file that later
-loads memory-map; failures are cached too, so an unchanged bad file is not retried.
+loads memory-map; failures are cached too, so an unchanged bad file is not retried. What
+a stat tells (no such file, not a regular file, above the size limit) is checked on every
+load before the cache is looked at, and such a file is neither decoded nor cached.
 Every write goes to a temporary file first and is moved into place, so a crash never
 leaves a half-written cache behind.
 
@@ -23,13 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmed.data.dicom import DicomReadError, ReadOptions, read_dicom
+from fedmed.data.dicom import DicomReadError, ReadOptions, check_file, read_dicom
 from fedmed.data.report import SkipReason
 from fedmed.files import write_atomic
 
 # Bump when the preprocessing in fedmed.data.dicom changes what an image looks like.
 PREPROCESSING_VERSION = 1
 INDEX_NAME = "index.json"
+# Outcomes that say nothing about a file's content (a permission fixed later keeps its mtime;
+# a file swapped between the stat and the read): asked again on every load.
+NOT_CACHED = frozenset({SkipReason.MISSING_FILE, SkipReason.UNREADABLE, SkipReason.NOT_A_REGULAR_FILE,
+                        SkipReason.TOO_LARGE})
 
 
 @dataclass(frozen=True)
@@ -63,12 +69,12 @@ def decode_files(
     rows: list[int | np.ndarray] = []  # an old row number, or a freshly decoded image
     decoded = from_cache = 0
     for path in paths:
-        key = str(path.resolve())
-        try:
-            stat = path.stat()
-        except OSError as exc:
-            files.append(Decoded(None, SkipReason.UNREADABLE, f"{type(exc).__name__}: {exc}"))
+        try:  # before the cache: what a file is and the size limit can change between loads
+            stat = check_file(path, options.max_file_bytes)
+        except DicomReadError as exc:
+            files.append(Decoded(None, exc.reason, exc.detail))  # never decoded, never cached
             continue
+        key = str(path.resolve())
         identity = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         old = old_entries.get(key)
         if old is not None and all(old[k] == v for k, v in identity.items()):
@@ -82,7 +88,8 @@ def decode_files(
             if image is not None:
                 rows.append(image)
         files.append(result)
-        entries[key] = {**identity, **_to_entry(result)}
+        if result.reason not in NOT_CACHED:
+            entries[key] = {**identity, **_to_entry(result)}
 
     images = _assemble(rows, old_images, options.image_size)
     if store is not None and (decoded or entries.keys() != old_entries.keys() or images is not old_images):

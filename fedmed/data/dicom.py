@@ -13,19 +13,26 @@ The pipeline, in order:
 7. the image is zero-padded to a square (keeping its aspect ratio) and resized to
    ``image_size`` with antialiased bilinear interpolation.
 
-Files are opened read-only; nothing is ever written back.
+Files are opened read-only; nothing is ever written back. Before anything is parsed, a file
+must be a regular file (never a FIFO, device or socket, which can block or never end) no
+larger than ``ReadOptions.max_file_bytes``, and a file without the 'DICM' prefix is parsed
+only when its first bytes are DICOM data elements: a hostile or stray file costs a stat and
+a few kilobytes read, never a hang or its whole size in memory.
 """
 
 from __future__ import annotations
 
+import os
+import stat
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -35,18 +42,31 @@ GREY = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
 MULTIFRAME_POLICIES = ("reject", "middle")
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
+MB = 1_000_000  # the unit of the site setting site.max_file_mb
+DEFAULT_MAX_FILE_BYTES = 512 * MB  # a large uncompressed chest X-ray is tens of MB
+HEADER_BYTES = 8192  # what is read to decide whether a file is DICOM at all
+FIRST_GROUPS = (0x0002, 0x0008)  # a preamble-less file starts with its meta or identifying group
+SHORT_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split()
+)
+LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())  # 4-byte lengths
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How every image of a site is preprocessed; part of the cache key."""
+    """How every image of a site is read. ``image_size`` and ``multiframe`` are part of
+    the cache key; ``max_file_bytes`` (site.max_file_mb) is checked before the cache is."""
 
     image_size: int = 64
     multiframe: str = "reject"
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
     def __post_init__(self) -> None:
         if not 8 <= self.image_size <= 1024:
             raise ValueError(f"image_size must be between 8 and 1024 pixels, got {self.image_size}")
+        if self.max_file_bytes < 1:
+            raise ValueError(f"max_file_bytes must be at least 1 byte, got {self.max_file_bytes}")
         if self.multiframe not in MULTIFRAME_POLICIES:
             raise ValueError(
                 f"multiframe must be one of {', '.join(MULTIFRAME_POLICIES)}, got {self.multiframe!r}"
@@ -80,8 +100,50 @@ def read_dicom(path: Path | str, options: ReadOptions = ReadOptions()) -> DicomI
         return _read(Path(path), options)
 
 
+def check_file(path: Path | str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> os.stat_result:
+    """Stat ``path`` (following links) without opening it; raise :class:`DicomReadError`
+    for what must not be opened: nothing there, not a regular file, or too large."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        detail = "no such file" + (" (a link to nothing)" if os.path.islink(path) else "")
+        raise DicomReadError(path, SkipReason.MISSING_FILE, detail) from None
+    except OSError as exc:
+        raise DicomReadError(path, SkipReason.UNREADABLE, _short(exc)) from exc
+    _check_kind_and_size(path, info, max_bytes)
+    return info
+
+
+def _check_kind_and_size(path: Path | str, info: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        link = " (through a link)" if os.path.islink(path) else ""
+        raise DicomReadError(
+            path, SkipReason.NOT_A_REGULAR_FILE,
+            f"{_kind(info.st_mode)}{link}, not a regular file; only regular files are read",
+        )
+    if info.st_size > max_bytes:
+        raise DicomReadError(
+            path, SkipReason.TOO_LARGE,
+            f"{_megabytes(info.st_size)} is above the limit of {_megabytes(max_bytes)}; "
+            "raise site.max_file_mb (--max-file-mb) if the site really has files this large",
+        )
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return f"a special file (mode {stat.filemode(mode)})"
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / MB:,.1f} MB ({size:,} bytes)"
+
+
 def _read(path: Path, options: ReadOptions) -> DicomImage:
-    ds = _read_dataset(path)
+    ds = _read_dataset(path, options.max_file_bytes)
     frames = _frame_count(ds)
     if frames > 1 and options.multiframe == "reject":
         raise DicomReadError(
@@ -112,15 +174,20 @@ def _read(path: Path, options: ReadOptions) -> DicomImage:
     )
 
 
-def _read_dataset(path: Path) -> pydicom.Dataset:
+def _read_dataset(path: Path, max_bytes: int) -> pydicom.Dataset:
     """Parse the file read-only; accept legacy files without the 'DICM' preamble."""
     try:
-        with open(path, "rb") as handle:
-            try:
+        with _open_regular(path, max_bytes) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            header = handle.read(HEADER_BYTES)
+            handle.seek(0)
+            if header[128:132] == b"DICM":
+                _check_dataset_start(header, path)
                 ds = pydicom.dcmread(handle)
-            except InvalidDicomError:
-                handle.seek(0)
+            elif _looks_like_data_elements(header, size):
                 ds = _read_without_preamble(handle, path)
+            else:  # never handed to pydicom's force mode, which would parse all of it
+                raise DicomReadError(path, SkipReason.NOT_DICOM, NOT_DICOM_DETAIL)
     except OSError as exc:
         raise DicomReadError(path, SkipReason.UNREADABLE, _short(exc)) from exc
     except DicomReadError:
@@ -135,12 +202,87 @@ def _read_dataset(path: Path) -> pydicom.Dataset:
     return ds
 
 
+NOT_DICOM_DETAIL = "no 'DICM' prefix and no DICOM data elements found"
+
+
+def _open_regular(path: Path, max_bytes: int) -> BinaryIO:
+    """Open for reading without blocking (a FIFO swapped in after :func:`check_file` must
+    not hang the site), then refuse anything but a regular file within the size limit."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    try:
+        _check_kind_and_size(path, os.fstat(fd), max_bytes)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _looks_like_data_elements(header: bytes, size: int) -> bool:
+    """Whether a file without the 'DICM' prefix starts with DICOM data elements: its first
+    tag in group 0002 or 0008, then elements with ascending tags and lengths that fit the
+    file, in either byte order. All-zero, text and random files fail on the first bytes."""
+    return any(_elements_fit(header, size, endian) for endian in "<>")
+
+
+def _elements_fit(header: bytes, size: int, endian: str, most: int = 16) -> bool:
+    offset, previous, explicit = 0, -1, None
+    for _ in range(most):
+        if offset + 8 > len(header):
+            break
+        group, element = struct.unpack_from(endian + "HH", header, offset)
+        tag = group << 16 | element
+        if (previous < 0 and group not in FIRST_GROUPS) or tag <= previous:
+            return False
+        vr = header[offset + 4 : offset + 6]
+        if explicit is None or (previous >> 16 == 0x0002 and group != 0x0002):
+            explicit = vr in SHORT_VRS or vr in LONG_VRS  # the meta group is always explicit VR
+        if explicit and vr in SHORT_VRS:
+            (length,) = struct.unpack_from(endian + "H", header, offset + 6)
+            start = offset + 8
+        elif explicit and vr in LONG_VRS:
+            if offset + 12 > len(header):
+                break
+            (length,) = struct.unpack_from(endian + "L", header, offset + 8)
+            start = offset + 12
+        elif explicit:
+            return False  # an explicit-VR file with an unknown VR
+        else:
+            (length,) = struct.unpack_from(endian + "L", header, offset + 4)
+            start = offset + 8
+        previous = tag
+        if length == UNDEFINED_LENGTH:
+            break  # a sequence or encapsulated data: what came before was consistent
+        if start + length > size:
+            return False
+        offset = start + length
+    return previous >= 0
+
+
+def _check_dataset_start(header: bytes, path: Path) -> None:
+    """A 'DICM' file whose data set starts with zero bytes would keep pydicom parsing empty
+    elements to its end; refuse it when the header shows that."""
+    offset = 132
+    while offset + 12 <= len(header) and header[offset : offset + 2] == b"\x02\x00":
+        vr = header[offset + 4 : offset + 6]
+        if vr in LONG_VRS:
+            (length,) = struct.unpack_from("<L", header, offset + 8)
+            offset += 12 + length
+        elif vr in SHORT_VRS:
+            (length,) = struct.unpack_from("<H", header, offset + 6)
+            offset += 8 + length
+        else:
+            return  # not the usual explicit-VR meta group: pydicom decides
+    if offset + 8 <= len(header) and header[offset : offset + 8] == bytes(8):
+        raise DicomReadError(
+            path, SkipReason.INVALID_HEADER, f"no data element after the 'DICM' prefix (zero bytes at {offset})"
+        )
+
+
 def _read_without_preamble(handle, path: Path) -> pydicom.Dataset:
     """Some old files start straight with their data elements; accept them only if they
     parse into a real DICOM object (a SOP Class UID or pixel data)."""
-    not_dicom = DicomReadError(
-        path, SkipReason.NOT_DICOM, "no 'DICM' prefix and no DICOM data elements found"
-    )
+    not_dicom = DicomReadError(path, SkipReason.NOT_DICOM, NOT_DICOM_DETAIL)
     try:
         ds = pydicom.dcmread(handle, force=True)
     except Exception as exc:

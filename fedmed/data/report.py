@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -23,6 +23,25 @@ class SkipReason(str, Enum):
     MISSING_FILE = "missing-file"
     DUPLICATE_SOP_INSTANCE = "duplicate-sop-instance-uid"
     HIDDEN_FILE = "hidden-file"
+    NOT_A_REGULAR_FILE = "not-a-regular-file"
+    TOO_LARGE = "too-large"
+    OUTSIDE_SITE_FOLDER = "outside-site-folder"
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print and to write as JSON, whatever bytes a file name held.
+
+    Names that are not UTF-8 reach Python as lone surrogates (``os.fsdecode``), which a
+    strict UTF-8 stdout refuses with a UnicodeEncodeError; control characters could forge
+    report lines. Both are shown as backslash escapes (``\\xff``, ``\\n``) instead.
+    """
+    try:  # undo Python's surrogate escaping: the name's real bytes, invalid ones as \xNN
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        pass  # other lone surrogates: escaped one by one below
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 @dataclass(frozen=True)
@@ -66,19 +85,18 @@ class ValidationReport:
         return dict(Counter(o.reason.value for o in self.skipped if o.reason))
 
     def to_dict(self) -> dict:
+        """The report as JSON-ready values; every name and detail passes :func:`printable`."""
         return {
-            "root": self.root,
-            "classes": list(self.classes),
+            "root": printable(self.root),
+            "classes": [printable(c) for c in self.classes],
             "files": len(self.outcomes),
             "used": len(self.used),
             "skipped": len(self.skipped),
-            "class_counts": self.class_counts(),
+            "class_counts": {printable(c): n for c, n in self.class_counts().items()},
             "skip_counts": self.skip_counts(),
             "decoded": self.decoded,
             "from_cache": self.from_cache,
-            "skipped_files": [
-                {**asdict(o), "reason": o.reason.value if o.reason else None} for o in self.skipped
-            ],
+            "skipped_files": [_outcome_dict(o) for o in self.skipped],
         }
 
     def to_json(self) -> str:
@@ -87,19 +105,29 @@ class ValidationReport:
     def to_text(self) -> str:
         """A human-readable summary: counts per class, then every skipped file and why."""
         lines = [
-            f"Site data: {self.root}",
+            f"Site data: {printable(self.root)}",
             f"  files found: {len(self.outcomes)}   used: {len(self.used)}   "
             f"skipped: {len(self.skipped)}",
             f"  decoded now: {self.decoded}   read from cache: {self.from_cache}",
             "  usable images per class:",
         ]
-        width = max((len(c) for c in self.classes), default=5)
-        for name, count in self.class_counts().items():
+        counts = {printable(c): n for c, n in self.class_counts().items()}
+        width = max((len(c) for c in counts), default=5)
+        for name, count in counts.items():
             lines.append(f"    {name:<{width}}  {count}")
         if self.skipped:
             lines.append("  skipped files:")
             for outcome in self.skipped:
                 assert outcome.reason is not None
-                detail = f": {outcome.detail}" if outcome.detail else ""
-                lines.append(f"    {outcome.path}  [{outcome.reason.value}]{detail}")
+                detail = f": {printable(outcome.detail)}" if outcome.detail else ""
+                lines.append(f"    {printable(outcome.path)}  [{outcome.reason.value}]{detail}")
         return "\n".join(lines)
+
+
+def _outcome_dict(outcome: FileOutcome) -> dict:
+    return {
+        "path": printable(outcome.path),
+        "label": printable(outcome.label) if outcome.label is not None else None,
+        "reason": outcome.reason.value if outcome.reason else None,
+        "detail": printable(outcome.detail),
+    }

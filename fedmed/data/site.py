@@ -4,10 +4,13 @@ Two layouts are read:
 
 * folder per class: ``DIR/<label>/**/<file>`` (any file name, ``.dcm`` or none);
 * a CSV manifest with a header ``path,label[,patient_id]``; relative paths start at the
-  manifest's folder.
+  manifest's folder, and a path leading out of it (``..``, absolute, a link) is skipped
+  unless the site allows it (site.allow_outside_paths): a manifest must not make a site
+  read files that are not its data.
 
 Every file ends up in the site's :class:`ValidationReport`, used or skipped with a reason.
-Source files are only ever opened for reading.
+Source files are only ever opened for reading, and only regular files within the size
+limit are opened at all (see :func:`fedmed.data.dicom.check_file`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 
 from fedmed.data.cache import decode_files
 from fedmed.data.dicom import ReadOptions
-from fedmed.data.report import FileOutcome, SkipReason, ValidationReport
+from fedmed.data.report import FileOutcome, SkipReason, ValidationReport, printable
 from fedmed.data.split import split_by_patient
 
 MANIFEST_COLUMNS = ("path", "label")
@@ -34,20 +37,25 @@ class SiteSource:
 
     ``classes`` fixes the label set (and its order, which gives the label numbers); files
     with any other label are skipped. Without it the classes are the labels found, sorted.
+    ``allow_outside_paths`` lets a manifest name files outside its own folder.
     """
 
     root: Path
     manifest: Path | None = None
     classes: tuple[str, ...] | None = None
+    allow_outside_paths: bool = False
 
     @classmethod
-    def from_path(cls, path: Path | str, classes: tuple[str, ...] | None = None) -> SiteSource:
+    def from_path(
+        cls, path: Path | str, classes: tuple[str, ...] | None = None, allow_outside_paths: bool = False
+    ) -> SiteSource:
         """A folder means folder-per-class; a ``.csv`` file means a manifest."""
         path = Path(path)
         if path.is_dir():
-            return cls(root=path, classes=classes)
+            return cls(root=path, classes=classes, allow_outside_paths=allow_outside_paths)
         if path.is_file() and path.suffix.lower() == ".csv":
-            return cls(root=path.parent, manifest=path, classes=classes)
+            return cls(root=path.parent, manifest=path, classes=classes,
+                       allow_outside_paths=allow_outside_paths)
         if not path.exists():
             raise FileNotFoundError(f"site data not found: {path} (give a folder or a .csv manifest)")
         raise ValueError(f"{path} is neither a folder nor a .csv manifest")
@@ -86,10 +94,11 @@ def load_site(
     """Read every file of ``source``; bad files are reported and skipped, never fatal.
 
     With ``cache_dir``, decoded images are kept in a folder of their own for this site
-    under it, and later loads decode only new or changed files.
+    under it, and later loads decode only new or changed files. ``options.max_file_bytes``
+    is the size limit (site.max_file_mb); larger files are skipped unread.
     """
     if source.manifest is not None:
-        candidates, skipped, classes = _list_manifest(source.manifest, source.classes)
+        candidates, skipped, classes = _list_manifest(source.manifest, source.classes, source.allow_outside_paths)
     else:
         candidates, skipped, classes = _list_folders(source.root, source.classes)
     site_cache = cache_dir / site_cache_key(source) if cache_dir is not None else None
@@ -150,18 +159,33 @@ def site_cache_key(source: SiteSource) -> str:
 def _list_folders(
     root: Path, classes: tuple[str, ...] | None
 ) -> tuple[list[_Candidate], list[FileOutcome], tuple[str, ...]]:
+    """Every file under ``root``; linked folders are reported, never followed (no loops)."""
     if not root.is_dir():
         raise FileNotFoundError(f"site data folder not found: {root}")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     classes = tuple(classes) if classes else tuple(folders)
     candidates: list[_Candidate] = []
     skipped: list[FileOutcome] = []
-    for directory, subdirs, files in os.walk(root):
+
+    def shown_parts(path: Path) -> tuple[str, tuple[str, ...]]:
+        parts = path.relative_to(root).parts
+        return printable("/".join(parts)), parts
+
+    def unreadable_folder(error: OSError) -> None:
+        shown, parts = shown_parts(Path(error.filename))
+        detail = f"folder not listed: {error.strerror or error}"
+        skipped.append(FileOutcome(shown, parts[0] if parts else None, SkipReason.UNREADABLE, detail))
+
+    for directory, subdirs, files in os.walk(root, onerror=unreadable_folder):
         subdirs.sort()
+        for name in [d for d in subdirs if os.path.islink(os.path.join(directory, d))]:
+            subdirs.remove(name)
+            shown, parts = shown_parts(Path(directory) / name)
+            detail = "a link to a folder; linked folders are not followed (put the files in the site folder)"
+            skipped.append(FileOutcome(shown, parts[0], SkipReason.NOT_A_REGULAR_FILE, detail))
         for name in sorted(files):
             path = Path(directory) / name
-            parts = path.relative_to(root).parts
-            shown = "/".join(parts)
+            shown, parts = shown_parts(path)
             if any(part.startswith(".") for part in parts):
                 skipped.append(FileOutcome(shown, None, SkipReason.HIDDEN_FILE, "hidden files are ignored"))
             elif len(parts) == 1:
@@ -176,25 +200,42 @@ def _list_folders(
 
 
 def _list_manifest(
-    manifest: Path, classes: tuple[str, ...] | None
+    manifest: Path, classes: tuple[str, ...] | None, allow_outside_paths: bool = False
 ) -> tuple[list[_Candidate], list[FileOutcome], tuple[str, ...]]:
     rows = _read_manifest(manifest)
     labels = sorted({row["label"] for row in rows if row["label"]})
     classes = tuple(classes) if classes else tuple(labels)
+    folder = manifest.parent.resolve()
     candidates: list[_Candidate] = []
     skipped: list[FileOutcome] = []
     for line, row in enumerate(rows, start=2):
-        shown, label = row["path"], row["label"]
-        path = Path(shown) if Path(shown).is_absolute() else manifest.parent / shown
+        shown, label = printable(row["path"]), row["label"]
+        path = Path(row["path"]) if Path(row["path"]).is_absolute() else manifest.parent / row["path"]
+        outside = None if allow_outside_paths else _outside(path, folder)
         if label not in classes:
             detail = f"manifest line {line}: label {label!r} is not one of the site's classes ({', '.join(classes)})"
             skipped.append(FileOutcome(shown, label or None, SkipReason.UNKNOWN_LABEL, detail))
-        elif not path.is_file():
+        elif outside is not None:
+            detail = (f"manifest line {line}: {outside}; files must be inside the manifest's folder {folder} "
+                      "(set site.allow_outside_paths, --allow-outside-paths, to read files elsewhere)")
+            skipped.append(FileOutcome(shown, label, SkipReason.OUTSIDE_SITE_FOLDER, detail))
+        elif not os.path.exists(path):
             detail = f"manifest line {line}: no such file {path}"
             skipped.append(FileOutcome(shown, label, SkipReason.MISSING_FILE, detail))
         else:
             candidates.append(_Candidate(path, shown, label, row.get("patient_id") or ""))
     return candidates, skipped, classes
+
+
+def _outside(path: Path, folder: Path) -> str | None:
+    """Why ``path`` (links followed) is not inside ``folder``, or None when it is."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a link loop (RuntimeError before Python 3.13)
+        return f"{path} cannot be resolved ({exc})"
+    if resolved.is_relative_to(folder):
+        return None
+    return f"{path} leads to {resolved}"
 
 
 def _read_manifest(manifest: Path) -> list[dict[str, str]]:

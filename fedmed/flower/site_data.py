@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedmed.data.cache import default_cache_dir
-from fedmed.data.dicom import ReadOptions
+from fedmed.data.dicom import MB, ReadOptions
 from fedmed.data.site import SiteData, SiteSource, load_site
 from fedmed.config import RunSettings, SiteSettings
 
@@ -46,8 +46,9 @@ class SiteSplit:
 
 def load_site_split(run: RunSettings, site: SiteSettings) -> SiteSplit:
     """The site's usable images (decoded once, then from the cache), split by patient."""
-    source = SiteSource.from_path(site.data, run.class_names)
-    data = load_site(source, ReadOptions(image_size=run.image_size), site.cache_path or default_cache_dir())
+    source = SiteSource.from_path(site.data, run.class_names, site.allow_outside_paths)
+    options = ReadOptions(image_size=run.image_size, max_file_bytes=site.max_file_mb * MB)
+    data = load_site(source, options, site.cache_path or default_cache_dir())
     if len(data) == 0:
         raise ValueError(f"site {site.name}: no usable images in {site.data} for classes {run.classes} "
                          "(run `fedmed data validate` on it to see why)")
