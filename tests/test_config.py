@@ -46,7 +46,8 @@ INTO_TRAIN = {"local_epochs": "epochs", "batch_size": "batch_size", "physical_ba
 ROUND_SCHEDULE = {"learning_rate_schedule"}  # changes the sites' learning rate from round to round
 INTO_PRIVACY = {"max_grad_norm": "max_grad_norm", "rounds": "planned_rounds", "dp": "dp",
                 "max_epsilon": "max_epsilon", "target_epsilon": "target_epsilon", "delta": "delta",
-                "privacy_unit": "privacy_unit", "release_share": "release_share", "release_exact": "release_exact"}
+                "privacy_unit": "privacy_unit", "release_share": "release_share", "release_exact": "release_exact",
+                "max_epsilon_per_run": "max_epsilon_per_run"}
 INTO_MODEL = {"depth": "depth", "width": "width", "frontend": "frontend", "image_size": "image_size",
               "classes": "num_classes"}
 SITE_SPLIT = {"classes", "image_size", "val_fraction", "seed"}  # the site's data and its validation split
@@ -57,6 +58,7 @@ SITE_IDENTITY = {"name", "data", "cache_dir"}
 EVALUATION = {"evaluate_every"}  # which rounds' models the sites and the coordinator evaluate
 SECURE_AGGREGATION = {"min_secure_threshold"}  # a site's check of the coordinator's threshold (secagg_site)
 RUN_ADMISSION = {"coordinator_key", "federation_name"}  # which runs a site serves (fedmed.run_signing)
+SITE_FILES = {"max_file_mb", "allow_outside_paths"}  # which of its files a site reads (fedmed.data.site)
 # What sizes a site's work, chosen by the coordinator: each has an upper bound (data.image_size's is older).
 SITE_WORK_BOUNDS = {"width": "in [8, 256], a multiple of 8", "rounds": "in [1, 10000]",
                     "local_epochs": "in [1, 100]", "local_steps": "in [0, 10000]", "batch_size": "in [1, 65536]",
@@ -159,7 +161,7 @@ def check_site_value(site: SiteSettings, name: str, value) -> None:
 
 def test_every_run_and_site_setting_has_a_home():
     placed = (set(INTO_TRAIN) | ROUND_SCHEDULE | set(INTO_PRIVACY) | set(INTO_MODEL) | SITE_SPLIT | COORDINATOR
-              | SITE_IDENTITY | EVALUATION | SECURE_AGGREGATION | RUN_ADMISSION)
+              | SITE_IDENTITY | EVALUATION | SECURE_AGGREGATION | RUN_ADMISSION | SITE_FILES)
     for cls in (RunSettings, SiteSettings):
         unplaced = [key(f) for f in options(cls) if f.name not in placed]
         assert not unplaced, f"settings with no known use at the site or coordinator: {unplaced}"

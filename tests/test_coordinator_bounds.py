@@ -66,13 +66,13 @@ def test_packed_size_is_counted_once_per_architecture_without_building_the_weigh
 def test_an_oversized_train_request_is_refused_before_it_is_deserialised():
     expected = _size(RUN)
     with _never_deserialised(), pytest.raises(ValueError, match=rf"declares float32\[100000000\].*"
-                                                                rf"this run's model is float32\[{expected}\]"):
+                                                                rf"expected float32\[{expected}\]"):
         client_app._train_request(RUN, _message(HUGE))
 
 
 def test_an_oversized_evaluate_request_is_refused_before_it_reaches_the_site():
     with _never_deserialised(), mock.patch.object(client_app, "_do", side_effect=AssertionError("site work ran")), \
-            pytest.raises(ValueError, match=rf"this run's model is float32\[{_size(RUN)}\]"):
+            pytest.raises(ValueError, match=rf"expected float32\[{_size(RUN)}\]"):
         client_app.evaluate_global(_message(HUGE, MessageType.EVALUATE), _context(RUN))
 
 
@@ -81,15 +81,15 @@ def test_a_vector_that_understates_its_size_is_refused_on_its_bytes():
     size = _size(RUN)
     honest = Array(np.zeros(size, dtype=np.float32))
     lying = Array(dtype=honest.dtype, shape=honest.shape, stype=honest.stype, data=honest.data + bytes(4 * 10**6))
-    with _never_deserialised(), pytest.raises(ValueError, match=rf"has {len(lying.data)} bytes; this run's model "
-                                                                rf"is float32\[{size}\] \({4 * size} bytes\)"):
+    with _never_deserialised(), pytest.raises(ValueError, match=rf"has {len(lying.data)} bytes; expected "
+                                                                rf"float32\[{size}\] \({4 * size} bytes\)"):
         record_to_vector(ArrayRecord({packing.MODEL: lying}), size)
 
 
 def test_other_types_and_shapes_are_refused_and_the_run_s_model_is_accepted():
     size = _size(RUN)
     for wrong in (np.zeros(size, np.float64), np.zeros((1, size), np.float32), np.zeros(size - 1, np.float32)):
-        with pytest.raises(ValueError, match=rf"this run's model is float32\[{size}\]"):
+        with pytest.raises(ValueError, match=rf"expected float32\[{size}\]"):
             record_to_vector(vector_to_record(wrong), size)
     vector = np.random.default_rng(0).normal(size=size).astype(np.float32)
     request = client_app._train_request(RUN, _message(Array(vector)))

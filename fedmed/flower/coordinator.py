@@ -26,7 +26,7 @@ from fedmed.flower.secagg_coordinator import SecureRoundFailed, SecureSum
 from fedmed.flower.fedavg import SiteUpdate, server_step, validate_update
 from fedmed.flower.initial_model import load_initial_model
 from fedmed.flower.model_card import model_card, model_card_markdown
-from fedmed.flower.packing import pack, record_to_vector, unpack, vector_to_record
+from fedmed.flower.packing import check_declared, pack, record_to_vector, unpack, vector_to_record
 from fedmed.flower.protocol import RoundStatus
 from fedmed.flower.results import RunResults
 from fedmed.flower.rundir import RunDirectory
@@ -346,7 +346,8 @@ class FederatedRun:
                 problems.append("a trained reply without model arrays")
             else:
                 try:
-                    state = unpack(record_to_vector(content[protocol.ARRAYS]), self.reference)
+                    size = sum(a.size for a in self.reference.values())  # checked before deserialising
+                    state = unpack(record_to_vector(content[protocol.ARRAYS], size), self.reference)
                 except Exception as error:  # any undecodable or misshapen array
                     problems.append(f"model arrays cannot be used: {error}")
                 else:
@@ -366,6 +367,10 @@ class FederatedRun:
         record = content.get(secagg.MASKED)
         if record is None or list(record.keys()) != [secagg.MASKED]:
             return ["a trained secure-aggregation reply without its masked vector"]
+        try:
+            check_declared(record[secagg.MASKED], size, np.uint64)  # before deserialising
+        except ValueError as error:
+            return [f"the masked vector cannot be used: {error}"]
         vector = record[secagg.MASKED].numpy()
         if vector.dtype != np.uint64 or vector.shape != (size,):
             return [f"the masked vector is {vector.dtype}{list(vector.shape)}, expected uint64[{size}]"]

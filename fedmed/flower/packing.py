@@ -73,13 +73,14 @@ def record_to_vector(record: ArrayRecord, size: int | None = None) -> np.ndarray
     return vector
 
 
-def check_declared(array: Array, size: int) -> None:
+def check_declared(array: Array, size: int, dtype: type = DTYPE) -> None:
     """Refuse an array that is not, by its declared type and shape and by its byte count,
-    a float32 vector of ``size`` numbers: checked before ``Array.numpy()`` copies it."""
-    item = np.dtype(DTYPE).itemsize
-    expected = f"this run's model is float32[{size}] ({size * item} bytes)"
+    a vector of ``size`` numbers of ``dtype`` (float32: a model; uint64: a masked update):
+    checked before ``Array.numpy()`` copies it."""
+    item = np.dtype(dtype).itemsize
+    expected = f"expected {np.dtype(dtype).name}[{size}] ({size * item} bytes) for this run's model"
     shape = tuple(array.shape) if isinstance(array.shape, (list, tuple)) else (array.shape,)
-    if array.stype != STYPE or array.dtype != np.dtype(DTYPE).name or shape != (size,):
+    if array.stype != STYPE or array.dtype != np.dtype(dtype).name or shape != (size,):
         raise ValueError(f"the model vector declares {array.dtype}{list(shape)} ({array.stype}); {expected} "
                          "(a different model or settings)")
     if not size * item < len(array.data) <= size * item + NPY_HEADER_MAX:
