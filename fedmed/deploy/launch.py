@@ -20,7 +20,7 @@ from fedmed.config import RunSettings
 from fedmed.deploy.certificates import CA_CERT, SERVER_CERT, SERVER_KEY
 from fedmed.deploy.processes import ManagedProcess, child_environ, flower_command, wait_for_port
 from fedmed.deploy.progress import CONNECTION, follow_run
-from fedmed.files import private_dir
+from fedmed.files import private_dir, write_atomic
 from fedmed.flower.rundir import RunDirectory
 
 APP_COMPONENTS = {"serverapp": "fedmed.flower.server_app:app", "clientapp": "fedmed.flower.client_app:app"}
@@ -112,7 +112,7 @@ def write_flower_home(flwr_home: Path, address: str, root_certificate: Path | No
         connection["insecure"] = True
     else:
         connection["root-certificates"] = str(root_certificate.resolve())
-    (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {CONNECTION: connection}}), encoding="utf-8")
+    write_atomic(flwr_home / "config.toml", tomli_w.dumps({"superlink": {CONNECTION: connection}}).encode("utf-8"))
     return {"FLWR_HOME": str(flwr_home)}
 
 
@@ -127,14 +127,14 @@ def write_app(app_dir: Path, run: RunSettings) -> Path:
         "tool": {"flwr": {"app": {"publisher": "fedmed", "components": APP_COMPONENTS,
                                   "config": run.to_flower()}}},
     }
-    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(spec), encoding="utf-8")
+    write_atomic(app_dir / "pyproject.toml", tomli_w.dumps(spec).encode("utf-8"))
     return app_dir
 
 
 def write_node_config(path: Path, values: dict[str, object]) -> Path:
     """A SuperNode's node config as a TOML file (``flower-supernode --node-config FILE``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(values), encoding="utf-8")
+    private_dir(path.parent)
+    write_atomic(path, tomli_w.dumps(values).encode("utf-8"))
     return path
 
 

@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from fedmed.files import write_atomic
+from fedmed.files import private_dir, write_atomic
 from fedmed.report.document import report_document
 from fedmed.report.findings import CRITICAL, finding_line
 from fedmed.report.plots import report_figures
@@ -49,7 +49,7 @@ def write_run_report(run_dir: Path) -> Path | None:
 
     try:
         report = build_report(run_dir)
-        written = write_report(report, Path(run_dir) / "report")
+        written = write_report(report, private_dir(Path(run_dir) / "report"))  # owner-only, like the run
     except Exception as error:  # noqa: BLE001 - the run itself has succeeded
         print(f"warning: no privacy report written for {run_dir}: {type(error).__name__}: {error}",
               file=sys.stderr)
