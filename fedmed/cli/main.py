@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from fedmed import __version__
-from fedmed.cli import certificates, data, export, predict
+from fedmed.cli import certificates, data, export, predict, pretrain
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.register(commands)
     predict.register(commands)
     export.register(commands)
+    pretrain.register(commands)
     certificates.register(commands)
     return parser
 

@@ -47,4 +47,7 @@ def load_initial_model(run: RunSettings) -> tuple[dict[str, np.ndarray], dict]:
                          f"{'; '.join(problems)}")
     origin = {"source": str(weights.resolve()), "weights_sha256": weights_sha256(state),
               "run_id": card.get("run_id") if card else None}
+    public = card.get("public_pretraining") if card else None
+    if public:  # carried forward: the federation's card names the public source it started from
+        origin["public"] = {key: public[key] for key in ("data", "source", "terms", "citation")}
     return state, origin

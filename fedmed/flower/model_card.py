@@ -9,7 +9,7 @@ from importlib import metadata
 
 import numpy as np
 
-from fedmed.config import RunSettings
+from fedmed.config import PretrainSettings, RunSettings
 from fedmed.data.cache import PREPROCESSING_VERSION
 from fedmed.flower.packing import pack
 from fedmed.model import ModelConfig
@@ -197,7 +197,9 @@ def model_card_markdown(card: dict) -> str:
         f"{arch['in_channels']} input channel, {arch['num_classes']} classes ({', '.join(card['classes'])})",
         f"- Weights SHA-256 (float32 arrays in name order): {details['weights_sha256']}",
         f"- Started from: {initial.get('source')}" + (f" (weights {initial['weights_sha256']})"
-                                                      if initial.get("weights_sha256") else ""),
+                                                      if initial.get("weights_sha256") else "")
+        + (f"; pre-trained on PUBLIC data: {initial['public']['source']} ({initial['public']['terms']}; cite: "
+           f"{initial['public']['citation']}), no site data, no privacy budget" if initial.get("public") else ""),
         f"- Training: {card['training']['rounds_completed']} of {card['training']['rounds_planned']} rounds, "
         f"{card['training']['aggregation']}",
         f"- Software: {', '.join(f'{k} {v}' for k, v in details['software'].items() if v)}",
@@ -251,3 +253,85 @@ def model_card_markdown(card: dict) -> str:
               "## Caveats and recommendations", "", *(f"- {item}" for item in card["caveats_and_recommendations"]),
               "", "## Settings", "", *(f"- {name}: {value}" for name, value in card["settings"].items())]
     return "\n".join(lines) + "\n"
+
+
+def public_model_card(run: RunSettings, settings: PretrainSettings, data: str, history: list[dict],
+                      kept_epoch: int, images: dict[str, int], weights: dict[str, np.ndarray]) -> dict:
+    """The card of a model pre-trained on public data (``fedmed pretrain``): which public
+    source, its terms and citation, and that no site's data or privacy budget went into it.
+    It has the keys ``fedmed predict`` and ``--initial-model`` read from a run's card."""
+    architecture = asdict(ModelConfig.from_settings(run))
+    return {
+        "format": "fedmed-model/1: numpy .npz of named float arrays (model.npz); "
+                  "rebuild with fedmed.model.build_model(ModelConfig(**architecture))",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_id": None,
+        "model_details": {
+            "name": f"fedmed GroupNorm ResNet-{architecture['depth']} pre-trained on public data",
+            "type": "image classifier trained WITHOUT differential privacy on public data only, as the starting "
+                    "point of a private federation",
+            "weights_sha256": weights_sha256(weights),
+            "software": _versions(),
+            "initial_model": {"source": "random initialisation", "seed": run.seed},
+        },
+        "public_pretraining": {
+            "data": data,
+            "source": settings.source_name or "not stated (fedmed pretrain --source-name)",
+            "terms": settings.terms or "not stated (fedmed pretrain --terms)",
+            "citation": settings.citation or "not stated (fedmed pretrain --citation)",
+            "public_data_only": True,
+            "site_data_used": False,
+            "privacy_budget_spent": 0.0,
+            "note": "public images carry no site's privacy: no ledger records anything for this model",
+            "epochs": len(history), "kept_epoch": kept_epoch, "augment": settings.augment,
+            "learning_rate": settings.learning_rate, "batch_size": settings.batch_size,
+            "images": images, "history": history,
+        },
+        "architecture": architecture,
+        "classes": list(run.class_names),
+        "input": {"image_size": run.image_size, "channels": 1, "range": [0.0, 1.0],
+                  "preprocessing": PREPROCESSING, "preprocessing_version": PREPROCESSING_VERSION},
+        "decision": decision_rule(run),
+        "settings": run.user_settings(),
+        "caveats_and_recommendations": [
+            "trained on a public population and task, which may differ from the sites' (e.g. adults against "
+            "children, any finding against pneumonia): a starting point for fine-tuning, not a model to use as is",
+        ],
+    }
+
+
+def public_model_card_markdown(card: dict) -> str:
+    """The public model's card for people."""
+    public, arch = card["public_pretraining"], card["architecture"]
+    last = public["history"][-1] if public["history"] else {}
+    return "\n".join([
+        f"# Model card: {card['model_details']['name']}",
+        "",
+        f"- {card['model_details']['type']}; created {card['created']}",
+        f"- Architecture: GroupNorm ResNet-{arch['depth']}, width {arch['width']}, {arch['frontend']} front-end, "
+        f"{arch['image_size']} px, classes {', '.join(card['classes'])}",
+        f"- Weights SHA-256: {card['model_details']['weights_sha256']}",
+        "",
+        "## Public data",
+        "",
+        f"- Data: {public['data']}",
+        f"- Source: {public['source']}",
+        f"- Terms: {public['terms']}",
+        f"- Citation: {public['citation']}",
+        f"- Images: {public['images']['train']} for training, {public['images']['val']} for validation "
+        "(split by patient where the data names patients)",
+        "- **Public data only: no site's data was used and no privacy budget was spent.**",
+        "",
+        "## Training",
+        "",
+        f"- {public['epochs']} epochs (weights of epoch {public['kept_epoch']}), learning rate "
+        f"{public['learning_rate']:g} cosine-decayed, batch {public['batch_size']}, augmentation "
+        f"{'on (shifts, rotations, contrast; no flips)' if public['augment'] else 'off'}",
+        f"- Last epoch's validation on the public data: AUROC {format_number(last.get('val_auroc'), 4)}, "
+        f"balanced accuracy {format_number(last.get('val_balanced_accuracy'), 4)}",
+        "",
+        "## Caveats",
+        "",
+        *(f"- {item}" for item in card["caveats_and_recommendations"]),
+        "",
+    ])

@@ -154,9 +154,16 @@ class RunDirectory:
         return rounds[-1], load_arrays(self.path / "checkpoints" / f"round-{rounds[-1]:04d}.npz")
 
     def write_final_model(self, state: dict[str, np.ndarray], card: dict, card_text: str) -> None:
-        write_atomic(self.private(self.model_dir / MODEL_FILE), _npz_bytes(state))
-        write_atomic(self.model_dir / CARD_FILE, _json_bytes(card))
-        write_atomic(self.model_dir / "model_card.md", card_text.encode("utf-8"))
+        self.private(self.model_dir / MODEL_FILE)
+        write_model_folder(self.model_dir, state, card, card_text)
+
+
+def write_model_folder(folder: Path, state: dict[str, np.ndarray], card: dict, card_text: str) -> None:
+    """A model folder as ``fedmed predict`` and ``--initial-model`` read it: the weights,
+    the model card and the card for people."""
+    write_atomic(folder / MODEL_FILE, _npz_bytes(state))
+    write_atomic(folder / CARD_FILE, _json_bytes(card))
+    write_atomic(folder / "model_card.md", card_text.encode("utf-8"))
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
