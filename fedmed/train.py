@@ -145,6 +145,7 @@ def train_round(
                 accountant_state=extend(ledger.history, plan.noise_multiplier, plan.sample_rate, plan.steps)
                 if plan.dp else ledger.history,
                 max_epsilon=privacy.budget,
+                max_epsilon_per_run=privacy.max_epsilon_per_run if plan.dp else None,
                 target_epsilon=privacy.target_epsilon if plan.dp else None,
                 privacy_unit=unit,
             )

@@ -1,4 +1,5 @@
-"""The site's ledger: restarts keep composing, refusals change nothing, torn writes lose nothing."""
+"""The site's ledger: restarts keep composing, refusals change nothing, a torn write counts as spent, one
+run cannot take the whole budget."""
 
 import json
 import math
@@ -11,6 +12,7 @@ import time
 
 import pytest
 
+from fedmed.privacy.accounting import epsilon
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import LedgerError, PrivacyLedger
 from fedmed.flower.protocol import RoundStatus
@@ -93,18 +95,20 @@ def test_non_private_rounds_are_loud_and_spend_everything(tmp_path, caplog):
     assert capped.status == RoundStatus.BUDGET_EXHAUSTED and "unbounded" in capped.message
 
 
-def test_torn_last_line_is_ignored_with_a_warning_and_the_next_write_heals_it(tmp_path):
+def test_a_torn_last_line_stops_the_site_and_is_never_dropped(tmp_path):
+    """What the torn line spent is unknown: it counts as the whole remaining budget, so the
+    site trains nothing, and the line stays in the file for the person who restores it."""
     path = tmp_path / "ledger.jsonl"
     run_rounds(path, 2, PLAN)
     good = path.read_text()
-    path.write_text(good + good.splitlines()[-1][:37])  # a write cut short
-    torn = PrivacyLedger(path)
-    assert [e.round for e in torn.entries] == [1, 2]
-    assert "line 3 is incomplete" in torn.warnings[0]
-    run_rounds(path, 1, PLAN, first_round=3)
-    healed = PrivacyLedger(path)
-    assert [e.round for e in healed.entries] == [1, 2, 3] and healed.warnings == []
-    assert path.read_text().startswith(good)
+    torn = good + good.splitlines()[-1][:37]  # a write cut short
+    path.write_text(torn)
+    with pytest.raises(LedgerError, match=r"ledger\.jsonl: line 3, the last, cannot be read.*whole remaining "
+                                          r"budget.*restore the ledger from a backup"):
+        PrivacyLedger(path)
+    with pytest.raises(LedgerError, match="line 3, the last"):
+        run_rounds(path, 1, PLAN, first_round=3)
+    assert path.read_text() == torn, "the file is never rewritten without the torn line"
 
 
 def test_damage_before_the_last_line_stops_the_site(tmp_path):
@@ -141,7 +145,6 @@ def test_killing_a_writer_mid_append_never_corrupts_the_ledger(tmp_path):
     survivor = PrivacyLedger(path)
     rounds = [e.round for e in survivor.entries]
     assert len(rounds) >= 20 and rounds == list(range(1, len(rounds) + 1))
-    assert survivor.warnings == []
 
 
 def test_every_entry_states_its_privacy_unit_and_old_entries_read_as_image_level(tmp_path):
@@ -151,3 +154,22 @@ def test_every_entry_states_its_privacy_unit_and_old_entries_read_as_image_level
     del line["privacy_unit"]  # a ledger written before the field existed
     (tmp_path / "old.jsonl").write_text(json.dumps(line) + "\n")
     assert [e.privacy_unit for e in PrivacyLedger(tmp_path / "old.jsonl").entries] == ["image"]
+
+
+def test_a_run_cannot_take_more_than_the_per_run_ceiling_even_lying_about_its_rounds(tmp_path):
+    """A run that says it has one round is calibrated to land at the ceiling in that round;
+    its further rounds would pass the ceiling and are refused, naming the setting. Another
+    run still has the rest of the lifetime budget."""
+    path = tmp_path / "ledger.jsonl"
+    capped = PrivacyConfig(target_epsilon=8.0, max_epsilon=8.0, max_epsilon_per_run=3.0, planned_rounds=1)
+    results = run_rounds(path, 3, capped)
+    assert [r.status for r in results] == [RoundStatus.TRAINED] + 2 * [RoundStatus.BUDGET_EXHAUSTED]
+    assert "max_epsilon_per_run 3" in results[1].message and "run run-a" in results[1].message
+    ledger = PrivacyLedger(path)
+    delta = ledger.entries[0].delta
+    assert 0.95 * 3.0 <= ledger.epsilon(delta) <= 3.0 * (1 + 1e-6)
+    assert [r.round for r in ledger.refusals] == [2, 3] and ledger.entries[0].max_epsilon_per_run == 3.0
+    [other] = run_rounds(path, 1, capped, run_id="run-b")
+    assert other.status == RoundStatus.TRAINED and other.epsilon > ledger.epsilon(delta)
+    run_b = PrivacyLedger(path).run_history("run-b")
+    assert epsilon(run_b, delta) <= 3.0 * (1 + 1e-6), "the second run is held to the ceiling by itself too"

@@ -144,17 +144,16 @@ def test_an_unchained_line_after_chained_ones_breaks_the_chain(chained_text, tmp
         PrivacyLedger(path)
 
 
-def test_a_torn_last_line_is_only_a_warning_and_the_next_write_links_past_it(chained_text, tmp_path):
+def test_a_torn_last_line_keeps_the_chain_but_is_critical_and_never_dropped(chained_text, tmp_path):
     lines = chained_text.splitlines()
     path = tmp_path / "ledger.jsonl"
-    path.write_text(chained_text + lines[-1][:40], encoding="utf-8")  # a write cut short
-    assert verify_chain(path.read_text()).intact
+    torn = chained_text + lines[-1][:40]  # a write cut short
+    path.write_text(torn, encoding="utf-8")
+    assert verify_chain(path.read_text()).intact, "a torn line is not an edit"
     levels = {(w["code"], w["level"]) for w in findings(path)}
-    assert ("ledger-torn-line", "warning") in levels and not {code for code, _ in levels} & CHAIN_CODES
-    torn = PrivacyLedger(path)
-    assert len(torn.records) == 4 and "line 5 is incomplete" in torn.warnings[0]
-    run_rounds(path, 1, PLAN, first_round=4)  # refused again: a new line, after the torn one is dropped
-    text = path.read_text()
-    assert text.startswith(chained_text) and len(text.splitlines()) == 5
-    assert json.loads(text.splitlines()[-1])["previous"] == sha256(lines[-1])
-    assert verify_chain(text).status == "chained"
+    assert ("ledger-torn-line", "critical") in levels and not {code for code, _ in levels} & CHAIN_CODES
+    with pytest.raises(LedgerError, match="line 5, the last, cannot be read"):
+        PrivacyLedger(path)
+    with pytest.raises(LedgerError):
+        run_rounds(path, 1, PLAN, first_round=4)
+    assert path.read_text() == torn, "no write drops the torn line"

@@ -100,13 +100,43 @@ def test_releases_are_accounted_as_gaussian_mechanisms_composed_with_dp_sgd(tmp_
     assert len(PrivacyLedger(ledger.path).records) == len(ledger.records)
 
 
+def test_a_release_asked_again_is_answered_from_the_ledger_not_drawn_again(tmp_path):
+    """The same (run, round, statistic) twice: the noisy values already sent, from the ledger,
+    and nothing spent; a line from before the values were stored answers nothing."""
+    path = tmp_path / "ledger.jsonl"
+    privacy = PrivacyConfig(target_epsilon=4.0, planned_rounds=2)
+    releases = SiteReleases(PrivacyLedger(path), privacy, "site-a", "run-a", "image", records=200, evaluations=3)
+    first = releases.noisy(0, "validation", np.zeros(12), 1.0)
+    text = path.read_text()
+    again = releases.noisy(0, "validation", np.ones(12), 1.0)  # another model's counts, same round
+    assert np.array_equal(again, first) and path.read_text() == text
+    assert PrivacyLedger(path).releases[0].values == [float(v) for v in first]
+    old = PrivacyLedger(tmp_path / "old.jsonl")
+    old.append(dataclasses.replace(PrivacyLedger(path).releases[0], values=None, previous=None))
+    older = SiteReleases(old, privacy, "site-a", "run-a", "image", records=200, evaluations=3)
+    assert older.noisy(0, "validation", np.zeros(12), 1.0) is None
+    assert len(PrivacyLedger(old.path).records) == 1, "not drawn again"
+
+
+def test_a_release_past_the_per_run_ceiling_is_withheld_and_spends_nothing(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    privacy = PrivacyConfig(target_epsilon=8.0, max_epsilon_per_run=1.0, planned_rounds=1)
+    releases = SiteReleases(PrivacyLedger(path), privacy, "site-a", "run-a", "image", records=200, evaluations=1)
+    sent = [releases.noisy(r, "validation", np.zeros(12), 1.0) for r in range(80)]
+    ledger = PrivacyLedger(path)
+    assert sent[0] is not None and sent[-1] is None, "more releases than planned reach the ceiling"
+    assert ledger.epsilon(ledger.releases[0].delta) <= 1.0 * (1 + 1e-6)
+    assert len(ledger.records) == sum(s is not None for s in sent)
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> SiteSettings:
     tmp = tmp_path_factory.mktemp("release")
     images, parts = synthetic_sites(80, 1, alpha=10.0, size=32, seed=3)
     export_sites(images, parts, tmp / "sites")
+    # one run may take the whole budget here: these tests follow a run to its target
     return SiteSettings(data=str(tmp / "sites" / "site-1"), name="site-1", cache_dir=str(tmp / "cache"),
-                        max_epsilon=4.0)
+                        max_epsilon=4.0, max_epsilon_per_run=4.0)
 
 
 def _initial_model() -> np.ndarray:

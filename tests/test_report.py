@@ -130,18 +130,30 @@ def test_the_html_page_is_self_contained_and_its_images_are_png(ledger_report):
     assert (out / "epsilon.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
-def test_a_torn_last_line_or_a_damaged_one_gives_warnings_not_a_crash(ledger, tmp_path):
+def test_a_torn_or_damaged_line_is_critical_and_counts_the_whole_budget_as_spent(ledger, tmp_path):
+    """What an unreadable line spent is unknown: the report still reads the rest, says which
+    line, and shows nothing left of the budget, as the site itself refuses to train."""
     torn = tmp_path / "torn.jsonl"
     torn.write_text(ledger.read_text() + '{"site": "site-a", "run_id": "run-b", "rou')
     report = build_report(None, [torn])
-    assert [w["code"] for w in report["warnings"] if w["level"] == "warning"].count("ledger-torn-line") == 1
-    assert len(report["sites"][0]["rounds"]) == 3
+    [finding] = [w for w in report["warnings"] if w["code"] == "ledger-torn-line"]
+    assert finding["level"] == "critical" and f"{torn}: line 5 (the last)" in finding["message"]
+    [site] = report["sites"]
+    assert len(site["rounds"]) == 3 and site["budget"] == 3.2 and site["unreadable_lines"] == [5]
+    assert site["epsilon_spent"] >= 3.2 and site["budget_left"] == 0.0 and site["budget_used"] >= 1.0
+    assert "budget-nearly-spent" not in {w["code"] for w in report["warnings"]}, "spent, not nearly"
+    write_report(report, tmp_path / "torn-out", ("md",))
+    text = (tmp_path / "torn-out" / "privacy-report.md").read_text()
+    [row] = markdown_table(text, "Privacy budget per site")
+    assert "**CRITICAL** [ledger-torn-line]" in text and float(row["left"]) == 0.0
+    assert float(row["spent (RDP, ledger)"]) >= 3.2
     lines = ledger.read_text().splitlines()
     damaged = tmp_path / "damaged.jsonl"
     damaged.write_text("\n".join([lines[0], lines[1][:40], *lines[2:]]) + "\n")
     report = build_report(None, [damaged])
     assert {"ledger-damaged", "ledger-arithmetic"} <= {w["code"] for w in report["warnings"]
                                                        if w["level"] == "critical"}
+    assert report["sites"][0]["budget_left"] == 0.0 and report["sites"][0]["unreadable_lines"] == [2]
     write_report(report, tmp_path / "out")
     assert "**CRITICAL** [ledger-damaged]" in (tmp_path / "out" / "privacy-report.md").read_text()
 

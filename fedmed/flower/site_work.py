@@ -4,12 +4,26 @@ model on the site's validation split, then train one private round through the l
 A ``SiteWork`` keeps the site's decoded, split data between rounds, so a long-lived
 process (the site runtime of ``fedmed-client``, or a simulation actor) loads it once, and
 its built network, so a round only loads the received weights into it.
+
+A spend is never lost and never repeated:
+
+* a (run, round) the ledger holds as trained is never trained again, whatever model comes
+  with it: the update kept in memory or in ``resend.npz`` is resent, or, when none is
+  kept, the round is refused (``budget_exhausted``, with the reason) and nothing is spent;
+* the ledger line is written before an update leaves: when that write fails nothing is
+  sent. The reply is then kept in memory before it is saved to ``resend.npz``, and a
+  failed save (a full disk) only logs a warning: the update was paid for, so it is sent,
+  and a retry is answered from memory;
+* a ledger that cannot be read (a torn or damaged line, a broken chain) raises
+  ``LedgerError``: the coordinator gets the error with what the operator must do, and the
+  site trains nothing until the ledger is restored.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import time
 from pathlib import Path
 
@@ -29,6 +43,8 @@ from fedmed.privacy.release import VALIDATION, SiteReleases, count_sensitivity, 
 from fedmed.train import TrainConfig, evaluate, predict, privacy_unit, record_count, train_round
 from fedmed.weights import load_state, model_state
 
+log = logging.getLogger("fedmed")
+
 
 class SiteWork:
     """One site's rounds. The run's settings come with each request; the site's own
@@ -40,6 +56,7 @@ class SiteWork:
         self._models: dict[ModelConfig, nn.Module] = {}
         self._inputs: dict[tuple, SiteInputs] = {}  # one entry: the current run's
         self._resend = ResendCache(Path(site.ledger).parent)
+        self._last: tuple[tuple[str, int], SiteReply] | None = None  # the last reply, kept even if not saved
 
     def handle(self, request: SiteRequest) -> SiteReply:
         """Answer one request of the coordinator's."""
@@ -60,21 +77,25 @@ class SiteWork:
         """Validate the received model (a packed vector) when the run evaluates it, then
         train one private round.
 
-        A round asked again with the same model (a restarted coordinator repeats the round it
-        lost) gets the update already computed, from the site's disk even after the site
-        restarted: resending a private result spends nothing, training again would."""
+        A round the ledger holds as trained is never trained again, whatever model comes
+        with it (a restarted coordinator repeats the round it lost; a hostile one could
+        change the model slightly to have the site pay again): the update already computed
+        is resent, from memory or the site's disk even after the site restarted, or the
+        round is refused when no update is kept. Either way nothing new is spent."""
         started = time.perf_counter()
-        request = (run.run_id, round_number, hashlib.sha256(vector.tobytes()).hexdigest())
-        earlier = self._resend.get(request)
-        if earlier is not None and earlier.site == self.site.name:  # never another site's, sharing a folder
-            return dataclasses.replace(earlier, message=(
-                f"round {round_number} asked again with the same model: earlier update resent, "
-                "no new privacy spending"))
         site = self.site
-        model = self.received_model(run, vector)
+        ledger = PrivacyLedger(site.ledger)  # a ledger that cannot prove what it spent stops here
+        model = self.received_model(run, vector)  # a malformed request is an error, also when repeated
+        key = (run.run_id, round_number)
+        earlier = self._kept(key)
+        if earlier is not None:
+            return dataclasses.replace(earlier, message=(
+                f"round {round_number} of run {run.run_id} asked again: the update already trained is resent, "
+                "no new privacy spending"))
+        if ledger.trained(run.run_id, round_number) is not None:
+            return self._already_trained(run, round_number, ledger)
         inputs = self.inputs(run, model)
         privacy = PrivacyConfig.from_settings(site, run)
-        ledger = PrivacyLedger(site.ledger)
         releases = self.releases(run, privacy, ledger, inputs)
         metrics = (self.validation(releases, model, inputs, round_number - 1)
                    if run.evaluates(round_number - 1) else {})
@@ -104,8 +125,46 @@ class SiteWork:
         releases.record_exact(round_number, exact)
         reply = SiteReply(site.name, metrics, result.message[: protocol.MAX_TEXT],
                           pack(model_state(model)) if trained else None)
-        self._resend.put(request, reply)
+        if trained:
+            self._keep(key, (*key, hashlib.sha256(vector.tobytes()).hexdigest()), reply)
         return reply
+
+    def _kept(self, key: tuple[str, int]) -> SiteReply | None:
+        """This site's reply to ``key`` (run id, round), kept in memory or on disk."""
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        earlier = self._resend.get(key)
+        return earlier if earlier is not None and earlier.site == self.site.name else None  # never another site's
+
+    def _keep(self, key: tuple[str, int], request: tuple[str, int, str], reply: SiteReply) -> None:
+        """Keep a paid-for reply in memory, then on disk; a failed save is only a warning:
+        the update was paid for and is sent, and a retry in this process is resent from memory."""
+        self._last = (key, reply)
+        try:
+            self._resend.put(request, reply)
+        except OSError as exc:
+            log.warning("site %s: round %s of run %s trained and paid for, but its update could not be saved to "
+                        "%s (%s); it is sent now and kept in memory for a retry, but a restarted site cannot "
+                        "resend it and will refuse that round. Free disk space.", self.site.name, key[1], key[0],
+                        self._resend.path, exc)
+
+    def _already_trained(self, run: RunSettings, round_number: int, ledger: PrivacyLedger) -> SiteReply:
+        """The refusal of a round the ledger holds as trained but whose update is no longer
+        kept: training it again would spend the budget twice."""
+        entry = ledger.trained(run.run_id, round_number)
+        message = (f"round {round_number} of run {run.run_id} was already trained and paid for (ledger "
+                   f"{ledger.path}); its update is no longer kept, and it is not trained again: no new privacy "
+                   "spending")
+        log.warning("site %s refuses round %s of run %s: %s", self.site.name, round_number, run.run_id, message)
+        return SiteReply(self.site.name, {
+            "status": int(RoundStatus.BUDGET_EXHAUSTED),
+            "dp": int(entry.dp),
+            "steps": 0,
+            "epsilon": metric_value(ledger.epsilon(entry.delta)),
+            "delta": float(entry.delta),
+            "noise-multiplier": float(entry.noise_multiplier),
+            "privacy-unit": PRIVACY_UNITS.index(entry.privacy_unit),
+        }, message[: protocol.MAX_TEXT])
 
     def evaluate(self, run: RunSettings, vector: np.ndarray) -> SiteReply:
         """Validate the run's final model."""

@@ -3,10 +3,15 @@
 The site, not the server, decides how much noise it adds and whether it trains at all:
 
 * the noise multiplier is calibrated at a run's first round so that the site's whole
-  history plus the run's planned rounds lands at (not above) ``target_epsilon``, and is
-  then kept for every later round of that run, also after a restart;
+  history plus the run's planned rounds lands at (not above) ``target_epsilon``, and so
+  that the run's own mechanisms (its rounds and releases, composed alone) land at (not
+  above) ``max_epsilon_per_run``: the larger of the two noise levels is used, and then kept
+  for every later round of that run, also after a restart;
 * before each round the site computes the epsilon it would reach; if that exceeds
-  ``max_epsilon`` it refuses the round.
+  ``max_epsilon`` it refuses the round, and if the run's own epsilon would exceed
+  ``max_epsilon_per_run`` it refuses it too. The per-run ceiling is what keeps one run, and
+  so one coordinator that starts it, from taking the site's whole lifetime budget (a
+  coordinator that lies about the number of rounds is refused at the ceiling).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class PrivacyConfig:
     dp: bool = True
     target_epsilon: float = 8.0
     max_epsilon: float | None = None  # the hard budget; defaults to target_epsilon
+    # The most one run may spend, its own mechanisms composed alone (None: only the lifetime budget)
+    max_epsilon_per_run: float | None = None
     delta: float | None = None  # defaults to default_delta(n)
     max_grad_norm: float = RunSettings.max_grad_norm
     planned_rounds: int = 1
@@ -46,6 +53,8 @@ class PrivacyConfig:
             raise ValueError(f"target_epsilon must be positive, got {self.target_epsilon}")
         if self.max_epsilon is not None and self.max_epsilon <= 0:
             raise ValueError(f"max_epsilon must be positive, got {self.max_epsilon}")
+        if self.max_epsilon_per_run is not None and self.max_epsilon_per_run <= 0:
+            raise ValueError(f"max_epsilon_per_run must be positive, got {self.max_epsilon_per_run}")
         if self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
         if self.planned_rounds < 1:
@@ -58,6 +67,7 @@ class PrivacyConfig:
             dp=site.dp,
             target_epsilon=site.target_epsilon or site.max_epsilon,
             max_epsilon=site.max_epsilon if site.dp else None,
+            max_epsilon_per_run=per_run_ceiling(site) if site.dp else None,
             delta=site.delta or None,
             max_grad_norm=run.max_grad_norm,
             planned_rounds=run.rounds,
@@ -73,6 +83,12 @@ class PrivacyConfig:
     @property
     def budget(self) -> float | None:
         return self.max_epsilon if self.max_epsilon is not None else (self.target_epsilon if self.dp else None)
+
+
+def per_run_ceiling(site: SiteSettings) -> float:
+    """The site's ``max_epsilon_per_run``; 0 stands for half of ``max_epsilon``, so that no
+    single run (whoever starts it) takes more than half of the site's lifetime budget."""
+    return site.max_epsilon_per_run or site.max_epsilon / 2
 
 
 @dataclass(frozen=True)
@@ -118,6 +134,9 @@ def plan_round_privacy(
         return refuse(f"the ledger {ledger.path} holds non-private rounds, so no privacy budget is left")
 
     budget = config.budget
+    ceiling = config.max_epsilon_per_run
+    run_history = ledger.run_history(run_id)
+    run_before = epsilon(run_history, delta)
     earlier = ledger.run_entries(run_id)
     if earlier:
         sigma = earlier[0].noise_multiplier
@@ -127,11 +146,29 @@ def plan_round_privacy(
                                     [*ledger.history, *reserved])
         except ValueError as exc:
             return refuse(f"budget exhausted: {exc}")
+        if ceiling is not None:
+            if run_before >= ceiling:
+                return refuse(f"per-run ceiling reached: run {run_id} has already spent epsilon {run_before:.3f} "
+                              f"by itself (delta={delta:g}), the site's max_epsilon_per_run {ceiling:g}")
+            try:  # the run alone lands at its ceiling: the larger noise of the two wins
+                sigma = max(sigma, calibrate_noise(ceiling, delta, sample_rate, steps * config.planned_rounds,
+                                                   [*run_history, *reserved]))
+            except ValueError as exc:
+                return refuse(f"per-run ceiling reached (max_epsilon_per_run {ceiling:g}): {exc}")
     after = epsilon(extend(ledger.history, sigma, sample_rate, steps), delta)
     if budget is not None and after > budget:
         return refuse(
             f"budget exhausted: this round would take epsilon from {before:.3f} to {after:.3f} "
             f"(delta={delta:g}), above the site's max_epsilon {budget:g}",
+            after,
+            sigma,
+        )
+    run_after = epsilon(extend(run_history, sigma, sample_rate, steps), delta)
+    if ceiling is not None and run_after > ceiling:
+        return refuse(
+            f"per-run ceiling reached: this round would take run {run_id}'s own epsilon (its rounds and releases "
+            f"composed alone) from {run_before:.3f} to {run_after:.3f} (delta={delta:g}), above the site's "
+            f"max_epsilon_per_run {ceiling:g}",
             after,
             sigma,
         )

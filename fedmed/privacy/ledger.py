@@ -7,7 +7,17 @@ composing from the last entry. A round the site refused (its budget would be exc
 recorded too, as a line with ``"kind": "refusal"``; it spends nothing. Every statistic the
 site sent besides its model updates is a line with ``"kind": "release"`` (see
 ``fedmed.privacy.release``): a noisy one with its Gaussian mechanism composed into the
-history, an exact one marked as a non-private release.
+history and its noisy values, so the same release asked again is resent and not drawn and
+paid again, an exact one marked as a non-private release.
+
+A spend is never lost and never repeated:
+
+* a (run, round) the ledger holds as trained is never trained again (``trained``); the
+  site resends the update it kept, or refuses (``fedmed.flower.site_work``);
+* a release of a (run, round, statistic) the ledger holds is answered from its line
+  (``release``), never drawn and paid again;
+* ``run_history`` is what one run's own mechanisms compose to, for the site's per-run
+  ceiling (``max_epsilon_per_run``, ``fedmed.privacy.budget``).
 
 The lines form a hash chain, so an edited, inserted or removed line shows: each line
 written by this version carries ``"previous"``, the SHA-256 (hex) of the line before it
@@ -20,11 +30,13 @@ chain cannot show that the last lines were removed or the last line edited (noth
 them): keep backups. ``verify_chain`` checks a ledger's text.
 
 Writes are atomic: the new ledger is written to a temporary file, flushed to disk and
-renamed over the old one, so a crash leaves either the old ledger or the new one. A torn
-last line (from a crash of another writer or a copy cut short) is reported and ignored, and
-the next write drops it; damage anywhere before it, or a broken chain, stops the site,
-because it can no longer prove what it spent. A lock file keeps two processes of one site
-from spending the same budget at once.
+renamed over the old one, so a crash leaves either the old ledger or the new one. A line
+that cannot be read, the last one included (a torn write from another tool, a copy cut
+short), counts as spent: what it spent is unknown, so it counts as the whole remaining
+budget. Loading such a ledger raises ``LedgerError`` and the file is never rewritten
+without the line; a broken chain stops the site the same way, because it can no longer
+prove what it spent. Either way a person restores the ledger from a backup. A lock file
+keeps two processes of one site from spending the same budget at once.
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ from pathlib import Path
 from typing import Iterator
 
 from fedmed.files import write_atomic
-from fedmed.privacy.accounting import ACCOUNTANT, History, epsilon
+from fedmed.privacy.accounting import ACCOUNTANT, History, epsilon, extend
 
 LEDGER_VERSION = 1
 GENESIS = "0" * 64  # the ``previous`` of a ledger's first line
@@ -87,6 +99,7 @@ class LedgerEntry(_LedgerLine):
     # protected by group privacy, about k x epsilon). Entries written before this field
     # existed were all image-level, which is what a missing value reads as.
     privacy_unit: str = "image"
+    max_epsilon_per_run: float | None = None  # the site's per-run ceiling when the round ran (None: none)
     previous: str | None = None  # hash of the line before; None: written before the chain existed
 
     @classmethod
@@ -133,6 +146,9 @@ class LedgerRelease(_LedgerLine):
     accountant_state: History = field(default_factory=list)
     privacy_unit: str = "image"
     value: float | None = None  # the noisy record count, resent in the run's later rounds
+    # The noisy values sent (private releases): the same release asked again is answered with
+    # them, never drawn and paid again. None in lines written before the field existed.
+    values: list[float] | None = None
     kind: str = "release"
     version: int = LEDGER_VERSION
     previous: str | None = None  # hash of the line before; None: written before the chain existed
@@ -255,24 +271,27 @@ class PrivacyLedger:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.warnings: list[str] = []
         self.records, self.lines = self._load()
 
     def _load(self) -> tuple[list[LedgerRecord], list[str]]:
-        """The records and, to write back verbatim, the text of their lines (a torn last line dropped)."""
+        """The records and, to write back verbatim, the text of their lines. Any unreadable
+        line, the last one too, stops the site: what it spent is unknown."""
         if not self.path.exists():
             return [], []
         text = self.path.read_text(encoding="utf-8")
         records, problems = parse_ledger(text)
         lines = _lines(text)
         for number, problem in problems:
-            if number != len(lines):
+            if number == len(lines):
                 raise LedgerError(
-                    f"{self.path}: line {number} of {len(lines)} is damaged ({problem}); the site cannot "
-                    "prove what it has spent. Restore the ledger from a backup before training again."
+                    f"{self.path}: line {number}, the last, cannot be read ({problem}): a write was cut short "
+                    "or the file was damaged. What that line spent is unknown, so it counts as the whole remaining "
+                    "budget and the site will not train or release anything. The file is left as it is: restore "
+                    "the ledger from a backup (one holding that line complete) before training again."
                 )
-            self.warnings.append(
-                f"{self.path}: line {number} is incomplete and was ignored (a write cut short): {problem}"
+            raise LedgerError(
+                f"{self.path}: line {number} of {len(lines)} is damaged ({problem}); the site cannot "
+                "prove what it has spent. Restore the ledger from a backup before training again."
             )
         chain = verify_chain(text)
         if not chain.intact:
@@ -280,7 +299,7 @@ class PrivacyLedger:
                 f"{self.path}: {chain.problem}; the site cannot prove what it has spent. Restore the ledger "
                 "from a backup before training again."
             )
-        return records, lines[:-1] if problems else lines
+        return records, lines
 
     @property
     def entries(self) -> list[LedgerEntry]:
@@ -313,6 +332,28 @@ class PrivacyLedger:
     def run_entries(self, run_id: str) -> list[LedgerEntry]:
         return [e for e in self.entries if e.run_id == run_id]
 
+    def trained(self, run_id: str, round_number: int) -> LedgerEntry | None:
+        """The entry of round ``round_number`` of run ``run_id`` if the site trained it: such
+        a round is paid for and never trained again."""
+        return next((e for e in self.entries if e.run_id == run_id and e.round == round_number), None)
+
+    def release(self, run_id: str, round_number: int, statistic: str, private: bool) -> LedgerRelease | None:
+        """The first release of ``statistic`` in round ``round_number`` of run ``run_id``, if
+        made: the same release asked again is answered from it."""
+        return next((r for r in self.releases if (r.run_id, r.round, r.statistic, r.private)
+                     == (run_id, round_number, statistic, private)), None)
+
+    def run_history(self, run_id: str) -> History:
+        """Run ``run_id``'s own mechanisms, composed alone: its DP-SGD rounds and noisy
+        releases, from their recorded parameters (the per-run ceiling bounds this)."""
+        history: History = []
+        for record in self.records:
+            if isinstance(record, LedgerEntry) and record.run_id == run_id and record.dp:
+                history = extend(history, record.noise_multiplier, record.sample_rate, record.steps)
+            elif isinstance(record, LedgerRelease) and record.run_id == run_id and record.private:
+                history = extend(history, record.noise_multiplier, 1.0, 1)
+        return history
+
     def append(self, record: LedgerRecord) -> None:
         """Add ``record`` atomically, linked to the last line (whatever ``previous`` it came
         with); earlier lines are written back byte for byte, so their links still hold."""
@@ -329,7 +370,6 @@ class PrivacyLedger:
         with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                self.warnings = []
                 self.records, self.lines = self._load()
                 yield self
             finally:

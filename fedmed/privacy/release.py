@@ -17,9 +17,19 @@ patients too, so by default a site sends only:
 
 Each noisy release is a Gaussian mechanism, composed into the site's RDP history as one
 full-batch step ``(noise multiplier, 1.0, 1)``. Its noise multiplier is set so that the
-run's planned releases, counted alone, cost ``release_share`` of what the run may spend
-(the site's target epsilon less what it spent before the run); DP-SGD's noise is then
-calibrated with those releases reserved, so the site still ends the run at its target.
+run's planned releases, counted alone, cost ``release_share`` of what the run may spend:
+the smaller of the site's target epsilon less what it spent before, and the per-run
+ceiling ``max_epsilon_per_run`` less what the run spent by itself. DP-SGD's noise is then
+calibrated with those releases reserved, so the site still ends the run at its target (or
+its ceiling). A release that would pass ``max_epsilon`` or ``max_epsilon_per_run`` is not
+made and spends nothing.
+
+A release is made once per (run, round, statistic): its noisy values are stored in its
+ledger line, and the same release asked again (an evaluation repeated, with the same or
+another model) is answered with them, neither drawn nor paid again; a line from before the
+values were stored answers nothing. An exact release of a (run, round, statistic) is
+recorded once.
+
 The exact training loss, exact counts and validation scores, and the seconds a round took
 are withheld unless the site names them in ``release_exact``; then they are sent exactly
 and each is recorded as a non-private release.
@@ -27,6 +37,7 @@ and each is recorded as a non-private release.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -36,6 +47,8 @@ from fedmed.numbers import finite_or_none
 from fedmed.privacy.accounting import History, calibrate_noise, default_delta, epsilon, extend
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import LedgerRelease, PrivacyLedger, timestamp_now
+
+log = logging.getLogger("fedmed")
 
 # Interior edges of the score bins: equal steps in log-odds from -2 to 2, so 0.5 (the
 # decision between two classes) is an edge. Six bins lose less than 0.01 of AUROC to
@@ -170,11 +183,16 @@ class SiteReleases:
     def noise_multiplier(self) -> float | None:
         """The run's noise multiplier for releases: the one of its first release, else the
         one that makes the planned releases cost ``release_share`` of what the run may
-        spend (the target less what the site spent before); None when nothing is left."""
+        spend (the target less what the site spent before, or the per-run ceiling less what
+        the run spent by itself, whichever is smaller: the larger noise); None when nothing
+        is left."""
         earlier = self._run_releases(private=True)
         if earlier:
             return earlier[0].noise_multiplier
         room = self.privacy.target_epsilon - self.ledger.epsilon(self.delta)
+        ceiling = self.privacy.max_epsilon_per_run
+        if ceiling is not None:
+            room = min(room, ceiling - epsilon(self.ledger.run_history(self.run_id), self.delta))
         try:
             return release_noise(self.privacy.release_share, room, self.delta, self.planned) if room > 0 else None
         except ValueError:  # so little room that no noise level fits
@@ -205,8 +223,13 @@ class SiteReleases:
     def noisy(self, round_number: int, statistic: str, values: np.ndarray, sensitivity: float
               ) -> np.ndarray | None:
         """``values`` with Gaussian noise of std noise multiplier x ``sensitivity``, composed
-        into the ledger; None (and nothing spent) if it would pass the site's budget."""
+        into the ledger; None (and nothing spent) if it would pass the site's budget or its
+        per-run ceiling. Asked again for the same round and statistic, the values already
+        sent, from the ledger: a second draw would be paid again and averaged away."""
         with self.ledger.locked():
+            earlier = self.ledger.release(self.run_id, round_number, statistic, private=True)
+            if earlier is not None:
+                return self._stored(earlier, values.shape)
             sigma = None if self.ledger.non_private_rounds else self.noise_multiplier()
             if sigma is None:
                 return None
@@ -214,18 +237,40 @@ class SiteReleases:
             after = epsilon(after_state, self.delta)
             if self.privacy.budget is not None and after > self.privacy.budget:
                 return None
+            ceiling = self.privacy.max_epsilon_per_run
+            run_after = epsilon(extend(self.ledger.run_history(self.run_id), sigma, 1.0, 1), self.delta)
+            if ceiling is not None and run_after > ceiling:
+                log.warning("site %s withholds its %s release of round %s of run %s: the run's own epsilon would "
+                            "reach %.3f, above the site's max_epsilon_per_run %g", self.site, statistic,
+                            round_number, self.run_id, run_after, ceiling)
+                return None
             noisy = values + np.random.default_rng().normal(0.0, sigma * sensitivity, size=values.shape)
             self.ledger.append(LedgerRelease(
                 site=self.site, run_id=self.run_id, round=round_number, timestamp=timestamp_now(),
                 statistic=statistic, private=True, noise_multiplier=sigma, sensitivity=sensitivity, delta=self.delta,
                 epsilon=after, accountant_state=after_state, privacy_unit=self.unit,
-                value=float(noisy[0]) if statistic == COUNT else None))
+                value=float(noisy[0]) if statistic == COUNT else None, values=[float(v) for v in noisy.ravel()]))
         return noisy
 
+    def _stored(self, release: LedgerRelease, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The values a release already sent, in ``shape``; None (nothing sent again, nothing
+        spent) when its line predates stored values or they do not fit the request."""
+        stored = release.values if release.values is not None else (
+            [release.value] if release.statistic == COUNT and release.value is not None else None)
+        if stored is None or len(stored) != math.prod(shape):
+            log.warning("site %s: %s of round %s of run %s was released already and is not released again "
+                        "(its ledger line holds no values that fit this request)", self.site, release.statistic,
+                        release.round, self.run_id)
+            return None
+        return np.asarray(stored, dtype=np.float64).reshape(shape)
+
     def record_exact(self, round_number: int, statistics: list[str]) -> None:
-        """Record statistics sent exactly: non-private releases, spending nothing they could bound."""
+        """Record statistics sent exactly: non-private releases, spending nothing they could
+        bound; each (run, round, statistic) once, however often it is sent."""
         with self.ledger.locked():
             for statistic in statistics:
+                if self.ledger.release(self.run_id, round_number, statistic, private=False) is not None:
+                    continue
                 self.ledger.append(LedgerRelease(
                     site=self.site, run_id=self.run_id, round=round_number, timestamp=timestamp_now(),
                     statistic=statistic, private=False, noise_multiplier=0.0, sensitivity=0.0, delta=self.delta,

@@ -15,8 +15,10 @@ CODES = {
     "budget-nearly-spent": "more than 80% of the site's budget is spent",
     "delta-too-large": "a round ran with delta >= 1/n, which permits leaking a whole record",
     "ledger-missing": "the ledger file does not exist or cannot be read",
-    "ledger-damaged": "a ledger line other than the last cannot be read",
-    "ledger-torn-line": "the ledger's last line is incomplete (a write cut short) and was ignored",
+    "ledger-damaged": "a ledger line other than the last cannot be read: the whole budget counts as spent",
+    "ledger-torn-line": "the ledger's last line is incomplete (a write cut short): what it spent is unknown, so "
+                        "the whole budget counts as spent and the site refuses to train until the ledger is "
+                        "restored from a backup",
     "ledger-chain-broken": "a ledger line does not link to the line before it: a line was edited, inserted or removed",
     "ledger-unchained": "ledger lines written before the hash chain existed: an edit to them cannot be detected",
     "ledger-arithmetic": "a ledger entry's epsilon or accountant state does not follow from its parameters",

@@ -2,7 +2,10 @@
 
 The ledger's hash chain is verified: a broken link means a line was edited, inserted or
 removed, and the report says where (it is still produced, since that is when the privacy
-officer needs it). Every entry is re-checked: its epsilon is recomputed from its accountant
+officer needs it). A line that cannot be read, the last one included (a torn write), is
+critical and counts as spent: what it spent is unknown, so the site's budget is counted as
+fully spent (nothing left, epsilon at least the budget) until the ledger is restored, as
+the site itself refuses to train on it. Every entry is re-checked: its epsilon is recomputed from its accountant
 state, the state must follow from the previous one and the round's (or release's)
 parameters, and the same history is given to an independent accountant (PLD) for a second
 opinion. Each run lists what left the site: its model updates and every other release,
@@ -76,7 +79,11 @@ def site_account(ledger_path: Path, budget: float | None = None) -> tuple[dict, 
         )
     elif budget is not None:
         account["budget"] = budget
-    findings += _budget_findings(account)
+    # with an unreadable line the whole budget counts as spent (the critical line finding says so);
+    # a budget the readable lines alone exceed is still reported
+    findings += [f for f in _budget_findings(account) if not problems or f.code == "budget-exceeded"]
+    if problems:
+        _count_as_spent(account, [number for number, _ in problems])
     if refusals:
         findings.append(warning("rounds-refused", f"{len(refusals)} round(s) refused because the budget would "
                                 f"have been exceeded (last: run {refusals[-1].run_id}, round {refusals[-1].round})",
@@ -91,19 +98,24 @@ def _empty_account(site: str, path: Path) -> dict:
         "second_opinion_accountant": SECOND_OPINION, "delta": None, "budget": None, "target_epsilon": None,
         "epsilon_spent": 0.0, "epsilon_second_opinion": 0.0, "non_private_rounds": 0,
         "budget_left": None, "budget_used": None, "runs": [], "rounds": [], "releases": [], "refused": [],
+        "unreadable_lines": [],
     }
 
 
 def _line_findings(path: Path, problems: list[tuple[int, str]], lines: int, site: str) -> list[Finding]:
+    """Every unreadable line is critical: the site cannot prove what it spent, and refuses to train."""
     findings = []
     for number, problem in problems:
         if number == lines:
-            findings.append(warning("ledger-torn-line", f"{path}: line {number} (the last) is incomplete and was "
-                                    f"ignored; a write was cut short ({problem})", site))
+            findings.append(critical("ledger-torn-line", f"{path}: line {number} (the last) is incomplete or cannot "
+                                     f"be read; a write was cut short ({problem}). What it spent is unknown, so the "
+                                     "whole budget counts as spent and the site refuses to train. Restore the "
+                                     "ledger from a backup.", site))
         else:
             findings.append(critical("ledger-damaged", f"{path}: line {number} of {lines} cannot be read "
-                                     f"({problem}); the ledger cannot prove what the site spent. Restore it "
-                                     "from a backup.", site))
+                                     f"({problem}); the ledger cannot prove what the site spent, so the whole "
+                                     "budget counts as spent and the site refuses to train. Restore it from a "
+                                     "backup.", site))
     return findings
 
 
@@ -200,6 +212,7 @@ def _round_row(entry: LedgerEntry, state: list, site: str, findings: list[Findin
         "noise_multiplier": entry.noise_multiplier, "max_grad_norm": entry.max_grad_norm,
         "delta": entry.delta, "epsilon": recorded,
         "epsilon_second_opinion": second, "accountant": entry.accountant, "max_epsilon": entry.max_epsilon,
+        "max_epsilon_per_run": entry.max_epsilon_per_run,
         "privacy_unit": entry.privacy_unit,
         "wasted": False,  # set by the run's cross-check when the coordinator discarded the round
     }
@@ -296,10 +309,22 @@ def _budget_findings(account: dict) -> list[Finding]:
     return []
 
 
+def _count_as_spent(account: dict, unreadable: list[int]) -> None:
+    """An unreadable line spent an unknown amount: the whole budget counts as spent (with no
+    budget known, an unbounded spend, as after a non-private round)."""
+    budget = account["budget"]
+    for key in ("epsilon_spent", "epsilon_second_opinion"):
+        spent = account[key]
+        account[key] = None if budget is None or spent is None else max(spent, budget)
+    account["unreadable_lines"] = unreadable
+
+
 def _budget_left(account: dict) -> tuple[float | None, float | None]:
     budget, spent = account["budget"], account["epsilon_spent"]
     if budget is None:
         return None, None
     if account["non_private_rounds"] or spent is None:
         return 0.0, None
+    if account["unreadable_lines"]:  # spent is at least the budget
+        return 0.0, spent / budget
     return max(0.0, budget - spent), spent / budget
