@@ -33,10 +33,11 @@ from fedmed.flower.packing import pack, unpack
 from fedmed.flower.site_work import SiteWork, validation_metrics
 from fedmed.model import ModelConfig, build_model
 from fedmed.runtime import keep_freed_memory
+from fedmed.simulate.baselines import starting_state
 from fedmed.simulate.scenario import load_scenario
 from fedmed.simulate.sites import prepare_sites
 from fedmed.train import evaluate
-from fedmed.weights import load_state, model_state
+from fedmed.weights import load_state
 
 
 def main() -> None:
@@ -59,7 +60,7 @@ def main() -> None:
              for name, folder, settings in zip(data.names, data.site_dirs, scenario.site_settings)]
     keep_freed_memory()  # as a site's worker does
     model = build_model(ModelConfig.from_settings(run), seed=run.seed)
-    state, velocity = model_state(model), None
+    state, velocity = starting_state(run), None  # --set data.initial_model=MODEL: a public pre-trained start
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     test = load_server_eval(run, model)
     averages: dict[float, dict] = {}

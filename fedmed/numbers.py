@@ -35,3 +35,19 @@ def format_epsilon(value, dp: bool = True, digits: int = 6) -> str:
     if not dp or (isinstance(value, float) and math.isinf(value)):
         return NON_PRIVATE
     return format_number(value, digits)
+
+
+TOO_NOISY = "too noisy to read"
+
+
+def format_noisy(value, error, limit: float, digits: int = 3) -> str:
+    """A score computed from noisy counts, with its standard error: "0.871 ± 0.012", or,
+    when the error passes ``limit``, words saying the score tells nothing yet."""
+    value, error = finite_or_none(value), finite_or_none(error)
+    if value is None:
+        return MISSING
+    if error is None:
+        return f"{value:.{digits}f}"
+    if error > limit:
+        return f"{TOO_NOISY} (± {error:.2f})"
+    return f"{value:.{digits}f} ± {error:.{digits}f}"

@@ -94,6 +94,7 @@ def simulation(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("simulate")
     command = [str(BIN / "fedmed-simulate"), "--mode", "all", "--out", str(tmp / "out"),
                "--set", "privacy.max_epsilon=[8.0, 8.0, 4.0]", "--set", "privacy.target_epsilon=[8.0, 8.0, 4.0]",
+               "--set", "privacy.max_epsilon_per_run=[8.0, 8.0, 4.0]",
                "--set", "training.evaluate_every=2"]
     for value in TINY_SCENARIO:
         command += ["--set", value]

@@ -124,8 +124,8 @@ def test_the_coordinator_writes_the_run_report_and_a_site_ledger_checks_against_
 
 def test_only_model_arrays_and_what_the_release_policy_allows_leave_a_site(finished_run):
     """Checked on every reply the coordinator received: by default a site sends its model,
-    the description of its guarantee, its noisy record count and noisy validation counts,
-    and no exact statistic (no loss, timing or scores)."""
+    the description of its guarantee, its noisy record count and noisy validation counts
+    with their noise's standard deviation, and no exact statistic (no loss, timing or scores)."""
     _, run_dir = finished_run
     config = RunSettings.from_flower(run_dir.read_config())
     parameters = sum(a.size for a in model_state(build_model(ModelConfig.from_settings(config))).values())
@@ -136,7 +136,8 @@ def test_only_model_arrays_and_what_the_release_policy_allows_leave_a_site(finis
         assert set(reply["records"]) <= {protocol.ARRAYS, protocol.METRICS, protocol.SITE}
         if reply["arrays"]:  # exactly the model's parameters, packed: nothing image-shaped
             assert reply["arrays"] == {"model": [[parameters], "float32"]}
-        assert set(reply["metrics"]) <= {*protocol.GUARANTEE_METRICS, "examples", protocol.VALIDATION_COUNTS}
+        assert set(reply["metrics"]) <= {*protocol.GUARANTEE_METRICS, "examples", protocol.VALIDATION_COUNTS,
+                                         protocol.VALIDATION_NOISE}
         assert protocol.VALIDATION_COUNTS in reply["metrics"], "every reply validates a model"
         assert all(isinstance(v, (int, float)) for k, v in reply["metrics"].items() if k != protocol.VALIDATION_COUNTS)
         assert set(reply["text"]) <= protocol.REPLY_TEXT

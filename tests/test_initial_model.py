@@ -46,7 +46,8 @@ def test_a_run_started_from_a_model_begins_at_exactly_its_weights(simulation, tm
     command = [str(BIN / "fedmed-simulate"), "--mode", "federated", "--out", str(tmp_path / "out"),
                "--set", "training.rounds=1", "--set", f"data.initial_model={source.model_dir}",
                "--set", "privacy.release_exact=validation",
-               "--set", "privacy.max_epsilon=[8.0, 8.0, 4.0]", "--set", "privacy.target_epsilon=[8.0, 8.0, 4.0]"]
+               "--set", "privacy.max_epsilon=[8.0, 8.0, 4.0]", "--set", "privacy.target_epsilon=[8.0, 8.0, 4.0]",
+               "--set", "privacy.max_epsilon_per_run=[8.0, 8.0, 4.0]"]
     for value in TINY_SCENARIO:
         if not value.startswith("training.rounds="):
             command += ["--set", value]

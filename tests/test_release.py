@@ -156,7 +156,7 @@ def _whole_run(site: SiteSettings) -> list:
 def test_a_default_site_sends_noisy_counts_and_ends_the_run_at_its_target(site, tmp_path):
     site = dataclasses.replace(site, ledger=str(tmp_path / "ledger.jsonl"))
     replies = _whole_run(site)
-    allowed = {*protocol.GUARANTEE_METRICS, "examples", protocol.VALIDATION_COUNTS}
+    allowed = {*protocol.GUARANTEE_METRICS, "examples", protocol.VALIDATION_COUNTS, protocol.VALIDATION_NOISE}
     assert all(set(r.metrics) <= allowed for r in replies), [sorted(r.metrics) for r in replies]
     assert all(protocol.VALIDATION_COUNTS in r.metrics for r in replies), "models 0 to 3 are all validated"
     ledger = PrivacyLedger(site.ledger)

@@ -36,6 +36,24 @@ SCANNER_PROFILES = (
 )
 
 
+# A public archive's scanners: none of them is a site's, so a model pre-trained on the
+# public pool meets every site's acquisition as new.
+PUBLIC_PROFILES = (
+    ScannerProfile(brightness=0.03, contrast=1.05, gamma=0.95, noise=0.035),
+    ScannerProfile(brightness=-0.03, contrast=0.9, gamma=1.1, noise=0.05),
+)
+PUBLIC_SEED_OFFSET = 1_000_003  # the public pool's random stream never meets a site's
+
+
+def synthetic_public_pool(n_images: int, size: int = 64, seed: int = 0) -> ImageSet:
+    """A public pool of synthetic chest X-rays: balanced classes, its own patients
+    ("PUB..."), scanners and random stream, so it shares no image with any site."""
+    labels, patients = synthetic_labels(n_images, 0.5, seed + PUBLIC_SEED_OFFSET)
+    patients = tuple(p.replace("SYN", "PUB", 1) for p in patients)
+    site_of = np.arange(len(labels)) % len(PUBLIC_PROFILES)
+    return synthesize(labels, patients, size, seed + PUBLIC_SEED_OFFSET, site_of, PUBLIC_PROFILES)
+
+
 def synthetic_labels(
     n_images: int, pneumonia_fraction: float = 0.6, seed: int = 0
 ) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -61,14 +79,15 @@ def synthesize(
     size: int = 64,
     seed: int = 0,
     site_of: np.ndarray | None = None,
+    profiles: tuple[ScannerProfile, ...] = SCANNER_PROFILES,
 ) -> ImageSet:
-    """Draw one image per label; ``site_of[i]`` picks image i's scanner profile."""
+    """Draw one image per label; ``site_of[i]`` picks image i's scanner profile among ``profiles``."""
     rng = np.random.default_rng(seed)
     site_of = np.zeros(len(labels), dtype=np.int64) if site_of is None else np.asarray(site_of)
     y, x = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j]
     images = np.empty((len(labels), size, size), dtype=np.uint8)
     for i, label in enumerate(labels):
-        profile = SCANNER_PROFILES[int(site_of[i]) % len(SCANNER_PROFILES)]
+        profile = profiles[int(site_of[i]) % len(profiles)]
         anatomy, lungs = _chest(x, y, rng)
         if label == 1:
             anatomy += _opacities(x, y, lungs, rng, count=int(rng.integers(1, 4)), strength=(0.25, 0.45))

@@ -10,6 +10,8 @@ from typing import Callable
 
 from fedmed.deploy.processes import ManagedProcess, child_environ, flower_command
 from fedmed.flower.rundir import RunDirectory
+from fedmed.numbers import format_noisy
+from fedmed.privacy.release import TOO_NOISY
 
 CONNECTION = "fedmed"  # the one connection in fedmed's private Flower config
 
@@ -95,8 +97,10 @@ def progress_line(status: dict) -> str:
     validation = status.get("validation") or {}
     auroc = validation.get("val-auroc")
     if isinstance(auroc, float) and math.isfinite(auroc):
-        text += (f", validation AUROC {auroc:.3f}, balanced accuracy "
-                 f"{validation.get('val-balanced-accuracy', math.nan):.3f}")
+        # the sites' summed noisy counts: one score for the federation, with its error bar
+        text += (f", sites' validation AUROC {format_noisy(auroc, validation.get('val-auroc-se'), TOO_NOISY)}, "
+                 "balanced accuracy " + format_noisy(validation.get("val-balanced-accuracy"),
+                                                     validation.get("val-balanced-accuracy-se"), TOO_NOISY))
     return text
 
 

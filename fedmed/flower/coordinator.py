@@ -31,7 +31,7 @@ from fedmed.flower.protocol import RoundStatus
 from fedmed.flower.results import RunResults
 from fedmed.flower.rundir import RunDirectory
 from fedmed.model import ModelConfig, build_model, fixed_inputs, trained_parameter_count
-from fedmed.privacy.release import counts_length, scores_from_counts
+from fedmed.privacy.release import counts_length, score_errors, scores_from_counts
 from fedmed.weights import load_state, model_state
 
 log = logging.getLogger("fedmed.coordinator")
@@ -58,6 +58,8 @@ class RoundOutcome:
     site_metrics: dict[str, dict] = field(default_factory=dict)
     reply_seconds: dict[str, float] = field(default_factory=dict)  # from sending to the reply's arrival
 
+
+MAX_VALIDATION_NOISE = 1e6  # std per count a site may state; more says nothing but costs the error bars
 
 class FederatedRun:
     def __init__(self, grid: Grid, run: RunSettings, poll_interval: float = 0.05) -> None:
@@ -384,6 +386,9 @@ class FederatedRun:
         if counts is not None and (not isinstance(counts, list) or len(counts) != expected
                                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in counts)):
             problems.append(f"validation counts must be {expected} finite numbers")
+        noise = metrics.get(protocol.VALIDATION_NOISE)
+        if noise is not None and not (isinstance(noise, (int, float)) and 0 <= noise <= MAX_VALIDATION_NOISE):
+            problems.append(f"the validation noise must be a number in [0, {MAX_VALIDATION_NOISE:g}]")
         if any(not isinstance(v, (int, float)) for k, v in metrics.items() if k != protocol.VALIDATION_COUNTS):
             problems.append("metrics must be single numbers")
         return problems
@@ -468,7 +473,8 @@ class FederatedRun:
         classes = len(self.run.class_names)
         counts = {name: np.asarray(m[protocol.VALIDATION_COUNTS], dtype=np.float64)
                   for name, m in site_metrics.items() if protocol.VALIDATION_COUNTS in m}
-        scores = {name: scores_from_counts(c, classes) for name, c in counts.items()}
+        noise = {name: float(site_metrics[name].get(protocol.VALIDATION_NOISE, math.nan)) for name in counts}
+        scores = {name: scores_from_counts(c, classes) | _errors(c, noise[name], classes) for name, c in counts.items()}
         scores |= {name: {k: v for k, v in m.items() if k.startswith("val-")} for name, m in site_metrics.items()
                    if name not in counts}
         # a site that sent counts is kept whatever its noisy total (it may be below zero)
@@ -476,7 +482,9 @@ class FederatedRun:
         if not sites:
             return
         if counts and len(counts) == len(sites):
-            weighted = scores_from_counts(sum(counts.values()), classes)
+            summed = sum(counts.values())  # independent noise: the variances add
+            weighted = scores_from_counts(summed, classes) | _errors(
+                summed, math.sqrt(sum(n * n for n in noise.values())), classes)
         else:
             weighted = {key: _weighted([(s.get(key, math.nan), s["val-examples"]) for s in sites.values()])
                         for key in protocol.VALIDATION_METRICS[1:]}
@@ -506,7 +514,7 @@ class FederatedRun:
         problems = self._check_values(metrics)
         if set(content.keys()) - {protocol.METRICS, protocol.SITE}:
             problems.append("an evaluation reply must carry metrics only")
-        if set(metrics) - {*protocol.VALIDATION_METRICS, protocol.VALIDATION_COUNTS}:
+        if set(metrics) - {*protocol.VALIDATION_METRICS, protocol.VALIDATION_COUNTS, protocol.VALIDATION_NOISE}:
             problems.append("metrics outside the whitelist")
         self._audit(round_number, node, name, reply)
         return problems, name, metrics
@@ -547,6 +555,12 @@ def _site_fields(metrics: dict) -> dict:
     fields = {k: v for k, v in metrics.items() if not k.startswith("val-")}
     fields["status_name"] = RoundStatus.label_of(fields.get("status"))
     return fields
+
+
+def _errors(counts: np.ndarray, noise_std: float, classes: int) -> dict[str, float]:
+    """Standard errors of the scores from noisy counts (``score_errors``); none when the
+    site did not say its noise (an older fedmed)."""
+    return score_errors(counts, noise_std, classes) if math.isfinite(noise_std) else {}
 
 
 def _weighted(pairs: list[tuple[float, float]]) -> float:

@@ -226,10 +226,11 @@ def model_card_markdown(card: dict) -> str:
         "",
         "## Training data",
         "",
-        f"{card['training_data']['examples']} training images at {len(card['training_data']['sites'])} sites; "
-        f"{card['training_data']['note']}.",
+        f"About {card['training_data']['examples']} training records at {len(card['training_data']['sites'])} "
+        "sites (each site's count of its protected records, patients or images as its privacy unit says, sent "
+        f"with DP noise unless the site released it exactly); {card['training_data']['note']}.",
         "",
-        "| site | training examples | rounds joined | epsilon | delta | private | last status |",
+        "| site | training records (noisy) | rounds joined | epsilon | delta | private | last status |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, site in sorted(card["sites"].items()):

@@ -49,11 +49,12 @@ TRAIN_METRICS = GUARANTEE_METRICS + ("examples", "loss", "seconds-setup", "secon
 # noisy counts the scores follow from (a list of numbers; the default), or the scores
 # themselves when the site releases them exactly.
 VALIDATION_COUNTS = "val-counts"
+VALIDATION_NOISE = "val-noise"  # the std of the noise on each count: a mechanism parameter, for error bars
 VALIDATION_METRICS = (
     "val-examples", "val-loss", "val-accuracy", "val-balanced-accuracy", "val-auroc",
     "val-sensitivity", "val-specificity",
 )
-REPLY_METRICS = frozenset(TRAIN_METRICS + VALIDATION_METRICS + (VALIDATION_COUNTS,))
+REPLY_METRICS = frozenset(TRAIN_METRICS + VALIDATION_METRICS + (VALIDATION_COUNTS, VALIDATION_NOISE))
 # Short text fields, in a ConfigRecord named "site".
 REPLY_TEXT = frozenset({"name", "message"})
 MAX_TEXT = 500

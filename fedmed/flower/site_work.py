@@ -196,7 +196,10 @@ class SiteWork:
         weights = record_weights(inputs.val_patients) if releases.unit == "patient" else np.ones(len(inputs.val))
         counts = validation_counts(probabilities, inputs.val_labels, weights)
         noisy = releases.noisy(model_round, VALIDATION, counts, count_sensitivity(probabilities.shape[1]))
-        return {} if noisy is None else {protocol.VALIDATION_COUNTS: [float(v) for v in noisy]}
+        if noisy is None:
+            return {}
+        return {protocol.VALIDATION_COUNTS: [float(v) for v in noisy],
+                protocol.VALIDATION_NOISE: float(releases.noise_std(model_round, VALIDATION))}
 
     def inputs(self, run: RunSettings, model: nn.Module) -> SiteInputs:
         """What the run's network is fed for the site's training and validation images,

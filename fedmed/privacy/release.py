@@ -13,7 +13,10 @@ patients too, so by default a site sends only:
 * the **public description of its guarantee** (status, whether DP, steps, epsilon, delta,
   noise multiplier): the parameters a DP guarantee is stated with. They follow from the
   site's settings, its ledger and its record count (the sampling rate of DP-SGD is the
-  expected batch over the record count, as DP-SGD's accounting takes it).
+  expected batch over the record count, as DP-SGD's accounting takes it). With its noisy
+  validation counts it sends their noise's standard deviation (noise multiplier x
+  sensitivity), another mechanism parameter, so that the coordinator can put an error bar
+  on every score (``score_errors``) and say when a score is too noisy to read.
 
 Each noisy release is a Gaussian mechanism, composed into the site's RDP history as one
 full-batch step ``(noise multiplier, 1.0, 1)``. Its noise multiplier is set so that the
@@ -145,6 +148,27 @@ def scores_from_counts(counts: np.ndarray, classes: int) -> dict[str, float]:
     }
 
 
+UNCERTAINTY_DRAWS = 200  # noise draws behind each standard error
+TOO_NOISY = 0.1  # a score whose standard error is above this tells nothing a reader can use
+
+
+def score_errors(counts: np.ndarray, noise_std: float, classes: int, seed: int = 0) -> dict[str, float]:
+    """The standard error of each score of ``scores_from_counts`` that Gaussian noise of
+    ``noise_std`` on every count causes, by parametric bootstrap: the counts redrawn with
+    that noise, the scores recomputed, their spread. Post-processing of released values,
+    so it costs no privacy; keys are the scores' with "-se" appended."""
+    counts = np.asarray(counts, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    draws = [scores_from_counts(counts + rng.normal(0.0, noise_std, counts.shape), classes)
+             for _ in range(UNCERTAINTY_DRAWS)]
+    errors = {}
+    for key in draws[0]:
+        values = np.array([d[key] for d in draws], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        errors[f"{key}-se"] = float(values.std()) if len(values) > 1 else math.inf
+    return errors
+
+
 def _bins(scores: np.ndarray) -> np.ndarray:
     """Bin i holds scores in (edge i-1, edge i]; a score of exactly 0.5 counts as below it,
     as a tie goes to the first class when the most likely class is predicted."""
@@ -251,6 +275,14 @@ class SiteReleases:
                 epsilon=after, accountant_state=after_state, privacy_unit=self.unit,
                 value=float(noisy[0]) if statistic == COUNT else None, values=[float(v) for v in noisy.ravel()]))
         return noisy
+
+    def noise_std(self, round_number: int, statistic: str) -> float | None:
+        """The standard deviation of the noise on each value of a noisy release already made
+        (noise multiplier x sensitivity): a parameter of the mechanism, public like the
+        guarantee's, that lets a reader put an error bar on the released values."""
+        with self.ledger.locked():
+            release = self.ledger.release(self.run_id, round_number, statistic, private=True)
+        return None if release is None else release.noise_multiplier * release.sensitivity
 
     def _stored(self, release: LedgerRelease, shape: tuple[int, ...]) -> np.ndarray | None:
         """The values a release already sent, in ``shape``; None (nothing sent again, nothing

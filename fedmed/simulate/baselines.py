@@ -1,9 +1,13 @@
-"""Baselines to compare a federation against, trained on the same schedule (rounds x local
-steps, then the coordinator's server step) through the same site code and ledger as a real
-site:
+"""Baselines to compare a federation against, through the same site code and ledger as a
+real site, each from the federation's starting model (random, or the public one):
 
-* centralized: all sites' data pooled at one place, one model (non-private and private);
-* local: every site alone on its own data.
+* public: the public pre-trained model alone, before any site's data;
+* centralized: all sites' data pooled at one place, one model. The private one is trained
+  on the federation's schedule (rounds x local steps, then the coordinator's server
+  step). The non-private one is the upper bound every reader compares against, so it is
+  trained on a non-private schedule to convergence: ``NON_PRIVATE_EPOCHS`` full passes
+  over the pooled data, one per round, with the run's cosine-decayed step size;
+* local: every site alone on its own data, on the federation's schedule.
 """
 
 from __future__ import annotations
@@ -43,6 +47,36 @@ def test_scores(run: RunSettings, vector: np.ndarray, test: tuple[np.ndarray, np
     return evaluate(model, *test)
 
 
+NON_PRIVATE_EPOCHS = 20  # full passes of the pooled non-private baseline (its validation AUROC had levelled off)
+
+
+def schedule_of(run: RunSettings) -> str:
+    """A run's training schedule in words, for the summary's rows."""
+    steps = f"{run.local_steps} steps" if run.local_steps else f"{run.local_epochs} epoch(s)"
+    return f"{run.rounds} rounds x {steps}, lr {run.learning_rate:g} {run.learning_rate_schedule}"
+
+
+def non_private_schedule(run: RunSettings) -> RunSettings:
+    """The pooled non-private baseline's schedule: full passes to convergence, cosine-decayed."""
+    return replace(run, rounds=NON_PRIVATE_EPOCHS, local_steps=0, local_epochs=1, learning_rate_schedule="cosine",
+                   evaluate_every=NON_PRIVATE_EPOCHS)
+
+
+def starting_state(run: RunSettings) -> dict[str, np.ndarray]:
+    """The federation's starting weights: the run's initial model, else its seeded random ones."""
+    if run.initial_model:
+        from fedmed.flower.initial_model import load_initial_model
+
+        return load_initial_model(run)[0]
+    return model_state(build_model(ModelConfig.from_settings(run), seed=run.seed))
+
+
+def public_row(run: RunSettings, test: tuple[np.ndarray, np.ndarray]) -> dict:
+    """The public pre-trained model alone on the held-out test set: no site's data, no budget."""
+    scores = test_scores(run, pack(starting_state(run)), test)
+    return {**_row("public", "public model alone", True, {"epsilon": 0.0}, scores), "schedule": "public pre-training"}
+
+
 def train_alone(run: RunSettings, site: SiteSettings) -> tuple[np.ndarray, dict]:
     """Train one model on one site's data for the run's rounds, as a federation of that one
     site (the coordinator's server step included, so server momentum applies here too);
@@ -50,7 +84,7 @@ def train_alone(run: RunSettings, site: SiteSettings) -> tuple[np.ndarray, dict]
     simulation knows its own data, the exact training images and validation scores of the
     final model."""
     work = SiteWork(site)
-    state = model_state(build_model(ModelConfig.from_settings(run)))
+    state = starting_state(run)
     vector, velocity = pack(state), None
     metrics: dict = {}
     for round_number in range(1, run.rounds + 1):
@@ -93,9 +127,12 @@ def run_centralized(scenario: Scenario, run: RunSettings, data: SimulationData, 
         name = "centralized-dp" if dp else "centralized"
         site = replace(scenario.site_settings[0], name=name, data=str(manifest),
                        ledger=str(out_dir / name / "ledger.jsonl"), cache_dir=str(cache_dir), max_epsilon=budget,
-                       target_epsilon=budget, dp=dp)
-        vector, metrics = train_alone(run, site)
-        rows.append(_row(name, "pooled", dp, metrics, test_scores(run, vector, test)))
+                       max_epsilon_per_run=budget, target_epsilon=budget, dp=dp,
+                       allow_outside_paths=True)  # the pooled manifest names the sites' own folders
+        schedule = run if dp else non_private_schedule(run)
+        vector, metrics = train_alone(schedule, site)
+        rows.append({**_row(name, "pooled", dp, metrics, test_scores(run, vector, test)),
+                     "schedule": schedule_of(schedule)})
     return rows
 
 
@@ -105,7 +142,8 @@ def run_local(run: RunSettings, sites: list[SiteSettings], test: tuple[np.ndarra
     rows = []
     for site in sites:
         vector, metrics = train_alone(run, site)
-        rows.append(_row("local", site.name, site.dp, metrics, test_scores(run, vector, test)))
+        rows.append({**_row("local", site.name, site.dp, metrics, test_scores(run, vector, test)),
+                     "schedule": schedule_of(run)})
     return rows
 
 

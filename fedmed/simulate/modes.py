@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
 from fedmed.report.write import write_run_report
-from fedmed.simulate.baselines import load_test_set, run_centralized, run_local
+from fedmed.simulate.baselines import load_test_set, public_row, run_centralized, run_local
 from fedmed.simulate.federated import run_federated, run_settings, site_settings
+from fedmed.simulate.pretrained import pretrained_model
 from fedmed.simulate.scenario import Scenario
 from fedmed.simulate.sites import prepare_sites
 from fedmed.simulate.summary import comparison_table, federated_rows, sites_table, write_summary
@@ -25,6 +27,8 @@ def simulate(scenario: Scenario, modes: tuple[str, ...], out: Path, live: bool) 
           flush=True)
     data = prepare_sites(scenario, out / "data")
     print(data.table, flush=True)
+    if scenario.pretrain.data:  # every row starts from the same public model
+        scenario = replace(scenario, run=replace(scenario.run, initial_model=str(pretrained_model(scenario, out))))
     results = out / datetime.now().strftime("results-%Y%m%d-%H%M%S")
     results.mkdir(parents=True)
     comparison, per_site = [], []
@@ -33,8 +37,10 @@ def simulate(scenario: Scenario, modes: tuple[str, ...], out: Path, live: bool) 
         run_dir = run_federated(scenario, data, results / "federated", cache, live=live)
         overall, per_site = federated_rows(run_dir)
         comparison.append(overall)
-    if "centralized" in modes or "local" in modes:
+    if "centralized" in modes or "local" in modes or run.initial_model:
         test = load_test_set(run, data, cache)
+        if run.initial_model:
+            comparison.insert(0, public_row(run, test))
         if "centralized" in modes:
             print("centralized baselines (pooled data, non-private and private) ...", flush=True)
             comparison += run_centralized(scenario, run, data, results / "centralized", cache, test)

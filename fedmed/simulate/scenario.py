@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fedmed.config import (RunSettings, SimulationSettings, SiteSettings, build, coerce, options,
+from fedmed.config import (PretrainSettings, RunSettings, SimulationSettings, SiteSettings, build, coerce, options,
                            parse_override, read_toml, route)
 
-PARTS = {"simulation": SimulationSettings, "run": RunSettings, "site": SiteSettings}
+PARTS = {"simulation": SimulationSettings, "run": RunSettings, "site": SiteSettings, "pretrain": PretrainSettings}
 TOP_LEVEL = ("name", "description")
 
 
@@ -27,6 +27,8 @@ class Scenario:
     run: RunSettings = field(default_factory=RunSettings)
     # Each virtual site's privacy settings (name, data and ledger are filled in per site).
     site_settings: tuple[SiteSettings, ...] = ()
+    # Public pre-training before the federation and the baselines (pretrain.data empty: none).
+    pretrain: PretrainSettings = field(default_factory=PretrainSettings)
     scenario_file: str = field(default="", compare=False)
 
     @property
@@ -53,7 +55,7 @@ def load_scenario(path: Path | None, overrides: list[str] = ()) -> Scenario:
     return Scenario(
         name=str(top.get("name") or (Path(path).stem if path is not None else "scenario")),
         description=str(top.get("description", "")),
-        simulation=simulation, run=run,
+        simulation=simulation, run=run, pretrain=build(PretrainSettings, values["pretrain"]),
         site_settings=_per_site(values["site"], simulation.site_count),
         scenario_file=str(Path(path).resolve()) if path is not None else "",
     )

@@ -17,7 +17,8 @@ import numpy as np
 
 from fedmed.data.export import SITE_STYLES, export_site
 from fedmed.data.make_sites import export_sites, site_names, synthetic_sites
-from fedmed.data.npz import load_npz
+from fedmed.data.npz import load_npz, save_npz
+from fedmed.data.synthetic import synthetic_public_pool
 from fedmed.data.partition import class_table, dirichlet_partition
 from fedmed.data.split import split_by_patient
 from fedmed.simulate.scenario import Scenario
@@ -28,12 +29,25 @@ FINGERPRINT = "fingerprint.json"
 SYNTHETIC_SIZE = 64  # synthetic images are drawn at this side; sites resize to the run's size
 
 
+PUBLIC_POOL_IMAGES = 2000  # the synthetic public pool, when a scenario pre-trains on it
+
+
 @dataclass(frozen=True)
 class SimulationData:
     names: tuple[str, ...]
     site_dirs: tuple[Path, ...]
     test_dir: Path
     table: str  # per-site class counts, for people
+
+
+def write_public_pool(folder: Path, seed: int) -> Path:
+    """Write (once) the synthetic generator's public pool as a MedMNIST-style .npz; it
+    holds none of the sites' images, patients or scanners (``synthetic_public_pool``)."""
+    path = folder / f"public-pool-{seed}.npz"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        save_npz(path, {"train": synthetic_public_pool(PUBLIC_POOL_IMAGES, SYNTHETIC_SIZE, seed)})
+    return path
 
 
 def prepare_sites(scenario: Scenario, data_dir: Path) -> SimulationData:

@@ -11,9 +11,11 @@ from fedmed.files import write_atomic
 from fedmed.config import RunSettings, SiteSettings
 from fedmed.flower.rundir import RunDirectory
 from fedmed.flower.site_data import load_site_split
-from fedmed.numbers import format_epsilon, format_number
+from fedmed.numbers import format_epsilon, format_noisy, format_number
+from fedmed.privacy.release import TOO_NOISY
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.report.render import markdown_table
+from fedmed.simulate.baselines import schedule_of
 
 
 def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:
@@ -40,7 +42,9 @@ def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:
             "train_examples": len(load_site_split(run, site).train),
             "val_examples": int(validation.get("val-examples", 0)),
             "val_auroc": validation.get("val-auroc", math.nan),
+            "val_auroc_se": validation.get("val-auroc-se", math.nan),
             "val_balanced_accuracy": validation.get("val-balanced-accuracy", math.nan),
+            "val_balanced_accuracy_se": validation.get("val-balanced-accuracy-se", math.nan),
             "val_accuracy": validation.get("val-accuracy", math.nan),
             "epsilon": epsilon, "ledger": site.ledger,
             "privacy_unit": ledger.entries[-1].privacy_unit if ledger.entries else "image",
@@ -53,6 +57,7 @@ def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:
         "test_auroc": test.get("auroc", math.nan), "test_balanced_accuracy": test.get("balanced_accuracy", math.nan),
         "test_accuracy": test.get("accuracy", math.nan),
         "val_auroc": (validations[-1]["weighted"].get("val-auroc", math.nan) if validations else math.nan),
+        "schedule": schedule_of(run),
     }
     return overall, per_site
 
@@ -61,17 +66,20 @@ def sites_table(rows: list[dict]) -> str:
     header = ["site", "rounds trained", "train images", "val records (noisy)", "val AUROC", "val balanced acc", "val acc",
               "epsilon spent"]
     return markdown_table(header, [
-        [r["site"], r["rounds_trained"], r["train_examples"], r["val_examples"], format_number(r["val_auroc"], 3),
-         format_number(r["val_balanced_accuracy"], 3), format_number(r["val_accuracy"], 3),
+        [r["site"], r["rounds_trained"], r["train_examples"], r["val_examples"],
+         format_noisy(r["val_auroc"], r.get("val_auroc_se"), TOO_NOISY),
+         format_noisy(r["val_balanced_accuracy"], r.get("val_balanced_accuracy_se"), TOO_NOISY),
+         format_number(r["val_accuracy"], 3),
          format_epsilon(r["epsilon"], digits=3)] for r in rows])
 
 
 def comparison_table(rows: list[dict]) -> str:
-    header = ["mode", "model", "DP", "epsilon", "train images", "test AUROC", "test balanced acc", "test acc"]
+    header = ["mode", "model", "DP", "epsilon", "train images", "test AUROC", "test balanced acc", "test acc",
+              "schedule"]
     return markdown_table(header, [
         [r["mode"], r["model"], "yes" if r["dp"] else "NO", format_epsilon(r["epsilon"], r["dp"], 3),
          r["train_examples"], format_number(r["test_auroc"], 3), format_number(r["test_balanced_accuracy"], 3),
-         format_number(r["test_accuracy"], 3)] for r in rows])
+         format_number(r["test_accuracy"], 3), r.get("schedule", "")] for r in rows])
 
 
 def write_summary(out_dir: Path, scenario: dict, comparison: list[dict], sites: list[dict], seconds: float) -> str:
