@@ -63,6 +63,7 @@ def main() -> int:
         ManagedProcess(
             [str(BIN / "fedmed-client"), "--server", f"localhost:{port}", "--site", site,
              "--data", str(args.out / "sites" / site), "--root-certificates", str(args.out / "certs" / "ca.crt"),
+             "--coordinator-key", str(args.out / "certs" / "coordinator.pub"),
              "--state-dir", str(args.out / "state" / site), "--image-size", "28", "--release-exact", "timing"],
             args.out / f"{site}.out", {**env, "OMP_NUM_THREADS": "1"})
         for site in sites

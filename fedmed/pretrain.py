@@ -29,7 +29,7 @@ from torch import nn
 
 from fedmed.config import PretrainSettings, RunSettings
 from fedmed.data.split import split_by_patient
-from fedmed.model import ModelConfig, build_model
+from fedmed.model import ModelConfig, build_model, fixed_inputs
 from fedmed.train import evaluate
 from fedmed.weights import model_state
 
@@ -97,6 +97,8 @@ def pretrain(images: np.ndarray, labels: np.ndarray, patient_ids: list[str] | tu
                          f"{run.image_size} px: read them at data.image_size")
     train_idx, val_idx = split_by_patient(labels, list(patient_ids), settings.val_fraction, run.seed)
     model = build_model(ModelConfig.from_settings(run), seed=run.seed)
+    if not settings.augment:  # the same images every epoch: a fixed front-end's output is computed once
+        images = fixed_inputs(model, images)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.learning_rate, momentum=MOMENTUM,
                                 weight_decay=WEIGHT_DECAY)
     steps_per_epoch = max(1, math.ceil(len(train_idx) / settings.batch_size))
@@ -132,7 +134,8 @@ def _train_epoch(model: nn.Module, images: np.ndarray, labels: np.ndarray, order
     total, seen = 0.0, 0
     for start in range(0, len(order), settings.batch_size):
         rows = order[start : start + settings.batch_size]
-        x = torch.from_numpy(np.ascontiguousarray(images[rows], dtype=np.float32)).unsqueeze(1)
+        x = torch.from_numpy(np.ascontiguousarray(images[rows], dtype=np.float32))
+        x = x.unsqueeze(1) if x.dim() == 3 else x  # images, or precomputed front-end inputs
         y = torch.from_numpy(np.asarray(labels[rows], dtype=np.int64))
         if settings.augment:
             x = augment(x, generator)

@@ -75,6 +75,14 @@ def pneumonia_npz() -> Path:
     return PNEUMONIA_NPZ
 
 
+@pytest.fixture(scope="session")
+def public_nih_npz() -> Path:
+    path = SHARED_DATA / "nih-cxr-public-28.npz"
+    if not path.is_file():
+        pytest.skip(f"public NIH chest X-ray data not found at {path} (set FEDMED_SHARED_DATA)")
+    return path
+
+
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve by the rank statistic (ties count half)."""
     pos, neg = scores[labels == 1], scores[labels == 0]

@@ -1,28 +1,43 @@
-"""A federated DP run on real chest X-rays gives a model that ranks and decides, not one
-that calls every image one class (what fedmed's models did before: balanced accuracy 0.50).
+"""A federated DP run on real chest X-rays, started from public pre-training, gives a model
+that ranks and decides well.
 
 The shipped PneumoniaMNIST recipe through fedmed-simulate (Flower's runtime, each site's
-ledger and DP-SGD, epsilon 8), scored on the official test split no site trained on. Its
-runs score 0.82-0.88 AUROC and 0.73-0.80 balanced accuracy (BENCHMARKS.md, the target
-table): below the project's goal of 0.85 / 0.75 for a short run, so this test guards the
-level reached with a margin for DP's run-to-run spread, not the goal."""
+ledger and DP-SGD, epsilon 8), pre-trained first on the public NIH chest X-rays (no site
+data, no budget), scored on the official test split no site trained on. Its runs score
+about 0.93-0.95 AUROC and 0.86-0.87 balanced accuracy (BENCHMARKS.md, "Public
+pre-training"); from random weights they scored 0.81-0.88 / 0.73-0.80. The bar below is the
+issue's CI bar (0.88 / 0.80): above every run from random weights, with a margin for DP's
+run-to-run spread."""
 
 import json
 from pathlib import Path
 
+from fedmed.privacy.ledger import PrivacyLedger
 from tests.federation_helpers import BIN, run_simulate
 
 SCENARIO = Path(__file__).resolve().parent.parent / "simulations" / "pneumonia-5-sites.toml"
 
 
-def test_a_federated_dp_run_on_real_chest_xrays_ranks_and_decides(pneumonia_npz, tmp_path):
+def test_a_federated_dp_run_from_public_pretraining_on_real_chest_xrays_ranks_and_decides(
+        pneumonia_npz, public_nih_npz, tmp_path):
     command = [str(BIN / "fedmed-simulate"), str(SCENARIO), "--out", str(tmp_path / "out"),
-               "--set", f"data.path={pneumonia_npz}"]
+               "--set", f"data.path={pneumonia_npz}", "--set", f"pretrain.data={public_nih_npz}"]
     code, survivors, _ = run_simulate(command, tmp_path)
-    assert code == 0, (tmp_path / "simulate.out").read_text()[-3000:]
+    output = (tmp_path / "simulate.out").read_text()
+    assert code == 0, output[-3000:]
     assert not survivors, f"processes outlived the simulation: {survivors}"
+    assert "pre-training on public data" in output
     (summary,) = (tmp_path / "out").glob("results-*/summary.json")
-    (federated,) = [row for row in json.loads(summary.read_text())["comparison"] if row["mode"] == "federated"]
+    payload = json.loads(summary.read_text())
+    (federated,) = [row for row in payload["comparison"] if row["mode"] == "federated"]
     assert federated["dp"] and 7.5 < federated["epsilon"] <= 8.0
-    assert federated["test_auroc"] >= 0.75, federated
-    assert federated["test_balanced_accuracy"] >= 0.65, federated
+    assert federated["test_auroc"] >= 0.88, federated
+    assert federated["test_balanced_accuracy"] >= 0.80, federated
+    # no site's ledger records anything but this run's rounds and releases: the pre-training is public
+    run_id = json.loads((summary.parent / "federated" / "config.json").read_text())["run-id"]
+    for site in payload["federated_sites"]:
+        ledger = PrivacyLedger(site["ledger"])
+        assert {record.run_id for record in ledger.records} == {run_id}, site["site"]
+        assert [entry.round for entry in ledger.entries] == list(range(1, 31))
+    card = json.loads((summary.parent / "federated" / "model" / "model_card.json").read_text())
+    assert "NIH" in card["model_details"]["initial_model"]["public"]["source"]

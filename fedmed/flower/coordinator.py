@@ -469,12 +469,15 @@ class FederatedRun:
     def _record_validation(self, model_round: int, site_metrics: dict[str, dict]) -> None:
         """Each site's validation of the global model after ``model_round`` (0: the initial
         one): scores from its noisy counts, or the exact scores a site released. The sites'
-        combined scores come from their summed counts when all sent counts."""
+        combined scores come from their summed counts when all sent counts. Scores from
+        noisy counts get standard errors ("errors": the noise each site stated, summed in
+        variance for the combined counts)."""
         classes = len(self.run.class_names)
         counts = {name: np.asarray(m[protocol.VALIDATION_COUNTS], dtype=np.float64)
                   for name, m in site_metrics.items() if protocol.VALIDATION_COUNTS in m}
         noise = {name: float(site_metrics[name].get(protocol.VALIDATION_NOISE, math.nan)) for name in counts}
-        scores = {name: scores_from_counts(c, classes) | _errors(c, noise[name], classes) for name, c in counts.items()}
+        scores = {name: scores_from_counts(c, classes) for name, c in counts.items()}
+        errors = {name: _errors(c, noise[name], classes) for name, c in counts.items()}
         scores |= {name: {k: v for k, v in m.items() if k.startswith("val-")} for name, m in site_metrics.items()
                    if name not in counts}
         # a site that sent counts is kept whatever its noisy total (it may be below zero)
@@ -483,16 +486,18 @@ class FederatedRun:
             return
         if counts and len(counts) == len(sites):
             summed = sum(counts.values())  # independent noise: the variances add
-            weighted = scores_from_counts(summed, classes) | _errors(
-                summed, math.sqrt(sum(n * n for n in noise.values())), classes)
+            weighted = scores_from_counts(summed, classes)
+            weighted_errors = _errors(summed, math.sqrt(sum(n * n for n in noise.values())), classes)
         else:
+            weighted_errors = {}
             weighted = {key: _weighted([(s.get(key, math.nan), s["val-examples"]) for s in sites.values()])
                         for key in protocol.VALIDATION_METRICS[1:]}
             weighted["val-examples"] = sum(s["val-examples"] for s in sites.values())
-        record = {"event": "validation", "round": model_round, "sites": sites, "weighted": weighted}
+        record = {"event": "validation", "round": model_round, "sites": sites, "weighted": weighted,
+                  "errors": {"sites": errors, "weighted": weighted_errors}}
         self.run_dir.append_metrics(record)
         self.results.record(record)
-        self.last_validation = weighted
+        self.last_validation = weighted | weighted_errors
 
     def _final_validation(self, state: dict[str, np.ndarray], rounds_done: int) -> None:
         nodes = self._available_nodes()

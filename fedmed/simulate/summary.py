@@ -25,6 +25,7 @@ def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:
     validations = [r for r in records if r.get("event") == "validation"]
     last_round = rounds[-1] if rounds else {}
     final_validation = validations[-1]["sites"] if validations else {}
+    final_errors = validations[-1].get("errors", {}).get("sites", {}) if validations else {}
     run = RunSettings.from_flower(run_dir.read_config())
     sites = [SiteSettings.from_flower(site) for site in json.loads(run.simulation_sites or "[]")]
     per_site, epsilons = [], []
@@ -34,7 +35,7 @@ def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:
         epsilon = ledger.entries[-1].epsilon if ledger.entries else 0.0
         epsilon = math.inf if epsilon is None else float(epsilon)
         epsilons.append(epsilon)
-        validation = final_validation.get(name, {})
+        validation = final_validation.get(name, {}) | final_errors.get(name, {})
         trained = sum(1 for r in rounds if name in r.get("trained", []))
         per_site.append({
             "site": name, "rounds_trained": trained,
