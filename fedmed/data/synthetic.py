@@ -43,15 +43,24 @@ PUBLIC_PROFILES = (
     ScannerProfile(brightness=-0.03, contrast=0.9, gamma=1.1, noise=0.05),
 )
 PUBLIC_SEED_OFFSET = 1_000_003  # the public pool's random stream never meets a site's
+# Public archives' labels are mined from reports, not read by a radiologist for the task:
+# this share of the public pool's labels is wrong (flipped, per patient).
+PUBLIC_LABEL_NOISE = 0.3
 
 
-def synthetic_public_pool(n_images: int, size: int = 64, seed: int = 0) -> ImageSet:
+def synthetic_public_pool(n_images: int, size: int = 64, seed: int = 0,
+                          label_noise: float = PUBLIC_LABEL_NOISE) -> ImageSet:
     """A public pool of synthetic chest X-rays: balanced classes, its own patients
-    ("PUB..."), scanners and random stream, so it shares no image with any site."""
+    ("PUB..."), scanners and random stream, so it shares no image with any site, and
+    labels of a public archive's quality (``label_noise`` of the patients mislabelled)."""
     labels, patients = synthetic_labels(n_images, 0.5, seed + PUBLIC_SEED_OFFSET)
     patients = tuple(p.replace("SYN", "PUB", 1) for p in patients)
     site_of = np.arange(len(labels)) % len(PUBLIC_PROFILES)
-    return synthesize(labels, patients, size, seed + PUBLIC_SEED_OFFSET, site_of, PUBLIC_PROFILES)
+    pool = synthesize(labels, patients, size, seed + PUBLIC_SEED_OFFSET, site_of, PUBLIC_PROFILES)
+    rng = np.random.default_rng(seed + PUBLIC_SEED_OFFSET)
+    wrong = {p for p in dict.fromkeys(patients) if rng.random() < label_noise}
+    flipped = np.array([1 - label if p in wrong else label for label, p in zip(labels, patients)], dtype=np.int64)
+    return ImageSet(pool.images, flipped, pool.classes, pool.patient_ids)
 
 
 def synthetic_labels(

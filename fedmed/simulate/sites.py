@@ -29,7 +29,7 @@ FINGERPRINT = "fingerprint.json"
 SYNTHETIC_SIZE = 64  # synthetic images are drawn at this side; sites resize to the run's size
 
 
-PUBLIC_POOL_IMAGES = 2000  # the synthetic public pool, when a scenario pre-trains on it
+PUBLIC_POOL_IMAGES = 1000  # the synthetic public pool, when a scenario pre-trains on it
 
 
 @dataclass(frozen=True)
