@@ -3,8 +3,9 @@ real site, each from the federation's starting model (random, or the public one)
 
 * public: the public pre-trained model alone, before any site's data;
 * centralized: all sites' data pooled at one place, one model. The private one is trained
-  on the federation's schedule (rounds x local steps, then the coordinator's server
-  step). The non-private one is the upper bound every reader compares against, so it is
+  on the federation's rounds with as many DP-SGD steps per round as all the sites take
+  together (local steps x sites), then the coordinator's server step: the same number of
+  noisy steps as the federation. The non-private one is the upper bound every reader compares against, so it is
   trained on a non-private schedule to convergence: ``NON_PRIVATE_EPOCHS`` full passes
   over the pooled data, one per round, with the run's cosine-decayed step size;
 * local: every site alone on its own data, on the federation's schedule.
@@ -60,6 +61,13 @@ def non_private_schedule(run: RunSettings) -> RunSettings:
     """The pooled non-private baseline's schedule: full passes to convergence, cosine-decayed."""
     return replace(run, rounds=NON_PRIVATE_EPOCHS, local_steps=0, local_epochs=1, learning_rate_schedule="cosine",
                    evaluate_every=NON_PRIVATE_EPOCHS)
+
+
+def pooled_private_schedule(run: RunSettings, sites: int) -> RunSettings:
+    """The pooled private baseline's schedule: the federation's, with every site's steps of a
+    round taken at the one pooled site (epochs stay epochs: a pass over the pooled data is
+    all sites' passes)."""
+    return replace(run, local_steps=run.local_steps * sites) if run.local_steps else run
 
 
 def starting_state(run: RunSettings) -> dict[str, np.ndarray]:
@@ -129,7 +137,7 @@ def run_centralized(scenario: Scenario, run: RunSettings, data: SimulationData, 
                        ledger=str(out_dir / name / "ledger.jsonl"), cache_dir=str(cache_dir), max_epsilon=budget,
                        max_epsilon_per_run=budget, target_epsilon=budget, dp=dp,
                        allow_outside_paths=True)  # the pooled manifest names the sites' own folders
-        schedule = run if dp else non_private_schedule(run)
+        schedule = pooled_private_schedule(run, len(data.site_dirs)) if dp else non_private_schedule(run)
         vector, metrics = train_alone(schedule, site)
         rows.append({**_row(name, "pooled", dp, metrics, test_scores(run, vector, test)),
                      "schedule": schedule_of(schedule)})
