@@ -3,7 +3,9 @@
 Each virtual site does exactly what a fedmed site does in a round (``SiteWork.train``: its
 DICOM data, its own ledger, DP-SGD at its own budget), and the server step is fedmed's
 (``aggregate_round``: updates bounded, then combined; then ``server_step``), but without Flower's processes in between, so
-a round costs only the sites' training. Use it to search settings; confirm a recipe with
+a round costs only the sites' training. A scenario with a [pretrain] section starts from
+its public model, pre-trained once as fedmed-simulate does (or give --set
+data.initial_model=MODEL). Use it to search settings; confirm a recipe with
 ``fedmed-simulate`` and the same ``--set`` overrides (BENCHMARKS.md gives the commands).
 
     python benchmarks/fedavg_probe.py simulations/pneumonia-5-sites.toml \\
@@ -34,6 +36,7 @@ from fedmed.flower.site_work import SiteWork, validation_metrics
 from fedmed.model import ModelConfig, build_model
 from fedmed.runtime import keep_freed_memory
 from fedmed.simulate.baselines import starting_state
+from fedmed.simulate.pretrained import pretrained_model
 from fedmed.simulate.scenario import load_scenario
 from fedmed.simulate.sites import prepare_sites
 from fedmed.train import evaluate
@@ -53,6 +56,9 @@ def main() -> None:
     logging.disable(logging.WARNING)  # every non-private round warns
     scenario = load_scenario(args.scenario, args.overrides)
     data = prepare_sites(scenario, args.data)
+    if scenario.pretrain.data and not scenario.run.initial_model:  # as fedmed-simulate: start from the public model
+        public = pretrained_model(scenario, args.data.parent / "fedmed-probe-public")
+        scenario = dataclasses.replace(scenario, run=dataclasses.replace(scenario.run, initial_model=str(public)))
     work = Path(tempfile.mkdtemp(prefix="fedavg-probe-"))
     run = dataclasses.replace(scenario.run, run_dir=str(work), run_id=f"probe-{uuid.uuid4().hex[:8]}",
                               server_eval_data=str(data.test_dir))
