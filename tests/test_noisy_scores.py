@@ -3,8 +3,6 @@ where the noise swamps them."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from fedmed.deploy.progress import progress_line
@@ -60,4 +58,3 @@ def test_the_simulation_summary_marks_a_site_too_noisy_to_read():
     (first,) = [line for line in table.splitlines() if "site-1" in line]
     (second,) = [line for line in table.splitlines() if "site-2" in line]
     assert TOO_NOISY in first and TOO_NOISY not in second and "0.930 ± 0.020" in second
-    assert not math.isnan(rows[1]["val_auroc"])
