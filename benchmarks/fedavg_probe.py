@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmed.flower.aggregation import aggregate_round
+from fedmed.coordinator.aggregation import aggregate_round
 from fedmed.flower.coordinator import load_server_eval
-from fedmed.flower.fedavg import SiteUpdate, server_step
-from fedmed.flower.packing import pack, unpack
-from fedmed.flower.site_work import SiteWork, validation_metrics
+from fedmed.coordinator.fedavg import SiteUpdate, server_step
+from fedmed.vector import pack, unpack
+from fedmed.site.work import SiteWork, validation_metrics
 from fedmed.model import ModelConfig, build_model
 from fedmed.runtime import keep_freed_memory
 from fedmed.simulate.baselines import starting_state

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fedmed.flower.rundir import RunDirectory
+from fedmed.rundir import RunDirectory
 
 
 def main(run_dir: str) -> int:

@@ -36,7 +36,7 @@ FRONTENDS = ("pixels", "scattering")  # what the residual stages see: see fedmed
 PRIVACY_UNITS = ("image", "patient")  # what one DP record is at a site
 # Statistics a site may send exactly, without DP, when its settings say so (see fedmed.privacy.release).
 EXACT_RELEASES = ("examples", "validation", "loss", "timing")
-# How the coordinator combines the sites' bounded updates: see fedmed.flower.aggregation.
+# How the coordinator combines the sites' bounded updates: see fedmed.coordinator.aggregation.
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 NORM_GROUPS = 8  # GroupNorm groups of the model; the model's width must be a multiple
 # The most classes a run may name: the classifier's last layer grows with them, and the

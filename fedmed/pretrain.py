@@ -160,8 +160,8 @@ def pretrain_public(run: RunSettings, settings: PretrainSettings, out: Path,
     ``out`` as a model folder (``model.npz`` and its public model card), which
     ``--initial-model`` and ``fedmed predict`` accept; returns ``out``."""
     from fedmed.data.public import load_public  # Pillow and pydicom: only when pre-training
-    from fedmed.flower.model_card import public_model_card, public_model_card_markdown
-    from fedmed.flower.rundir import write_model_folder
+    from fedmed.coordinator.model_card import public_model_card, public_model_card_markdown
+    from fedmed.rundir import write_model_folder
 
     if not settings.data:
         raise ValueError("no public data given (pretrain.data)")

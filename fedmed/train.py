@@ -31,7 +31,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
 from fedmed.config import RunSettings
-from fedmed.flower.protocol import RoundStatus
+from fedmed.protocol import RoundStatus
 from fedmed.metrics import classification_metrics
 from fedmed.numbers import finite_or_none
 from fedmed.privacy.accounting import ACCOUNTANT, History, extend

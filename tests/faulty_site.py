@@ -15,8 +15,8 @@ import time
 
 from fedmed.cli import client
 from fedmed.flower import client_app
-from fedmed.flower.protocol import TrainRequest
-from fedmed.flower.site_work import SiteWork
+from fedmed.protocol import TrainRequest
+from fedmed.site.work import SiteWork
 
 MODE = sys.argv.pop(1)
 ROUND = int(sys.argv.pop(1))

@@ -20,7 +20,7 @@ from fedmed.data.make_sites import export_sites, synthetic_sites
 from fedmed.deploy.certificates import make_dev_certificates, make_site_key
 from fedmed.deploy.launch import write_app, write_flower_home
 from fedmed.deploy.processes import child_environ
-from fedmed.flower.rundir import RunDirectory
+from fedmed.rundir import RunDirectory
 from fedmed.run_signing import RunRefused, check_run, make_coordinator_key, sign_run
 from tests.federation_helpers import BIN, Federation
 

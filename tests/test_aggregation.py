@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from fedmed.config import RunSettings
-from fedmed.flower.aggregation import (apply_move, bound_updates, combine, honest_norm_bound, momentum_sums,
+from fedmed.coordinator.aggregation import (apply_move, bound_updates, combine, honest_norm_bound, momentum_sums,
                                        round_norm_bound, trimmed_count)
 from fedmed.flower.coordinator import FederatedRun
-from fedmed.flower.fedavg import SiteUpdate, weighted_average
-from fedmed.flower.packing import pack, vector_to_record
+from fedmed.coordinator.fedavg import SiteUpdate, weighted_average
+from fedmed.flower.packing import vector_to_record
+from fedmed.vector import pack
 from tests.test_coordinator import _reply, task_identity  # noqa: F401 - the fixture sets Flower's ids
 
 CURRENT = {"w": np.zeros(40, dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}

@@ -15,12 +15,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from fedmed.config import RunSettings, SiteSettings
 from fedmed.deploy.launch import write_app, write_flower_home
 from fedmed.deploy.processes import ManagedProcess
-from fedmed.flower import client_app, protocol
+from fedmed.flower import client_app
+from fedmed import protocol
 from fedmed.flower.coordinator import FederatedRun
-from fedmed.flower.fedavg import SiteUpdate, server_step, weighted_average
-from fedmed.flower.packing import pack, unpack, vector_to_record
-from fedmed.flower.protocol import RoundStatus, SiteReply, SiteRequest, TrainRequest
-from fedmed.flower.rundir import RunDirectory
+from fedmed.coordinator.fedavg import SiteUpdate, server_step, weighted_average
+from fedmed.flower.packing import vector_to_record
+from fedmed.vector import pack, unpack
+from fedmed.protocol import RoundStatus, SiteReply, SiteRequest, TrainRequest
+from fedmed.rundir import RunDirectory
 from flwr.supercore.task_identity import TaskIdentity
 
 

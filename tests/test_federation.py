@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import socket
 import subprocess
@@ -14,8 +13,8 @@ import pytest
 from fedmed.data.make_sites import export_sites, synthetic_sites
 from fedmed.deploy.certificates import make_dev_certificates, make_site_key
 from fedmed.config import RunSettings
-from fedmed.flower import protocol
-from fedmed.flower.rundir import RunDirectory, load_arrays
+from fedmed import protocol
+from fedmed.rundir import RunDirectory, load_arrays
 from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.privacy.release import scores_from_counts

@@ -13,7 +13,7 @@ import pytest
 
 from fedmed.data.make_sites import export_sites, synthetic_sites
 from fedmed.deploy.certificates import make_dev_certificates
-from fedmed.flower.rundir import RunDirectory, load_arrays
+from fedmed.rundir import RunDirectory, load_arrays
 from fedmed.privacy.ledger import PrivacyLedger
 from tests.federation_helpers import Federation
 

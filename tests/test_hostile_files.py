@@ -212,7 +212,7 @@ def test_printable_escapes_bytes_and_control_characters_and_keeps_good_names():
 
 def test_the_clients_report_printing_survives_a_strict_stdout(tmp_path, monkeypatch):
     from fedmed.cli.client import print_site_data
-    from fedmed.flower.site_data import load_site_split
+    from fedmed.site.data import load_site_split
 
     root = write_synthetic_site(tmp_path / "site", n_images=12)
     with open(os.path.join(os.fsencode(root / "normal"), BAD_NAME), "wb") as handle:
@@ -263,7 +263,7 @@ def test_manifest_paths_must_stay_in_the_manifests_folder(tmp_path):
 def test_the_site_settings_reach_the_sites_loader(tmp_path):
     """max_file_mb and allow_outside_paths are declared once in SiteSettings and used by
     load_site_split, as fedmed-client and simulations load a site."""
-    from fedmed.flower.site_data import load_site_split
+    from fedmed.site.data import load_site_split
 
     folder = write_synthetic_site(tmp_path / "site", n_images=8)
     shutil.copy(pydicom_file("CT_small.dcm"), tmp_path / "outside.dcm")

@@ -15,7 +15,7 @@ import pytest
 from fedmed.privacy.accounting import epsilon
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import LedgerError, PrivacyLedger
-from fedmed.flower.protocol import RoundStatus
+from fedmed.protocol import RoundStatus
 from tests.privacy_helpers import run_rounds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,7 +4,7 @@ site's validation data (choosing it from private labels would spend unrecorded p
 import numpy as np
 
 from fedmed.config import RunSettings
-from fedmed.flower.model_card import model_card
+from fedmed.coordinator.model_card import model_card
 from fedmed.metrics import classification_metrics
 
 

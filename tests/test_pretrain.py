@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from fedmed.config import PretrainSettings, RunSettings
-from fedmed.flower.initial_model import load_initial_model
-from fedmed.flower.model_card import weights_sha256
-from fedmed.flower.rundir import load_arrays
+from fedmed.coordinator.initial_model import load_initial_model
+from fedmed.coordinator.model_card import weights_sha256
+from fedmed.rundir import load_arrays
 from fedmed.pretrain import augment, pretrain
 from fedmed.simulate.baselines import starting_state
 from tests.conftest import SHARED_DATA

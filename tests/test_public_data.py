@@ -22,8 +22,8 @@ from fedmed.data.picture import PictureReadError, read_picture
 from fedmed.data.public import load_public
 from fedmed.data.report import SkipReason
 from fedmed.data.site import SiteSource, load_site
-from fedmed.flower.model_card import model_card, model_card_markdown
-from fedmed.flower.rundir import RunDirectory
+from fedmed.coordinator.model_card import model_card, model_card_markdown
+from fedmed.rundir import RunDirectory
 from fedmed.model import ModelConfig, build_model
 from fedmed.weights import model_state
 from tests.conftest import SHARED_DATA, tree_state, write_synthetic_site

@@ -13,8 +13,9 @@ from flwr.app import Context, Message, RecordDict
 from fedmed.config import RunSettings, SiteSettings
 from fedmed.flower import client_app, secagg, secagg_site
 from fedmed.flower.coordinator import FederatedRun
-from fedmed.flower.packing import pack, record_to_vector
-from fedmed.flower.protocol import RoundStatus, SiteReply
+from fedmed.flower.packing import record_to_vector
+from fedmed.vector import pack
+from fedmed.protocol import RoundStatus, SiteReply
 from fedmed.flower.secagg_coordinator import SecureSum
 from fedmed.flower.secagg_site import ProtocolError
 from tests.test_coordinator import task_identity  # noqa: F401 - the fixture sets Flower's ids

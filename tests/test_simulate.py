@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedmed.deploy.processes import ProcessWatch, alive
-from fedmed.flower.rundir import RunDirectory
+from fedmed.rundir import RunDirectory
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.simulate.scenario import load_scenario
 from fedmed.simulate.sites import prepare_sites

@@ -18,7 +18,7 @@ from fedmed.deploy.launch import write_app
 from fedmed.deploy.processes import ManagedProcess, descendants
 from fedmed.deploy.site import SHUT_DOWN, _wait_for_exit
 from fedmed.deploy.site_runtime import ForeignAppError, _check_app, write_secret
-from fedmed.flower.rundir import RunDirectory
+from fedmed.rundir import RunDirectory
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.report.build import build_report
 from tests.federation_helpers import Federation

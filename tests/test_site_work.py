@@ -10,9 +10,9 @@ import pytest
 
 from fedmed.data.make_sites import export_sites, synthetic_sites
 from fedmed.config import RunSettings, SiteSettings
-from fedmed.flower.packing import pack
-from fedmed.flower.protocol import RoundStatus
-from fedmed.flower.site_work import SiteWork
+from fedmed.vector import pack
+from fedmed.protocol import RoundStatus
+from fedmed.site.work import SiteWork
 from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.weights import model_state

@@ -13,11 +13,11 @@ import pytest
 
 from fedmed.config import RunSettings, SiteSettings
 from fedmed.data.make_sites import export_sites, synthetic_sites
-from fedmed.flower import protocol
-from fedmed.flower.packing import pack
-from fedmed.flower.protocol import RoundStatus
-from fedmed.flower.resend import ResendCache
-from fedmed.flower.site_work import SiteWork
+from fedmed import protocol
+from fedmed.vector import pack
+from fedmed.protocol import RoundStatus
+from fedmed.site.resend import ResendCache
+from fedmed.site.work import SiteWork
 from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.ledger import LedgerError, PrivacyLedger
 from fedmed.report import build_report

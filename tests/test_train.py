@@ -10,7 +10,7 @@ from fedmed.metrics import auroc, classification_metrics
 from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import PrivacyLedger
-from fedmed.flower.protocol import RoundStatus
+from fedmed.protocol import RoundStatus
 from fedmed.train import TrainConfig, evaluate, train_round
 from fedmed.weights import InvalidWeights, check_state, load_state, model_state
 from tests.conftest import auroc as brute_force_auroc

@@ -15,7 +15,7 @@ from fedmed.flower.waits import check_flower
 from fedmed.runtime import keep_freed_memory
 
 if TYPE_CHECKING:
-    from fedmed.flower.site_data import SiteSplit
+    from fedmed.site.data import SiteSplit
 
 PARTS = {"client": ClientSettings, "site": SiteSettings, "data": RunSettings}
 ONLY = {"data": ("classes", "image_size")}  # what the site needs of the run before the first round
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     from fedmed.deploy.site import serve, site_settings  # Flower's runtime internals: after check_flower
-    from fedmed.flower.site_work import SiteWork
+    from fedmed.site.work import SiteWork
 
     site = site_settings(settings["site"], client)
     work = SiteWork(site)

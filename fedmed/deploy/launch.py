@@ -21,7 +21,7 @@ from fedmed.deploy.certificates import CA_CERT, SERVER_CERT, SERVER_KEY
 from fedmed.deploy.processes import ManagedProcess, child_environ, flower_command, wait_for_port
 from fedmed.deploy.progress import CONNECTION, follow_run
 from fedmed.files import private_dir, write_atomic
-from fedmed.flower.rundir import RunDirectory
+from fedmed.rundir import RunDirectory
 
 APP_COMPONENTS = {"serverapp": "fedmed.flower.server_app:app", "clientapp": "fedmed.flower.client_app:app"}
 

@@ -9,7 +9,7 @@ import time
 from typing import Callable
 
 from fedmed.deploy.processes import ManagedProcess, child_environ, flower_command
-from fedmed.flower.rundir import RunDirectory
+from fedmed.rundir import RunDirectory
 from fedmed.numbers import format_noisy
 from fedmed.privacy.release import TOO_NOISY
 

@@ -13,7 +13,7 @@ from fedmed.config import RunSettings, ServerSettings
 from fedmed.deploy.certificates import CA_CERT, SERVER_CERT, SERVER_KEY
 from fedmed.deploy.launch import check_tls_choice, launch, start_gateway, start_superlink
 from fedmed.deploy.processes import ManagedProcess, free_port, wait_for_port
-from fedmed.flower.rundir import RunDirectory
+from fedmed.rundir import RunDirectory
 from fedmed.run_signing import PRIVATE_KEY, sign_run
 
 
@@ -37,7 +37,7 @@ def new_run(run: RunSettings, path: Path | None) -> tuple[RunSettings, RunDirect
                   server_eval_data=str(Path(run.server_eval_data).resolve()) if run.server_eval_data else "",
                   initial_model=str(Path(run.initial_model).resolve()) if run.initial_model else "")
     if run.initial_model:
-        from fedmed.flower.initial_model import load_initial_model  # torch: only when needed
+        from fedmed.coordinator.initial_model import load_initial_model  # torch: only when needed
 
         load_initial_model(run)  # refuse a missing or mismatched model now, not inside the ServerApp
     run_dir = RunDirectory(path)

@@ -15,7 +15,7 @@ from fedmed.deploy.launch import write_node_config
 from fedmed.deploy.processes import ManagedProcess, free_port
 from fedmed.deploy.site_runtime import SiteRuntime, write_secret
 from fedmed.flower import client_app
-from fedmed.flower.site_work import SiteWork
+from fedmed.site.work import SiteWork
 
 ACTIVATION_RETRY = 10.0  # seconds between attempts while the coordinator refuses this site
 # A SuperNode ends itself, with exit code 0, when the coordinator it was registered with

@@ -61,7 +61,7 @@ from flwr.supernode.runtime.run_clientapp import push_message, push_task_output 
 
 from fedmed.config import RunSettings, SiteSettings, tomllib  # noqa: E402
 from fedmed.deploy.launch import APP_COMPONENTS  # noqa: E402
-from fedmed.flower import protocol  # noqa: E402
+from fedmed import protocol  # noqa: E402
 from fedmed.run_signing import RunRefused, check_run  # noqa: E402
 
 log = logging.getLogger("fedmed.site")

@@ -21,9 +21,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmed.config import RunSettings, SiteSettings
-from fedmed.flower import protocol
-from fedmed.flower.packing import packed_size, record_to_vector, vector_to_record
-from fedmed.flower.protocol import EvaluateRequest, SiteReply, SiteRequest, TrainRequest
+from fedmed import protocol
+from fedmed.flower.packing import record_to_vector, vector_to_record
+from fedmed.vector import packed_size
+from fedmed.protocol import EvaluateRequest, SiteReply, SiteRequest, TrainRequest
 
 app = ClientApp()
 _site_work = None  # the one SiteWork of a fedmed-client process (serve_site)
@@ -80,7 +81,7 @@ def _do(request: SiteRequest, context: Context) -> SiteReply:
         return _site_work.handle(request)
     # A simulation's Ray actor: this process is the sites', so it may take the allocator
     # setting that fedmed-client takes at start (fedmed.runtime).
-    from fedmed.flower.site_work import SiteWork
+    from fedmed.site.work import SiteWork
     from fedmed.runtime import keep_freed_memory
 
     keep_freed_memory()

@@ -18,18 +18,19 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from fedmed.config import PRIVACY_UNITS, RunSettings
-from fedmed.flower import protocol
+from fedmed import protocol
 from fedmed.flower import secagg
-from fedmed.flower.aggregation import (aggregate_round, apply_move, round_norm_bound, scale_to_bound, state_norm,
+from fedmed.coordinator.aggregation import (aggregate_round, apply_move, round_norm_bound, scale_to_bound, state_norm,
                                        weight_cap)
 from fedmed.flower.secagg_coordinator import SecureRoundFailed, SecureSum
-from fedmed.flower.fedavg import SiteUpdate, server_step, validate_update
-from fedmed.flower.initial_model import load_initial_model
-from fedmed.flower.model_card import model_card, model_card_markdown
-from fedmed.flower.packing import check_declared, pack, record_to_vector, unpack, vector_to_record
-from fedmed.flower.protocol import RoundStatus
-from fedmed.flower.results import RunResults
-from fedmed.flower.rundir import RunDirectory
+from fedmed.coordinator.fedavg import SiteUpdate, server_step, validate_update
+from fedmed.coordinator.initial_model import load_initial_model
+from fedmed.coordinator.model_card import model_card, model_card_markdown
+from fedmed.flower.packing import check_declared, record_to_vector, vector_to_record
+from fedmed.vector import pack, unpack
+from fedmed.protocol import RoundStatus
+from fedmed.coordinator.results import RunResults
+from fedmed.rundir import RunDirectory
 from fedmed.model import ModelConfig, build_model, fixed_inputs, trained_parameter_count
 from fedmed.privacy.release import counts_length, score_errors, scores_from_counts
 from fedmed.weights import load_state, model_state
@@ -423,7 +424,7 @@ class FederatedRun:
 
     def _aggregate(self, round_number: int, state: dict[str, np.ndarray], outcome: RoundOutcome
                    ) -> dict[str, np.ndarray]:
-        """The sites' combined model (``fedmed.flower.aggregation``); what was bounded goes into ``outcome``."""
+        """The sites' combined model (``fedmed.coordinator.aggregation``); what was bounded goes into ``outcome``."""
         reports = [outcome.site_metrics[u.site] for u in outcome.updates]
         combined, bounded = aggregate_round(self.run, round_number, state, outcome.updates, reports,
                                             self.trained_parameters)

@@ -5,50 +5,22 @@ each hop (coordinator, SuperLink, SuperNode, ClientApp and back); a ResNet's ~60
 cost seconds per round that way. Both ends build the same model from the run's settings,
 so the order and shapes of its tensors are known on each side and one vector suffices.
 
-A received vector is checked against the run's model size (``packed_size``) on what its
+A received vector is checked against the run's model size (``fedmed.vector.packed_size``) on what its
 ``Array`` declares and on its byte count before it is deserialised: the sender chooses
 what arrives, and a vector larger than the model must cost the receiver no copy or hash.
-This module loads torch only to count a model's numbers, and never at import.
+The vector itself is built by ``fedmed.vector``.
 """
 
 from __future__ import annotations
 
-from functools import cache
-from typing import TYPE_CHECKING
-
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fedmed.config import RunSettings
-
-if TYPE_CHECKING:
-    from fedmed.model import ModelConfig
+from fedmed.vector import DTYPE
 
 MODEL = "model"
-DTYPE = np.float32
 STYPE = "numpy.ndarray"  # Flower's name for np.save'd bytes (flwr's SType.NUMPY)
 NPY_HEADER_MAX = 4096  # np.save's header of a float32 vector is 128 bytes; anything beyond is not a vector
-
-
-def pack(state: dict[str, np.ndarray]) -> np.ndarray:
-    """The state's tensors, in order, as one float32 vector."""
-    odd = [name for name, array in state.items() if array.dtype != DTYPE]
-    if odd:
-        raise ValueError(f"only float32 models can be sent; not float32: {', '.join(odd)}")
-    return np.concatenate([np.ravel(array) for array in state.values()]) if state else np.zeros(0, DTYPE)
-
-
-def unpack(vector: np.ndarray, reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Split a received vector into the reference model's tensors (copies)."""
-    expected = sum(array.size for array in reference.values())
-    if vector.dtype != DTYPE or vector.ndim != 1 or vector.size != expected:
-        raise ValueError(f"the model vector is {vector.dtype}{list(vector.shape)}, expected float32[{expected}] "
-                         "(a different model or settings)")
-    state, start = {}, 0
-    for name, array in reference.items():
-        state[name] = vector[start : start + array.size].reshape(array.shape).copy()
-        start += array.size
-    return state
 
 
 def vector_to_record(vector: np.ndarray) -> ArrayRecord:
@@ -86,24 +58,3 @@ def check_declared(array: Array, size: int, dtype: type = DTYPE) -> None:
     if not size * item < len(array.data) <= size * item + NPY_HEADER_MAX:
         raise ValueError(f"the model vector has {len(array.data)} bytes; {expected} plus a header of at most "
                          f"{NPY_HEADER_MAX} bytes")
-
-
-def packed_size(run: RunSettings) -> int:
-    """How many numbers the packed model of ``run`` holds: its network's parameters and
-    buffers, counted once per architecture."""
-    from fedmed.model import ModelConfig  # torch: only a site or coordinator counting a model loads it
-
-    return _packed_size(ModelConfig.from_settings(run))
-
-
-@cache
-def _packed_size(config: ModelConfig) -> int:
-    """Counted on torch's "meta" device: shapes only, no memory for the weights, so an
-    architecture at the settings' bounds costs nothing to count."""
-    import torch
-
-    from fedmed.model import build_model
-
-    with torch.device("meta"):
-        model = build_model(config)
-    return sum(tensor.numel() for tensor in model.state_dict().values())

@@ -28,7 +28,7 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, 
 from flwr.supercore.primitives.asymmetric import (bytes_to_private_key, bytes_to_public_key, generate_key_pairs,
                                                   private_key_to_bytes, public_key_to_bytes)
 
-from fedmed.flower import protocol
+from fedmed import protocol
 
 RANGE = 1024.0  # every summed value lies in [-RANGE, RANGE]: a bounded move's coordinates, a weight share
 LEVELS = 2**40  # quantization levels over that range: a step of 2e-9; the sum of 2^24 sites fits in 2^64

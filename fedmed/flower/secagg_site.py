@@ -22,10 +22,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedmed.config import RunSettings
-from fedmed.flower import protocol, secagg
-from fedmed.flower.aggregation import honest_norm_bound, scale_to_bound, weight_cap
-from fedmed.flower.packing import packed_size, record_to_vector
-from fedmed.flower.protocol import SiteReply
+from fedmed.flower import secagg
+from fedmed import protocol
+from fedmed.coordinator.aggregation import honest_norm_bound, scale_to_bound, weight_cap
+from fedmed.flower.packing import record_to_vector
+from fedmed.vector import packed_size
+from fedmed.protocol import SiteReply
 
 STATE = "secagg-state"  # the context record holding the site's protocol state
 

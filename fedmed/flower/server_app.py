@@ -10,7 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmed.config import RunSettings
 from fedmed.flower.coordinator import FederatedRun
-from fedmed.flower.rundir import RunDirectory
+from fedmed.rundir import RunDirectory
 from fedmed.flower.waits import shorten_object_retries
 
 app = ServerApp()

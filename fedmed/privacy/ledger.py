@@ -13,7 +13,7 @@ paid again, an exact one marked as a non-private release.
 A spend is never lost and never repeated:
 
 * a (run, round) the ledger holds as trained is never trained again (``trained``); the
-  site resends the update it kept, or refuses (``fedmed.flower.site_work``);
+  site resends the update it kept, or refuses (``fedmed.site.work``);
 * a release of a (run, round, statistic) the ledger holds is answered from its line
   (``release``), never drawn and paid again;
 * ``run_history`` is what one run's own mechanisms compose to, for the site's per-run

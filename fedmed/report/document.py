@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fedmed.flower.protocol import RoundStatus
+from fedmed.protocol import RoundStatus
 from fedmed.numbers import MISSING, format_epsilon, format_number
 
 

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from fedmed.config import RunSettings
-from fedmed.flower.rundir import RunDirectory
+from fedmed.rundir import RunDirectory
 from fedmed.numbers import finite_or_none, format_epsilon
 from fedmed.report.findings import Finding, critical, warning
 

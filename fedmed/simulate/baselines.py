@@ -23,9 +23,9 @@ import numpy as np
 from fedmed.config import RunSettings, SiteSettings
 from fedmed.data.dicom import ReadOptions
 from fedmed.data.site import SiteSource, load_site
-from fedmed.flower.fedavg import server_step
-from fedmed.flower.packing import pack, unpack
-from fedmed.flower.site_work import SiteWork, validation_metrics
+from fedmed.coordinator.fedavg import server_step
+from fedmed.vector import pack, unpack
+from fedmed.site.work import SiteWork, validation_metrics
 from fedmed.model import ModelConfig, build_model
 from fedmed.simulate.scenario import Scenario
 from fedmed.simulate.sites import SimulationData
@@ -73,7 +73,7 @@ def pooled_private_schedule(run: RunSettings, sites: int) -> RunSettings:
 def starting_state(run: RunSettings) -> dict[str, np.ndarray]:
     """The federation's starting weights: the run's initial model, else its seeded random ones."""
     if run.initial_model:
-        from fedmed.flower.initial_model import load_initial_model
+        from fedmed.coordinator.initial_model import load_initial_model
 
         return load_initial_model(run)[0]
     return model_state(build_model(ModelConfig.from_settings(run), seed=run.seed))

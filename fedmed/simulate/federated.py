@@ -11,7 +11,7 @@ from pathlib import Path
 from fedmed.config import RunSettings, SiteSettings
 from fedmed.deploy.launch import launch, start_simulation_superlink
 from fedmed.deploy.processes import ProcessWatch, free_port
-from fedmed.flower.rundir import RunDirectory
+from fedmed.rundir import RunDirectory
 from fedmed.simulate.scenario import Scenario
 from fedmed.simulate.sites import SimulationData
 
@@ -37,7 +37,7 @@ def run_settings(scenario: Scenario, data: SimulationData, run_dir: Path, cache_
                   initial_model=str(Path(scenario.run.initial_model).resolve()) if scenario.run.initial_model else "",
                   simulation_sites=json.dumps([site.to_flower() for site in sites]))
     if run.initial_model:
-        from fedmed.flower.initial_model import load_initial_model  # torch: only when needed
+        from fedmed.coordinator.initial_model import load_initial_model  # torch: only when needed
 
         load_initial_model(run)  # refuse a missing or mismatched model before starting anything
     return run

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from fedmed.files import write_atomic
 from fedmed.config import RunSettings, SiteSettings
-from fedmed.flower.rundir import RunDirectory
-from fedmed.flower.site_data import load_site_split
+from fedmed.rundir import RunDirectory
+from fedmed.site.data import load_site_split
 from fedmed.numbers import format_epsilon, format_noisy, format_number
 from fedmed.privacy.release import TOO_NOISY
 from fedmed.privacy.ledger import PrivacyLedger

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from fedmed.config import RunSettings
-from fedmed.flower.model_card import weights_sha256
-from fedmed.flower.rundir import CARD_FILE, MODEL_FILE, load_arrays
+from fedmed.coordinator.model_card import weights_sha256
+from fedmed.rundir import CARD_FILE, MODEL_FILE, load_arrays
 from fedmed.model import ModelConfig, build_model
 from fedmed.weights import check_state, model_state
 

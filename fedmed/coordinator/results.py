@@ -1,7 +1,7 @@
 """A run's per-round results in the tools people already open: ``metrics.csv`` (one row
 per round) and, when the ``tensorboard`` package is installed, TensorBoard event files in
 ``RUN_DIR/tensorboard``. Both are derived from ``metrics.jsonl``, which stays the record,
-and are owner-only like all of a run directory (``fedmed.flower.rundir``)."""
+and are owner-only like all of a run directory (``fedmed.rundir``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 import os
 
 from fedmed.files import PRIVATE_FILE, private_dir, write_atomic
-from fedmed.flower.rundir import RunDirectory
+from fedmed.rundir import RunDirectory
 
 log = logging.getLogger("fedmed.coordinator")
 SCORES = ("auroc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "loss")

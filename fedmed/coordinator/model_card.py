@@ -11,7 +11,7 @@ import numpy as np
 
 from fedmed.config import PretrainSettings, RunSettings
 from fedmed.data.cache import PREPROCESSING_VERSION
-from fedmed.flower.packing import pack
+from fedmed.vector import pack
 from fedmed.model import ModelConfig
 from fedmed.numbers import format_epsilon, format_number
 
@@ -33,7 +33,7 @@ PRIVACY_UNIT_TEXT = {
 
 def weights_sha256(state: dict[str, np.ndarray]) -> str:
     """A fingerprint of the weights: SHA-256 of every array's float32 bytes in name order
-    (``fedmed.flower.packing.pack``), the same however the file was zipped."""
+    (``fedmed.vector.pack``), the same however the file was zipped."""
     return hashlib.sha256(pack(state).tobytes()).hexdigest()
 
 

@@ -9,7 +9,7 @@
     model/model.npz        the final model (named float arrays, no pickled code)
     model/model_card.json  architecture, preprocessing, classes, data and privacy per site
     model/model_card.md    the same for people
-    metrics.csv            one row per round, for spreadsheets (fedmed.flower.results)
+    metrics.csv            one row per round, for spreadsheets (fedmed.coordinator.results)
     tensorboard/           the same as TensorBoard event files, when tensorboard is installed
     flower-runs.jsonl      the Flower runs that carried this fedmed run (one per start or resume)
     identities.json        with site keys: the site name each registered key's node id is bound to

@@ -31,11 +31,11 @@ import numpy as np
 from torch import nn
 
 from fedmed.config import PRIVACY_UNITS, RunSettings, SiteSettings
-from fedmed.flower import protocol
-from fedmed.flower.packing import pack, unpack
-from fedmed.flower.protocol import EvaluateRequest, RoundStatus, SiteReply, SiteRequest, TrainRequest, metric_value
-from fedmed.flower.resend import ResendCache
-from fedmed.flower.site_data import SiteSplit, load_site_split
+from fedmed import protocol
+from fedmed.vector import pack, unpack
+from fedmed.protocol import EvaluateRequest, RoundStatus, SiteReply, SiteRequest, TrainRequest, metric_value
+from fedmed.site.resend import ResendCache
+from fedmed.site.data import SiteSplit, load_site_split
 from fedmed.model import ModelConfig, build_model, fixed_inputs
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import PrivacyLedger

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedmed.config import AGGREGATIONS, RunSettings
-from fedmed.flower.fedavg import SiteUpdate
+from fedmed.coordinator.fedavg import SiteUpdate
 
 WEIGHT_CAP_MEDIANS = 10.0  # default weight cap: this many times the round's median record count
 SECURE_WEIGHT_CAP = 1_000_000  # default weight cap under secure aggregation, where no claim is seen

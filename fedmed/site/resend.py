@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmed.files import write_atomic
-from fedmed.flower.protocol import SiteReply
+from fedmed.protocol import SiteReply
 
 FILE_NAME = "resend.npz"
 log = logging.getLogger("fedmed")
