@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmed.coordinator.aggregation import aggregate_round
-from fedmed.flower.coordinator import load_server_eval
+from fedmed.coordinator.held_out import load_server_eval
 from fedmed.coordinator.fedavg import SiteUpdate, server_step
 from fedmed.vector import pack, unpack
 from fedmed.site.work import SiteWork, validation_metrics

@@ -61,6 +61,7 @@ MAX_TEXT = 500
 
 ARRAYS = "arrays"
 SECURE = "secagg"  # the record of a secure-aggregation message (see fedmed.flower.secagg)
+MASKED = "masked"  # the record, and its one array, of a masked update under secure aggregation
 METRICS = "metrics"
 SITE = "site"
 CONFIG = "config"

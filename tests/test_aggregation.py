@@ -9,11 +9,19 @@ import numpy as np
 import pytest
 
 from fedmed.config import RunSettings
-from fedmed.coordinator.aggregation import (apply_move, bound_updates, combine, honest_norm_bound, momentum_sums,
-                                       round_norm_bound, trimmed_count)
-from fedmed.flower.coordinator import FederatedRun
+from fedmed.coordinator.aggregation import (
+    apply_move,
+    bound_updates,
+    combine,
+    honest_norm_bound,
+    momentum_sums,
+    round_norm_bound,
+    trimmed_count,
+)
 from fedmed.coordinator.fedavg import SiteUpdate, weighted_average
+from fedmed.flower.coordinator import FederatedRun
 from fedmed.flower.packing import vector_to_record
+from fedmed.flower.rounds import PlainRound
 from fedmed.vector import pack
 from tests.test_coordinator import _reply, task_identity  # noqa: F401 - the fixture sets Flower's ids
 
@@ -129,13 +137,13 @@ def test_the_coordinator_records_each_bounded_update_with_its_reason(tmp_path):
                _reply(run, 2, "honest-b", vector_to_record(vector - 1e-4)),
                _reply(run, 3, "scaled", vector_to_record(vector + 1.0)),
                _reply(run, 4, "heavy", vector_to_record(vector + 1e-4), examples=10**9)]
-    outcome = run._collect(1, {r.metadata.src_node_id: r for r in replies}, missing=[])
-    state = run._aggregate(1, run.reference, outcome)
+    outcome = run.collect(1, {r.metadata.src_node_id: r for r in replies}, missing=[])
+    state = PlainRound.aggregate(run, 1, run.reference, outcome)
     assert set(outcome.clipped) == {"scaled", "heavy"}
     assert "scaled down" in outcome.clipped["scaled"] and "cap of 1000" in outcome.clipped["heavy"]
     moved = pack(state).astype(np.float64) - vector
     assert np.linalg.norm(moved) <= 0.5 + 1e-5
-    run._record_round(1, outcome, True, state, 0.1)
+    run.recorder.round(1, outcome, True, 0.1)
     record = [r for r in run.run_dir.metrics() if r.get("event") == "round"][-1]
     assert record["clipped"] == outcome.clipped and record["norm_bound"] == 0.5
     np.testing.assert_allclose(pack(apply_move(run.reference, moved)), pack(state), atol=1e-6)
@@ -155,11 +163,11 @@ def test_the_run_report_lists_each_bounded_update_and_a_failed_secure_round(tmp_
     vector = pack(run.reference)
     replies = [_reply(run, 1, "honest", vector_to_record(vector + 1e-4)),
                _reply(run, 2, "scaled", vector_to_record(vector + 1.0))]
-    outcome = run._collect(1, {r.metadata.src_node_id: r for r in replies}, missing=[])
-    state = run._aggregate(1, run.reference, outcome)
-    run._record_round(1, outcome, True, state, 0.1)
+    outcome = run.collect(1, {r.metadata.src_node_id: r for r in replies}, missing=[])
+    PlainRound.aggregate(run, 1, run.reference, outcome)
+    run.recorder.round(1, outcome, True, 0.1)
     failed = type(outcome)(secure={"threshold": 3, "failed": "2 of 4 sites sent masked updates"})
-    run._record_round(2, failed, False, state, 0.1)
+    run.recorder.round(2, failed, False, 0.1)
     view, findings = run_view(tmp_path)
     assert view["rounds"][0]["bounded"] == {"scaled": outcome.clipped["scaled"]}
     codes = {f.code: f.message for f in findings}

@@ -11,19 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
+from fedmed import protocol
 from fedmed.config import RunSettings, SiteSettings
+from fedmed.coordinator.fedavg import SiteUpdate, server_step, weighted_average
 from fedmed.deploy.launch import write_app, write_flower_home
 from fedmed.deploy.processes import ManagedProcess
 from fedmed.flower import client_app
-from fedmed import protocol
 from fedmed.flower.coordinator import FederatedRun
-from fedmed.coordinator.fedavg import SiteUpdate, server_step, weighted_average
 from fedmed.flower.packing import vector_to_record
-from fedmed.vector import pack, unpack
 from fedmed.protocol import RoundStatus, SiteReply, SiteRequest, TrainRequest
 from fedmed.rundir import RunDirectory
-from flwr.supercore.task_identity import TaskIdentity
+from fedmed.vector import pack, unpack
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,7 @@ def task_identity():
 
 
 def _reply(run: FederatedRun, node: int, name: str, arrays: ArrayRecord | None, **metrics) -> Message:
-    request = run._message(MessageType.TRAIN, node, run.reference, 1)
+    request = run.message(MessageType.TRAIN, node, run.reference, 1)
     request.metadata.__dict__["_message_id"] = f"m{node}"
     content = RecordDict({
         protocol.METRICS: MetricRecord({"status": RoundStatus.TRAINED, "examples": 10, **metrics}),
@@ -64,7 +64,7 @@ def test_poisoned_updates_are_dropped_and_the_average_stays_finite(tmp_path):
         _reply(run, 6, "leaky", good, **{"per-sample-loss-0": 0.3}),
         _reply(run, 7, "no-count", good, examples=0),
     ]
-    outcome = run._collect(1, {reply.metadata.src_node_id: reply for reply in replies}, missing=[8])
+    outcome = run.collect(1, {reply.metadata.src_node_id: reply for reply in replies}, missing=[8])
     assert [u.site for u in outcome.updates] == ["good"]
     assert "non-finite" in outcome.rejected["nan"]
     assert f"expected float32[{vector.size}]" in outcome.rejected["short"]
@@ -82,7 +82,7 @@ def test_poisoned_updates_are_dropped_and_the_average_stays_finite(tmp_path):
 
 def test_the_model_travels_as_one_vector_and_unpacks_exactly(tmp_path):
     run = FederatedRun(grid=None, run=RunSettings(run_dir=str(tmp_path), width=8, image_size=16))
-    message = run._message(MessageType.TRAIN, 1, run.reference, 1)
+    message = run.message(MessageType.TRAIN, 1, run.reference, 1)
     assert list(message.content[protocol.ARRAYS].keys()) == ["model"]
     restored = unpack(message.content[protocol.ARRAYS]["model"].numpy(), run.reference)
     assert list(restored) == list(run.reference)
@@ -92,7 +92,7 @@ def test_the_model_travels_as_one_vector_and_unpacks_exactly(tmp_path):
 def test_budget_exhausted_sites_are_counted_not_failed(tmp_path):
     run = FederatedRun(grid=None, run=RunSettings(run_dir=str(tmp_path), width=8, image_size=16))
     refused = _reply(run, 1, "spent", None, status=RoundStatus.BUDGET_EXHAUSTED)
-    outcome = run._collect(1, {1: refused}, missing=[])
+    outcome = run.collect(1, {1: refused}, missing=[])
     assert outcome.budget_exhausted == ["spent"] and not outcome.rejected and not outcome.failed
 
 
@@ -124,7 +124,7 @@ def test_the_server_velocity_is_checkpointed_for_resume(tmp_path):
     velocity = {name: np.full_like(array, 0.25) for name, array in first.reference.items()}
     first.run_dir.save_checkpoint(1, first.reference, velocity)
     resumed = FederatedRun(grid=None, run=dataclasses.replace(settings, start_round=2))
-    state, start = resumed._starting_point()
+    state, start = resumed.starting_point()
     assert start == 2 and set(state) == set(first.reference)
     assert all(np.array_equal(resumed.velocity[k], velocity[k]) for k in velocity)
 
@@ -156,9 +156,9 @@ def test_with_too_few_sites_connected_no_site_is_asked_to_train(tmp_path):
     grid = _DwindlingGrid()
     run = FederatedRun(grid=grid, run=RunSettings(run_dir=str(tmp_path), width=8, image_size=16, min_sites=2,
                                                   site_wait_timeout=1.0, round_timeout=1.0))
-    run.names.update({11: "site-1", 12: "site-2"})  # known already: no name query either
+    run.names.names.update({11: "site-1", 12: "site-2"})  # known already: no name query either
     with pytest.raises(TimeoutError, match="only 1 of the minimum 2 sites connected"):
-        run._rounds()
+        run.rounds()
     assert grid.calls > 2, "the run started with two sites, then waited for the second to come back"
     assert grid.sent == []
     assert run.run_dir.status()["phase"] == "waiting"
@@ -230,7 +230,7 @@ def test_a_run_directory_is_its_owner_s_alone(tmp_path):
     grid = _SitesGrid(settings, {11: _MovingSite("site-1"), 12: _MovingSite("site-2")})
     try:
         run = FederatedRun(grid=grid, run=settings, poll_interval=0.01)
-        run.names.update({11: "site-1", 12: "site-2"})
+        run.names.names.update({11: "site-1", 12: "site-2"})
         assert run.execute() == "completed"
     finally:
         client_app.serve_site(None)

@@ -14,10 +14,10 @@ from fedmed.config import RunSettings, SiteSettings
 from fedmed.flower import client_app, secagg, secagg_site
 from fedmed.flower.coordinator import FederatedRun
 from fedmed.flower.packing import record_to_vector
-from fedmed.vector import pack
-from fedmed.protocol import RoundStatus, SiteReply
 from fedmed.flower.secagg_coordinator import SecureSum
 from fedmed.flower.secagg_site import ProtocolError
+from fedmed.protocol import RoundStatus, SiteReply
+from fedmed.vector import pack
 from tests.test_coordinator import task_identity  # noqa: F401 - the fixture sets Flower's ids
 
 NODES = [101, 202, 303, 404]
@@ -85,14 +85,14 @@ def _federation(tmp_path, drop: set[int]):
     grid = LoopbackGrid({node: _site(settings, f"site-{node}", moves[node], counts[node], node in drop)
                          for node in NODES})
     run = FederatedRun(grid=grid, run=settings)
-    run.names.update({node: f"site-{node}" for node in NODES})
+    run.names.names.update({node: f"site-{node}" for node in NODES})
     return run, grid, moves, counts
 
 
 def test_the_secure_sum_is_the_weighted_average_with_one_site_dropped_mid_protocol(tmp_path):
     run, grid, moves, counts = _federation(tmp_path, drop={404})
     state = run.reference
-    outcome, combined = run._secure_round(1, NODES, state)
+    outcome, combined = run.kind.play(run, 1, NODES, state)
     assert combined is not None, outcome.secure
     assert outcome.secure == {"threshold": 3, "summed": 3, "dropped": ["site-404"]}
     survivors = [101, 202, 303]
@@ -110,7 +110,7 @@ def test_the_secure_sum_is_the_weighted_average_with_one_site_dropped_mid_protoc
 
 def test_beyond_the_threshold_the_round_fails_and_nothing_is_unmasked(tmp_path):
     run, grid, _, _ = _federation(tmp_path, drop={303, 404})
-    outcome, combined = run._secure_round(1, NODES, run.reference)
+    outcome, combined = run.kind.play(run, 1, NODES, run.reference)
     assert combined is None
     assert "2 of 4 sites sent masked updates, fewer than the threshold of 3" in outcome.secure["failed"]
     assert "unmask" not in grid.stages

@@ -14,10 +14,9 @@ import numpy as np
 
 from fedmed.config import RunSettings
 from fedmed.coordinator.model_card import weights_sha256
-from fedmed.rundir import CARD_FILE, MODEL_FILE, load_arrays
 from fedmed.model import ModelConfig, build_model
+from fedmed.rundir import CARD_FILE, MODEL_FILE, load_arrays
 from fedmed.weights import check_state, model_state
-
 
 
 def load_initial_model(run: RunSettings) -> tuple[dict[str, np.ndarray], dict]:

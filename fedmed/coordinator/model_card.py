@@ -11,9 +11,9 @@ import numpy as np
 
 from fedmed.config import PretrainSettings, RunSettings
 from fedmed.data.cache import PREPROCESSING_VERSION
-from fedmed.vector import pack
 from fedmed.model import ModelConfig
 from fedmed.numbers import format_epsilon, format_number
+from fedmed.vector import pack
 
 PREPROCESSING = (
     "DICOM pixel data -> Modality LUT (rescale slope/intercept) -> VOI LUT or the first "

@@ -20,11 +20,11 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmed.config import RunSettings, SiteSettings
 from fedmed import protocol
+from fedmed.config import RunSettings, SiteSettings
 from fedmed.flower.packing import record_to_vector, vector_to_record
-from fedmed.vector import packed_size
 from fedmed.protocol import EvaluateRequest, SiteReply, SiteRequest, TrainRequest
+from fedmed.vector import packed_size
 
 app = ClientApp()
 _site_work = None  # the one SiteWork of a fedmed-client process (serve_site)
@@ -81,8 +81,8 @@ def _do(request: SiteRequest, context: Context) -> SiteReply:
         return _site_work.handle(request)
     # A simulation's Ray actor: this process is the sites', so it may take the allocator
     # setting that fedmed-client takes at start (fedmed.runtime).
-    from fedmed.site.work import SiteWork
     from fedmed.runtime import keep_freed_memory
+    from fedmed.site.work import SiteWork
 
     keep_freed_memory()
     site = SiteSettings.from_flower(_site_config(context))

@@ -25,8 +25,13 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
-from flwr.supercore.primitives.asymmetric import (bytes_to_private_key, bytes_to_public_key, generate_key_pairs,
-                                                  private_key_to_bytes, public_key_to_bytes)
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
 
 from fedmed import protocol
 
@@ -35,7 +40,7 @@ LEVELS = 2**40  # quantization levels over that range: a step of 2e-9; the sum o
 STAGE = "secagg-stage"  # the ConfigRecord key naming a protocol message's stage
 STAGES = ("keys", "shares", "train", "unmask")
 RECORD = protocol.SECURE  # the record of a message that carries the protocol's fields
-MASKED = "masked"  # the ArrayRecord key of a site's masked vector
+MASKED = protocol.MASKED  # the ArrayRecord key of a site's masked vector
 
 
 def threshold(sites: int) -> int:

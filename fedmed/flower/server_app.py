@@ -10,8 +10,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmed.config import RunSettings
 from fedmed.flower.coordinator import FederatedRun
-from fedmed.rundir import RunDirectory
 from fedmed.flower.waits import shorten_object_retries
+from fedmed.rundir import RunDirectory
 
 app = ServerApp()
 
