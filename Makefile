@@ -1,5 +1,5 @@
-# Two entry points: `make demo` (the main job) and `make test` (the whole test suite).
-# Both create or reuse the virtual environment .venv inside the repository.
+# `make demo` (the main job), `make test` (the whole test suite), `make test-fast` and `make lint`.
+# Each creates or reuses the virtual environment .venv inside the repository.
 
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DEMO := demo-output
 
-.PHONY: demo test benchmark clean
+.PHONY: demo test test-fast lint benchmark clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,16 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
+
+# The part without real Flower processes, simulations or long training: for the edit-test loop.
+test-fast: $(INSTALLED)
+	$(BIN)/python -m pytest -m "not e2e and not slow"
+
+# Lint and format check (ruff) and type check (mypy), as configured in pyproject.toml.
+lint: $(INSTALLED)
+	$(BIN)/ruff check fedmed tests benchmarks
+	$(BIN)/ruff format --check fedmed
+	$(BIN)/mypy
 
 benchmark: $(INSTALLED)
 	$(BIN)/python benchmarks/dicom_ingest.py

@@ -111,3 +111,15 @@ def simulation(tmp_path_factory):
     results = sorted((tmp / "out").glob("results-*"))[-1]
     return results, survivors, seen, (tmp / "simulate.out").read_text()
 
+
+
+# Tests that start real Flower processes or a whole fedmed-simulate run (pyproject.toml's
+# markers): whole modules by their own `pytestmark`, and here every test that uses a fixture
+# which starts them, so a new test on the shared simulation is marked without thinking.
+PROCESS_FIXTURES = {"simulation"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)

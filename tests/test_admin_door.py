@@ -20,9 +20,12 @@ from fedmed.data.make_sites import export_sites, synthetic_sites
 from fedmed.deploy.certificates import make_dev_certificates, make_site_key
 from fedmed.deploy.launch import write_app, write_flower_home
 from fedmed.deploy.processes import child_environ
-from fedmed.rundir import RunDirectory
 from fedmed.run_signing import RunRefused, check_run, make_coordinator_key, sign_run
+from fedmed.rundir import RunDirectory
 from tests.federation_helpers import BIN, Federation
+
+pytestmark = pytest.mark.e2e  # real Flower processes or fedmed-simulate
+
 
 CONNECTION = "fedmed"  # the stranger's Flower connection name
 

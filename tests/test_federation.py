@@ -10,17 +10,20 @@ import subprocess
 import numpy as np
 import pytest
 
+from fedmed import protocol
+from fedmed.config import RunSettings
 from fedmed.data.make_sites import export_sites, synthetic_sites
 from fedmed.deploy.certificates import make_dev_certificates, make_site_key
-from fedmed.config import RunSettings
-from fedmed import protocol
-from fedmed.rundir import RunDirectory, load_arrays
 from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.privacy.release import scores_from_counts
 from fedmed.report import build_report
+from fedmed.rundir import RunDirectory, load_arrays
 from fedmed.weights import model_state
 from tests.federation_helpers import BIN, Federation, process_env
+
+pytestmark = pytest.mark.e2e  # real Flower processes or fedmed-simulate
+
 
 SITES = ("site-1", "site-2", "site-3")
 ROUNDS = 2

@@ -13,9 +13,12 @@ import pytest
 
 from fedmed.data.make_sites import export_sites, synthetic_sites
 from fedmed.deploy.certificates import make_dev_certificates
-from fedmed.rundir import RunDirectory, load_arrays
 from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.rundir import RunDirectory, load_arrays
 from tests.federation_helpers import Federation
+
+pytestmark = pytest.mark.e2e  # real Flower processes or fedmed-simulate
+
 
 SITES = ("site-1", "site-2", "site-3")
 DROPPED = "site-1"

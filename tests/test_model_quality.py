@@ -1,3 +1,4 @@
+
 """A federated DP run on real chest X-rays, started from public pre-training, gives a model
 that ranks and decides well.
 
@@ -11,8 +12,12 @@ from random weights the recipe scored 0.81-0.88 / 0.73-0.80, so a lost public st
 import json
 from pathlib import Path
 
+import pytest
+
 from fedmed.privacy.ledger import PrivacyLedger
 from tests.federation_helpers import BIN, run_simulate
+
+pytestmark = pytest.mark.e2e  # real Flower processes or fedmed-simulate
 
 SCENARIO = Path(__file__).resolve().parent.parent / "simulations" / "pneumonia-5-sites.toml"
 

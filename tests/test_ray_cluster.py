@@ -1,3 +1,4 @@
+
 """fedmed-simulate on an existing Ray cluster: a head and a second node started here on
 loopback, each with its own CPU, the virtual sites placed on both, and nothing of either
 node left afterwards."""
@@ -10,11 +11,14 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from fedmed.deploy.processes import ManagedProcess, ProcessWatch, alive, free_port, wait_for_port
 from fedmed.privacy.ledger import PrivacyLedger
 from tests.conftest import TINY_SCENARIO
 from tests.federation_helpers import BIN, process_env, run_simulate
+
+pytestmark = pytest.mark.e2e  # real Flower processes or fedmed-simulate
 
 SITES = 4
 ROUNDS = 2

@@ -11,12 +11,16 @@ from pathlib import Path
 import pytest
 
 from fedmed.deploy.processes import ProcessWatch, alive
-from fedmed.rundir import RunDirectory
+from fedmed.inference import list_studies, load_model_dir, predict_studies
 from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.rundir import RunDirectory
 from fedmed.simulate.scenario import load_scenario
 from fedmed.simulate.sites import prepare_sites
 from tests.conftest import TINY_SCENARIO as TINY
 from tests.federation_helpers import BIN, process_env
+
+pytestmark = pytest.mark.e2e  # real Flower processes or fedmed-simulate
+
 
 REPO = Path(__file__).resolve().parent.parent
 def test_a_federated_simulation_writes_a_complete_run_directory(simulation):
@@ -64,7 +68,12 @@ def test_centralized_and_local_baselines_are_compared(simulation):
         ("local", "site-1"), ("local", "site-2"), ("local", "site-3")]
     assert rows[1]["dp"] is False and math.isinf(rows[1]["epsilon"])
     assert all(r["dp"] and 0 < r["epsilon"] <= 8.0 for r in rows if r["mode"] != "centralized")
-    assert all(0.0 <= r["test_auroc"] <= 1.0 for r in rows)
+    # the federated row is the saved model's score: `fedmed predict`'s path on the test split agrees
+    loaded = load_model_dir(results / "federated" / "model")
+    studies, skipped, labels_from = list_studies(results.parent / "data" / "test", loaded.classes)
+    scored = predict_studies(loaded, studies, skipped, labels_from)
+    assert rows[0]["test_auroc"] == pytest.approx(scored.metrics["auroc"], abs=1e-6)
+    assert rows[0]["test_balanced_accuracy"] == pytest.approx(scored.metrics["balanced_accuracy"], abs=1e-6)
     pooled = (results / "centralized" / "pooled.csv").read_text().splitlines()[1:]
     site_files = list((results.parent / "data" / "sites").rglob("*.dcm"))
     assert len(pooled) == len(site_files), "the pooled baseline sees every site's images"

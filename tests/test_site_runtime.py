@@ -18,10 +18,13 @@ from fedmed.deploy.launch import write_app
 from fedmed.deploy.processes import ManagedProcess, descendants
 from fedmed.deploy.site import SHUT_DOWN, _wait_for_exit
 from fedmed.deploy.site_runtime import ForeignAppError, _check_app, write_secret
-from fedmed.rundir import RunDirectory
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.report.build import build_report
+from fedmed.rundir import RunDirectory
 from tests.federation_helpers import Federation
+
+pytestmark = pytest.mark.e2e  # real Flower processes or fedmed-simulate
+
 
 SITES = ("site-1", "site-2")
 FAULTY_SITE = Path(__file__).with_name("faulty_site.py")
