@@ -23,14 +23,24 @@ from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
 from fedmed.cli import client as client_cli
 from fedmed.cli import server as server_cli
-from fedmed.config import (ClientSettings, RunSettings, ServerSettings, SimulationSettings, SiteSettings, flag,
-                           key, load_settings, options)
+from fedmed.config import (
+    ClientSettings,
+    RunSettings,
+    ServerSettings,
+    SimulationSettings,
+    SiteSettings,
+    flag,
+    key,
+    load_settings,
+    options,
+)
 from fedmed.deploy.launch import write_app, write_node_config
 from fedmed.deploy.site import site_settings
 from fedmed.flower.secagg_site import ProtocolError, check_threshold
 from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.budget import PrivacyConfig
-from fedmed.simulate.federated import run_settings, site_settings as simulated_sites
+from fedmed.simulate.federated import run_settings
+from fedmed.simulate.federated import site_settings as simulated_sites
 from fedmed.simulate.scenario import load_scenario
 from fedmed.simulate.sites import SimulationData
 from fedmed.train import TrainConfig

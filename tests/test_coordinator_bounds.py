@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
+from fedmed import protocol
 from fedmed.config import RunSettings
 from fedmed.flower import client_app, packing
-from fedmed import protocol
 from fedmed.flower.packing import record_to_vector, vector_to_record
-from fedmed.vector import pack, packed_size
 from fedmed.model import ModelConfig, build_model
+from fedmed.vector import pack, packed_size
 from fedmed.weights import model_state
 from tests.test_coordinator import task_identity  # noqa: F401 - the fixture sets Flower's ids
 

@@ -12,11 +12,11 @@ import pytest
 
 from fedmed.config import RunSettings, SiteSettings
 from fedmed.coordinator.model_card import weights_sha256
-from fedmed.vector import pack
-from fedmed.site.work import SiteWork
 from fedmed.model import ModelConfig, build_model
-from fedmed.weights import load_state, model_state
 from fedmed.rundir import RunDirectory, load_arrays
+from fedmed.site.work import SiteWork
+from fedmed.vector import pack
+from fedmed.weights import load_state, model_state
 from tests.conftest import TINY_SCENARIO
 from tests.federation_helpers import BIN, process_env, run_simulate
 

@@ -16,14 +16,14 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from fedmed.config import RunSettings
+from fedmed.coordinator.model_card import model_card, model_card_markdown, weights_sha256
 from fedmed.data.cache import decode_files
 from fedmed.data.dicom import ReadOptions
 from fedmed.export import TOLERANCE, export_model, exported_probabilities
-from fedmed.coordinator.model_card import model_card, model_card_markdown, weights_sha256
-from fedmed.rundir import RunDirectory, load_arrays
 from fedmed.inference import load_model_dir
 from fedmed.metrics import calibration, classification_metrics
 from fedmed.model import ModelConfig, build_model
+from fedmed.rundir import RunDirectory, load_arrays
 from fedmed.train import predict
 from fedmed.weights import model_state
 from tests.federation_helpers import BIN, process_env

@@ -14,8 +14,8 @@ import torch
 from fedmed.config import PretrainSettings, RunSettings
 from fedmed.coordinator.initial_model import load_initial_model
 from fedmed.coordinator.model_card import weights_sha256
-from fedmed.rundir import load_arrays
 from fedmed.pretrain import augment, pretrain
+from fedmed.rundir import load_arrays
 from fedmed.simulate.baselines import starting_state
 from tests.conftest import SHARED_DATA
 from tests.federation_helpers import BIN, process_env

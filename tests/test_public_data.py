@@ -17,14 +17,14 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from fedmed.config import RunSettings
+from fedmed.coordinator.model_card import model_card, model_card_markdown
 from fedmed.data.dicom import LUMA_WEIGHTS, ReadOptions, read_dicom, resize_square
 from fedmed.data.picture import PictureReadError, read_picture
 from fedmed.data.public import load_public
 from fedmed.data.report import SkipReason
 from fedmed.data.site import SiteSource, load_site
-from fedmed.coordinator.model_card import model_card, model_card_markdown
-from fedmed.rundir import RunDirectory
 from fedmed.model import ModelConfig, build_model
+from fedmed.rundir import RunDirectory
 from fedmed.weights import model_state
 from tests.conftest import SHARED_DATA, tree_state, write_synthetic_site
 from tests.federation_helpers import BIN, process_env

@@ -10,22 +10,28 @@ import dp_accounting
 import numpy as np
 import pytest
 
+from fedmed import protocol
 from fedmed.config import RunSettings, SiteSettings
 from fedmed.data.make_sites import export_sites, synthetic_sites
-from fedmed import protocol
-from fedmed.vector import pack
-from fedmed.protocol import RoundStatus
-from fedmed.site.work import SiteWork
 from fedmed.metrics import auroc, classification_metrics
 from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.accounting import RDP_ORDERS
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import PrivacyLedger
-from fedmed.privacy.release import (SCORE_EDGES, SiteReleases, count_sensitivity, record_weights, scores_from_counts,
-                                    validation_counts)
+from fedmed.privacy.release import (
+    SCORE_EDGES,
+    SiteReleases,
+    count_sensitivity,
+    record_weights,
+    scores_from_counts,
+    validation_counts,
+)
+from fedmed.protocol import RoundStatus
 from fedmed.report import build_report
 from fedmed.report.document import report_document
 from fedmed.report.site import site_account
+from fedmed.site.work import SiteWork
+from fedmed.vector import pack
 from fedmed.weights import model_state
 
 RUN = RunSettings(run_id="run-release", rounds=3, width=8, image_size=16, batch_size=16)

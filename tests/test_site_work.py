@@ -8,13 +8,13 @@ from dataclasses import replace as dataclass_replace
 import numpy as np
 import pytest
 
-from fedmed.data.make_sites import export_sites, synthetic_sites
 from fedmed.config import RunSettings, SiteSettings
-from fedmed.vector import pack
-from fedmed.protocol import RoundStatus
-from fedmed.site.work import SiteWork
+from fedmed.data.make_sites import export_sites, synthetic_sites
 from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.protocol import RoundStatus
+from fedmed.site.work import SiteWork
+from fedmed.vector import pack
 from fedmed.weights import model_state
 
 RUN = RunSettings(run_id="run-test", rounds=3, width=8, image_size=16, batch_size=16)

@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedmed import protocol
 from fedmed.config import RunSettings, SiteSettings
 from fedmed.data.make_sites import export_sites, synthetic_sites
-from fedmed import protocol
-from fedmed.vector import pack
-from fedmed.protocol import RoundStatus
-from fedmed.site.resend import ResendCache
-from fedmed.site.work import SiteWork
 from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.ledger import LedgerError, PrivacyLedger
+from fedmed.protocol import RoundStatus
 from fedmed.report import build_report
+from fedmed.site.resend import ResendCache
+from fedmed.site.work import SiteWork
+from fedmed.vector import pack
 from fedmed.weights import model_state
 
 RUN = RunSettings(run_id="run-once", rounds=2, width=8, image_size=16, batch_size=16)
