@@ -14,6 +14,9 @@ run's app bundle is ever imported. With a pinned coordinator key (``site.coordin
 it serves only runs whose settings that coordinator signed (``fedmed.run_signing``); any
 other run is refused the same way, before the ClientApp sees it. A failure in one round becomes that round's error
 reply and a failed task; the next round is served as usual.
+
+This module imports Flower's runtime internals: entry points check the installed Flower
+release first (``fedmed.flower.waits.check_flower``, as ``fedmed-client`` does).
 """
 
 from __future__ import annotations
@@ -27,42 +30,38 @@ import zipfile
 from pathlib import Path
 
 import httpx
-
-from fedmed.flower.waits import check_flower, shorten_object_retries
-
-check_flower()
-
-from flwr.app import Context, Message  # noqa: E402
-from flwr.app.error import Error  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.common.constant import ErrorCode, SubStatus  # noqa: E402
-from flwr.common.serde import context_from_proto, fab_from_proto  # noqa: E402
-from flwr.proto.node_pb2 import Node  # noqa: E402
-from flwr.proto.runtime_pb2 import (  # noqa: E402
+from flwr.app import Context, Message
+from flwr.app.error import Error
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.common.serde import context_from_proto, fab_from_proto
+from flwr.proto.node_pb2 import Node
+from flwr.proto.runtime_pb2 import (
     AcquireTaskRequest,
     PullAppMessagesRequest,
     PullTaskInputRequest,
     SendTaskHeartbeatRequest,
 )
-from flwr.supercore.constant import TaskType  # noqa: E402
-from flwr.supercore.heartbeat import HeartbeatSender  # noqa: E402
-from flwr.supercore.inflatable.inflatable_protobuf_utils import (  # noqa: E402
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
 )
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree  # noqa: E402
-from flwr.supercore.interceptors import (  # noqa: E402
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
-from flwr.supercore.runtime import RuntimeHttpClient  # noqa: E402
-from flwr.supernode.runtime.run_clientapp import push_message, push_task_output  # noqa: E402
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from fedmed.config import RunSettings, SiteSettings, tomllib  # noqa: E402
-from fedmed.deploy.launch import APP_COMPONENTS  # noqa: E402
-from fedmed import protocol  # noqa: E402
-from fedmed.run_signing import RunRefused, check_run  # noqa: E402
+from fedmed import protocol
+from fedmed.config import RunSettings, SiteSettings, tomllib
+from fedmed.deploy.launch import APP_COMPONENTS
+from fedmed.flower.waits import shorten_object_retries
+from fedmed.run_signing import RunRefused, check_run
 
 log = logging.getLogger("fedmed.site")
 

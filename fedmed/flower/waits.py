@@ -14,6 +14,13 @@ into Flower's code, not settings (flwr 1.41):
 fedmed shortens them in its own processes only, and only on the Flower minor releases it
 is tested on (``TESTED_FLOWER``): every other release is refused with a clear message
 (``check_flower``), because these are Flower's internals and move between releases.
+
+Nothing is changed at import. The patches, and the entry points that apply them to their
+own process:
+- ``shorten_supernode_polls``: ``fedmed.deploy.supernode`` (the site's SuperNode process);
+- ``shorten_object_retries``: ``fedmed.deploy.supernode``, ``fedmed.flower.server_app``
+  (the run's ServerApp process) and ``fedmed.deploy.site_runtime.serve`` (the site's task
+  runtime).
 """
 
 from __future__ import annotations
@@ -64,7 +71,8 @@ def shorten_supernode_polls() -> None:
 
     if start_client_internal.time is not time or not hasattr(heartbeat, "HEARTBEAT_DEFAULT_INTERVAL"):
         raise RuntimeError("this Flower release's SuperNode waits differently; update fedmed.flower.waits")
-    start_client_internal.time = shorter_sleep_clock(SUPERNODE_POLL, SUPERNODE_REPLY_WAIT)
+    # the module's global ``time`` becomes a stand-in that is no module, hence set through vars()
+    vars(start_client_internal)["time"] = shorter_sleep_clock(SUPERNODE_POLL, SUPERNODE_REPLY_WAIT)
     heartbeat.HEARTBEAT_DEFAULT_INTERVAL = SUPERNODE_HEARTBEAT_INTERVAL
 
 
