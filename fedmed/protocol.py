@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from typing import SupportsIndex, SupportsInt
 
 import numpy as np
 
@@ -34,8 +35,10 @@ class RoundStatus(enum.IntEnum):
     @classmethod
     def label_of(cls, value: object) -> str:
         """The label of a status received from elsewhere ("unknown" when it is none)."""
+        if not isinstance(value, (str, bytes, bytearray, SupportsInt, SupportsIndex)):
+            return "unknown"  # what int() refuses
         try:
-            return cls(int(value)).label  # type: ignore[arg-type]
+            return cls(int(value)).label
         except (TypeError, ValueError):
             return "unknown"
 

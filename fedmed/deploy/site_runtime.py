@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import secrets
 import sys
 import threading
@@ -30,7 +31,7 @@ import zipfile
 from pathlib import Path
 
 import httpx
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode, SubStatus
@@ -60,6 +61,7 @@ from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 from fedmed import protocol
 from fedmed.config import RunSettings, SiteSettings, tomllib
 from fedmed.deploy.launch import APP_COMPONENTS
+from fedmed.flower import records
 from fedmed.flower.waits import shorten_object_retries
 from fedmed.run_signing import RunRefused, check_run
 
@@ -226,7 +228,8 @@ def _check_app(fab: bytes) -> None:
 def _print_round(message: Message, reply: Message) -> None:
     if message.metadata.message_type != "train" or protocol.METRICS not in reply.content:
         return
-    metrics = reply.content[protocol.METRICS]
+    round_number = records.value(records.record(message.content, protocol.CONFIG, ConfigRecord), "round", int)
+    epsilon = reply.content[protocol.METRICS].get("epsilon", math.nan)
     note = str(reply.content[protocol.SITE].get("message", "")) if protocol.SITE in reply.content else ""
-    print(f"round {int(message.content[protocol.CONFIG]['round'])}: {note or 'trained'}; epsilon spent "
-          f"{float(metrics.get('epsilon', float('nan'))):.3f}", flush=True)
+    print(f"round {round_number}: {note or 'trained'}; epsilon spent "
+          f"{float(epsilon) if isinstance(epsilon, (int, float)) else math.nan:.3f}", flush=True)

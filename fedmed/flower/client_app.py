@@ -15,20 +15,25 @@ work with ``serve_site``; in a simulation it is a Ray actor that serves many vir
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmed import protocol
 from fedmed.config import RunSettings, SiteSettings
+from fedmed.flower import records
 from fedmed.flower.packing import record_to_vector, vector_to_record
 from fedmed.protocol import EvaluateRequest, SiteReply, SiteRequest, TrainRequest
 from fedmed.vector import packed_size
 
+if TYPE_CHECKING:
+    from fedmed.site.work import SiteWork  # torch: imported only where a site works
+
 app = ClientApp()
-_site_work = None  # the one SiteWork of a fedmed-client process (serve_site)
-_local_work: dict[SiteSettings, object] = {}  # SiteWork per virtual site of a simulation actor
+_site_work: SiteWork | None = None  # the one SiteWork of a fedmed-client process (serve_site)
+_local_work: dict[SiteSettings, SiteWork] = {}  # SiteWork per virtual site of a simulation actor
 # A simulation actor serves any of the virtual sites each round; it keeps every site's
 # prepared inputs while they fit in this many bytes, dropping the least recently served.
 LOCAL_WORK_BYTES = 2 * 2**30
@@ -47,7 +52,8 @@ def train(message: Message, context: Context) -> Message:
 
 
 def _train_request(run: RunSettings, message: Message) -> TrainRequest:
-    return TrainRequest(run, received_model(run, message), int(message.content[protocol.CONFIG]["round"]))
+    config = records.record(message.content, protocol.CONFIG, ConfigRecord)
+    return TrainRequest(run, received_model(run, message), records.value(config, "round", int))
 
 
 @app.evaluate()
@@ -59,7 +65,7 @@ def evaluate_global(message: Message, context: Context) -> Message:
 def received_model(run: RunSettings, message: Message) -> np.ndarray:
     """The coordinator's model as a packed vector, refused before it is deserialised or
     hashed unless it is exactly the size of ``run``'s model."""
-    return record_to_vector(message.content[protocol.ARRAYS], packed_size(run))
+    return record_to_vector(records.record(message.content, protocol.ARRAYS, ArrayRecord), packed_size(run))
 
 
 @app.query()
@@ -69,7 +75,7 @@ def introduce(message: Message, context: Context) -> Message:
     return Message(RecordDict({protocol.SITE: ConfigRecord({"name": name})}), reply_to=message)
 
 
-def serve_site(work) -> None:
+def serve_site(work: SiteWork) -> None:
     """Answer every message in this process with ``work`` (a ``SiteWork``): the site's
     data and settings stay loaded between rounds."""
     global _site_work

@@ -4,9 +4,10 @@ the checks, arrays read only on request and only after their declared size is ch
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 
 from fedmed import protocol
+from fedmed.flower import records
 from fedmed.flower.packing import check_declared, record_to_vector
 
 
@@ -24,15 +25,17 @@ class FlowerReply:
         return dict(self.content.get(protocol.METRICS, {}))
 
     def model_vector(self, size: int) -> np.ndarray:
-        return record_to_vector(self.content[protocol.ARRAYS], size)
+        return record_to_vector(records.record(self.content, protocol.ARRAYS, ArrayRecord), size)
 
     def masked_vector(self, size: int) -> np.ndarray | None:
-        record = self.content.get(protocol.MASKED)
-        if record is None or list(record.keys()) != [protocol.MASKED]:
+        found = self.content.get(protocol.MASKED)
+        if found is None or list(found.keys()) != [protocol.MASKED]:
             return None
-        check_declared(record[protocol.MASKED], size, np.uint64)  # before deserialising
-        return record[protocol.MASKED].numpy()
+        array = records.record(self.content, protocol.MASKED, ArrayRecord)[protocol.MASKED]
+        check_declared(array, size, np.uint64)  # before deserialising
+        return array.numpy()
 
     def array_shapes(self) -> dict[str, list]:
-        return {k: [list(a.shape), str(a.dtype)] for record in (protocol.ARRAYS, protocol.MASKED)
-                if record in self.content for k, a in self.content[record].items()}
+        arrays = [self.content.get(protocol.ARRAYS), self.content.get(protocol.MASKED)]
+        return {k: [list(a.shape), str(a.dtype)] for record in arrays if isinstance(record, ArrayRecord)
+                for k, a in record.items()}

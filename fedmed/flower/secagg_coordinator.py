@@ -9,12 +9,16 @@ shares it cannot read, its metrics and its masked vector.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app.typing import ConfigRecordValues
 
-from fedmed.flower import secagg
+from fedmed.flower import records, secagg
+
+Fields = dict[str, ConfigRecordValues]  # a stage's message to a site
 
 
 class SecureRoundFailed(RuntimeError):
@@ -41,13 +45,14 @@ class SecureSum:
 
     def take_keys(self, replies: dict[int, Message]) -> None:
         for node, reply in self._answers(replies, "public1", "public2").items():
-            self.publics1[node], self.publics2[node] = bytes(reply["public1"]), bytes(reply["public2"])
+            self.publics1[node] = records.value(reply, "public1", bytes)
+            self.publics2[node] = records.value(reply, "public2", bytes)
         self._enough(self.publics1, "sent keys")
 
     def shares_messages(self) -> list[Message]:
         nodes = sorted(self.publics1)
-        fields = {"nodes": nodes, "publics1": [self.publics1[n] for n in nodes],
-                  "publics2": [self.publics2[n] for n in nodes]}
+        fields: Fields = {"nodes": nodes, "publics1": [self.publics1[n] for n in nodes],
+                          "publics2": [self.publics2[n] for n in nodes]}
         return [self._message(node, fields, "shares") for node in nodes]
 
     def take_shares(self, replies: dict[int, Message]) -> None:
@@ -55,11 +60,12 @@ class SecureSum:
         self._enough(senders, "shared their secrets")
         self.sealed = {node: {} for node in senders}
         for sender, reply in senders.items():
-            for addressee, sealed in zip(reply["addressees"], reply["sealed"], strict=True):
-                if int(addressee) in self.sealed:
-                    self.sealed[int(addressee)][sender] = bytes(sealed)
+            addressees, sealed_shares = records.values(reply, "addressees", int), records.values(reply, "sealed", bytes)
+            for addressee, sealed in zip(addressees, sealed_shares, strict=True):
+                if addressee in self.sealed:
+                    self.sealed[addressee][sender] = sealed
 
-    def train_messages(self, model_message) -> list[Message]:
+    def train_messages(self, model_message: Callable[[int], Message]) -> list[Message]:
         """Each sharing site's train message (``model_message(node)``: the usual one, with
         the global model) with the shares sealed for it."""
         messages = []
@@ -79,7 +85,7 @@ class SecureSum:
         self._enough(self.masked, "sent masked updates")
 
     def unmask_messages(self) -> list[Message]:
-        fields = {"alive": sorted(self.masked), "dropped": self.dropped}
+        fields: Fields = {"alive": sorted(self.masked), "dropped": self.dropped}
         return [self._message(node, fields, "unmask") for node in sorted(self.masked)]
 
     def unmask(self, replies: dict[int, Message]) -> tuple[np.ndarray, int]:
@@ -88,8 +94,9 @@ class SecureSum:
         self._enough(answers, "sent their shares for unmasking")
         shares: dict[int, list[bytes]] = {}
         for reply in answers.values():
-            for node, share in zip(reply["nodes"], reply["shares"], strict=True):
-                shares.setdefault(int(node), []).append(bytes(share))
+            nodes, node_shares = records.values(reply, "nodes", int), records.values(reply, "shares", bytes)
+            for node, share in zip(nodes, node_shares, strict=True):
+                shares.setdefault(node, []).append(share)
         size = next(iter(self.masked.values())).size
         total = np.zeros(size, dtype=np.uint64)
         for vector in self.masked.values():
@@ -118,11 +125,13 @@ class SecureSum:
         """The answers that carry ``keys``; an error or anything else counts as a dropout."""
         answers = {}
         for node, reply in replies.items():
-            if not reply.has_error() and secagg.RECORD in reply.content and \
-                    all(k in reply.content[secagg.RECORD] for k in keys):
-                answers[node] = reply.content[secagg.RECORD]
+            if reply.has_error():
+                continue
+            fields = reply.content.get(secagg.RECORD)
+            if isinstance(fields, ConfigRecord) and all(k in fields for k in keys):
+                answers[node] = fields
         return answers
 
-    def _message(self, node: int, fields: dict, stage: str) -> Message:
+    def _message(self, node: int, fields: Fields, stage: str) -> Message:
         content = RecordDict({secagg.RECORD: ConfigRecord({secagg.STAGE: stage, **fields})})
         return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(self.round))
