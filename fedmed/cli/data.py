@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmed.config import SiteSettings, add_options, given
+from fedmed.config import SiteSettings
+from fedmed.config.options import add_options, given
 from fedmed.data.cache import default_cache_dir, purge_cache
 from fedmed.data.dicom import MB, MULTIFRAME_POLICIES, ReadOptions
 from fedmed.data.export import SITE_STYLES, export_site

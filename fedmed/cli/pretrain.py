@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedmed.config import PretrainSettings, RunSettings, add_options, build, given
+from fedmed.config import PretrainSettings, RunSettings
+from fedmed.config.fields import build
+from fedmed.config.options import add_options, given
 
 MODEL_OPTIONS = ("classes", "image_size", "depth", "width", "frontend", "seed")  # what the run must match
 

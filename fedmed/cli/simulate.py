@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from fedmed.config import settings_table
+from fedmed.config.files import settings_table
 from fedmed.flower.waits import check_flower
 from fedmed.simulate.scenario import PARTS, TOP_LEVEL, load_scenario
 

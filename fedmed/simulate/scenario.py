@@ -9,11 +9,13 @@ site or a list with one value per site.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fedmed.config import (PretrainSettings, RunSettings, SimulationSettings, SiteSettings, build, coerce, options,
-                           parse_override, read_toml, route)
+from fedmed.config import PretrainSettings, RunSettings, SimulationSettings, SiteSettings
+from fedmed.config.fields import build, coerce, options
+from fedmed.config.files import parse_override, read_toml, route
 
 PARTS = {"simulation": SimulationSettings, "run": RunSettings, "site": SiteSettings, "pretrain": PretrainSettings}
 TOP_LEVEL = ("name", "description")
@@ -39,7 +41,7 @@ class Scenario:
         return asdict(self)
 
 
-def load_scenario(path: Path | None, overrides: list[str] = ()) -> Scenario:
+def load_scenario(path: Path | None, overrides: Sequence[str] = ()) -> Scenario:
     """A scenario from its TOML file (or the defaults), with ``section.key=value`` overrides."""
     documents = []
     if path is not None:

@@ -1,7 +1,10 @@
 """Every setting of a run, a site and a simulation, declared once.
 
 Each setting is a dataclass field whose metadata gives its TOML section, help text,
-unit and allowed range. Everything else derives from these declarations: the options
+unit and allowed range. This module holds the declarations; the machinery that reads
+them lives beside it (``fields``: checks and conversion; ``flower_config``: Flower's run
+and node config; ``files``: TOML files and ``--set``; ``options``: command-line options).
+Everything else derives from these declarations: the options
 of ``fedmed-server``, ``fedmed-client`` and ``fedmed-simulate``, the sections and keys
 of scenario and deployment TOML files, ``--set section.key=value``, Flower's run and
 node config (dashed keys, converted only in ``to_flower``/``from_flower``), and the
@@ -17,19 +20,17 @@ command-line tools read it before (or without) loading them.
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import math
-import typing
-from dataclasses import MISSING, dataclass, field, fields
-from functools import cache
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from fedmed.config.fields import check_ranges, options
+from fedmed.config.files import tomllib
+from fedmed.config.flower_config import from_flower, to_flower
+
+__all__ = ["tomllib"]  # re-exported: the one TOML reader of Python 3.10 and 3.11+
 
 SCHEDULES = ("constant", "cosine")  # learning rate over rounds: see RunSettings.round_learning_rate
 FRONTENDS = ("pixels", "scattering")  # what the residual stages see: see fedmed.model
@@ -422,280 +423,3 @@ class SimulationSettings:
             raise ValueError("data.source = \"dicom\" needs data.site_dirs (one folder per site)")
         if self.source == "dicom" and not self.test_dir:
             raise ValueError("data.source = \"dicom\" needs data.test_dir (a held-out DICOM folder)")
-
-
-# -- reading the declarations ----------------------------------------------------------
-
-
-def options(cls: type) -> list:
-    """The fields of ``cls`` that users set (not the internal ones)."""
-    return [f for f in fields(cls) if not f.metadata.get("internal")]
-
-
-def key(f) -> str:
-    """A setting's name in files and messages: ``section.name``."""
-    return f"{f.metadata['section']}.{f.name}"
-
-
-def flag(f) -> str:
-    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
-
-
-@cache
-def _types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _rule(meta: Mapping) -> str:
-    """The allowed values of a setting, in words."""
-    if meta.get("choices"):
-        return "one of " + ", ".join(str(c) for c in meta["choices"])
-    low, high, above, below = meta.get("low"), meta.get("high"), meta.get("above"), meta.get("below")
-    if above == 0 and high is None and below is None:
-        return "positive (> 0)"
-    left = f"[{low:g}" if low is not None else (f"({above:g}" if above is not None else None)
-    right = f"{high:g}]" if high is not None else (f"{below:g})" if below is not None else None)
-    if left and right:
-        rule = f"in {left}, {right}"
-    elif left:
-        rule = f"{'>=' if low is not None else '>'} {left[1:]}"
-    elif right:
-        rule = f"{'<=' if high is not None else '<'} {right[:-1]}"
-    else:
-        rule = ""
-    if meta.get("multiple_of"):
-        rule += f"{', ' if rule else ''}a multiple of {meta['multiple_of']}"
-    return rule
-
-
-def check_ranges(settings: Any) -> None:
-    """Raise ValueError naming the first setting outside its allowed range."""
-    for f in options(type(settings)):
-        value, meta = getattr(settings, f.name), f.metadata
-        if value is None or isinstance(value, (str, tuple)) and not meta.get("choices"):
-            continue
-        bad = (meta["choices"] and value not in meta["choices"]
-               or meta["low"] is not None and value < meta["low"]
-               or meta["high"] is not None and value > meta["high"]
-               or meta["above"] is not None and value <= meta["above"]
-               or meta["below"] is not None and value >= meta["below"])
-        if bad:
-            raise ValueError(f"{key(f)} must be {_rule(meta)}, got {value!r}")
-        if meta["multiple_of"] and value % meta["multiple_of"]:
-            raise ValueError(f"{key(f)} must be a multiple of {meta['multiple_of']}, got {value!r}")
-
-
-def coerce(cls: type, name: str, value: Any) -> Any:
-    """``value`` as the declared type of ``cls.name`` (TOML and Flower give ints for floats,
-    lists for tuples, and "none" for an absent number); raises ValueError naming the key."""
-    f = next(f for f in fields(cls) if f.name == name)
-    kind = _types(cls)[name]
-    label = key(f) if f.metadata.get("section") else name
-    optional = type(None) in typing.get_args(kind)
-    if optional:
-        if value is None or isinstance(value, str) and value.strip().lower() == "none":
-            return None
-        kind = next(t for t in typing.get_args(kind) if t is not type(None))
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{label} must be true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ValueError(f"{label} must be a whole number, got {value!r}")
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-        raise ValueError(f"{label} must be a number, got {value!r}")
-    if kind is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"{label} must be text, got {value!r}")
-    if typing.get_origin(kind) is tuple:
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise ValueError(f"{label} must be a list of text, got {value!r}")
-    raise TypeError(f"{label}: fedmed.config has no reader for type {kind}")
-
-
-def build(cls: type, values: Mapping[str, Any], origin: str = "") -> Any:
-    """``cls`` from values by field name (checked and converted); errors start with ``origin``."""
-    prefix = f"{origin}: " if origin else ""
-    try:
-        settings = cls(**{name: coerce(cls, name, value) for name, value in values.items()})
-    except ValueError as error:
-        raise ValueError(f"{prefix}{error}") from error
-    missing = [flag(f) for f in options(cls) if f.metadata.get("required") and not getattr(settings, f.name)]
-    if missing:
-        raise ValueError(f"{prefix}{', '.join(missing)} must be given (on the command line or in a --config "
-                         "file)")
-    return settings
-
-
-# -- Flower's run and node config ------------------------------------------------------
-
-
-def to_flower(settings: Any) -> dict:
-    """Settings as Flower config: one dashed key per field (Flower's own naming)."""
-    return {f.name.replace("_", "-"): getattr(settings, f.name) for f in fields(settings)}
-
-
-def from_flower(cls: type, config: Mapping, what: str) -> Any:
-    known = {f.name for f in fields(cls)}
-    values = {}
-    for name, value in config.items():
-        field_name = name.replace("-", "_")
-        if field_name not in known:
-            raise ValueError(f"{what} has an unknown setting {name!r}{_suggestion(field_name, known)}")
-        values[field_name] = value
-    return build(cls, values, what)
-
-
-# -- TOML files and --set overrides ----------------------------------------------------
-
-
-def read_toml(path: Path) -> dict:
-    try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from error
-
-
-def _suggestion(name: str, known) -> str:
-    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.5)
-    return f"; did you mean {close[0]}?" if close else ""
-
-
-def route(document: Mapping, parts: Mapping[str, type], origin: str, top_level: tuple[str, ...] = (),
-          only: Mapping[str, tuple[str, ...]] | None = None, scenario: bool = False) -> dict[str, dict]:
-    """Sort a TOML document's ``[section] key = value`` pairs to the settings classes in
-    ``parts`` that declare them: ``{part: {field: value}}``. ``only`` limits a part to
-    some fields; ``scenario`` leaves out what a simulation sets itself. An unknown
-    section or key is an error naming ``origin``, the key and the closest valid key."""
-    where: dict[tuple[str, str], tuple[str, Any]] = {}
-    simulated: set[tuple[str, str]] = set()  # keys a simulation sets itself
-    for part, cls in parts.items():
-        for f in options(cls):
-            if only and part in only and f.name not in only[part]:
-                continue
-            if scenario and not f.metadata.get("in_scenario", True):
-                simulated.add((f.metadata["section"], f.name))
-                continue
-            where[(f.metadata["section"], f.name)] = (part, f)
-    valid = sorted(f"{s}.{n}" for s, n in where) + list(top_level)
-    sections = sorted({s for s, _ in where})
-    routed: dict[str, dict] = {part: {} for part in parts}
-    routed[""] = {}
-    for name, value in document.items():
-        name = name.replace("-", "_")
-        if not isinstance(value, dict):
-            if name in top_level:
-                routed[""][name] = value
-                continue
-            hint = next((f"; it belongs in [{s}]" for s, n in where if n == name), _suggestion(name, valid))
-            raise ValueError(f"{origin}: unknown setting {name!r}{hint}")
-        for item in value:
-            if (name, item.replace("-", "_")) in simulated:
-                raise ValueError(f"{origin}: {name}.{item} is not a scenario setting: a simulation sets it itself")
-        if name not in sections:
-            raise ValueError(f"{origin}: unknown section [{name}]; sections: {', '.join(sections)}"
-                             f"{_suggestion(name, sections)}")
-        for item, item_value in value.items():
-            item = item.replace("-", "_")
-            if (name, item) not in where:
-                raise ValueError(f"{origin}: unknown setting {name}.{item} = {item_value!r}"
-                                 f"{_suggestion(f'{name}.{item}', valid)}")
-            part, _ = where[(name, item)]
-            routed[part][item] = item_value
-    return routed
-
-
-def parse_override(text: str) -> dict:
-    """``section.key=value`` (a TOML value, or a bare word as text) as a one-key document."""
-    dotted, sep, raw = text.partition("=")
-    section, _, name = dotted.strip().partition(".")
-    if not sep or not section:
-        raise ValueError(f"--set expects section.key=value, got {text!r}")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()  # a bare word is text
-    return {section: {name: value}} if name else {section: value}
-
-
-def settings_table(parts: Mapping[str, type], top_level: tuple[str, ...] = (), scenario: bool = False) -> str:
-    """Every key ``route`` accepts for ``parts``, with its default and help, for people."""
-    lines = [f"  {name}" for name in top_level]
-    for cls in parts.values():
-        for f in options(cls):
-            if scenario and not f.metadata.get("in_scenario", True):
-                continue
-            meta = f.metadata
-            extra = ", one value or one per site" if meta.get("per_site") else ""
-            rule = _rule(meta)
-            lines.append(f"  {key(f):<30} {f.default!r:<18} {meta['help']}"
-                         f"{f'; {rule}' if rule else ''}{extra}")
-    return "\n".join(lines)
-
-
-# -- command-line options --------------------------------------------------------------
-
-
-def add_options(parser: argparse.ArgumentParser, cls: type, title: str,
-                only: tuple[str, ...] | None = None) -> None:
-    """One option per setting of ``cls`` (or of ``only``), grouped under ``title``.
-    Options given nowhere stay unset, so a --config file's values are not overridden by
-    defaults; ``given`` returns what the command line set."""
-    group = parser.add_argument_group(title)
-    for f in options(cls):
-        if only is not None and f.name not in only:
-            continue
-        meta, kind = f.metadata, _types(cls)[f.name]
-        text = meta["help"]
-        if meta["unit"]:
-            text += f" [{meta['unit']}]"
-        rule = _rule(meta)
-        if rule and not meta["choices"]:
-            text += f"; {rule}"
-        default = f.default if f.default is not MISSING else None
-        if not meta.get("required") and default not in ("", ()):
-            text += f" (default {default})"
-        text += f" [{key(f)}]"
-        common = {"dest": f.name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
-        if kind is bool:
-            group.add_argument(flag(f), action=argparse.BooleanOptionalAction, **common)
-        elif typing.get_origin(kind) is tuple:
-            group.add_argument(flag(f), nargs="+", metavar="VALUE", **common)
-        else:
-            group.add_argument(flag(f), type=_option_type(kind), metavar=_metavar(f, kind), **common)
-
-
-def _option_type(kind: Any):
-    base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-    if base is int:
-        return int
-    if base is float:
-        return lambda text: None if text.strip().lower() == "none" else float(text)
-    return str
-
-
-def _metavar(f, kind: Any) -> str:
-    if f.metadata["choices"]:
-        return "{" + ",".join(str(c) for c in f.metadata["choices"]) + "}"
-    return {int: "N", float: "X"}.get(kind, f.name.upper())
-
-
-def given(args: argparse.Namespace, cls: type) -> dict:
-    """The settings of ``cls`` that the command line set."""
-    return {f.name: getattr(args, f.name) for f in options(cls) if hasattr(args, f.name)}
-
-
-def load_settings(args: argparse.Namespace, parts: Mapping[str, type], config_file: Path | None,
-                  only: Mapping[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
-    """Each part's settings: its defaults, then the --config file, then the command line."""
-    document = read_toml(config_file) if config_file is not None else {}
-    routed = route(document, parts, str(config_file), only=only)
-    return {part: build(cls, {**routed[part], **given(args, cls)},
-                        "command line" + (f" and {config_file}" if config_file else ""))
-            for part, cls in parts.items()}
