@@ -82,7 +82,7 @@ def _check_per_class(name: str, text: str, classes: tuple[str, ...]) -> None:
     if not text:
         return
     try:
-        values = _per_class(text)
+        values = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise ValueError(f"training.{name} must be comma-separated numbers, got {text!r}") from None
     if len(values) != len(classes):

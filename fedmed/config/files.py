@@ -4,15 +4,16 @@ each key sorted to the settings class that declares it, unknown ones refused by 
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedmed.config.fields import allowed_values, key, options
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
+else:  # Python 3.10
     import tomli as tomllib
 
 
