@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,7 @@ from fedmed.config import RunSettings
 from fedmed.protocol import RoundStatus
 from fedmed.metrics import classification_metrics
 from fedmed.numbers import finite_or_none
-from fedmed.privacy.accounting import ACCOUNTANT, History, extend
+from fedmed.privacy.accounting import ACCOUNTANT, HistoryLike, extend
 from fedmed.privacy.budget import PrivacyConfig, plan_round_privacy
 from fedmed.privacy.clipping import PerSampleClipper
 from fedmed.privacy.ledger import LedgerEntry, LedgerRefusal, PrivacyLedger, timestamp_now
@@ -96,7 +97,7 @@ def train_round(
     run_id: str,
     round_number: int,
     patient_of: np.ndarray | None = None,
-    reserved: History = (),
+    reserved: HistoryLike = (),
 ) -> RoundResult:
     """Train ``model`` in place for one round unless the site's budget forbids it.
 
@@ -178,7 +179,10 @@ def _patient_batches(sampled: np.ndarray, members: list[np.ndarray], physical: i
     """The images of the sampled patients as (image indices, group per image) batches of
     about ``physical`` images; a patient's images always share a batch, so each patient's
     gradient is clipped whole."""
-    batches, images, groups, count = [], [], [], 0
+    batches: list[tuple[np.ndarray, np.ndarray]] = []
+    images: list[np.ndarray] = []
+    groups: list[np.ndarray] = []
+    count = 0
     for patient in sampled:
         rows = members[patient]
         if images and count + len(rows) > physical:
@@ -262,6 +266,7 @@ def _train_private(model, images, labels, train, round_number, sample_rate, step
             batch_indices = np.asarray(batch_indices, dtype=np.int64)
             if row_of is not None:
                 batch_indices = row_of[batch_indices]
+            batches: Sequence[tuple[np.ndarray, np.ndarray | None]]  # groups: None at image level
             if members is None:
                 batches = [(batch_indices[start : start + train.physical_batch_size], None)
                            for start in range(0, len(batch_indices), train.physical_batch_size)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -21,7 +22,8 @@ ACCOUNTANT = "rdp"
 RDP_ORDERS = tuple(
     [1.05, *np.round(np.arange(1.1, 2.0, 0.1), 2), *np.arange(2.0, 10.0, 0.5), *range(10, 65), *range(72, 257, 8)]
 )
-History = list[tuple[float, float, int]]
+History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps), oldest first
+HistoryLike = Sequence[tuple[float, float, int]]  # a History or any read-only sequence of its entries
 
 
 @lru_cache(maxsize=4096)
@@ -31,7 +33,7 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
                                              orders=RDP_ORDERS))
 
 
-def epsilon(history: History, delta: float) -> float:
+def epsilon(history: HistoryLike, delta: float) -> float:
     """Epsilon spent by ``history`` at ``delta`` (0.0 for an empty history).
 
     RDP adds up over steps and mechanisms; the total is converted once, at the best order.
@@ -47,7 +49,7 @@ def epsilon(history: History, delta: float) -> float:
     return float(eps)
 
 
-def extend(history: History, noise_multiplier: float, sample_rate: float, steps: int) -> History:
+def extend(history: HistoryLike, noise_multiplier: float, sample_rate: float, steps: int) -> History:
     """``history`` plus ``steps`` more steps, merged into the last run when it matches."""
     if history and history[-1][0] == noise_multiplier and history[-1][1] == sample_rate:
         return [*history[:-1], (noise_multiplier, sample_rate, history[-1][2] + steps)]
@@ -86,7 +88,7 @@ def calibrate_noise(
     delta: float,
     sample_rate: float,
     steps: int,
-    spent: History = (),
+    spent: HistoryLike = (),
     tolerance: float = 0.005,
 ) -> float:
     """The smallest noise multiplier (to ``tolerance`` relative) for which ``spent`` plus

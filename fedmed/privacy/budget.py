@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from fedmed.config import RunSettings, SiteSettings, exact_releases
 from fedmed.privacy.accounting import (
-    History,
+    HistoryLike,
     calibrate_noise,
     check_delta,
     default_delta,
@@ -108,7 +108,7 @@ class RoundPrivacy:
 
 def plan_round_privacy(
     config: PrivacyConfig, ledger: PrivacyLedger, run_id: str, examples: int, batch_size: float, epochs: int,
-    local_steps: int = 0, reserved: History = (),
+    local_steps: int = 0, reserved: HistoryLike = (),
 ) -> RoundPrivacy:
     """Decide whether this round may run, and with how much noise. ``examples`` counts the
     protected records (images or patients) and ``batch_size`` the expected records per step;

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.grad import conv2d_weight
 
 SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm)
 
@@ -89,7 +91,8 @@ class PerSampleClipper:
         for handle in self._handles:
             handle.remove()
 
-    def accumulate(self, inputs: torch.Tensor, per_sample_loss, sample_weights: torch.Tensor | None = None,
+    def accumulate(self, inputs: torch.Tensor, per_sample_loss: Callable[[torch.Tensor], torch.Tensor],
+                   sample_weights: torch.Tensor | None = None,
                    groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the model on ``inputs``; add the clipped per-sample gradients of
         ``per_sample_loss(outputs)`` (a vector, one loss per sample) to ``param.grad``, each
@@ -136,6 +139,10 @@ class PerSampleClipper:
         return losses.detach(), norms
 
 
+# (a layer's parameter, a gradient for it): torch types a layer's parameters as Tensors
+ParamGrads = list[tuple[torch.Tensor, torch.Tensor]]
+
+
 class _Pieces(ABC):
     """A layer's contribution: per-sample squared norms and weighted gradient sums."""
 
@@ -143,19 +150,22 @@ class _Pieces(ABC):
     def squared_norms(self) -> torch.Tensor: ...
 
     @abstractmethod
-    def weighted_sums(self, factors: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]: ...
+    def weighted_sums(self, factors: torch.Tensor) -> ParamGrads: ...
 
 
 class _Instantiated(_Pieces):
     """Per-sample gradients held in full: ``per_sample[name]`` is (B, *param.shape)."""
 
-    def __init__(self, per_sample: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    def __init__(self, per_sample: Sequence[tuple[torch.Tensor | None, torch.Tensor]]) -> None:
         self.per_sample = [(p, ps) for p, ps in per_sample if p is not None and p.requires_grad]
 
     def squared_norms(self) -> torch.Tensor:
-        return sum(ps.flatten(1).pow(2).sum(dim=1) for _, ps in self.per_sample)
+        total = sum(ps.flatten(1).pow(2).sum(dim=1) for _, ps in self.per_sample)
+        if not isinstance(total, torch.Tensor):  # sum() of nothing: only trainable layers are recorded
+            raise ValueError("a layer without trainable parameters has no per-sample gradients")
+        return total
 
-    def weighted_sums(self, factors: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    def weighted_sums(self, factors: torch.Tensor) -> ParamGrads:
         return [(p, torch.tensordot(factors, ps, dims=1)) for p, ps in self.per_sample]
 
 
@@ -167,7 +177,7 @@ class _GhostConv(_Pieces):
 
     def squared_norms(self) -> torch.Tensor:
         m, x, g = self.module, self.x, self.g
-        ph, pw = m.padding
+        ph, pw = _padding(m)
         padded = F.pad(x, (pw, pw, ph, ph))
         width = padded.shape[3]
         pixels = padded.flatten(2)  # (B, C, P)
@@ -185,25 +195,32 @@ class _GhostConv(_Pieces):
             squared = squared + grads.sum(dim=2).pow(2).sum(dim=1)
         return squared
 
-    def weighted_sums(self, factors: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    def weighted_sums(self, factors: torch.Tensor) -> ParamGrads:
         m = self.module
         scaled = self.g * factors[:, None, None, None]
-        sums = []
+        sums: ParamGrads = []
         if m.weight.requires_grad:
-            weight = torch.nn.grad.conv2d_weight(self.x, m.weight.shape, scaled, m.stride, m.padding, m.dilation)
+            weight = conv2d_weight(self.x, m.weight.shape, scaled, m.stride, m.padding, m.dilation)
             sums.append((m.weight, weight))
         if m.bias is not None and m.bias.requires_grad:
             sums.append((m.bias, scaled.sum(dim=(0, 2, 3))))
         return sums
 
 
-def _conv_unfold(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> _Pieces:
-    patches = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, d, T)
+def _padding(m: nn.Conv2d) -> tuple[int, int]:
+    """A Conv2d's zero padding (rows, columns); a padding given by name ("same", "valid") is refused."""
+    if isinstance(m.padding, str):
+        raise ValueError(f"per-sample clipping needs a Conv2d's padding in pixels, not {m.padding!r}")
+    return m.padding[0], m.padding[1]
+
+
+def _conv_unfold(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> _Instantiated:
+    patches = F.unfold(x, m.kernel_size, m.dilation, _padding(m), m.stride)  # (B, d, T)
     per_sample = torch.bmm(g.flatten(2), patches.transpose(1, 2))  # (B, out, d)
     return _Instantiated([(m.weight, per_sample.view(-1, *m.weight.shape)), (m.bias, g.sum(dim=(2, 3)))])
 
 
-def _conv_grouped(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> _Pieces:
+def _conv_grouped(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> _Instantiated:
     # Correlating sample b's input with its own output gradient gives its weight gradient:
     # one convolution with the batch as groups, the gradients as kernels.
     batch, in_channels = x.shape[:2]
@@ -215,13 +232,15 @@ def _conv_grouped(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> _Pieces:
     return _Instantiated([(m.weight, result.permute(1, 2, 0, 3, 4)), (m.bias, g.sum(dim=(2, 3)))])
 
 
-CONV_ROUTES = {"grouped": _conv_grouped, "unfold": _conv_unfold, "ghost": _GhostConv}
+CONV_ROUTES: dict[str, Callable[[nn.Conv2d, torch.Tensor, torch.Tensor], _Pieces]] = {
+    "grouped": _conv_grouped, "unfold": _conv_unfold, "ghost": _GhostConv}
 
 
 def _route_costs(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> dict[str, float]:
     """Multiply-adds per sample of each route, to rule out hopeless ones before timing."""
     positions = g.shape[2] * g.shape[3]
-    padded = (x.shape[2] + 2 * m.padding[0]) * (x.shape[3] + 2 * m.padding[1])
+    ph, pw = _padding(m)
+    padded = (x.shape[2] + 2 * ph) * (x.shape[3] + 2 * pw)
     kernel = m.kernel_size[0] * m.kernel_size[1]
     instantiate = positions * x.shape[1] * kernel * g.shape[1]
     ghost = padded**2 * x.shape[1] + positions**2 * (kernel + g.shape[1])
@@ -248,13 +267,13 @@ class _Autotuner:
         if key not in self.choice:
             costs = _route_costs(m, x, g)
             cheapest = min(costs.values())
-            timings = {}
+            timings: dict[str, float] = {}
             for name, cost in costs.items():
                 if cost <= self.SLACK * cheapest:
                     start = time.perf_counter()
                     CONV_ROUTES[name](m, x, g).squared_norms()
                     timings[name] = time.perf_counter() - start
-            self.choice[key] = min(timings, key=timings.get)
+            self.choice[key] = min(timings, key=timings.__getitem__)
         return CONV_ROUTES[self.choice[key]](m, x, g)
 
 
@@ -262,6 +281,8 @@ def _grouped(piece: _Pieces, groups: torch.Tensor, count: int, weights: torch.Te
     """A layer's per-sample gradients (optionally weighted) summed within each group."""
     if isinstance(piece, _GhostConv):  # ghost norms cannot be summed by group: instantiate
         piece = _conv_unfold(piece.module, piece.x, piece.g)
+    if not isinstance(piece, _Instantiated):  # the only other kind
+        raise TypeError(f"cannot sum a layer's {type(piece).__name__} by group")
     summed = []
     for param, per_sample in piece.per_sample:
         if weights is not None:
@@ -280,6 +301,8 @@ def _layer_pieces(call: _Call, grad: torch.Tensor, tuner: _Autotuner) -> _Pieces
         return _Instantiated(
             [(module.weight, (normalised * grad).flatten(2).sum(dim=2)), (module.bias, grad.flatten(2).sum(dim=2))]
         )
+    if not isinstance(module, nn.Linear):  # only SUPPORTED layers are recorded
+        raise ValueError(f"per-sample clipping does not support {type(module).__name__} layers")
     # Linear: any dimensions between batch and features count as positions.
     a = x.reshape(x.shape[0], -1, x.shape[-1])
     g = grad.reshape(grad.shape[0], -1, grad.shape[-1])

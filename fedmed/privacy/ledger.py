@@ -67,6 +67,7 @@ class LedgerError(Exception):
     """The ledger cannot be trusted; the site must not train until a person looks at it."""
 
 
+@dataclass(frozen=True)  # no fields of its own: a dataclass so that asdict(self) type-checks, as each record is
 class _LedgerLine:
     """A record as one ledger line: JSON with sorted keys, so the same record is the same bytes."""
 

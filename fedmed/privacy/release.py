@@ -49,7 +49,7 @@ from fedmed.config import EXACT_RELEASES
 from fedmed.numbers import finite_or_none
 from fedmed.privacy.accounting import History, calibrate_noise, default_delta, epsilon, extend
 from fedmed.privacy.budget import PrivacyConfig
-from fedmed.privacy.ledger import LedgerRelease, PrivacyLedger, timestamp_now
+from fedmed.privacy.ledger import LedgerError, LedgerRelease, PrivacyLedger, timestamp_now
 
 log = logging.getLogger("fedmed")
 
@@ -111,7 +111,7 @@ def validation_counts(probabilities: np.ndarray, labels: np.ndarray, weights: np
         return counts.ravel()
     per_class = np.zeros((classes, 2, SCORE_BINS))
     for c in range(classes):
-        np.add.at(per_class, (c, (labels == c).astype(int), _bins(probabilities[:, c])), weights)
+        np.add.at(per_class[c], ((labels == c).astype(int), _bins(probabilities[:, c])), weights)  # a view
     confusion = np.zeros((classes, classes))
     np.add.at(confusion, (labels, probabilities.argmax(axis=1)), weights)
     return np.concatenate([per_class.ravel(), confusion.ravel()])
@@ -240,6 +240,9 @@ class SiteReleases:
         with self.ledger.locked():
             earlier = [r for r in self._run_releases(private=True) if r.statistic == COUNT]
         if earlier:
+            if earlier[0].value is None:  # a noisy count is always written with its value
+                raise LedgerError(f"site {self.site}: the noisy record count of run {self.run_id} in the ledger "
+                                  "holds no value; the ledger line is damaged")
             return earlier[0].value
         noisy = self.noisy(round_number, COUNT, np.array([float(self.records)]), 1.0)
         return 1.0 if noisy is None else float(noisy[0])

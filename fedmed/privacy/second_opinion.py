@@ -12,8 +12,14 @@ how conservative the ledger is.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from fedmed.privacy.accounting import History
+
+if TYPE_CHECKING:
+    from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
+
+Segments = tuple[tuple[float, float, int], ...]  # a History as a hashable key
 
 SECOND_OPINION = "pld"
 DISCRETISATION = 1e-3  # the PLD's grid of privacy-loss values; finer is tighter and slower
@@ -30,7 +36,7 @@ def second_opinion_epsilon(history: History, delta: float) -> float:
 
 
 @lru_cache(maxsize=1024)
-def _pld_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+def _pld_epsilon(history: Segments, delta: float) -> float:
     """What dp-accounting's ``PLDAccountant`` gives for these Poisson-subsampled Gaussian
     steps, composed the same way."""
     try:
@@ -42,11 +48,11 @@ def _pld_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) ->
 # Composed distributions of history prefixes: a report asks for every round's prefix of a
 # site's history, and each prefix extends the one before by one segment, so each is one
 # composition away from a prefix already composed (releases between rounds make many segments).
-_PREFIXES: dict[tuple, object] = {}
+_PREFIXES: dict[Segments, PrivacyLossDistribution] = {}
 PREFIXES_KEPT = 2048
 
 
-def _composed(history: tuple[tuple[float, float, int], ...]):
+def _composed(history: Segments) -> PrivacyLossDistribution:
     """The privacy loss distribution of ``history``, built on its longest prefix composed
     before (each segment's step distribution built once per (noise, rate))."""
     if len(_PREFIXES) > PREFIXES_KEPT:
@@ -58,11 +64,13 @@ def _composed(history: tuple[tuple[float, float, int], ...]):
         segment = _step_pld(sigma, rate).self_compose(steps)
         composed = segment if composed is None else composed.compose(segment)
         _PREFIXES[history[: n + 1]] = composed
+    if composed is None:  # callers answer an empty history themselves (epsilon 0)
+        raise ValueError("an empty history has no privacy loss distribution")
     return composed
 
 
 @lru_cache(maxsize=64)
-def _step_pld(sigma: float, rate: float):
+def _step_pld(sigma: float, rate: float) -> PrivacyLossDistribution:
     """One Poisson-subsampled Gaussian step's privacy loss distribution (add-or-remove-one
     neighbours, pessimistic discretisation: the PLDAccountant's defaults)."""
     from dp_accounting.pld import privacy_loss_distribution  # imported here: it loads scipy

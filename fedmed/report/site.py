@@ -179,8 +179,10 @@ def _release_row(release: LedgerRelease, state: list, line: int, site: str, find
     """A release, its epsilon checked (the second opinion is asked for the site's total only:
     a report of many runs holds many releases)."""
     if release.private:
-        _check_epsilon(state, release.delta, release.epsilon,
-                       f"run {release.run_id} round {release.round} ({release.statistic} release)", site, findings)
+        what = f"run {release.run_id} round {release.round} ({release.statistic} release)"
+        if release.epsilon is None:  # fedmed writes every private release with its epsilon
+            raise ValueError(f"{site}: {what} is private but records no epsilon; the ledger line is damaged")
+        _check_epsilon(state, release.delta, release.epsilon, what, site, findings)
     return {
         "line": line, "run_id": release.run_id, "round": release.round, "timestamp": release.timestamp,
         "statistic": release.statistic, "private": release.private, "noise_multiplier": release.noise_multiplier,

@@ -152,6 +152,8 @@ class SiteWork:
         """The refusal of a round the ledger holds as trained but whose update is no longer
         kept: training it again would spend the budget twice."""
         entry = ledger.trained(run.run_id, round_number)
+        if entry is None:  # asked only for a round the ledger holds as trained, and lines are never removed
+            raise ValueError(f"round {round_number} of run {run.run_id} is not in the ledger {ledger.path} as trained")
         message = (f"round {round_number} of run {run.run_id} was already trained and paid for (ledger "
                    f"{ledger.path}); its update is no longer kept, and it is not trained again: no new privacy "
                    "spending")
@@ -191,15 +193,18 @@ class SiteWork:
             return {}
         if VALIDATION in releases.exact:
             releases.record_exact(model_round, [VALIDATION])
-            return validation_metrics(model, inputs)
+            return dict(validation_metrics(model, inputs))  # a copy typed with the lists' values too
         probabilities = predict(model, inputs.val)
         weights = record_weights(inputs.val_patients) if releases.unit == "patient" else np.ones(len(inputs.val))
         counts = validation_counts(probabilities, inputs.val_labels, weights)
         noisy = releases.noisy(model_round, VALIDATION, counts, count_sensitivity(probabilities.shape[1]))
         if noisy is None:
             return {}
-        return {protocol.VALIDATION_COUNTS: [float(v) for v in noisy],
-                protocol.VALIDATION_NOISE: float(releases.noise_std(model_round, VALIDATION))}
+        noise = releases.noise_std(model_round, VALIDATION)
+        if noise is None:  # the release the counts came from is in the ledger
+            raise ValueError(f"the validation release of round {model_round} of run {releases.run_id} is missing "
+                             "from the ledger")
+        return {protocol.VALIDATION_COUNTS: [float(v) for v in noisy], protocol.VALIDATION_NOISE: float(noise)}
 
     def inputs(self, run: RunSettings, model: nn.Module) -> SiteInputs:
         """What the run's network is fed for the site's training and validation images,
