@@ -158,21 +158,21 @@ def predict_studies(loaded: LoadedModel, studies: list[Study], skipped: list[Fil
     for start in range(0, len(studies), CHUNK):
         chunk = studies[start : start + CHUNK]
         images, files = decode_studies([s.path for s in chunk], options)
-        kept = [(s, d) for s, d in zip(chunk, files) if d.row is not None]
+        kept = [(s, d, d.row) for s, d in zip(chunk, files) if d.row is not None]  # with its image index
         for study, outcome in zip(chunk, files):
             if outcome.row is None:
                 result.skipped.append(FileOutcome(study.shown, study.label, outcome.reason, outcome.detail))
         if kept:
-            probabilities = predict(loaded.model, images[[d.row for _, d in kept]])
-            for (study, outcome), p in zip(kept, probabilities):
-                row = {"path": study.shown, "sop_instance_uid": outcome.sop_instance_uid}
+            probabilities = predict(loaded.model, images[[index for _, _, index in kept]])
+            for (study, outcome, _), p in zip(kept, probabilities):
+                row: dict[str, str | float | None] = {"path": study.shown, "sop_instance_uid": outcome.sop_instance_uid}
                 row |= {f"p_{name}": float(value) for name, value in zip(classes, p)}
                 row["decision"] = classes[int(p.argmax())]
                 if labels_from:
                     row["label"] = study.label
                 result.rows.append(row)
             all_probabilities.append(probabilities)
-            all_labels += [classes.index(s.label) for s, _ in kept] if labels_from else []
+            all_labels += [classes.index(s.label) for s, _, _ in kept] if labels_from else []
         if progress is not None:
             progress(min(start + CHUNK, len(studies)), len(studies))
     if labels_from and all_labels:

@@ -174,7 +174,7 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
 
 def _npz_bytes(state: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **state)
+    np.savez(buffer, allow_pickle=False, **state)  # every reader loads with allow_pickle=False too
     return buffer.getvalue()
 
 

@@ -131,7 +131,12 @@ def _assemble(
             return old_images
     images = np.empty((len(rows), size, size), dtype=np.float32)
     for i, source in enumerate(rows):
-        images[i] = old_images[source] if isinstance(source, int) else source
+        if not isinstance(source, int):
+            images[i] = source
+        elif old_images is None:  # a row number comes only with a loaded cache
+            raise ValueError(f"image {i} is row {source} of a cache whose images were not loaded")
+        else:
+            images[i] = old_images[source]
     return images
 
 

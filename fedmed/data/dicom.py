@@ -176,6 +176,7 @@ def _read(path: Path, options: ReadOptions) -> DicomImage:
 
 def _read_dataset(path: Path, max_bytes: int) -> pydicom.Dataset:
     """Parse the file read-only; accept legacy files without the 'DICM' preamble."""
+    ds: pydicom.Dataset  # a FileDataset from a file with the preamble
     try:
         with _open_regular(path, max_bytes) as handle:
             size = os.fstat(handle.fileno()).st_size

@@ -25,11 +25,12 @@ def export_sites(images: ImageSet, sites: list[np.ndarray], out_dir: Path, seed:
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty; fedmed never overwrites existing files, choose a new folder")
-    summary = {"seed": seed, "classes": list(images.classes), "sites": []}
+    site_rows: list[dict[str, object]] = []
+    summary = {"seed": seed, "classes": list(images.classes), "sites": site_rows}
     for name, indices, style in zip(site_names(len(sites)), sites, _styles(len(sites))):
         export_site(images.subset(indices), out_dir / name, name, style, seed)
         counts = np.bincount(images.labels[indices], minlength=len(images.classes))
-        summary["sites"].append(
+        site_rows.append(
             {
                 "name": name,
                 "dicom_style": style.name,

@@ -57,7 +57,7 @@ def save_npz(path: Path | str, splits: dict[str, ImageSet]) -> None:
         arrays[f"{split}_images"] = images.images
         arrays[f"{split}_labels"] = images.labels.reshape(-1, 1).astype(np.uint8)
         arrays[f"{split}_patient_ids"] = np.array(images.patient_ids)
-    np.savez_compressed(path, **arrays)
+    np.savez_compressed(path, allow_pickle=False, **arrays)  # every reader loads with allow_pickle=False too
 
 
 def _to_grey_uint8(images: np.ndarray, path: Path, key: str) -> np.ndarray:

@@ -21,7 +21,8 @@ def main() -> int:
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"
-    return flower_supernode()
+    flower_supernode()  # returns (None) once the SuperNode stops: a clean exit
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Schema ``fedmed-privacy-report/1`` (docs/privacy-report.md describes every field
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from fedmed.report.site import site_account
 SCHEMA = "fedmed-privacy-report/1"
 
 
-def build_report(run_dir: Path | None = None, ledgers: list[Path] = (), budget: float | None = None) -> dict:
+def build_report(run_dir: Path | None = None, ledgers: Sequence[Path] = (), budget: float | None = None) -> dict:
     """The report of a run directory, of site ledgers, or of both.
 
     A run directory's own site ledgers (``RUN_DIR/sites/*/ledger.jsonl``) are read too.

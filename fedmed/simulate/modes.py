@@ -31,7 +31,8 @@ def simulate(scenario: Scenario, modes: tuple[str, ...], out: Path, live: bool) 
         scenario = replace(scenario, run=replace(scenario.run, initial_model=str(pretrained_model(scenario, out))))
     results = out / datetime.now().strftime("results-%Y%m%d-%H%M%S")
     results.mkdir(parents=True)
-    comparison, per_site = [], []
+    comparison: list[dict] = []
+    per_site: list[dict] = []
     run = run_settings(scenario, data, results / "federated", cache)
     if "federated" in modes:
         run_dir = run_federated(scenario, data, results / "federated", cache, live=live)

@@ -56,7 +56,7 @@ class ResendCache:
         if reply.model is not None:
             arrays["model"] = reply.model
         buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        np.savez(buffer, allow_pickle=False, **arrays)  # every reader loads with allow_pickle=False too
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_atomic(self.path, buffer.getvalue())  # created owner-only (0600, mkstemp)
 
