@@ -28,12 +28,12 @@ width, 2x, 4x and 8x that many channels.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 
 import numpy as np
 import torch
-from torch import nn
 from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from fedmed.config import FRONTENDS, NORM_GROUPS, RunSettings
@@ -143,17 +143,29 @@ class ModelConfig:
 
 
 class GroupNormResNet(ResNet):
-    """torchvision's ResNet with a configurable width, GroupNorm and an optional small stem."""
+    """torchvision's ResNet with GroupNorm, a configurable width and fedmed's stem.
+
+    torchvision builds the network (``norm_layer`` puts GroupNorm everywhere, and
+    ``zero_init_residual`` starts each residual branch near zero); fedmed then swaps in its
+    1-channel stem, its classifier for ``width`` channels and the optional front-end.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
-        nn.Module.__init__(self)  # ResNet.__init__ hard-codes 64 channels and BatchNorm
         block, layers = DEPTHS[config.depth]
-        groups = config.norm_groups
-        self._norm_layer = lambda channels: nn.GroupNorm(groups, channels)
-        self.inplanes = config.width
-        self.dilation = 1
-        self.groups = 1
-        self.base_width = 64
+        self.width = config.width  # read by _make_layer during ResNet.__init__
+        with torch.random.fork_rng(devices=[]):  # building draws weights; _draw_weights redraws them
+            super().__init__(block, layers, num_classes=config.num_classes, zero_init_residual=True,
+                             norm_layer=partial(nn.GroupNorm, config.norm_groups))
+            self._set_stem(config)
+            self.fc = nn.Linear(8 * config.width * block.expansion, config.num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.ReLU):
+                module.inplace = False  # per-sample gradient hooks forbid rewriting a layer's output
+        self._draw_weights()
+
+    def _set_stem(self, config: ModelConfig) -> None:
+        """A 1-channel stem; for small images a 3x3 stride-1 convolution without max-pooling;
+        with the scattering front-end, a 3x3 convolution over its 81 channels."""
         self.frontend: nn.Module = nn.Identity()
         if config.frontend == "scattering":
             self.frontend = ScatteringStem(config.image_size)
@@ -164,27 +176,29 @@ class GroupNormResNet(ResNet):
             self.maxpool = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(config.in_channels, config.width, 7, stride=2, padding=3, bias=False)
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.bn1 = self._norm_layer(config.width)
-        self.relu = nn.ReLU()
-        w = config.width
-        self.layer1 = self._make_layer(block, w, layers[0])
-        self.layer2 = self._make_layer(block, 2 * w, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 4 * w, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 8 * w, layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(8 * w * block.expansion, config.num_classes)
+        # The front-end's tensors lead the state dict, whose order is how weights are sent.
+        self._modules = {"frontend": self._modules.pop("frontend"), **self._modules}
+
+    def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1,
+                    dilate: bool = False) -> nn.Sequential:
+        """Stages of ``width`` x 1, 2, 4 and 8 channels where torchvision has 64 x 1, 2, 4 and 8."""
+        if planes == 64:  # the first stage takes the stem's ``width`` channels, not torchvision's 64
+            self.inplanes = self.width
+        return super()._make_layer(block, planes // 64 * self.width, blocks, stride, dilate)
+
+    def _draw_weights(self) -> None:
+        """Draw the random weights from the generator exactly as fedmed's earlier hand-built
+        model did, so that a seed still gives bit-identical weights: every convolution's and
+        the classifier's default draws in module order (the convolutions' are then replaced,
+        but they advance the generator before the classifier's), then He-normal convolutions
+        as torchvision's. The norms keep torchvision's 1 and 0 and zero residual scales."""
         for module in self.modules():
-            if isinstance(module, nn.ReLU):
-                module.inplace = False
-            elif isinstance(module, nn.Conv2d):
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.reset_parameters()
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        # Start each residual branch near zero, as torchvision's zero_init_residual does.
-        for module in self.modules():
-            if isinstance(module, BasicBlock):
-                nn.init.zeros_(module.bn2.weight)
-            elif isinstance(module, Bottleneck):
-                nn.init.zeros_(module.bn3.weight)
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         return super()._forward_impl(self.frontend(x))
