@@ -27,7 +27,7 @@ from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.clipping import CONV_ROUTES, PerSampleClipper
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.runtime import keep_freed_memory
-from fedmed.train import TrainConfig, train_round
+from fedmed.train import TrainConfig, TrainingData, train_round
 
 MODEL = ModelConfig(depth=18, width=32, image_size=28)
 
@@ -44,11 +44,13 @@ def fedmed_round_throughput(dp: bool, images, labels, batch: int, rounds: int) -
     ledger = PrivacyLedger(Path(tempfile.mkdtemp()) / "ledger.jsonl")
     train = TrainConfig(batch_size=batch, physical_batch_size=batch, learning_rate=0.01)
     privacy = PrivacyConfig(dp=dp, target_epsilon=1e4 if dp else 8.0, planned_rounds=rounds + 1)
-    train_round(model, images, labels, train, privacy, ledger, "bench", "bench", 0)
+    train_round(model, TrainingData(images, labels), train=train, privacy=privacy, ledger=ledger, site="bench",
+                run_id="bench", round_number=0)
     start = time.perf_counter()
     seen = 0
     for r in range(1, rounds + 1):
-        seen += train_round(model, images, labels, train, privacy, ledger, "bench", "bench", r).steps * batch
+        seen += train_round(model, TrainingData(images, labels), train=train, privacy=privacy, ledger=ledger,
+                            site="bench", run_id="bench", round_number=r).steps * batch
     return seen / (time.perf_counter() - start)
 
 
@@ -122,7 +124,8 @@ def peak_memory_child(batch: int, physical: int) -> None:
     before = _status_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5\n")  # restart the peak (VmHWM) from here
     # n = 4 x batch and 1 epoch: 4 logical steps of ~batch images each.
-    train_round(model, images, labels, train, privacy, ledger, "m", "m", 1)
+    train_round(model, TrainingData(images, labels), train=train, privacy=privacy, ledger=ledger, site="m", run_id="m",
+                round_number=1)
     peak = _status_mib("VmHWM")
     print(json.dumps({"before_mib": round(before), "peak_mib": round(peak), "step_mib": round(peak - before)}))
 

@@ -100,7 +100,7 @@ class ScatteringStem(nn.Module):
         return self.scattering(images.contiguous()).flatten(1, 2)  # (B, 81, H/4, W/4)
 
 
-DEPTHS: dict[int, tuple[type[nn.Module], list[int]]] = {
+DEPTHS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {
     10: (OutOfPlaceBasicBlock, [1, 1, 1, 1]),
     18: (OutOfPlaceBasicBlock, [2, 2, 2, 2]),
     34: (OutOfPlaceBasicBlock, [3, 4, 6, 3]),
@@ -178,7 +178,10 @@ class GroupNormResNet(ResNet):
             self.conv1 = nn.Conv2d(config.in_channels, config.width, 7, stride=2, padding=3, bias=False)
         self.bn1 = self._norm_layer(config.width)
         # The front-end's tensors lead the state dict, whose order is how weights are sent.
-        self._modules = {"frontend": self._modules.pop("frontend"), **self._modules}
+        modules = self._modules
+        ordered = {"frontend": modules.pop("frontend"), **modules}
+        modules.clear()
+        modules.update(ordered)
 
     def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1,
                     dilate: bool = False) -> nn.Sequential:

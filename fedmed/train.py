@@ -32,13 +32,12 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
 from fedmed.config import RunSettings
-from fedmed.protocol import RoundStatus
 from fedmed.metrics import classification_metrics
-from fedmed.numbers import finite_or_none
-from fedmed.privacy.accounting import ACCOUNTANT, HistoryLike, extend
-from fedmed.privacy.budget import PrivacyConfig, plan_round_privacy
+from fedmed.privacy.accounting import HistoryLike
+from fedmed.privacy.budget import PrivacyConfig, RoundPrivacy
 from fedmed.privacy.clipping import PerSampleClipper
-from fedmed.privacy.ledger import LedgerEntry, LedgerRefusal, PrivacyLedger, timestamp_now
+from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.privacy.spending import RoundResult, SpendRequest, spend_round
 
 log = logging.getLogger("fedmed")
 
@@ -72,87 +71,40 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class RoundResult:
-    """What a site reports about one round: scalars only."""
+class TrainingData:
+    """A site's training split as the step loop reads it: images (or the model's fixed
+    inputs, ``fedmed.model.fixed_inputs``) and labels; with ``patient_of`` (each image's
+    patient number, from :func:`privacy_unit`) a patient is the protected record."""
 
-    status: RoundStatus
-    dp: bool
-    examples: int
-    steps: int
-    loss: float | None
-    epsilon: float  # cumulative after the round (before it, when refused); inf if non-private
-    delta: float
-    noise_multiplier: float
-    message: str = ""
+    images: np.ndarray
+    labels: np.ndarray
+    patient_of: np.ndarray | None = None
 
 
-def train_round(
-    model: nn.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
-    train: TrainConfig,
-    privacy: PrivacyConfig,
-    ledger: PrivacyLedger,
-    site: str,
-    run_id: str,
-    round_number: int,
-    patient_of: np.ndarray | None = None,
-    reserved: HistoryLike = (),
-) -> RoundResult:
-    """Train ``model`` in place for one round unless the site's budget forbids it.
+def train_round(model: nn.Module, data: TrainingData, *, train: TrainConfig, privacy: PrivacyConfig,
+                ledger: PrivacyLedger, site: str, run_id: str, round_number: int,
+                reserved: HistoryLike = ()) -> RoundResult:
+    """Train ``model`` in place for one round unless the site's budget forbids it; the
+    spend (or the refusal) is recorded in ``ledger`` (``fedmed.privacy.spending``).
 
-    ``patient_of`` (each image's patient number, from :func:`privacy_unit`) makes a patient
-    the protected record: patients are Poisson-sampled, each patient's summed gradient is
+    At patient level patients are Poisson-sampled, each patient's summed gradient is
     clipped, and the accounting uses the patient sampling rate, with the same expected
     number of images per step as image-level training. ``reserved`` is the privacy cost of
     the run's releases still to come (``fedmed.privacy.release``)."""
-    examples = len(labels)
-    unit = "image" if patient_of is None else "patient"
-    records = record_count(labels, patient_of)
-    with ledger.locked():
-        plan = plan_round_privacy(privacy, ledger, run_id, records, train.batch_size * records / examples,
-                                  train.epochs, train.steps, reserved)
-        if not plan.allowed:
-            log.warning("site %s refuses round %s of run %s: %s", site, round_number, run_id, plan.reason)
-            ledger.append(LedgerRefusal(
-                site=site, run_id=run_id, round=round_number, timestamp=timestamp_now(), reason=plan.reason,
-                epsilon_before=finite_or_none(plan.epsilon_before),
-                epsilon_after=finite_or_none(plan.epsilon_after), delta=plan.delta, max_epsilon=privacy.budget,
-            ))
-            return RoundResult(RoundStatus.BUDGET_EXHAUSTED, plan.dp, examples, 0, None, plan.epsilon_before, plan.delta,
-                               plan.noise_multiplier, plan.reason)
+    examples = len(data.labels)
+    records = record_count(data.labels, data.patient_of)
+    request = SpendRequest(site=site, run_id=run_id, round=round_number, records=records, examples=examples,
+                           expected_batch=train.batch_size * records / examples, epochs=train.epochs,
+                           steps=train.steps, unit="image" if data.patient_of is None else "patient")
+
+    def run_steps(plan: RoundPrivacy) -> float:
         if plan.dp:
-            loss = _train_private(model, images, labels, train, round_number, plan.sample_rate, plan.steps,
-                                  plan.noise_multiplier, privacy.max_grad_norm, patient_of)
-        else:
-            log.warning("site %s: NON-PRIVATE training in round %s of run %s; no privacy guarantee",
-                        site, round_number, run_id)
-            loss = _train_plain(model, images, labels, train, plan.steps, round_number, privacy.max_grad_norm)
-        ledger.append(
-            LedgerEntry(
-                site=site,
-                run_id=run_id,
-                round=round_number,
-                timestamp=timestamp_now(),  # when the round's training ended
-                dp=plan.dp,
-                examples=records,
-                steps=plan.steps,
-                sample_rate=plan.sample_rate,
-                noise_multiplier=plan.noise_multiplier,
-                max_grad_norm=privacy.max_grad_norm if plan.dp else 0.0,
-                delta=plan.delta,
-                epsilon=plan.epsilon_after if plan.dp else None,
-                accountant=ACCOUNTANT,
-                accountant_state=extend(ledger.history, plan.noise_multiplier, plan.sample_rate, plan.steps)
-                if plan.dp else ledger.history,
-                max_epsilon=privacy.budget,
-                max_epsilon_per_run=privacy.max_epsilon_per_run if plan.dp else None,
-                target_epsilon=privacy.target_epsilon if plan.dp else None,
-                privacy_unit=unit,
-            )
-        )
-    return RoundResult(RoundStatus.TRAINED, plan.dp, examples, plan.steps, loss, plan.epsilon_after, plan.delta,
-                       plan.noise_multiplier, plan.reason)
+            return _train_private(model, data, train=train, plan=plan, round_number=round_number,
+                                  max_grad_norm=privacy.max_grad_norm)
+        return _train_plain(model, data, train=train, steps=plan.steps, round_number=round_number,
+                            max_grad_norm=privacy.max_grad_norm)
+
+    return spend_round(ledger, privacy, request, run_steps, reserved)
 
 
 def privacy_unit(privacy: PrivacyConfig, patients: np.ndarray | None, site: str) -> tuple[str, np.ndarray | None]:
@@ -234,9 +186,11 @@ def _batch(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> tuple
     return _images(images, indices), torch.from_numpy(np.asarray(labels[indices], dtype=np.int64))
 
 
-def _train_private(model, images, labels, train, round_number, sample_rate, steps, noise_multiplier,
-                   max_grad_norm, patient_of: np.ndarray | None = None) -> float:
-    """DP-SGD steps; with ``patient_of`` the sampled and clipped records are patients."""
+def _train_private(model: nn.Module, data: TrainingData, *, train: TrainConfig, plan: RoundPrivacy,
+                   round_number: int, max_grad_norm: float) -> float:
+    """DP-SGD steps of ``plan``; with ``data.patient_of`` the sampled and clipped records are patients."""
+    images, labels, patient_of = data.images, data.labels, data.patient_of
+    sample_rate, steps, noise_multiplier = plan.sample_rate, plan.steps, plan.noise_multiplier
     model.train()
     n = len(labels) if patient_of is None else int(patient_of.max()) + 1
     members = None  # each patient's image rows, by one sort instead of a scan per patient
@@ -298,10 +252,12 @@ def _dp_generators(insecure_seed: int | None, round_number: int) -> tuple[torch.
     return torch.Generator().manual_seed(int(seeds[0] >> 1)), torch.Generator().manual_seed(int(seeds[1] >> 1))
 
 
-def _train_plain(model, images, labels, train, steps, round_number, max_grad_norm: float) -> float:
+def _train_plain(model: nn.Module, data: TrainingData, *, train: TrainConfig, steps: int, round_number: int,
+                 max_grad_norm: float) -> float:
     """Non-private SGD; each batch's mean gradient is clipped to ``max_grad_norm``, so a
     step size tuned for DP-SGD (whose averaged clipped gradients are never longer than the
     clip norm) does not diverge here, and one recipe serves both modes."""
+    images, labels = data.images, data.labels
     model.train()
     n = len(labels)
     rng = np.random.default_rng([train.seed, round_number])

@@ -10,7 +10,7 @@ from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.accounting import RDP_ORDERS
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import PrivacyLedger
-from fedmed.train import TrainConfig, train_round
+from fedmed.train import TrainConfig, TrainingData, train_round
 
 TINY_MODEL = ModelConfig(depth=18, width=8, image_size=16)
 TINY_TRAIN = TrainConfig(batch_size=16, learning_rate=0.05)
@@ -29,7 +29,8 @@ def run_rounds(ledger_path, rounds, privacy: PrivacyConfig, run_id="run-a", firs
     images, labels = tiny_site(n)
     ledger = PrivacyLedger(ledger_path)
     return [
-        train_round(model, images, labels, TINY_TRAIN, privacy, ledger, site, run_id, r)
+        train_round(model, TrainingData(images, labels), train=TINY_TRAIN, privacy=privacy, ledger=ledger, site=site,
+                    run_id=run_id, round_number=r)
         for r in range(first_round, first_round + rounds)
     ]
 

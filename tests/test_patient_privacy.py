@@ -15,7 +15,7 @@ from fedmed.privacy.accounting import default_delta
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.clipping import CONV_ROUTES, PerSampleClipper
 from fedmed.privacy.ledger import PrivacyLedger
-from fedmed.train import privacy_unit, train_round
+from fedmed.train import TrainingData, privacy_unit, train_round
 from tests.privacy_helpers import TINY_MODEL, TINY_TRAIN, independent_epsilon, tiny_site
 
 CLIP = 0.05  # small, so every patient's gradient is clipped and the bound is reached
@@ -73,8 +73,9 @@ def test_patient_level_rounds_are_accounted_at_the_patient_sampling_rate(tmp_pat
     torch.manual_seed(0)
     model = build_model(TINY_MODEL)
     for round_number in (1, 2):
-        result = train_round(model, images, labels, TINY_TRAIN, privacy, ledger, "site-a", "run-p", round_number,
-                             privacy_unit(privacy, patients, "site-a")[1])
+        result = train_round(model, TrainingData(images, labels, privacy_unit(privacy, patients, "site-a")[1]),
+                             train=TINY_TRAIN, privacy=privacy, ledger=ledger, site="site-a", run_id="run-p",
+                             round_number=round_number)
     entry = ledger.entries[-1]
     assert entry.privacy_unit == "patient" and entry.examples == 32, "the record count is the patients'"
     assert entry.sample_rate == pytest.approx(TINY_TRAIN.batch_size / 96), "the same expected images per step"
@@ -89,7 +90,7 @@ def test_without_patient_ids_a_site_trains_at_image_level_and_says_so(tmp_path, 
     ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
     privacy = PrivacyConfig(target_epsilon=4.0, privacy_unit="patient")
     with caplog.at_level(logging.WARNING):
-        train_round(build_model(TINY_MODEL), images, labels, TINY_TRAIN, privacy, ledger, "site-a", "run-i", 1,
-                    privacy_unit(privacy, patients, "site-a")[1])
+        train_round(build_model(TINY_MODEL), TrainingData(images, labels, privacy_unit(privacy, patients, "site-a")[1]),
+                    train=TINY_TRAIN, privacy=privacy, ledger=ledger, site="site-a", run_id="run-i", round_number=1)
     assert ledger.entries[-1].privacy_unit == "image" and ledger.entries[-1].examples == 32
     assert "not every training image has a PatientID" in caplog.text

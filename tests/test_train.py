@@ -11,7 +11,7 @@ from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.protocol import RoundStatus
-from fedmed.train import TrainConfig, evaluate, train_round
+from fedmed.train import TrainConfig, TrainingData, evaluate, train_round
 from fedmed.weights import InvalidWeights, check_state, load_state, model_state
 from tests.conftest import auroc as brute_force_auroc
 
@@ -29,7 +29,8 @@ def test_a_few_dp_rounds_on_real_chest_xrays_learn(pneumonia_npz, tmp_path):
     # A fixed noise seed keeps this check from depending on one lucky or unlucky draw.
     config = TrainConfig(batch_size=128, learning_rate=0.3, class_weights=(2.0, 0.7), insecure_noise_seed=0)
     privacy = PrivacyConfig(target_epsilon=8.0, planned_rounds=3)
-    results = [train_round(model, images, labels, config, privacy, ledger, "site-1", "run", r) for r in (1, 2, 3)]
+    results = [train_round(model, TrainingData(images, labels), train=config, privacy=privacy, ledger=ledger,
+                           site="site-1", run_id="run", round_number=r) for r in (1, 2, 3)]
     after = evaluate(model, test_images, test.labels)
     assert all(r.status == RoundStatus.TRAINED and r.dp for r in results)
     assert results[-1].loss < results[0].loss, "the training loss falls round by round"
@@ -111,8 +112,9 @@ def test_dp_noise_is_added_at_the_configured_scale(tmp_path):
         config = TrainConfig(batch_size=n, steps=1, learning_rate=learning_rate, momentum=0.0,
                              insecure_noise_seed=repeat)
         privacy = PrivacyConfig(target_epsilon=4.0, max_grad_norm=clip)
-        result = train_round(model, images, labels, config, privacy, PrivacyLedger(tmp_path / f"{repeat}.jsonl"),
-                             "site-1", "run", 1)
+        result = train_round(model, TrainingData(images, labels), train=config, privacy=privacy,
+                             ledger=PrivacyLedger(tmp_path / f"{repeat}.jsonl"), site="site-1", run_id="run",
+                             round_number=1)
         assert result.steps == 1 and result.dp
         sigmas.add(result.noise_multiplier)
         steps.append(torch.cat([p.detach().flatten() for p in model.parameters()]) - initial)
@@ -131,7 +133,8 @@ def test_a_non_private_step_is_no_longer_than_the_learning_rate_times_the_clip_n
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     config = TrainConfig(batch_size=64, learning_rate=0.5, momentum=0.0, steps=1)
     privacy = PrivacyConfig(dp=False, max_grad_norm=0.1)
-    result = train_round(model, images, labels, config, privacy, PrivacyLedger(tmp_path / "l.jsonl"), "s", "r", 1)
+    result = train_round(model, TrainingData(images, labels), train=config, privacy=privacy,
+                         ledger=PrivacyLedger(tmp_path / "l.jsonl"), site="s", run_id="r", round_number=1)
     moved = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
     assert result.status == RoundStatus.TRAINED and not result.dp
     assert 0.0 < float(moved.norm()) <= 0.5 * 0.1 * (1 + 1e-5)

@@ -30,17 +30,17 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from fedmed.config import PRIVACY_UNITS, RunSettings, SiteSettings
 from fedmed import protocol
-from fedmed.vector import pack, unpack
-from fedmed.protocol import EvaluateRequest, RoundStatus, SiteReply, SiteRequest, TrainRequest, metric_value
-from fedmed.site.resend import ResendCache
-from fedmed.site.data import SiteSplit, load_site_split
+from fedmed.config import PRIVACY_UNITS, RunSettings, SiteSettings
 from fedmed.model import ModelConfig, build_model, fixed_inputs
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.privacy.release import VALIDATION, SiteReleases, count_sensitivity, record_weights, validation_counts
-from fedmed.train import TrainConfig, evaluate, predict, privacy_unit, record_count, train_round
+from fedmed.protocol import EvaluateRequest, RoundStatus, SiteReply, SiteRequest, TrainRequest, metric_value
+from fedmed.site.data import SiteSplit, load_site_split
+from fedmed.site.resend import ResendCache
+from fedmed.train import TrainConfig, TrainingData, evaluate, predict, privacy_unit, record_count, train_round
+from fedmed.vector import pack, unpack
 from fedmed.weights import load_state, model_state
 
 log = logging.getLogger("fedmed")
@@ -102,8 +102,9 @@ class SiteWork:
         loaded = time.perf_counter()
         count = releases.count(round_number)
         result = train_round(
-            model, inputs.train, inputs.train_labels, TrainConfig.from_settings(run, round_number), privacy,
-            ledger, site.name, run.run_id, round_number, inputs.train_patient_of, releases.reserved(),
+            model, TrainingData(inputs.train, inputs.train_labels, inputs.train_patient_of),
+            train=TrainConfig.from_settings(run, round_number), privacy=privacy, ledger=ledger, site=site.name,
+            run_id=run.run_id, round_number=round_number, reserved=releases.reserved(),
         )
         trained = result.status == RoundStatus.TRAINED
         metrics.update({

@@ -1,0 +1,97 @@
+"""A round's claim on a site's privacy budget, as one transaction on its ledger: lock the
+ledger, plan the round's noise against everything already spent (``plan_round_privacy``),
+then either record a refusal or train and record the spend. Nothing trains outside the
+lock, and nothing is trained that the ledger does not record."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fedmed.numbers import finite_or_none
+from fedmed.privacy.accounting import ACCOUNTANT, HistoryLike, extend
+from fedmed.privacy.budget import PrivacyConfig, RoundPrivacy, plan_round_privacy
+from fedmed.privacy.ledger import LedgerEntry, LedgerRefusal, PrivacyLedger, timestamp_now
+from fedmed.protocol import RoundStatus
+
+log = logging.getLogger("fedmed")
+
+
+@dataclass(frozen=True)
+class SpendRequest:
+    """One round's claim: whose, for which run and round, and over how many records."""
+
+    site: str
+    run_id: str
+    round: int
+    records: int  # the protected records: images, or patients
+    examples: int  # the training images
+    expected_batch: float  # expected records per step
+    epochs: int
+    steps: int  # 0: ``epochs`` passes
+    unit: str  # "image" or "patient"
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a site reports about one round: scalars only."""
+
+    status: RoundStatus
+    dp: bool
+    examples: int
+    steps: int
+    loss: float | None
+    epsilon: float  # cumulative after the round (before it, when refused); inf if non-private
+    delta: float
+    noise_multiplier: float
+    message: str = ""
+
+
+def spend_round(ledger: PrivacyLedger, privacy: PrivacyConfig, request: SpendRequest,
+                train: Callable[[RoundPrivacy], float], reserved: HistoryLike = ()) -> RoundResult:
+    """Run ``train(plan)`` (which returns the round's mean loss) if the budget allows the
+    round, and record either the spend or the refusal. ``reserved`` is the privacy cost of
+    the run's releases still to come (``fedmed.privacy.release``)."""
+    with ledger.locked():
+        plan = plan_round_privacy(privacy, ledger, request.run_id, request.records, request.expected_batch,
+                                  request.epochs, request.steps, reserved)
+        if not plan.allowed:
+            log.warning("site %s refuses round %s of run %s: %s", request.site, request.round, request.run_id,
+                        plan.reason)
+            ledger.append(LedgerRefusal(
+                site=request.site, run_id=request.run_id, round=request.round, timestamp=timestamp_now(),
+                reason=plan.reason, epsilon_before=finite_or_none(plan.epsilon_before),
+                epsilon_after=finite_or_none(plan.epsilon_after), delta=plan.delta, max_epsilon=privacy.budget,
+            ))
+            return RoundResult(RoundStatus.BUDGET_EXHAUSTED, plan.dp, request.examples, 0, None, plan.epsilon_before,
+                               plan.delta, plan.noise_multiplier, plan.reason)
+        if not plan.dp:
+            log.warning("site %s: NON-PRIVATE training in round %s of run %s; no privacy guarantee",
+                        request.site, request.round, request.run_id)
+        loss = train(plan)
+        ledger.append(
+            LedgerEntry(
+                site=request.site,
+                run_id=request.run_id,
+                round=request.round,
+                timestamp=timestamp_now(),  # when the round's training ended
+                dp=plan.dp,
+                examples=request.records,
+                steps=plan.steps,
+                sample_rate=plan.sample_rate,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=privacy.max_grad_norm if plan.dp else 0.0,
+                delta=plan.delta,
+                epsilon=plan.epsilon_after if plan.dp else None,
+                accountant=ACCOUNTANT,
+                accountant_state=extend(ledger.history, plan.noise_multiplier, plan.sample_rate, plan.steps)
+                if plan.dp else ledger.history,
+                max_epsilon=privacy.budget,
+                max_epsilon_per_run=privacy.max_epsilon_per_run if plan.dp else None,
+                target_epsilon=privacy.target_epsilon if plan.dp else None,
+                privacy_unit=request.unit,
+            )
+        )
+    return RoundResult(RoundStatus.TRAINED, plan.dp, request.examples, plan.steps, loss, plan.epsilon_after,
+                       plan.delta, plan.noise_multiplier, plan.reason)
