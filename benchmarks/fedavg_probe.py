@@ -29,17 +29,17 @@ from pathlib import Path
 import numpy as np
 
 from fedmed.coordinator.aggregation import aggregate_round
-from fedmed.coordinator.held_out import load_server_eval
 from fedmed.coordinator.fedavg import SiteUpdate, server_step
-from fedmed.vector import pack, unpack
-from fedmed.site.work import SiteWork, validation_metrics
+from fedmed.coordinator.held_out import load_server_eval
 from fedmed.model import ModelConfig, build_model
 from fedmed.runtime import keep_freed_memory
 from fedmed.simulate.baselines import starting_state
 from fedmed.simulate.pretrained import pretrained_model
 from fedmed.simulate.scenario import load_scenario
 from fedmed.simulate.sites import prepare_sites
+from fedmed.site.work import SiteWork, validation_metrics
 from fedmed.train import evaluate
+from fedmed.vector import pack, unpack
 from fedmed.weights import load_state
 
 

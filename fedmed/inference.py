@@ -24,9 +24,9 @@ from fedmed.data.cache import PREPROCESSING_VERSION, Decoded, decode_files
 from fedmed.data.dicom import DicomReadError, ReadOptions
 from fedmed.data.picture import is_picture, read_picture
 from fedmed.data.report import FileOutcome, SkipReason
-from fedmed.rundir import CARD_FILE, MODEL_FILE, load_arrays
 from fedmed.metrics import calibration, classification_metrics
 from fedmed.model import ModelConfig, build_model
+from fedmed.rundir import CARD_FILE, MODEL_FILE, load_arrays
 from fedmed.train import predict
 from fedmed.weights import load_state
 

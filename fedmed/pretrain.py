@@ -159,8 +159,8 @@ def pretrain_public(run: RunSettings, settings: PretrainSettings, out: Path,
     """Read ``settings.data`` (public), pre-train the run's architecture on it and write
     ``out`` as a model folder (``model.npz`` and its public model card), which
     ``--initial-model`` and ``fedmed predict`` accept; returns ``out``."""
-    from fedmed.data.public import load_public  # Pillow and pydicom: only when pre-training
     from fedmed.coordinator.model_card import public_model_card, public_model_card_markdown
+    from fedmed.data.public import load_public  # Pillow and pydicom: only when pre-training
     from fedmed.rundir import write_model_folder
 
     if not settings.data:

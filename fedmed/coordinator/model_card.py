@@ -137,7 +137,7 @@ def _privacy_unit(sites: dict) -> str:
 
 
 def _versions() -> dict:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in SOFTWARE:
         try:
             versions[package] = metadata.version(package)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -95,7 +96,7 @@ class RunRecorder:
         if not sites:
             return
         if counts and len(counts) == len(sites):
-            summed = sum(counts.values())  # independent noise: the variances add
+            summed = np.sum(list(counts.values()), axis=0)  # independent noise: the variances add
             weighted = scores_from_counts(summed, classes)
             weighted_errors = _errors(summed, math.sqrt(sum(n * n for n in noise.values())), classes)
         else:
@@ -146,8 +147,8 @@ def _errors(counts: np.ndarray, noise_std: float, classes: int) -> dict[str, flo
     return score_errors(counts, noise_std, classes) if math.isfinite(noise_std) else {}
 
 
-def weighted_mean(pairs: list[tuple[float, float]]) -> float:
+def weighted_mean(pairs: Sequence[tuple[float | None, float]]) -> float:
     """The mean of the finite values, weighted; NaN when none has weight."""
-    pairs = [(v, w) for v, w in pairs if v is not None and math.isfinite(v) and w > 0]
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total else math.nan
+    kept = [(v, w) for v, w in pairs if v is not None and math.isfinite(v) and w > 0]
+    total = sum(w for _, w in kept)
+    return sum(v * w for v, w in kept) / total if total else math.nan

@@ -10,9 +10,13 @@ import io
 import logging
 import math
 import os
+from typing import TYPE_CHECKING
 
 from fedmed.files import PRIVATE_FILE, private_dir, write_atomic
 from fedmed.rundir import RunDirectory
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter  # loaded only when tensorboard is installed
 
 log = logging.getLogger("fedmed.coordinator")
 SCORES = ("auroc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "loss")
@@ -65,9 +69,10 @@ class RunResults:
         writer.writerows(round_rows(self.run_dir.metrics()))
         write_atomic(self.run_dir.private(self.run_dir.path / "metrics.csv"), buffer.getvalue().encode("utf-8"))
         if self._writer is not None:
-            self._log(record)
+            self._log(self._writer, record)
 
-    def _log(self, record: dict) -> None:
+    @staticmethod
+    def _log(writer: SummaryWriter, record: dict) -> None:
         if record.get("event") == "round":
             step = record["round"]
             scalars = {"train/loss": record.get("train_loss"), "train/examples": record.get("examples"),
@@ -81,8 +86,8 @@ class RunResults:
             return
         for tag, value in scalars.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
-                self._writer.add_scalar(tag, value, step)
-        self._writer.flush()
+                writer.add_scalar(tag, value, step)
+        writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:

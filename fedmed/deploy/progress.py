@@ -9,9 +9,9 @@ import time
 from typing import Callable
 
 from fedmed.deploy.processes import ManagedProcess, child_environ, flower_command
-from fedmed.rundir import RunDirectory
 from fedmed.numbers import format_noisy
 from fedmed.privacy.release import TOO_NOISY
+from fedmed.rundir import RunDirectory
 
 CONNECTION = "fedmed"  # the one connection in fedmed's private Flower config
 

@@ -13,8 +13,8 @@ from fedmed.config import RunSettings, ServerSettings
 from fedmed.deploy.certificates import CA_CERT, SERVER_CERT, SERVER_KEY
 from fedmed.deploy.launch import check_tls_choice, launch, start_gateway, start_superlink
 from fedmed.deploy.processes import ManagedProcess, free_port, wait_for_port
-from fedmed.rundir import RunDirectory
 from fedmed.run_signing import PRIVATE_KEY, sign_run
+from fedmed.rundir import RunDirectory
 
 
 def check_server(server: ServerSettings) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fedmed.protocol import RoundStatus
 from fedmed.numbers import MISSING, format_epsilon, format_number
+from fedmed.protocol import RoundStatus
 
 
 @dataclass

@@ -8,9 +8,9 @@ import math
 from pathlib import Path
 
 from fedmed.config import RunSettings
-from fedmed.rundir import RunDirectory
 from fedmed.numbers import finite_or_none, format_epsilon
 from fedmed.report.findings import Finding, critical, warning
+from fedmed.rundir import RunDirectory
 
 VALIDATION = ("auroc", "accuracy", "balanced-accuracy", "loss", "examples")
 EPSILON_TOLERANCE = 1e-6

@@ -18,8 +18,15 @@ import math
 from pathlib import Path
 
 from fedmed.privacy.accounting import ACCOUNTANT, epsilon, extend
-from fedmed.privacy.ledger import (ChainCheck, LedgerEntry, LedgerRefusal, LedgerRelease, line_count, parse_ledger,
-                                   verify_chain)
+from fedmed.privacy.ledger import (
+    ChainCheck,
+    LedgerEntry,
+    LedgerRefusal,
+    LedgerRelease,
+    line_count,
+    parse_ledger,
+    verify_chain,
+)
 from fedmed.privacy.second_opinion import SECOND_OPINION, second_opinion_epsilon
 from fedmed.report.findings import NEARLY_SPENT, Finding, critical, warning
 

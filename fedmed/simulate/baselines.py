@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from fedmed.config import RunSettings, SiteSettings
+from fedmed.coordinator.fedavg import server_step
 from fedmed.data.dicom import ReadOptions
 from fedmed.data.site import SiteSource, load_site
-from fedmed.coordinator.fedavg import server_step
-from fedmed.vector import pack, unpack
-from fedmed.site.work import SiteWork, validation_metrics
 from fedmed.model import ModelConfig, build_model
 from fedmed.simulate.scenario import Scenario
 from fedmed.simulate.sites import SimulationData
+from fedmed.site.work import SiteWork, validation_metrics
 from fedmed.train import evaluate
+from fedmed.vector import pack, unpack
 from fedmed.weights import load_state, model_state
 
 DICOM_SUFFIXES = (".dcm", ".dicom")

@@ -8,8 +8,8 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from fedmed.rundir import MODEL_FILE
 from fedmed.model import ModelConfig
+from fedmed.rundir import MODEL_FILE
 from fedmed.simulate.scenario import Scenario
 from fedmed.simulate.sites import write_public_pool
 

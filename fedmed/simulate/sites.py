@@ -18,9 +18,9 @@ import numpy as np
 from fedmed.data.export import SITE_STYLES, export_site
 from fedmed.data.make_sites import export_sites, site_names, synthetic_sites
 from fedmed.data.npz import load_npz, save_npz
-from fedmed.data.synthetic import synthetic_public_pool
 from fedmed.data.partition import class_table, dirichlet_partition
 from fedmed.data.split import split_by_patient
+from fedmed.data.synthetic import synthetic_public_pool
 from fedmed.simulate.scenario import Scenario
 
 DATA_KEYS = ("source", "path", "site_dirs", "test_dir", "images", "test_fraction", "sites", "alpha",

@@ -7,15 +7,15 @@ import json
 import math
 from pathlib import Path
 
-from fedmed.files import write_atomic
 from fedmed.config import RunSettings, SiteSettings
-from fedmed.rundir import RunDirectory
-from fedmed.site.data import load_site_split
+from fedmed.files import write_atomic
 from fedmed.numbers import format_epsilon, format_noisy, format_number
-from fedmed.privacy.release import TOO_NOISY
 from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.privacy.release import TOO_NOISY
 from fedmed.report.render import markdown_table
+from fedmed.rundir import RunDirectory
 from fedmed.simulate.baselines import schedule_of
+from fedmed.site.data import load_site_split
 
 
 def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:

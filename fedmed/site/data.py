@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedmed.config import RunSettings, SiteSettings
 from fedmed.data.cache import default_cache_dir
 from fedmed.data.dicom import MB, ReadOptions
 from fedmed.data.site import SiteData, SiteSource, load_site
-from fedmed.config import RunSettings, SiteSettings
 
 
 @dataclass
