@@ -116,6 +116,26 @@ def test_beyond_the_threshold_the_round_fails_and_nothing_is_unmasked(tmp_path):
     assert "unmask" not in grid.stages
 
 
+def test_a_site_answering_a_stage_with_the_wrong_types_is_a_dropout_not_an_aborted_round(tmp_path):
+    run, grid, moves, counts = _federation(tmp_path, drop=set())
+    honest = grid.handlers[404]
+
+    def hostile(message: Message, context: Context) -> Message:
+        reply = honest(message, context)
+        if message.content[secagg.RECORD][secagg.STAGE] == "keys":
+            reply.content[secagg.RECORD]["public1"] = 5  # a number where a key's bytes belong
+        return reply
+
+    grid.handlers[404] = hostile
+    outcome, combined = run.kind.play(run, 1, NODES, run.reference)
+    assert combined is not None, outcome.secure
+    assert outcome.secure["summed"] == 3 and "failed" not in outcome.secure
+    survivors = [101, 202, 303]
+    expected = sum(counts[n] * moves[n] for n in survivors) / sum(counts[n] for n in survivors)
+    moved = pack(combined).astype(np.float64) - pack(run.reference).astype(np.float64)
+    np.testing.assert_allclose(moved, expected, atol=1e-6)
+
+
 def test_a_site_never_reveals_both_shares_of_one_site(tmp_path):
     run, grid, _, _ = _federation(tmp_path, drop=set())
     from fedmed.flower.secagg_coordinator import SecureSum

@@ -44,7 +44,7 @@ class SecureSum:
                 for node in self.chosen]
 
     def take_keys(self, replies: dict[int, Message]) -> None:
-        for node, reply in self._answers(replies, "public1", "public2").items():
+        for node, reply in self._answers(replies, single={"public1": bytes, "public2": bytes}).items():
             self.publics1[node] = records.value(reply, "public1", bytes)
             self.publics2[node] = records.value(reply, "public2", bytes)
         self._enough(self.publics1, "sent keys")
@@ -56,7 +56,7 @@ class SecureSum:
         return [self._message(node, fields, "shares") for node in nodes]
 
     def take_shares(self, replies: dict[int, Message]) -> None:
-        senders = self._answers(replies, "addressees", "sealed")
+        senders = self._answers(replies, lists={"addressees": int, "sealed": bytes})
         self._enough(senders, "shared their secrets")
         self.sealed = {node: {} for node in senders}
         for sender, reply in senders.items():
@@ -90,7 +90,7 @@ class SecureSum:
 
     def unmask(self, replies: dict[int, Message]) -> tuple[np.ndarray, int]:
         """The sum of the survivors' vectors (dequantized), and how many they are."""
-        answers = self._answers(replies, "nodes", "shares")
+        answers = self._answers(replies, lists={"nodes": int, "shares": bytes})
         self._enough(answers, "sent their shares for unmasking")
         shares: dict[int, list[bytes]] = {}
         for reply in answers.values():
@@ -121,14 +121,26 @@ class SecureSum:
             raise SecureRoundFailed(f"{len(nodes)} of {len(self.chosen)} sites {what}, fewer than the threshold "
                                     f"of {self.threshold}: nothing was unmasked")
 
-    def _answers(self, replies: dict[int, Message], *keys: str) -> dict[int, ConfigRecord]:
-        """The answers that carry ``keys``; an error or anything else counts as a dropout."""
+    def _answers(self, replies: dict[int, Message], single: dict[str, type] | None = None,
+                 lists: dict[str, type] | None = None) -> dict[int, ConfigRecord]:
+        """The answers that carry every field of ``single`` (one value of its type) and of
+        ``lists`` (lists of their types, all of one length). An error reply, a missing field
+        or a value of another type counts as a dropout, like a site that never answered:
+        one hostile site cannot abort the round for the others."""
         answers = {}
         for node, reply in replies.items():
             if reply.has_error():
                 continue
             fields = reply.content.get(secagg.RECORD)
-            if isinstance(fields, ConfigRecord) and all(k in fields for k in keys):
+            if not isinstance(fields, ConfigRecord):
+                continue
+            try:
+                for name, kind in (single or {}).items():
+                    records.value(fields, name, kind)
+                lengths = {len(records.values(fields, name, kind)) for name, kind in (lists or {}).items()}
+            except (KeyError, ValueError):
+                continue
+            if len(lengths) <= 1:
                 answers[node] = fields
         return answers
 
