@@ -24,7 +24,7 @@ from flwr.common.config import get_fused_config_from_dir, parse_config_args
 from fedmed.cli import client as client_cli
 from fedmed.cli import server as server_cli
 from fedmed.config import ClientSettings, RunSettings, ServerSettings, SimulationSettings, SiteSettings
-from fedmed.config.fields import flag, key, options
+from fedmed.config.fields import build, flag, key, options
 from fedmed.config.options import load_settings
 from fedmed.deploy.launch import write_app, write_node_config
 from fedmed.deploy.site import site_settings
@@ -358,3 +358,35 @@ def test_a_simulation_sets_the_federation_itself(tmp_path):
     assert [s.max_epsilon for s in sites] == [8.0, 4.0, 8.0, 2.0]
     assert [s.name for s in sites] == ["a", "b", "c", "d"]
     assert replace(sites[0], name="x").ledger == str(tmp_path / "state" / "a" / "ledger.jsonl")
+
+
+def test_list_settings_are_toml_arrays_and_the_old_comma_form_still_reads_with_a_note(tmp_path):
+    from fedmed.config.files import route
+
+    parts = {"run": RunSettings}
+    arrays = route({"data": {"classes": ["normal", "pneumonia"]},
+                    "training": {"class_prior": [0.26, 0.74], "class_weights": [2.85, 1]}}, parts, "new.toml")
+    run = build(RunSettings, arrays["run"])
+    assert run.class_names == ("normal", "pneumonia")
+    assert run.class_prior_values == (0.26, 0.74) and run.class_weight_values == (2.85, 1.0)
+    with pytest.warns(FutureWarning, match=r"old.toml: training.class_prior = '0.26,0.74' is the old "
+                                           r"comma-separated form; write a TOML array, "
+                                           r"training.class_prior = \[0.26, 0.74\]"):
+        old = route({"training": {"class_prior": "0.26,0.74"}}, parts, "old.toml")
+    assert build(RunSettings, old["run"]).class_prior_values == (0.26, 0.74)
+    with pytest.raises(ValueError, match=r"training.class_weights must be a list of numbers, got \['2', 1\]"):
+        build(RunSettings, route({"training": {"class_weights": ["2", 1]}}, parts, "bad.toml")["run"])
+
+
+def test_the_shipped_files_use_arrays_for_list_settings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the comma form would warn
+        for path in sorted((REPO / "simulations").glob("*.toml")):
+            assert load_scenario(path, ["data.path=/somewhere/data.npz"]).run.class_names, path
+        for cli, config in ((server_cli, REPO / "server" / "coordinator.toml"), (client_cli, REPO / "client" / "site.toml")):
+            args = cli.build_parser().parse_args(["--config", str(config)])
+            settings = load_settings(args, cli.PARTS, args.config, getattr(cli, "ONLY", None))
+            run = settings.get("run") or settings["data"]  # the site reads the run's classes as [data]
+            assert run.class_names == ("normal", "pneumonia"), config

@@ -53,15 +53,17 @@ def exact_releases(text: str) -> frozenset[str]:
 def setting(default: Any, help: str, *, section: str, unit: str = "", low: float | None = None,
             high: float | None = None, above: float | None = None, below: float | None = None,
             choices: tuple | None = None, multiple_of: int | None = None, flag: str = "",
-            required: bool = False, per_site: bool = False, in_scenario: bool = True) -> Any:
+            required: bool = False, per_site: bool = False, in_scenario: bool = True,
+            items: type | None = None) -> Any:
     """Declare one setting. ``low``/``high`` are inclusive bounds, ``above``/``below``
     exclusive ones. ``flag`` replaces the derived option name, ``required`` means the
     default is no value, ``per_site`` lets a scenario give one value per site, and
-    ``in_scenario=False`` marks what a simulation sets by itself."""
+    ``in_scenario=False`` marks what a simulation sets by itself. ``items`` (float or str)
+    marks a list setting: written as a TOML array, kept as comma-separated text."""
     return field(default=default, metadata={
         "section": section, "help": help, "unit": unit, "low": low, "high": high, "above": above,
         "below": below, "choices": choices, "multiple_of": multiple_of, "flag": flag,
-        "required": required, "per_site": per_site, "in_scenario": in_scenario,
+        "required": required, "per_site": per_site, "in_scenario": in_scenario, "items": items,
     })
 
 
@@ -98,8 +100,8 @@ class RunSettings:
     Flower's run config; a site's own settings (``SiteSettings``) never leave the site."""
 
     # data
-    classes: str = setting("normal,pneumonia", "class names in label order, comma-separated (class folder "
-                           "names or manifest labels)", section="data")
+    classes: str = setting("normal,pneumonia", "class names in label order, a list (class folder names or "
+                           "manifest labels)", section="data", items=str)
     image_size: int = setting(28, "training resolution: every image is resized to this side", section="data",
                               unit="px", low=8, high=1024)
     val_fraction: float = setting(0.2, "share of each site's patients kept to validate the global model",
@@ -135,13 +137,13 @@ class RunSettings:
     weight_decay: float = setting(0.0, "the sites' SGD weight decay", section="training", low=0.0)
     max_grad_norm: float = setting(1.0, "DP-SGD clipping norm of each example's gradient", section="training",
                                    above=0.0)
-    class_weights: str = setting("", "comma-separated weight per class, from public figures (never from "
-                                 "a site's own data); under DP each sample's clipped gradient is scaled by its "
-                                 "class's weight over the largest; empty: equal weights", section="training")
-    class_prior: str = setting("", "comma-separated public prevalence of each class (published figures, never "
-                               "a site's own counts): the loss is logit-adjusted by it (Menon et al. 2021), so "
-                               "the model's most likely class targets balanced accuracy; empty: plain loss",
-                               section="training")
+    class_weights: str = setting("", "weight per class, a list, from public figures (never from a site's own "
+                                 "data); under DP each sample's clipped gradient is scaled by its class's weight "
+                                 "over the largest; empty: equal weights", section="training", items=float)
+    class_prior: str = setting("", "public prevalence of each class, a list (published figures, never a "
+                               "site's own counts): the loss is logit-adjusted by it (Menon et al. 2021), so the "
+                               "model's most likely class targets balanced accuracy; empty: plain loss",
+                               section="training", items=float)
     server_learning_rate: float = setting(1.0, "the coordinator's step towards the sites' average (1.0: "
                                           "FedAvg)", section="training", above=0.0)
     server_momentum: float = setting(0.0, "the coordinator's momentum over rounds (> 0: FedAvgM)",

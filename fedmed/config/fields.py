@@ -96,6 +96,9 @@ def coerce(cls: type, name: str, value: Any) -> Any:
     if kind is str:
         if isinstance(value, str):
             return value
+        items = f.metadata.get("items")
+        if items is not None and isinstance(value, (list, tuple)):
+            return _joined(label, value, items)
         raise ValueError(f"{label} must be text, got {value!r}")
     if typing.get_origin(kind) is tuple:
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
@@ -116,3 +119,14 @@ def build(cls: type, values: Mapping[str, Any], origin: str = "") -> Any:
         raise ValueError(f"{prefix}{', '.join(missing)} must be given (on the command line or in a --config "
                          "file)")
     return settings
+
+
+def _joined(label: str, values: list | tuple, items: type) -> str:
+    """A list setting given as a TOML array, as the comma-separated text fedmed keeps."""
+    if items is float and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                              for v in values):
+        return ",".join(str(v) for v in values)
+    if items is str and all(isinstance(v, str) and "," not in v for v in values):
+        return ",".join(values)
+    kind = "numbers" if items is float else "names without commas"
+    raise ValueError(f"{label} must be a list of {kind}, got {values!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ def suggestion(name: str, known) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def route(document: Mapping, parts: Mapping[str, type], origin: str, top_level: tuple[str, ...] = (),
+def route(document: Mapping, parts: Mapping[str, type], origin: str, *, top_level: tuple[str, ...] = (),
           only: Mapping[str, tuple[str, ...]] | None = None, scenario: bool = False) -> dict[str, dict]:
     """Sort a TOML document's ``[section] key = value`` pairs to the settings classes in
     ``parts`` that declare them: ``{part: {field: value}}``. ``only`` limits a part to
@@ -68,7 +69,11 @@ def route(document: Mapping, parts: Mapping[str, type], origin: str, top_level: 
             if (name, item) not in where:
                 raise ValueError(f"{origin}: unknown setting {name}.{item} = {item_value!r}"
                                  f"{suggestion(f'{name}.{item}', valid)}")
-            part, _ = where[(name, item)]
+            part, declared = where[(name, item)]
+            if declared.metadata.get("items") and isinstance(item_value, str) and "," in item_value:
+                warnings.warn(f"{origin}: {name}.{item} = {item_value!r} is the old comma-separated form; write a "
+                              f"TOML array, {name}.{item} = {_as_array(item_value, declared.metadata['items'])}",
+                              FutureWarning, stacklevel=2)
             routed[part][item] = item_value
     return routed
 
@@ -99,3 +104,9 @@ def settings_table(parts: Mapping[str, type], top_level: tuple[str, ...] = (), s
             lines.append(f"  {key(f):<30} {f.default!r:<18} {meta['help']}"
                          f"{f'; {rule}' if rule else ''}{extra}")
     return "\n".join(lines)
+
+
+def _as_array(text: str, items: type) -> str:
+    """A comma-separated value written as the TOML array that replaces it."""
+    parts = [part.strip() for part in text.split(",")]
+    return "[" + ", ".join(parts if items is float else [f'"{part}"' for part in parts]) + "]"
