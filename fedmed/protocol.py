@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import SupportsIndex, SupportsInt
+from typing import SupportsIndex, SupportsInt, TypedDict
 
 import numpy as np
 
@@ -58,6 +58,36 @@ VALIDATION_METRICS = (
     "val-sensitivity", "val-specificity",
 )
 REPLY_METRICS = frozenset(TRAIN_METRICS + VALIDATION_METRICS + (VALIDATION_COUNTS, VALIDATION_NOISE))
+
+# The metrics of a site's reply as a fedmed site sends them: the whitelist above with each
+# value's type (a MetricRecord holds numbers and lists of numbers; whole numbers travel as
+# int). Every key is optional: a reply carries the guarantee, a training reply the record
+# count unless secure aggregation sums it, a site releases loss and timing only exactly,
+# and validation as noisy counts (with their noise) or as exact scores. What arrives is not
+# trusted to fit: ``fedmed.coordinator.replies`` reads a reply as plain values and checks
+# them. Functional syntax: the keys are not identifiers.
+ReplyMetrics = TypedDict("ReplyMetrics", {
+    "status": int,  # a RoundStatus
+    "dp": int,  # 1: differentially private training, 0: not
+    "steps": int,
+    "epsilon": float,  # NaN when unbounded (metric_value)
+    "delta": float,
+    "noise-multiplier": float,
+    "privacy-unit": int,  # the index of the unit in fedmed.config.PRIVACY_UNITS
+    "examples": int,  # the record count, noisy unless released exactly
+    "loss": float,
+    "seconds-setup": float,
+    "seconds-train": float,
+    "val-examples": float,
+    "val-loss": float,
+    "val-accuracy": float,
+    "val-balanced-accuracy": float,
+    "val-auroc": float,
+    "val-sensitivity": float,
+    "val-specificity": float,
+    "val-counts": list[float],  # VALIDATION_COUNTS
+    "val-noise": float,  # VALIDATION_NOISE
+}, total=False)
 # Short text fields, in a ConfigRecord named "site".
 REPLY_TEXT = frozenset({"name", "message"})
 MAX_TEXT = 500
@@ -103,6 +133,9 @@ class SiteReply:
     did not train; see ``fedmed.flower.packing``)."""
 
     site: str
+    # What ReplyMetrics describes, annotated as a plain dict: the site builds it as one
+    # (fedmed.site.work, fedmed.site.resend) and Flower's MetricRecord takes one, which a
+    # TypedDict is not to a type checker.
     metrics: dict
     message: str = ""
     model: np.ndarray | None = None

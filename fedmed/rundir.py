@@ -2,7 +2,7 @@
 
     config.json            the run's settings as Flower run config (RunSettings.to_flower)
     status.json            phase, current round, connected sites (for live progress)
-    metrics.jsonl          one JSON object per event: a round's training, a validation
+    metrics.jsonl          one JSON object per event: a round's training, a validation (fedmed.records)
     received.jsonl         what each site's reply contained (names, shapes, scalars)
     checkpoints/round-NNNN.npz   the global model after every round
     checkpoints/velocity-NNNN.npz the server momentum after that round (FedAvgM only)
@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmed.files import open_append, private_dir, write_atomic
+from fedmed.records import Record, RoundRecord, ValidationRecord, read_record
 
 CHECKPOINT = re.compile(r"round-(\d+)\.npz")
 
@@ -109,6 +110,10 @@ class RunDirectory:
     def append_metrics(self, record: dict) -> None:
         self._append_line(self.metrics_path, record)
 
+    def append_record(self, record: Record) -> None:
+        """A round's or a validation's record, as a line of metrics.jsonl."""
+        self.append_metrics(record.to_json())
+
     def append_received(self, record: dict) -> None:
         self._append_line(self.received_path, record)
 
@@ -118,7 +123,19 @@ class RunDirectory:
             handle.flush()
 
     def metrics(self) -> list[dict]:
+        """Every line of metrics.jsonl as written (``records`` reads them as records)."""
         return _read_lines(self.metrics_path)
+
+    def records(self) -> list[Record]:
+        """The round and validation records of metrics.jsonl, in the order they were written
+        (a round repeated after a restart appears once per time it ran)."""
+        return [record for line in self.metrics() if (record := read_record(line)) is not None]
+
+    def rounds(self) -> list[RoundRecord]:
+        return [record for record in self.records() if isinstance(record, RoundRecord)]
+
+    def validations(self) -> list[ValidationRecord]:
+        return [record for record in self.records() if isinstance(record, ValidationRecord)]
 
     def received(self) -> list[dict]:
         return _read_lines(self.received_path)

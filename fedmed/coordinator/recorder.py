@@ -1,14 +1,15 @@
 """The coordinator's records of a run, in its run directory: one line per round and per
-validation (``metrics.jsonl``, ``metrics.csv``, TensorBoard), one line per reply received
-(``received.jsonl``: what left each site), the status file, and the final model with its
-card. Round records are read back by ``fedmed.coordinator.results``, the reports and the
-simulation's summary."""
+validation (``metrics.jsonl``, as ``fedmed.records``; ``metrics.csv``, TensorBoard), one
+line per reply received (``received.jsonl``: what left each site), the status file, and the
+final model with its card. Round records are read back by ``fedmed.coordinator.results``,
+the reports and the simulation's summary."""
 
 from __future__ import annotations
 
 import logging
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from fedmed.coordinator.replies import ReplyView
 from fedmed.coordinator.results import RunResults
 from fedmed.privacy.release import score_errors, scores_from_counts
 from fedmed.protocol import RoundStatus
+from fedmed.records import RoundRecord, SiteRoundFields, ValidationRecord
 from fedmed.rundir import RunDirectory
 
 log = logging.getLogger("fedmed.coordinator")
@@ -52,26 +54,26 @@ class RunRecorder:
             self.remember_site(name, metrics)
         trained = outcome.trained
         losses = [(outcome.site_metrics[u.site].get("loss", math.nan), u.examples) for u in outcome.updates]
-        record = {
-            "event": "round", "round": round_number, "rounds": self.run.rounds,
-            "seconds": seconds, "aggregated": aggregated, "min_sites": self.run.min_sites,
-            "trained": trained, "budget_exhausted": outcome.budget_exhausted,
-            "rejected": outcome.rejected, "clipped": outcome.clipped,
-            "norm_bound": outcome.norm_bound if math.isfinite(outcome.norm_bound) else None,
-            "aggregation": self.run.aggregation, "secure_aggregation": outcome.secure,
-            "failed": outcome.failed, "missing": outcome.missing,
-            "examples": outcome.examples, "train_loss": weighted_mean(losses),
-            "slowest_site_train_seconds": max(
+        record = RoundRecord(
+            round=round_number, rounds=self.run.rounds,
+            seconds=seconds, aggregated=aggregated, min_sites=self.run.min_sites,
+            trained=trained, budget_exhausted=outcome.budget_exhausted,
+            rejected=outcome.rejected, clipped=outcome.clipped,
+            norm_bound=outcome.norm_bound if math.isfinite(outcome.norm_bound) else None,
+            aggregation=self.run.aggregation, secure_aggregation=outcome.secure,
+            failed=outcome.failed, missing=outcome.missing,
+            examples=outcome.examples, train_loss=weighted_mean(losses),
+            slowest_site_train_seconds=max(
                 (m.get("seconds-train", 0.0) for m in outcome.site_metrics.values()), default=0.0),
-            "sites": {name: _site_fields(m) for name, m in outcome.site_metrics.items()},
-            "reply_seconds": outcome.reply_seconds,
-        }
+            sites={name: _site_fields(m) for name, m in outcome.site_metrics.items()},
+            reply_seconds=outcome.reply_seconds,
+            server_validation=held_out,
+            note=None if aggregated else (f"only {len(trained)} valid updates, below the minimum of "
+                                          f"{self.run.min_sites} sites: global model unchanged this round"),
+        )
         if held_out is not None:
-            record["server_validation"] = self.last_held_out = held_out
-        if not aggregated:
-            record["note"] = (f"only {len(trained)} valid updates, below the minimum of {self.run.min_sites} "
-                              "sites: global model unchanged this round")
-        self.run_dir.append_metrics(record)
+            self.last_held_out = held_out
+        self.run_dir.append_record(record)
         self.results.record(record)
         log.info("round %d/%d: %d trained, %d budget exhausted, %d rejected, %d failed, %d missing (%.1f s)",
                  round_number, self.run.rounds, len(trained), len(outcome.budget_exhausted),
@@ -104,9 +106,9 @@ class RunRecorder:
             weighted = {key: weighted_mean([(s.get(key, math.nan), s["val-examples"]) for s in sites.values()])
                         for key in protocol.VALIDATION_METRICS[1:]}
             weighted["val-examples"] = sum(s["val-examples"] for s in sites.values())
-        record = {"event": "validation", "round": model_round, "sites": sites, "weighted": weighted,
-                  "errors": {"sites": errors, "weighted": weighted_errors}}
-        self.run_dir.append_metrics(record)
+        record = ValidationRecord(round=model_round, sites=sites, weighted=weighted, site_errors=errors,
+                                  weighted_errors=weighted_errors)
+        self.run_dir.append_record(record)
         self.results.record(record)
         self.last_validation = weighted | weighted_errors
 
@@ -135,10 +137,10 @@ class RunRecorder:
         self.run_dir.write_final_model(state, card, model_card_markdown(card))
 
 
-def _site_fields(metrics: dict) -> dict:
+def _site_fields(metrics: dict) -> SiteRoundFields:
     fields = {k: v for k, v in metrics.items() if not k.startswith("val-")}
     fields["status_name"] = RoundStatus.label_of(fields.get("status"))
-    return fields
+    return cast(SiteRoundFields, fields)  # a checked reply's whitelisted metrics
 
 
 def _errors(counts: np.ndarray, noise_std: float, classes: int) -> dict[str, float]:

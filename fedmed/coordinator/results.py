@@ -10,9 +10,11 @@ import io
 import logging
 import math
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from fedmed.files import PRIVATE_FILE, private_dir, write_atomic
+from fedmed.records import Record, RoundRecord, ValidationRecord
 from fedmed.rundir import RunDirectory
 
 if TYPE_CHECKING:
@@ -25,25 +27,24 @@ COLUMNS = ("round", "aggregated", "trained", "budget_exhausted", "rejected", "fa
            *(f"sites_val_{s}" for s in SCORES), "sites_val_examples")
 
 
-def round_rows(records: list[dict]) -> list[dict]:
+def round_rows(records: Sequence[Record]) -> list[dict]:
     """One row per round; the sites' validation of the model after round r arrives with
     round r + 1's replies (or the final evaluation) and fills row r when it does."""
-    validations = {r["round"]: r["weighted"] for r in records if r.get("event") == "validation"}
+    validations = {r.round: r.weighted for r in records if isinstance(r, ValidationRecord)}
     rows: dict[int, dict] = {}
     for record in records:
-        if record.get("event") != "round":
+        if not isinstance(record, RoundRecord):
             continue
-        held_out = record.get("server_validation") or {}
-        row = {"round": record["round"], "aggregated": int(bool(record.get("aggregated"))),
-               "examples": record.get("examples"), "train_loss": record.get("train_loss"),
-               "seconds": record.get("seconds")}
-        row |= {key: len(record.get(key) or ()) for key in ("trained", "budget_exhausted", "rejected", "failed",
-                                                            "missing")}
+        held_out = record.server_validation or {}
+        row = {"round": record.round, "aggregated": int(bool(record.aggregated)),
+               "examples": record.examples, "train_loss": record.train_loss, "seconds": record.seconds}
+        row |= {"trained": len(record.trained), "budget_exhausted": len(record.budget_exhausted),
+                "rejected": len(record.rejected), "failed": len(record.failed), "missing": len(record.missing)}
         row |= {f"held_out_{s}": held_out.get(s) for s in SCORES}
-        sites = validations.get(record["round"], {})
+        sites = validations.get(record.round, {})
         row |= {f"sites_val_{s}": sites.get(f"val-{s.replace('_', '-')}") for s in SCORES}
         row["sites_val_examples"] = sites.get("val-examples")
-        rows[record["round"]] = row  # a round repeated after a restart: the last record holds
+        rows[record.round] = row  # a round repeated after a restart: the last record holds
     return [rows[number] for number in sorted(rows)]
 
 
@@ -62,28 +63,24 @@ class RunResults:
         for events in folder.iterdir():  # the writer opens its one event file at once, with the umask's mode
             os.chmod(events, PRIVATE_FILE)
 
-    def record(self, record: dict) -> None:
+    def record(self, record: Record) -> None:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(round_rows(self.run_dir.metrics()))
+        writer.writerows(round_rows(self.run_dir.records()))
         write_atomic(self.run_dir.private(self.run_dir.path / "metrics.csv"), buffer.getvalue().encode("utf-8"))
         if self._writer is not None:
             self._log(self._writer, record)
 
     @staticmethod
-    def _log(writer: SummaryWriter, record: dict) -> None:
-        if record.get("event") == "round":
-            step = record["round"]
-            scalars = {"train/loss": record.get("train_loss"), "train/examples": record.get("examples"),
-                       "sites/trained": len(record.get("trained") or ()), "round/seconds": record.get("seconds")}
-            scalars |= {f"held_out/{s}": (record.get("server_validation") or {}).get(s) for s in SCORES}
-        elif record.get("event") == "validation":
-            step = record["round"]
-            weighted = record.get("weighted", {})
-            scalars = {f"sites_validation/{s}": weighted.get(f"val-{s.replace('_', '-')}") for s in SCORES}
+    def _log(writer: SummaryWriter, record: Record) -> None:
+        step = record.round
+        if isinstance(record, RoundRecord):
+            scalars = {"train/loss": record.train_loss, "train/examples": record.examples,
+                       "sites/trained": len(record.trained), "round/seconds": record.seconds}
+            scalars |= {f"held_out/{s}": (record.server_validation or {}).get(s) for s in SCORES}
         else:
-            return
+            scalars = {f"sites_validation/{s}": record.weighted.get(f"val-{s.replace('_', '-')}") for s in SCORES}
         for tag, value in scalars.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 writer.add_scalar(tag, value, step)

@@ -6,11 +6,12 @@ import json
 import math
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from fedmed.deploy.processes import ManagedProcess, child_environ, flower_command
 from fedmed.numbers import format_noisy
 from fedmed.privacy.release import TOO_NOISY
+from fedmed.records import RoundRecord
 from fedmed.rundir import RunDirectory
 
 CONNECTION = "fedmed"  # the one connection in fedmed's private Flower config
@@ -34,9 +35,9 @@ def follow_run(run_dir: RunDirectory, flower_run: str, env: dict[str, str], supe
         status = run_dir.status()
         if status != last_status:
             last_status, changed = status, time.monotonic()
-        for record in run_dir.metrics():
-            if record.get("event") == "round" and record["round"] not in shown_rounds:
-                shown_rounds.add(record["round"])
+        for record in run_dir.rounds():
+            if record.round not in shown_rounds:
+                shown_rounds.add(record.round)
                 if live:
                     print()
                 print(round_line(record), flush=True)
@@ -65,19 +66,18 @@ def follow_run(run_dir: RunDirectory, flower_run: str, env: dict[str, str], supe
         time.sleep(0.5)
 
 
-def round_line(record: dict) -> str:
-    parts = [f"round {record['round']}/{record['rounds']}: {len(record['trained'])} sites trained"]
-    for key in ("budget_exhausted", "missing"):
-        if record.get(key):
-            parts.append(f"{key.replace('_', ' ')}: {', '.join(record[key])}")
-    for key in ("rejected", "failed"):
-        if record.get(key):
-            parts.append(f"{key}: {', '.join(record[key])}")
-    if not record.get("aggregated"):
+def round_line(record: RoundRecord) -> str:
+    parts = [f"round {record.round}/{record.rounds}: {len(record.trained)} sites trained"]
+    for what, names in (("budget exhausted", record.budget_exhausted), ("missing", record.missing),
+                        ("rejected", list(record.rejected)), ("failed", list(record.failed))):
+        if names:
+            parts.append(f"{what}: {', '.join(names)}")
+    if not record.aggregated:
         parts.append("model unchanged (below --min-sites)")
-    test = record.get("server_validation") or {}
-    if isinstance(test.get("auroc"), float) and math.isfinite(test["auroc"]):
-        parts.append(f"held-out AUROC {test['auroc']:.3f}")
+    test = record.server_validation or {}
+    auroc = test.get("auroc")
+    if isinstance(auroc, float) and math.isfinite(auroc):
+        parts.append(f"held-out AUROC {auroc:.3f}")
     return "; ".join(parts)
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from fedmed.privacy.second_opinion import DISCRETISATION
 from fedmed.report.findings import CODES, CRITICAL, Finding
-from fedmed.report.run import cross_check, ledger_paths, run_view
-from fedmed.report.site import site_account
+from fedmed.report.run import cross_check, ledger_paths, mark_wasted, run_view
+from fedmed.report.site import ledger_account
 
 SCHEMA = "fedmed-privacy-report/1"
 
@@ -40,11 +40,12 @@ def build_report(run_dir: Path | None = None, ledgers: Sequence[Path] = (), budg
         ledgers = [*ledgers, *(p for p in ledger_paths(Path(run_dir)) if p not in ledgers)]
     accounts = []
     for path in ledgers:
-        account, found = site_account(path, budget)
+        account, found = ledger_account(path, budget)
         accounts.append(account)
         findings += found
     if view is not None:
         findings += cross_check(view, accounts)
+        accounts = [mark_wasted(view, account) for account in accounts]  # paid for a discarded round
     findings.sort(key=lambda f: (f.level != CRITICAL, f.site or "", f.code))
     return {
         "schema": SCHEMA,
@@ -58,7 +59,7 @@ def build_report(run_dir: Path | None = None, ledgers: Sequence[Path] = (), budg
                               "implementation of a tighter method)",
         },
         "run": view,
-        "sites": accounts,
+        "sites": [account.to_json() for account in accounts],
         "warnings": [f.to_dict() for f in findings],
         "warning_codes": {code: CODES[code] for code in sorted({f.code for f in findings})},
         "counts": {"critical": sum(f.level == CRITICAL for f in findings),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 from fedmed.report.document import Figure
+from fedmed.report.site import SiteAccount
 
 
 def report_figures(report: dict) -> tuple[list[Figure], dict[str, bytes]]:
@@ -34,14 +35,15 @@ def _epsilon_plot(report: dict) -> bytes | None:
     fig, ax = plt.subplots(figsize=(8, 4.2))
     drawn = False
     # Without ledgers (a deployment's coordinator), plot what the sites reported.
-    accounts = report["sites"] or [{"site": s, "rounds": [], "budget": None} for s in (run["sites"] if run else [])]
-    for index, account in enumerate(accounts):
+    accounts = [SiteAccount.from_json(a) for a in report["sites"]]
+    sites = [(a.site, a.rounds, a.budget) for a in accounts] or [(s, [], None) for s in (run["sites"] if run else [])]
+    for index, (site, ledger_rounds, budget) in enumerate(sites):
         colour = f"C{index % 10}"
-        rows = [r for r in account["rounds"] if r["dp"] and r["epsilon"] is not None
+        rows = [r for r in ledger_rounds if r["dp"] and r["epsilon"] is not None
                 and (run is None or r["run_id"] == run["run_id"])]
         if run is not None:
-            reported = [(r["round"], r["sites"][account["site"]]["epsilon"]) for r in run["rounds"]
-                        if account["site"] in r["trained"] and r["sites"][account["site"]]["epsilon"] is not None]
+            reported = [(r["round"], r["sites"][site]["epsilon"]) for r in run["rounds"]
+                        if site in r["trained"] and r["sites"][site]["epsilon"] is not None]
             xs = [x for x, _ in reported]
             ys = [y for _, y in reported]
             second = [(r["round"], r["epsilon_second_opinion"]) for r in rows]
@@ -50,13 +52,13 @@ def _epsilon_plot(report: dict) -> bytes | None:
             ys = [r["epsilon"] for r in rows]
             second = [(i, r["epsilon_second_opinion"]) for i, r in enumerate(rows, start=1)]
         if ys:
-            ax.plot(xs, ys, marker="o", color=colour, label=account["site"])
+            ax.plot(xs, ys, marker="o", color=colour, label=site)
             drawn = True
         second = [(x, y) for x, y in second if y is not None]
         if second:
             ax.plot([x for x, _ in second], [y for _, y in second], linestyle=":", color=colour)
-        if account.get("budget") is not None and (ys or second):
-            ax.axhline(account["budget"], linestyle="--", linewidth=1, color=colour)
+        if budget is not None and (ys or second):
+            ax.axhline(budget, linestyle="--", linewidth=1, color=colour)
     if not drawn:
         plt.close(fig)
         return None

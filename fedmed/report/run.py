@@ -5,11 +5,15 @@ against the sites' own ledgers where those are at hand (a simulation keeps them 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from fedmed.config import RunSettings
 from fedmed.numbers import finite_or_none, format_epsilon
+from fedmed.records import RoundRecord, ValidationRecord
 from fedmed.report.findings import Finding, critical, warning
+from fedmed.report.site import SiteAccount
 from fedmed.rundir import RunDirectory
 
 VALIDATION = ("auroc", "accuracy", "balanced-accuracy", "loss", "examples")
@@ -21,9 +25,9 @@ def run_view(path: Path) -> tuple[dict, list[Finding]]:
     run_dir = RunDirectory(path)
     run = RunSettings.from_flower(run_dir.read_config())
     status = run_dir.status()
-    metrics = run_dir.metrics()
-    rounds = _last_per_round([r for r in metrics if r.get("event") == "round"])
-    validations = _last_per_round([r for r in metrics if r.get("event") == "validation"])
+    records = run_dir.records()
+    rounds = _last_per_round([r for r in records if isinstance(r, RoundRecord)])
+    validations = _last_per_round([r for r in records if isinstance(r, ValidationRecord)])
     rows = [_round_row(record, validations.get(number)) for number, record in sorted(rounds.items())]
     sites = sorted({name for row in rows for name in row["sites"]})
     initial = validations.get(0)
@@ -31,7 +35,7 @@ def run_view(path: Path) -> tuple[dict, list[Finding]]:
         "run_dir": str(run_dir.path), "run_id": run.run_id, "phase": status.get("phase", "unknown"),
         "rounds_planned": run.rounds, "rounds_recorded": len(rows), "settings": run.user_settings(),
         "sites": sites, "rounds": rows,
-        "initial_validation": _validation(initial["weighted"]) if initial else None,
+        "initial_validation": _validation(initial.weighted) if initial is not None else None,
     }
     findings = []
     dropped = {(row["round"], name) for row in rows for name in [*row["failed"], *row["missing"],
@@ -55,14 +59,17 @@ def run_view(path: Path) -> tuple[dict, list[Finding]]:
     return view, findings
 
 
-def _last_per_round(records: list[dict]) -> dict[int, dict]:
+R = TypeVar("R", RoundRecord, ValidationRecord)
+
+
+def _last_per_round(records: list[R]) -> dict[int, R]:
     """The last record of each round (a resumed run may have repeated one)."""
-    return {int(r["round"]): r for r in records if "round" in r}
+    return {int(r.round): r for r in records}
 
 
-def _round_row(record: dict, validation: dict | None) -> dict:
+def _round_row(record: RoundRecord, validation: ValidationRecord | None) -> dict:
     sites = {}
-    for name, metrics in record.get("sites", {}).items():
+    for name, metrics in record.sites.items():
         sites[name] = {
             "status": metrics.get("status_name", ""), "dp": bool(metrics.get("dp", 0)),
             "epsilon": finite_or_none(metrics.get("epsilon")), "delta": metrics.get("delta"),
@@ -70,17 +77,17 @@ def _round_row(record: dict, validation: dict | None) -> dict:
             "examples": metrics.get("examples"),
         }
     return {
-        "round": int(record["round"]), "aggregated": bool(record.get("aggregated")),
-        "trained": list(record.get("trained", [])), "budget_exhausted": list(record.get("budget_exhausted", [])),
-        "rejected": dict(record.get("rejected", {})), "failed": dict(record.get("failed", {})),
-        "missing": list(record.get("missing", [])), "examples": record.get("examples"),
-        "bounded": dict(record.get("clipped", {})), "norm_bound": record.get("norm_bound"),
-        "secure_aggregation": record.get("secure_aggregation"),
+        "round": int(record.round), "aggregated": bool(record.aggregated),
+        "trained": list(record.trained), "budget_exhausted": list(record.budget_exhausted),
+        "rejected": dict(record.rejected), "failed": dict(record.failed),
+        "missing": list(record.missing), "examples": record.examples,
+        "bounded": dict(record.clipped), "norm_bound": record.norm_bound,
+        "secure_aggregation": record.secure_aggregation,
         # sites that trained (and paid) for a round the coordinator then discarded
-        "wasted": [] if record.get("aggregated") else list(record.get("trained", [])),
-        "train_loss": finite_or_none(record.get("train_loss")), "seconds": record.get("seconds"),
-        "validation": _validation(validation["weighted"]) if validation else None,
-        "server_validation": _server_validation(record.get("server_validation")),
+        "wasted": [] if record.aggregated else list(record.trained),
+        "train_loss": finite_or_none(record.train_loss), "seconds": record.seconds,
+        "validation": _validation(validation.weighted) if validation is not None else None,
+        "server_validation": _server_validation(record.server_validation),
         "sites": sites,
     }
 
@@ -100,21 +107,19 @@ def ledger_paths(path: Path) -> list[Path]:
     return sorted((Path(path) / "sites").glob("*/ledger.jsonl"))
 
 
-def cross_check(view: dict, accounts: list[dict]) -> list[Finding]:
+def cross_check(view: dict, accounts: list[SiteAccount]) -> list[Finding]:
     """Compare what the sites reported to the coordinator with what their ledgers hold."""
     findings = []
-    by_site = {account["site"]: account for account in accounts}
+    by_site = {account.site: account for account in accounts}
     run_id = view["run_id"]
     for name in view["sites"]:
         account = by_site.get(name)
         if account is None:
             continue
-        ledger_rounds = {row["round"]: row for row in account["rounds"] if row["run_id"] == run_id}
+        ledger_rounds = {row["round"]: row for row in account.rounds if row["run_id"] == run_id}
         trained = [row for row in view["rounds"] if name in row["trained"]]
         for row in trained:
             entry = ledger_rounds.get(row["round"])
-            if entry is not None and name in row["wasted"]:
-                entry["wasted"] = True  # the site's account shows the round as paid and wasted
             if entry is None:
                 findings.append(critical("ledger-missing-round", f"the run directory says {name} trained round "
                                          f"{row['round']} of run {run_id}, but its ledger has no entry for it",
@@ -134,6 +139,19 @@ def cross_check(view: dict, accounts: list[dict]) -> list[Finding]:
                                     "that the coordinator did not aggregate from it (a reply lost or rejected "
                                     "after the site spent budget)", name))
     return findings
+
+
+def mark_wasted(view: dict, account: SiteAccount) -> SiteAccount:
+    """``account`` with each round of the view's run that the site paid for and the
+    coordinator then discarded marked as wasted (the ledger's last entry of that round)."""
+    if account.site not in view["sites"]:
+        return account
+    last = {row["round"]: index for index, row in enumerate(account.rounds) if row["run_id"] == view["run_id"]}
+    wasted = {last[row["round"]] for row in view["rounds"] if account.site in row["wasted"] and row["round"] in last}
+    if not wasted:
+        return account
+    return replace(account, rounds=[row | {"wasted": True} if index in wasted else row
+                                    for index, row in enumerate(account.rounds)])
 
 
 def _same_epsilon(a: float | None, b: float | None) -> bool:

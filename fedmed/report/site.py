@@ -15,7 +15,10 @@ private or not.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 from fedmed.privacy.accounting import ACCOUNTANT, epsilon, extend
 from fedmed.privacy.ledger import (
@@ -33,7 +36,46 @@ from fedmed.report.findings import NEARLY_SPENT, Finding, critical, warning
 RELATIVE_TOLERANCE = 1e-6
 
 
+@dataclass(frozen=True)
+class SiteAccount:
+    """A site's privacy account, as the report's ``sites`` holds it (docs/privacy-report.md).
+    The rows (runs, rounds, releases, refused rounds) stay the report's plain rows."""
+
+    site: str
+    ledger: str  # its path
+    ledger_lines: int = 0
+    ledger_chain: dict[str, Any] | None = None  # status, chained_lines, unchained_lines, first_bad_line
+    accountant: str = ACCOUNTANT
+    second_opinion_accountant: str = SECOND_OPINION
+    delta: float | None = None
+    budget: float | None = None  # the site's hard epsilon budget; None: none known
+    target_epsilon: float | None = None
+    epsilon_spent: float | None = 0.0  # None: unbounded (a non-private round, or an unreadable line and no budget)
+    epsilon_second_opinion: float | None = 0.0
+    non_private_rounds: int = 0
+    budget_left: float | None = None
+    budget_used: float | None = None  # the share spent
+    runs: list[dict] = field(default_factory=list)
+    rounds: list[dict] = field(default_factory=list)
+    releases: list[dict] = field(default_factory=list)
+    refused: list[dict] = field(default_factory=list)
+    unreadable_lines: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SiteAccount:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
 def site_account(ledger_path: Path, budget: float | None = None) -> tuple[dict, list[Finding]]:
+    """``ledger_account`` as the report's JSON holds it."""
+    account, findings = ledger_account(ledger_path, budget)
+    return account.to_json(), findings
+
+
+def ledger_account(ledger_path: Path, budget: float | None = None) -> tuple[SiteAccount, list[Finding]]:
     """The account of the site whose ledger is ``ledger_path``, and what is wrong with it.
 
     ``budget`` overrides the budget recorded in the ledger (older ledgers lack it).
@@ -44,7 +86,7 @@ def site_account(ledger_path: Path, budget: float | None = None) -> tuple[dict, 
     except (OSError, UnicodeDecodeError) as exc:
         name = ledger_path.parent.name or str(ledger_path)
         finding = critical("ledger-missing", f"cannot read the ledger {ledger_path}: {exc}", name)
-        return _empty_account(name, ledger_path), [finding]
+        return SiteAccount(name, str(ledger_path)), [finding]
     records, problems = parse_ledger(text)
     entries = [r for r in records if isinstance(r, LedgerEntry)]
     refusals = [r for r in records if isinstance(r, LedgerRefusal)]
@@ -57,8 +99,8 @@ def site_account(ledger_path: Path, budget: float | None = None) -> tuple[dict, 
     chain = [r for r in records if isinstance(r, (LedgerEntry, LedgerRelease))]
     rounds, releases, checks = _history(chain, site)
     findings += checks + _release_findings(releases, site)
-    account = _empty_account(site, ledger_path)
-    account.update(
+    account = SiteAccount(
+        site, str(ledger_path),
         ledger_lines=lines,
         ledger_chain={"status": links.status, "chained_lines": links.chained, "unchained_lines": links.unchained,
                       "first_bad_line": links.first_bad_line},
@@ -75,7 +117,8 @@ def site_account(ledger_path: Path, budget: float | None = None) -> tuple[dict, 
                      key=lambda r: r["line"], default=rounds[-1])
         second = latest["epsilon_second_opinion"] if "statistic" not in latest else _second_opinion(
             chain[latest["line"]].accountant_state, latest["delta"], "the latest release", site, findings)
-        account.update(
+        account = replace(
+            account,
             budget=budget if budget is not None else last.max_epsilon,
             target_epsilon=last.target_epsilon,
             delta=last.delta,
@@ -85,28 +128,18 @@ def site_account(ledger_path: Path, budget: float | None = None) -> tuple[dict, 
             epsilon_second_opinion=None if non_private else second,
         )
     elif budget is not None:
-        account["budget"] = budget
+        account = replace(account, budget=budget)
     # with an unreadable line the whole budget counts as spent (the critical line finding says so);
     # a budget the readable lines alone exceed is still reported
     findings += [f for f in _budget_findings(account) if not problems or f.code == "budget-exceeded"]
     if problems:
-        _count_as_spent(account, [number for number, _ in problems])
+        account = _count_as_spent(account, [number for number, _ in problems])
     if refusals:
         findings.append(warning("rounds-refused", f"{len(refusals)} round(s) refused because the budget would "
                                 f"have been exceeded (last: run {refusals[-1].run_id}, round {refusals[-1].round})",
                                 site))
-    account["budget_left"], account["budget_used"] = _budget_left(account)
-    return account, findings
-
-
-def _empty_account(site: str, path: Path) -> dict:
-    return {
-        "site": site, "ledger": str(path), "ledger_lines": 0, "ledger_chain": None, "accountant": ACCOUNTANT,
-        "second_opinion_accountant": SECOND_OPINION, "delta": None, "budget": None, "target_epsilon": None,
-        "epsilon_spent": 0.0, "epsilon_second_opinion": 0.0, "non_private_rounds": 0,
-        "budget_left": None, "budget_used": None, "runs": [], "rounds": [], "releases": [], "refused": [],
-        "unreadable_lines": [],
-    }
+    budget_left, budget_used = _budget_left(account)
+    return replace(account, budget_left=budget_left, budget_used=budget_used), findings
 
 
 def _line_findings(path: Path, problems: list[tuple[int, str]], lines: int, site: str) -> list[Finding]:
@@ -306,9 +339,9 @@ def _refusal_row(refusal: LedgerRefusal) -> dict:
             "epsilon_would_be": refusal.epsilon_after, "delta": refusal.delta, "max_epsilon": refusal.max_epsilon}
 
 
-def _budget_findings(account: dict) -> list[Finding]:
-    budget, spent, site = account["budget"], account["epsilon_spent"], account["site"]
-    if budget is None or account["non_private_rounds"] or spent is None:
+def _budget_findings(account: SiteAccount) -> list[Finding]:
+    budget, spent, site = account.budget, account.epsilon_spent, account.site
+    if budget is None or account.non_private_rounds or spent is None:
         return []
     if spent > budget * (1 + RELATIVE_TOLERANCE):
         return [critical("budget-exceeded", f"epsilon {spent:.4g} spent, above the budget {budget:g}", site)]
@@ -318,22 +351,24 @@ def _budget_findings(account: dict) -> list[Finding]:
     return []
 
 
-def _count_as_spent(account: dict, unreadable: list[int]) -> None:
+def _count_as_spent(account: SiteAccount, unreadable: list[int]) -> SiteAccount:
     """An unreadable line spent an unknown amount: the whole budget counts as spent (with no
     budget known, an unbounded spend, as after a non-private round)."""
-    budget = account["budget"]
-    for key in ("epsilon_spent", "epsilon_second_opinion"):
-        spent = account[key]
-        account[key] = None if budget is None or spent is None else max(spent, budget)
-    account["unreadable_lines"] = unreadable
+    budget = account.budget
+
+    def spent(value: float | None) -> float | None:
+        return None if budget is None or value is None else max(value, budget)
+
+    return replace(account, epsilon_spent=spent(account.epsilon_spent),
+                   epsilon_second_opinion=spent(account.epsilon_second_opinion), unreadable_lines=unreadable)
 
 
-def _budget_left(account: dict) -> tuple[float | None, float | None]:
-    budget, spent = account["budget"], account["epsilon_spent"]
+def _budget_left(account: SiteAccount) -> tuple[float | None, float | None]:
+    budget, spent = account.budget, account.epsilon_spent
     if budget is None:
         return None, None
-    if account["non_private_rounds"] or spent is None:
+    if account.non_private_rounds or spent is None:
         return 0.0, None
-    if account["unreadable_lines"]:  # spent is at least the budget
+    if account.unreadable_lines:  # spent is at least the budget
         return 0.0, spent / budget
     return max(0.0, budget - spent), spent / budget

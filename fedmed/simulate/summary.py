@@ -12,6 +12,7 @@ from fedmed.files import write_atomic
 from fedmed.numbers import format_epsilon, format_noisy, format_number
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.privacy.release import TOO_NOISY
+from fedmed.records import RoundRecord, ValidationRecord
 from fedmed.report.render import markdown_table
 from fedmed.rundir import RunDirectory
 from fedmed.simulate.baselines import schedule_of
@@ -20,15 +21,16 @@ from fedmed.site.data import load_site_split
 
 def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:
     """(the global model's row for the comparison, one row per site) from a finished run."""
-    records = run_dir.metrics()
-    rounds = [r for r in records if r.get("event") == "round"]
-    validations = [r for r in records if r.get("event") == "validation"]
-    last_round = rounds[-1] if rounds else {}
-    final_validation = validations[-1]["sites"] if validations else {}
-    final_errors = validations[-1].get("errors", {}).get("sites", {}) if validations else {}
+    records = run_dir.records()
+    rounds = [r for r in records if isinstance(r, RoundRecord)]
+    validations = [r for r in records if isinstance(r, ValidationRecord)]
+    final = validations[-1] if validations else None
+    final_validation = final.sites if final is not None else {}
+    final_errors = final.site_errors if final is not None else {}
     run = RunSettings.from_flower(run_dir.read_config())
     sites = [SiteSettings.from_flower(site) for site in json.loads(run.simulation_sites or "[]")]
-    per_site, epsilons = [], []
+    per_site: list[dict] = []
+    epsilons: list[float] = []
     for site in sites:
         name = site.name
         ledger = PrivacyLedger(site.ledger)
@@ -36,7 +38,7 @@ def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:
         epsilon = math.inf if epsilon is None else float(epsilon)
         epsilons.append(epsilon)
         validation = final_validation.get(name, {}) | final_errors.get(name, {})
-        trained = sum(1 for r in rounds if name in r.get("trained", []))
+        trained = sum(1 for r in rounds if name in r.trained)
         per_site.append({
             "site": name, "rounds_trained": trained,
             # the simulation knows its sites' data exactly (what a site sent is noisy)
@@ -50,22 +52,22 @@ def federated_rows(run_dir: RunDirectory) -> tuple[dict, list[dict]]:
             "epsilon": epsilon, "ledger": site.ledger,
             "privacy_unit": ledger.entries[-1].privacy_unit if ledger.entries else "image",
         })
-    test = last_round.get("server_validation", {})
+    test = (rounds[-1].server_validation if rounds else None) or {}
     overall = {
         "mode": "federated", "model": "global", "dp": all(s.dp for s in sites),
         "epsilon": max(epsilons, default=math.nan),
         "train_examples": sum(site["train_examples"] for site in per_site),
         "test_auroc": test.get("auroc", math.nan), "test_balanced_accuracy": test.get("balanced_accuracy", math.nan),
         "test_accuracy": test.get("accuracy", math.nan),
-        "val_auroc": (validations[-1]["weighted"].get("val-auroc", math.nan) if validations else math.nan),
+        "val_auroc": final.weighted.get("val-auroc", math.nan) if final is not None else math.nan,
         "schedule": schedule_of(run),
     }
     return overall, per_site
 
 
 def sites_table(rows: list[dict]) -> str:
-    header = ["site", "rounds trained", "train images", "val records (noisy)", "val AUROC", "val balanced acc", "val acc",
-              "epsilon spent"]
+    header = ["site", "rounds trained", "train images", "val records (noisy)", "val AUROC", "val balanced acc",
+              "val acc", "epsilon spent"]
     return markdown_table(header, [
         [r["site"], r["rounds_trained"], r["train_examples"], r["val_examples"],
          format_noisy(r["val_auroc"], r.get("val_auroc_se"), TOO_NOISY),
