@@ -5,8 +5,9 @@ that ranks and decides well.
 The shipped PneumoniaMNIST recipe through fedmed-simulate (Flower's runtime, each site's
 ledger and DP-SGD, epsilon 8), pre-trained first on the public NIH chest X-rays (no site
 data, no budget), scored on the official test split no site trained on. The issue's bar:
-AUROC >= 0.88 and balanced accuracy >= 0.80. Probe runs of this recipe at epsilon 8 scored
-0.941-0.951 AUROC and 0.854-0.876 balanced accuracy (BENCHMARKS.md, "Public pre-training");
+AUROC >= 0.88 and balanced accuracy >= 0.80. Probe runs of this recipe at epsilon 8 after 10
+epochs of pre-training (half the shipped 20, to keep CI short) scored 0.941-0.951 AUROC and
+0.854-0.876 balanced accuracy (BENCHMARKS.md, "Public pre-training");
 from random weights the recipe scored 0.81-0.88 / 0.73-0.80, so a lost public start fails."""
 
 import json
@@ -25,7 +26,8 @@ SCENARIO = Path(__file__).resolve().parent.parent / "simulations" / "pneumonia-5
 def test_a_federated_dp_run_from_public_pretraining_on_real_chest_xrays_ranks_and_decides(
         pneumonia_npz, public_nih_npz, tmp_path):
     command = [str(BIN / "fedmed-simulate"), str(SCENARIO), "--out", str(tmp_path / "out"),
-               "--set", f"data.path={pneumonia_npz}", "--set", f"pretrain.data={public_nih_npz}"]
+               "--set", f"data.path={pneumonia_npz}", "--set", f"pretrain.data={public_nih_npz}",
+               "--set", "pretrain.epochs=10"]  # CI-sized: half the shipped pre-training, the same recipe
     code, survivors, _ = run_simulate(command, tmp_path)
     output = (tmp_path / "simulate.out").read_text()
     assert code == 0, output[-3000:]
