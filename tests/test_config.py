@@ -25,7 +25,7 @@ from fedmed.cli import client as client_cli
 from fedmed.cli import server as server_cli
 from fedmed.config import ClientSettings, RunSettings, ServerSettings, SimulationSettings, SiteSettings
 from fedmed.config.fields import build, flag, key, options
-from fedmed.config.options import load_settings
+from fedmed.config.command_line import load_settings
 from fedmed.deploy.launch import write_app, write_node_config
 from fedmed.deploy.site import site_settings
 from fedmed.flower.secagg_site import ProtocolError, check_threshold

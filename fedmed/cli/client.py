@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedmed.config import ClientSettings, RunSettings, SiteSettings
-from fedmed.config.options import add_options, load_settings
+from fedmed.config.command_line import add_options, load_settings
 from fedmed.flower.waits import check_flower
 from fedmed.runtime import keep_freed_memory
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmed.config import SiteSettings
-from fedmed.config.options import add_options, given
+from fedmed.config.command_line import add_options, given
 from fedmed.data.cache import default_cache_dir, purge_cache
 from fedmed.data.dicom import MB, MULTIFRAME_POLICIES, ReadOptions
 from fedmed.data.export import SITE_STYLES, export_site
@@ -117,13 +117,14 @@ def _add_make_sites(sub: argparse._SubParsersAction) -> None:
 def _make_sites(args: argparse.Namespace) -> int:
     if args.synthetic:
         images, sites = synthetic_sites(
-            args.images, args.sites, args.alpha, args.quantity_alpha, args.image_size, args.seed,
-            min_site_size=args.min_site_size,
+            args.images, args.sites, alpha=args.alpha, quantity_alpha=args.quantity_alpha, size=args.image_size,
+            seed=args.seed, min_site_size=args.min_site_size,
         )
     else:
         images = load_npz(args.npz, args.split, _classes(args.classes))
         sites = dirichlet_partition(
-            images.labels, args.sites, args.alpha, args.quantity_alpha, args.seed, args.min_site_size
+            images.labels, args.sites, alpha=args.alpha, quantity_alpha=args.quantity_alpha, seed=args.seed,
+            min_site_size=args.min_site_size,
         )
     print(class_table(sites, images.labels, images.classes, site_names(len(sites))))
     summary = export_sites(images, sites, args.out, args.seed)
@@ -156,7 +157,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 def _synth(args: argparse.Namespace) -> int:
     labels, patients = synthetic_labels(args.images, args.pneumonia_fraction, args.seed)
     site_of = np.full(len(labels), args.scanner, dtype=np.int64)
-    images = synthesize(labels, patients, args.image_size, args.seed, site_of)
+    images = synthesize(labels, patients, args.image_size, args.seed, site_of=site_of)
     if args.out.suffix.lower() == ".npz":
         rest, test = split_by_patient(images.labels, list(images.patient_ids), 0.2, args.seed)
         train, val = split_by_patient(images.labels[rest], [images.patient_ids[i] for i in rest], 0.125, args.seed)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedmed.config import PretrainSettings, RunSettings
 from fedmed.config.fields import build
-from fedmed.config.options import add_options, given
+from fedmed.config.command_line import add_options, given
 
 MODEL_OPTIONS = ("classes", "image_size", "depth", "width", "frontend", "seed")  # what the run must match
 

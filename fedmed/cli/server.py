@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from fedmed.config import RunSettings, ServerSettings
-from fedmed.config.options import add_options, load_settings
+from fedmed.config.command_line import add_options, load_settings
 from fedmed.deploy.server import check_server, coordinate, new_run, resumed_run
 from fedmed.flower.waits import check_flower
 
