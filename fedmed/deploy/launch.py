@@ -101,7 +101,7 @@ def launch(run: RunSettings, run_dir: RunDirectory, superlink: ManagedProcess, h
     run_dir.add_flower_run(flower_run, run.start_round)
     print(f"fedmed run {run.run_id} (Flower run {flower_run}) on port {port}; run directory {run_dir.path}",
           flush=True)
-    return follow_run(run_dir, flower_run, env, superlink, live, on_tick)
+    return follow_run(run_dir, flower_run, env, superlink, live=live, on_tick=on_tick)
 
 
 def write_flower_home(flwr_home: Path, address: str, root_certificate: Path | None) -> dict[str, str]:

@@ -20,7 +20,7 @@ FINAL_PHASES = ("completed", "stopped", "failed")
 QUIET_BEFORE_CHECK = 10.0  # seconds without progress before Flower is asked whether the run still runs
 
 
-def follow_run(run_dir: RunDirectory, flower_run: str, env: dict[str, str], superlink: ManagedProcess,
+def follow_run(run_dir: RunDirectory, flower_run: str, env: dict[str, str], superlink: ManagedProcess, *,
                live: bool, on_tick: Callable[[], None] | None = None) -> dict:
     """Print each finished round and a progress line (a bar redrawn in place when ``live``,
     plain lines otherwise) until the run reaches a final phase; returns its status.

@@ -222,7 +222,7 @@ def _release_row(release: LedgerRelease, state: list, line: int, site: str, find
         what = f"run {release.run_id} round {release.round} ({release.statistic} release)"
         if release.epsilon is None:  # fedmed writes every private release with its epsilon
             raise ValueError(f"{site}: {what} is private but records no epsilon; the ledger line is damaged")
-        _check_epsilon(state, release.delta, release.epsilon, what, site, findings)
+        _check_epsilon(state, release.delta, release.epsilon, what=what, site=site, findings=findings)
     return {
         "line": line, "run_id": release.run_id, "round": release.round, "timestamp": release.timestamp,
         "statistic": release.statistic, "private": release.private, "noise_multiplier": release.noise_multiplier,
@@ -246,7 +246,7 @@ def _round_row(entry: LedgerEntry, state: list, site: str, findings: list[Findin
     second = None
     if recorded is not None:
         what = f"run {entry.run_id} round {entry.round}"
-        _check_epsilon(state, entry.delta, recorded, what, site, findings)
+        _check_epsilon(state, entry.delta, recorded, what=what, site=site, findings=findings)
         second = _second_opinion(state, entry.delta, what, site, findings)
     return {
         "run_id": entry.run_id, "round": entry.round, "timestamp": entry.timestamp, "dp": entry.dp,
@@ -260,7 +260,7 @@ def _round_row(entry: LedgerEntry, state: list, site: str, findings: list[Findin
     }
 
 
-def _check_epsilon(state: list, delta: float, recorded: float, what: str, site: str,
+def _check_epsilon(state: list, delta: float, recorded: float, *, what: str, site: str,
                    findings: list[Finding]) -> None:
     """A recorded epsilon must be what its accountant state gives."""
     recomputed = epsilon(state, delta)
