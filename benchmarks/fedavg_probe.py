@@ -81,7 +81,8 @@ def main() -> None:
                 norms[reply.site] = round(float(np.linalg.norm(reply.model.astype(np.float64) - pack(state))), 3)
             epsilons.append(reply.metrics["epsilon"])
         if updates:
-            combined, bounded = aggregate_round(run, round_number, state, updates, reports, trainable)
+            combined, bounded = aggregate_round(run, round_number, state, updates, reports=reports,
+                                                trained_parameters=trainable)
             bound = round(bounded.norm_bound, 3) if np.isfinite(bounded.norm_bound) else None
             state, velocity = server_step(state, combined, velocity, run.server_learning_rate, run.server_momentum)
         load_state(model, state)

@@ -48,7 +48,7 @@ def main() -> None:
     for target in (8.0, 3.0, 1.0):
         z = release_noise(SHARE, target, delta, RELEASES)
         without = calibrate_noise(target, delta, BATCH / TRAIN_IMAGES, STEPS)
-        with_releases = calibrate_noise(target, delta, BATCH / TRAIN_IMAGES, STEPS, reserved(z, RELEASES))
+        with_releases = calibrate_noise(target, delta, BATCH / TRAIN_IMAGES, STEPS, spent=reserved(z, RELEASES))
         errors = {key: [] for key in ("site_auroc", "all_auroc", "site_bacc", "all_bacc")}
         for _ in range(args.trials):
             sites = [site_scores(rng, args.val_images) for _ in range(args.sites)]

@@ -84,7 +84,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def pretrain(images: np.ndarray, labels: np.ndarray, patient_ids: list[str] | tuple[str, ...], run: RunSettings,
-             settings: PretrainSettings, progress: Callable[[EpochRecord], None] | None = None) -> PretrainResult:
+             settings: PretrainSettings, *, progress: Callable[[EpochRecord], None] | None = None) -> PretrainResult:
     """Train the run's architecture on public ``images`` (N, H, W) in [0, 1] at the run's
     size, without privacy; returns the last epoch's weights, or with ``patience`` the best
     validation epoch's."""
@@ -109,8 +109,8 @@ def pretrain(images: np.ndarray, labels: np.ndarray, patient_ids: list[str] | tu
     best_state, best_auroc, kept, stale = model_state(model), -math.inf, 0, 0
     for epoch in range(1, settings.epochs + 1):
         rate = optimizer.param_groups[0]["lr"]
-        loss = _train_epoch(model, images, labels, order_rng.permutation(train_idx), settings, optimizer, schedule,
-                            generator)
+        loss = _train_epoch(model, images, labels, order_rng.permutation(train_idx), settings, optimizer=optimizer,
+                            schedule=schedule, generator=generator)
         scores = evaluate(model, images[val_idx], labels[val_idx]) if len(val_idx) else None
         record = EpochRecord(epoch, rate, loss, _finite(scores, "auroc"), _finite(scores, "balanced_accuracy"))
         history.append(record)
@@ -127,7 +127,7 @@ def pretrain(images: np.ndarray, labels: np.ndarray, patient_ids: list[str] | tu
 
 
 def _train_epoch(model: nn.Module, images: np.ndarray, labels: np.ndarray, order: np.ndarray,
-                 settings: PretrainSettings, optimizer: torch.optim.Optimizer,
+                 settings: PretrainSettings, *, optimizer: torch.optim.Optimizer,
                  schedule: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator) -> float:
     """One pass in mini-batches; returns the mean training loss."""
     model.train()
@@ -166,8 +166,9 @@ def pretrain_public(run: RunSettings, settings: PretrainSettings, out: Path,
     if not settings.data:
         raise ValueError("no public data given (pretrain.data)")
     public = load_public(Path(settings.data), run.class_names, run.image_size)
-    result = pretrain(public.images, public.labels, public.patient_ids, run, settings, progress)
-    card = public_model_card(run, settings, public.source, [asdict(r) for r in result.history], result.kept_epoch,
-                             {"train": result.train_images, "val": result.val_images}, result.state)
+    result = pretrain(public.images, public.labels, public.patient_ids, run, settings, progress=progress)
+    card = public_model_card(run, settings, data=public.source, history=[asdict(r) for r in result.history],
+                             kept_epoch=result.kept_epoch,
+                             images={"train": result.train_images, "val": result.val_images}, weights=result.state)
     write_model_folder(out, result.state, card, public_model_card_markdown(card))
     return out

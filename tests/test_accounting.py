@@ -47,11 +47,11 @@ def test_calibration_counts_what_the_site_already_spent():
     rate, steps = round_plan(1000, 50, 1)
     fresh = calibrate_noise(4.0, 1e-5, rate, steps * 5)
     spent = extend([], fresh, rate, steps * 3)
-    after_spending = calibrate_noise(4.0, 1e-5, rate, steps * 5, spent)
+    after_spending = calibrate_noise(4.0, 1e-5, rate, steps * 5, spent=spent)
     assert after_spending > fresh
     assert 0.95 * 4.0 <= epsilon(extend(spent, after_spending, rate, steps * 5), 1e-5) <= 4.0
     with pytest.raises(ValueError, match="already spent"):
-        calibrate_noise(0.5, 1e-5, rate, steps, extend([], 0.5, rate, 100))
+        calibrate_noise(0.5, 1e-5, rate, steps, spent=extend([], 0.5, rate, 100))
 
 
 def test_default_delta_is_well_below_one_over_n():

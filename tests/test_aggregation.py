@@ -110,7 +110,7 @@ def test_the_honest_bound_covers_an_honest_noisy_momentum_update():
             velocity = run.momentum * velocity + gradient
             move -= run.learning_rate * velocity
         norms.append(np.linalg.norm(move))
-    bound = honest_norm_bound(run, 1, 5, sigma, parameters, model_norm=0.0)
+    bound = honest_norm_bound(run, 1, steps=5, noise_multiplier=sigma, trained_parameters=parameters, model_norm=0.0)
     assert max(norms) <= bound < 1.5 * max(norms)
     np.testing.assert_allclose(momentum_sums(3, 0.5), [1.75, 1.5, 1.0])
 
@@ -120,9 +120,10 @@ def test_the_round_bound_follows_the_honest_majority_and_skips_non_private_round
     honest = {"dp": 1, "steps": 5, "noise-multiplier": 1.0}
     liar = {"dp": 1, "steps": 5, "noise-multiplier": 1000.0}
     noisier = {"dp": 1, "steps": 5, "noise-multiplier": 1.7}  # a smaller site, or a tighter budget
-    expected = honest_norm_bound(run, 1, 5, 1.7, 1000, 0.0)
+    expected = honest_norm_bound(run, 1, steps=5, noise_multiplier=1.7, trained_parameters=1000, model_norm=0.0)
     assert round_norm_bound(run, 1, [honest, noisier, honest, liar], 1000, 0.0) == expected
-    assert round_norm_bound(run, 1, [honest, liar], 1000, 0.0) == honest_norm_bound(run, 1, 5, 1.0, 1000, 0.0)
+    assert round_norm_bound(run, 1, [honest, liar], 1000, 0.0) == honest_norm_bound(
+        run, 1, steps=5, noise_multiplier=1.0, trained_parameters=1000, model_norm=0.0)
     assert round_norm_bound(run, 1, [{"dp": 0, "steps": 5}] * 3, 1000, 0.0) == math.inf
     fixed = RunSettings(max_update_norm=2.5)
     assert round_norm_bound(fixed, 1, [liar], 1000, 0.0) == 2.5

@@ -24,7 +24,7 @@ CHAIN_CODES = {"ledger-chain-broken", "ledger-unchained"}
 def chained_text(tmp_path_factory) -> str:
     """A real ledger's text: a noisy validation release, two rounds, then a refused round."""
     path = tmp_path_factory.mktemp("chain") / "ledger.jsonl"
-    releases = SiteReleases(PrivacyLedger(path), PLAN, "site-a", "run-a", "image", records=64, evaluations=2)
+    releases = SiteReleases(PrivacyLedger(path), PLAN, "site-a", "run-a", unit="image", records=64, evaluations=2)
     assert releases.noisy(0, "validation", np.zeros(12), 1.0) is not None
     run_rounds(path, 3, PLAN)
     text = path.read_text(encoding="utf-8")

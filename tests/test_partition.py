@@ -31,16 +31,16 @@ def test_every_image_goes_to_exactly_one_site():
 
 
 def test_small_alpha_skews_labels_more_than_large_alpha():
-    skewed = np.mean([mean_top_class_share(dirichlet_partition(LABELS, 5, 0.1, seed=s), LABELS) for s in range(5)])
-    mild = np.mean([mean_top_class_share(dirichlet_partition(LABELS, 5, 100.0, seed=s), LABELS) for s in range(5)])
-    iid = mean_top_class_share(dirichlet_partition(LABELS, 5, None, seed=0), LABELS)
+    skewed = np.mean([mean_top_class_share(dirichlet_partition(LABELS, 5, alpha=0.1, seed=s), LABELS) for s in range(5)])
+    mild = np.mean([mean_top_class_share(dirichlet_partition(LABELS, 5, alpha=100.0, seed=s), LABELS) for s in range(5)])
+    iid = mean_top_class_share(dirichlet_partition(LABELS, 5, alpha=None, seed=0), LABELS)
     assert skewed > mild + 0.2
     assert iid == pytest.approx(0.5, abs=0.02)
 
 
 def test_quantity_skew_makes_unequal_sites():
-    equal = dirichlet_partition(LABELS, 5, None, None, seed=0)
-    unequal = dirichlet_partition(LABELS, 5, None, quantity_alpha=0.5, seed=0)
+    equal = dirichlet_partition(LABELS, 5, alpha=None, quantity_alpha=None, seed=0)
+    unequal = dirichlet_partition(LABELS, 5, alpha=None, quantity_alpha=0.5, seed=0)
     assert np.std([len(s) for s in equal]) < 5
     assert np.std([len(s) for s in unequal]) > 50
 

@@ -81,13 +81,13 @@ def test_releases_are_accounted_as_gaussian_mechanisms_composed_with_dp_sgd(tmp_
     that would pass the budget is withheld and spends nothing."""
     ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
     privacy = PrivacyConfig(target_epsilon=4.0, max_epsilon=6.0, planned_rounds=2)
-    releases = SiteReleases(ledger, privacy, "site-a", "run-a", "patient", records=200, evaluations=3)
+    releases = SiteReleases(ledger, privacy, "site-a", "run-a", unit="patient", records=200, evaluations=3)
     releases.noisy(0, "validation", np.zeros(12), 1.0)
     assert releases.count(1) != 1.0
     from tests.privacy_helpers import run_rounds  # DP-SGD rounds on the same ledger
     run_rounds(ledger.path, 2, privacy, run_id="run-a", n=200)
     ledger = PrivacyLedger(ledger.path)
-    releases = SiteReleases(ledger, privacy, "site-a", "run-a", "patient", records=200, evaluations=3)
+    releases = SiteReleases(ledger, privacy, "site-a", "run-a", unit="patient", records=200, evaluations=3)
     releases.noisy(2, "validation", np.zeros(12), 1.0)
     ledger = PrivacyLedger(ledger.path)
     assert len(ledger.releases) == 3 and len({r.noise_multiplier for r in ledger.releases}) == 1
@@ -101,7 +101,7 @@ def test_releases_are_accounted_as_gaussian_mechanisms_composed_with_dp_sgd(tmp_
     assert ledger.releases[-1].epsilon == pytest.approx(accountant.get_epsilon(delta), rel=0.01)
     assert ledger.releases[-1].epsilon == pytest.approx(ledger.epsilon(delta), rel=1e-12)
     full = SiteReleases(ledger, dataclasses.replace(privacy, max_epsilon=ledger.epsilon(delta) + 0.01), "site-a",
-                        "run-a", "patient", records=200, evaluations=3)
+                        "run-a", unit="patient", records=200, evaluations=3)
     assert full.noisy(3, "validation", np.zeros(12), 1.0) is None
     assert len(PrivacyLedger(ledger.path).records) == len(ledger.records)
 
@@ -111,7 +111,7 @@ def test_a_release_asked_again_is_answered_from_the_ledger_not_drawn_again(tmp_p
     and nothing spent; a line from before the values were stored answers nothing."""
     path = tmp_path / "ledger.jsonl"
     privacy = PrivacyConfig(target_epsilon=4.0, planned_rounds=2)
-    releases = SiteReleases(PrivacyLedger(path), privacy, "site-a", "run-a", "image", records=200, evaluations=3)
+    releases = SiteReleases(PrivacyLedger(path), privacy, "site-a", "run-a", unit="image", records=200, evaluations=3)
     first = releases.noisy(0, "validation", np.zeros(12), 1.0)
     text = path.read_text()
     again = releases.noisy(0, "validation", np.ones(12), 1.0)  # another model's counts, same round
@@ -119,7 +119,7 @@ def test_a_release_asked_again_is_answered_from_the_ledger_not_drawn_again(tmp_p
     assert PrivacyLedger(path).releases[0].values == [float(v) for v in first]
     old = PrivacyLedger(tmp_path / "old.jsonl")
     old.append(dataclasses.replace(PrivacyLedger(path).releases[0], values=None, previous=None))
-    older = SiteReleases(old, privacy, "site-a", "run-a", "image", records=200, evaluations=3)
+    older = SiteReleases(old, privacy, "site-a", "run-a", unit="image", records=200, evaluations=3)
     assert older.noisy(0, "validation", np.zeros(12), 1.0) is None
     assert len(PrivacyLedger(old.path).records) == 1, "not drawn again"
 
@@ -127,7 +127,7 @@ def test_a_release_asked_again_is_answered_from_the_ledger_not_drawn_again(tmp_p
 def test_a_release_past_the_per_run_ceiling_is_withheld_and_spends_nothing(tmp_path):
     path = tmp_path / "ledger.jsonl"
     privacy = PrivacyConfig(target_epsilon=8.0, max_epsilon_per_run=1.0, planned_rounds=1)
-    releases = SiteReleases(PrivacyLedger(path), privacy, "site-a", "run-a", "image", records=200, evaluations=1)
+    releases = SiteReleases(PrivacyLedger(path), privacy, "site-a", "run-a", unit="image", records=200, evaluations=1)
     sent = [releases.noisy(r, "validation", np.zeros(12), 1.0) for r in range(80)]
     ledger = PrivacyLedger(path)
     assert sent[0] is not None and sent[-1] is None, "more releases than planned reach the ceiling"

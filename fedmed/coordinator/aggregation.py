@@ -54,7 +54,7 @@ def momentum_sums(steps: int, momentum: float) -> np.ndarray:
     return np.array([sum(momentum ** j for j in range(k)) for k in range(steps, 0, -1)], dtype=np.float64)
 
 
-def honest_norm_bound(run: RunSettings, round_number: int, steps: float, noise_multiplier: float,
+def honest_norm_bound(run: RunSettings, round_number: int, *, steps: float, noise_multiplier: float,
                       trained_parameters: int, model_norm: float) -> float:
     """The longest move an honest DP-SGD site makes in ``round_number``: the clipped signal
     at most (each step's mean clipped gradient is at most ``max_grad_norm`` long) and the
@@ -85,7 +85,8 @@ def round_norm_bound(run: RunSettings, round_number: int, reports: list[dict], t
         return math.inf
     steps = _largest_within_spread([float(r.get("steps", 1)) for r in reports])
     noise = _largest_within_spread([float(r.get("noise-multiplier", 0.0)) for r in reports])
-    return honest_norm_bound(run, round_number, steps, noise, trained_parameters, model_norm)
+    return honest_norm_bound(run, round_number, steps=steps, noise_multiplier=noise,
+                             trained_parameters=trained_parameters, model_norm=model_norm)
 
 
 def bound_updates(updates: list[SiteUpdate], current: dict[str, np.ndarray], norm_bound: float,
@@ -175,7 +176,7 @@ def _lower_median(values: list[float]) -> float:
 
 
 def aggregate_round(run: RunSettings, round_number: int, current: dict[str, np.ndarray], updates: list[SiteUpdate],
-                    reports: list[dict], trained_parameters: int) -> tuple[dict[str, np.ndarray], BoundedRound]:
+                    *, reports: list[dict], trained_parameters: int) -> tuple[dict[str, np.ndarray], BoundedRound]:
     """The round's combined model under the run's settings: each update bounded (the
     round's norm bound from ``reports``, the sites' metrics, and the weight cap), then
     combined by ``run.aggregation``; with what was bounded."""

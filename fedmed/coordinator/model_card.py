@@ -37,7 +37,7 @@ def weights_sha256(state: dict[str, np.ndarray]) -> str:
     return hashlib.sha256(pack(state).tobytes()).hexdigest()
 
 
-def model_card(run: RunSettings, sites: dict[str, dict], rounds_done: int, validation: dict | None,
+def model_card(run: RunSettings, sites: dict[str, dict], rounds_done: int, validation: dict | None, *,
                weights: dict[str, np.ndarray] | None = None, held_out: dict | None = None,
                initial_model: dict | None = None) -> dict:
     """Facts a user of the model needs, under the headings of Model Cards for Model
@@ -256,7 +256,7 @@ def model_card_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def public_model_card(run: RunSettings, settings: PretrainSettings, data: str, history: list[dict],
+def public_model_card(run: RunSettings, settings: PretrainSettings, *, data: str, history: list[dict],
                       kept_epoch: int, images: dict[str, int], weights: dict[str, np.ndarray]) -> dict:
     """The card of a model pre-trained on public data (``fedmed pretrain``): which public
     source, its terms and citation, and that no site's data or privacy budget went into it.

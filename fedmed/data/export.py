@@ -88,7 +88,7 @@ def export_site(images: ImageSet, out_dir: Path, site_name: str, style: DicomSty
     for index in range(len(images)):
         patient = images.patient_ids[index]
         number = per_patient[patient] = per_patient.get(patient, 0) + 1
-        ds = _dataset(images.images[index], style, site_name, patient, number, study_date)
+        ds = _dataset(images.images[index], style, site=site_name, patient=patient, number=number, date=study_date)
         uid_source = [site_name, str(seed), str(index)]
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=uid_source)
         ds.StudyInstanceUID = generate_uid(entropy_srcs=[site_name, str(seed), patient, "study"])
@@ -102,7 +102,8 @@ def export_site(images: ImageSet, out_dir: Path, site_name: str, style: DicomSty
     return written
 
 
-def _dataset(pixels: np.ndarray, style: DicomStyle, site: str, patient: str, number: int, date: datetime.date) -> pydicom.Dataset:
+def _dataset(pixels: np.ndarray, style: DicomStyle, *, site: str, patient: str, number: int,
+             date: datetime.date) -> pydicom.Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
     meta.TransferSyntaxUID = ExplicitVRLittleEndian

@@ -45,6 +45,7 @@ def export_sites(images: ImageSet, sites: list[np.ndarray], out_dir: Path, seed:
 def synthetic_sites(
     n_images: int,
     n_sites: int,
+    *,
     alpha: float | None = 0.5,
     quantity_alpha: float | None = None,
     size: int = 64,
@@ -58,10 +59,11 @@ def synthetic_sites(
     first_image = {p: i for i, p in reversed(list(enumerate(patients)))}
     patient_order = list(dict.fromkeys(patients))
     patient_labels = np.array([labels[first_image[p]] for p in patient_order])
-    patient_sites = dirichlet_partition(patient_labels, n_sites, alpha, quantity_alpha, seed, min_site_size)
+    patient_sites = dirichlet_partition(patient_labels, n_sites, alpha=alpha, quantity_alpha=quantity_alpha, seed=seed,
+                                        min_site_size=min_site_size)
     site_of_patient = {patient_order[i]: s for s, members in enumerate(patient_sites) for i in members}
     site_of = np.array([site_of_patient[p] for p in patients], dtype=np.int64)
-    images = synthesize(labels, patients, size, seed, site_of)
+    images = synthesize(labels, patients, size, seed, site_of=site_of)
     return images, [np.flatnonzero(site_of == s) for s in range(n_sites)]
 
 

@@ -8,6 +8,7 @@ import numpy as np
 def dirichlet_partition(
     labels: np.ndarray,
     n_sites: int,
+    *,
     alpha: float | None = 0.5,
     quantity_alpha: float | None = None,
     seed: int = 0,

@@ -56,7 +56,7 @@ def synthetic_public_pool(n_images: int, size: int = 64, seed: int = 0,
     labels, patients = synthetic_labels(n_images, 0.5, seed + PUBLIC_SEED_OFFSET)
     patients = tuple(p.replace("SYN", "PUB", 1) for p in patients)
     site_of = np.arange(len(labels)) % len(PUBLIC_PROFILES)
-    pool = synthesize(labels, patients, size, seed + PUBLIC_SEED_OFFSET, site_of, PUBLIC_PROFILES)
+    pool = synthesize(labels, patients, size, seed + PUBLIC_SEED_OFFSET, site_of=site_of, profiles=PUBLIC_PROFILES)
     rng = np.random.default_rng(seed + PUBLIC_SEED_OFFSET)
     wrong = {p for p in dict.fromkeys(patients) if rng.random() < label_noise}
     flipped = np.array([1 - label if p in wrong else label for label, p in zip(labels, patients)], dtype=np.int64)
@@ -87,6 +87,7 @@ def synthesize(
     patient_ids: tuple[str, ...],
     size: int = 64,
     seed: int = 0,
+    *,
     site_of: np.ndarray | None = None,
     profiles: tuple[ScannerProfile, ...] = SCANNER_PROFILES,
 ) -> ImageSet:
@@ -106,7 +107,8 @@ def synthesize(
     return ImageSet(images=images, labels=np.asarray(labels, dtype=np.int64), classes=CLASSES, patient_ids=tuple(patient_ids))
 
 
-def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, rx: float, ry: float, edge: float = 0.08) -> np.ndarray:
+def _ellipse(x: np.ndarray, y: np.ndarray, *, cx: float, cy: float, rx: float, ry: float,
+             edge: float = 0.08) -> np.ndarray:
     """A soft-edged ellipse mask in [0, 1]."""
     r = np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2)
     return np.clip((1.0 - r) / edge + 0.5, 0.0, 1.0)
@@ -117,13 +119,13 @@ def _chest(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.n
     shift_x, shift_y = rng.normal(0, 0.04, size=2)
     scale = rng.uniform(0.9, 1.08)
     xs, ys = (x - shift_x) / scale, (y - shift_y) / scale
-    thorax = _ellipse(xs, ys, 0.0, 0.1, 0.85, 1.0, edge=0.15)
+    thorax = _ellipse(xs, ys, cx=0.0, cy=0.1, rx=0.85, ry=1.0, edge=0.15)
     lungs = np.maximum(
-        _ellipse(xs, ys, -0.4, -0.05, 0.27, 0.58), _ellipse(xs, ys, 0.4, -0.05, 0.27, 0.58)
+        _ellipse(xs, ys, cx=-0.4, cy=-0.05, rx=0.27, ry=0.58), _ellipse(xs, ys, cx=0.4, cy=-0.05, rx=0.27, ry=0.58)
     )
     ribs = 0.5 + 0.5 * np.cos(2 * np.pi * (ys * 4.5 + 0.9 * xs**2 + rng.uniform(0, 1)))
     spine = np.exp(-((xs / 0.1) ** 2)) * thorax
-    heart = _ellipse(xs, ys, 0.12, 0.35, 0.3, 0.25, edge=0.3)
+    heart = _ellipse(xs, ys, cx=0.12, cy=0.35, rx=0.3, ry=0.25, edge=0.3)
     image = 0.08 + 0.5 * thorax - 0.32 * lungs + 0.07 * ribs * lungs + 0.25 * spine + 0.12 * heart
     return image, lungs
 
@@ -133,6 +135,7 @@ def _opacities(
     y: np.ndarray,
     lungs: np.ndarray,
     rng: np.random.Generator,
+    *,
     count: int,
     strength: tuple[float, float],
     sigma: tuple[float, float] = (0.08, 0.18),

@@ -58,8 +58,8 @@ class PlainRound:
     def aggregate(loop: FederatedRun, round_number: int, state: State, outcome: RoundOutcome) -> State:
         """The sites' combined model (``fedmed.coordinator.aggregation``); what was bounded goes into ``outcome``."""
         reports = [outcome.site_metrics[u.site] for u in outcome.updates]
-        combined, bounded = aggregate_round(loop.run, round_number, state, outcome.updates, reports,
-                                            loop.trained_parameters)
+        combined, bounded = aggregate_round(loop.run, round_number, state, outcome.updates, reports=reports,
+                                            trained_parameters=loop.trained_parameters)
         outcome.norm_bound, outcome.clipped = bounded.norm_bound, bounded.clipped
         for name, reason in bounded.clipped.items():
             log.warning("round %d: update of %s bounded: %s", round_number, name, reason)

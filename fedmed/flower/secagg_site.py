@@ -59,7 +59,7 @@ def handle(message: Message, context: Context, run: RunSettings, train: Callable
     if stage == "shares":
         answer = _share(state, fields, min_threshold)
     elif stage == "train":
-        return _train(message, context, run, state, fields, train)
+        return _train(message, context, run, state, fields, train=train)
     elif stage == "unmask":
         answer = _unmask(state, fields)
     else:
@@ -111,7 +111,7 @@ def check_threshold(threshold: int, sites: int, min_threshold: float) -> None:
             f"({min_threshold * sites:g}) and at least 2")
 
 
-def _train(message: Message, context: Context, run: RunSettings, state: State, fields: ConfigRecord,
+def _train(message: Message, context: Context, run: RunSettings, state: State, fields: ConfigRecord, *,
            train: Callable[[], SiteReply]) -> Message:
     """Read the shares sent to this site, train, and send the bounded, weighted move masked."""
     senders = records.values(fields, "senders", int)
@@ -161,8 +161,10 @@ def weighted_move(run: RunSettings, round_number: int, reply: SiteReply, receive
         raise ValueError("a site that did not train has no move to add")
     move = reply.model.astype(np.float64) - received.astype(np.float64)
     bound = run.max_update_norm or honest_norm_bound(
-        run, round_number, float(reply.metrics.get("steps", 1)), float(reply.metrics.get("noise-multiplier", 0.0)),
-        trained_parameter_count(ModelConfig.from_settings(run)), float(np.linalg.norm(received)))
+        run, round_number, steps=float(reply.metrics.get("steps", 1)),
+        noise_multiplier=float(reply.metrics.get("noise-multiplier", 0.0)),
+        trained_parameters=trained_parameter_count(ModelConfig.from_settings(run)),
+        model_norm=float(np.linalg.norm(received)))
     if not reply.metrics.get("dp") and not run.max_update_norm:
         bound = math.inf  # nothing bounds a non-private move but a fixed setting
     scale_to_bound(move, bound)

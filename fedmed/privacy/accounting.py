@@ -88,6 +88,7 @@ def calibrate_noise(
     delta: float,
     sample_rate: float,
     steps: int,
+    *,
     spent: HistoryLike = (),
     tolerance: float = 0.005,
 ) -> float:

@@ -107,7 +107,7 @@ class RoundPrivacy:
 
 
 def plan_round_privacy(
-    config: PrivacyConfig, ledger: PrivacyLedger, run_id: str, examples: int, batch_size: float, epochs: int,
+    config: PrivacyConfig, ledger: PrivacyLedger, run_id: str, *, examples: int, batch_size: float, epochs: int,
     local_steps: int = 0, reserved: HistoryLike = (),
 ) -> RoundPrivacy:
     """Decide whether this round may run, and with how much noise. ``examples`` counts the
@@ -143,7 +143,7 @@ def plan_round_privacy(
     else:
         try:
             sigma = calibrate_noise(config.target_epsilon, delta, sample_rate, steps * config.planned_rounds,
-                                    [*ledger.history, *reserved])
+                                    spent=[*ledger.history, *reserved])
         except ValueError as exc:
             return refuse(f"budget exhausted: {exc}")
         if ceiling is not None:
@@ -152,7 +152,7 @@ def plan_round_privacy(
                               f"by itself (delta={delta:g}), the site's max_epsilon_per_run {ceiling:g}")
             try:  # the run alone lands at its ceiling: the larger noise of the two wins
                 sigma = max(sigma, calibrate_noise(ceiling, delta, sample_rate, steps * config.planned_rounds,
-                                                   [*run_history, *reserved]))
+                                                   spent=[*run_history, *reserved]))
             except ValueError as exc:
                 return refuse(f"per-run ceiling reached (max_epsilon_per_run {ceiling:g}): {exc}")
     after = epsilon(extend(ledger.history, sigma, sample_rate, steps), delta)

@@ -196,7 +196,7 @@ class SiteReleases:
     ``records`` is the number of protected training records (images or patients) and
     ``evaluations`` the number of models the run evaluates."""
 
-    def __init__(self, ledger: PrivacyLedger, privacy: PrivacyConfig, site: str, run_id: str, unit: str,
+    def __init__(self, ledger: PrivacyLedger, privacy: PrivacyConfig, site: str, run_id: str, *, unit: str,
                  records: int, evaluations: int) -> None:
         self.ledger, self.privacy, self.site, self.run_id = ledger, privacy, site, run_id
         self.unit, self.records = unit, records

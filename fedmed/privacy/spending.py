@@ -54,8 +54,9 @@ def spend_round(ledger: PrivacyLedger, privacy: PrivacyConfig, request: SpendReq
     round, and record either the spend or the refusal. ``reserved`` is the privacy cost of
     the run's releases still to come (``fedmed.privacy.release``)."""
     with ledger.locked():
-        plan = plan_round_privacy(privacy, ledger, request.run_id, request.records, request.expected_batch,
-                                  request.epochs, request.steps, reserved)
+        plan = plan_round_privacy(privacy, ledger, request.run_id, examples=request.records,
+                                  batch_size=request.expected_batch, epochs=request.epochs, local_steps=request.steps,
+                                  reserved=reserved)
         if not plan.allowed:
             log.warning("site %s refuses round %s of run %s: %s", request.site, request.round, request.run_id,
                         plan.reason)

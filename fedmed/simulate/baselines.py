@@ -125,7 +125,7 @@ def pooled_manifest(data: SimulationData, path: Path) -> Path:
     return path
 
 
-def run_centralized(scenario: Scenario, run: RunSettings, data: SimulationData, out_dir: Path, cache_dir: Path,
+def run_centralized(scenario: Scenario, run: RunSettings, data: SimulationData, *, out_dir: Path, cache_dir: Path,
                     test: tuple[np.ndarray, np.ndarray]) -> list[dict]:
     """Pooled data, one model: non-private, then private at the scenario's largest budget."""
     manifest = pooled_manifest(data, out_dir / "pooled.csv")

@@ -44,7 +44,8 @@ def simulate(scenario: Scenario, modes: tuple[str, ...], out: Path, live: bool) 
             comparison.insert(0, public_row(run, test))
         if "centralized" in modes:
             print("centralized baselines (pooled data, non-private and private) ...", flush=True)
-            comparison += run_centralized(scenario, run, data, results / "centralized", cache, test)
+            comparison += run_centralized(scenario, run, data, out_dir=results / "centralized", cache_dir=cache,
+                                          test=test)
         if "local" in modes:
             print("local baselines (each site alone) ...", flush=True)
             comparison += run_local(run, site_settings(scenario, data, results / "local", cache), test)

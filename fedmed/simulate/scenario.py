@@ -49,7 +49,7 @@ def load_scenario(path: Path | None, overrides: Sequence[str] = ()) -> Scenario:
     documents += [(parse_override(text), "--set") for text in overrides]
     values: dict[str, dict] = {part: {} for part in (*PARTS, "")}
     for document, origin in documents:
-        for part, routed in route(document, PARTS, origin, TOP_LEVEL, scenario=True).items():
+        for part, routed in route(document, PARTS, origin, top_level=TOP_LEVEL, scenario=True).items():
             values[part].update(routed)
     simulation = build(SimulationSettings, values["simulation"])
     run = build(RunSettings, values["run"])

@@ -86,12 +86,14 @@ def _partition(scenario: Scenario):
     classes, settings = scenario.run.class_names, scenario.simulation
     if settings.source == "npz":
         pool = load_npz(settings.path, "train", classes)
-        parts = dirichlet_partition(pool.labels, settings.sites, settings.alpha, settings.quantity_alpha,
-                                    settings.seed, settings.min_site_size)
+        parts = dirichlet_partition(pool.labels, settings.sites, alpha=settings.alpha,
+                                    quantity_alpha=settings.quantity_alpha, seed=settings.seed,
+                                    min_site_size=settings.min_site_size)
         return pool, parts, load_npz(settings.path, "test", classes)
     # synthetic: hold out a share of every site's patients, so the test set has every scanner
-    pool, parts = synthetic_sites(settings.images, settings.sites, settings.alpha, settings.quantity_alpha,
-                                  SYNTHETIC_SIZE, settings.seed, min_site_size=settings.min_site_size)
+    pool, parts = synthetic_sites(settings.images, settings.sites, alpha=settings.alpha,
+                                  quantity_alpha=settings.quantity_alpha, size=SYNTHETIC_SIZE, seed=settings.seed,
+                                  min_site_size=settings.min_site_size)
     kept, held_out = [], []
     for part in parts:
         rest, test = split_by_patient(pool.labels[part], [pool.patient_ids[i] for i in part],

@@ -183,7 +183,8 @@ class SiteWork:
         unit = "image" if inputs.train_patient_of is None else "patient"
         records = record_count(inputs.train_labels, inputs.train_patient_of)
         evaluations = sum(run.evaluates(r) for r in range(run.rounds + 1))
-        return SiteReleases(ledger, privacy, self.site.name, run.run_id, unit, records, evaluations)
+        return SiteReleases(ledger, privacy, self.site.name, run.run_id, unit=unit, records=records,
+                            evaluations=evaluations)
 
     def validation(self, releases: SiteReleases, model: nn.Module, inputs: SiteInputs, model_round: int
                    ) -> dict[str, float | list[float]]:
