@@ -58,8 +58,10 @@ def export_model(model_dir: Path | str, export_format: str, out_dir: Path | None
         expected = wrapped(example).numpy()
     if not np.allclose(check, expected, rtol=0, atol=TOLERANCE):
         path.unlink()
-        raise RuntimeError(f"the {export_format} export differs from fedmed's probabilities by "
-                           f"{np.abs(check - expected).max():.2g} (> {TOLERANCE}); nothing exported")
+        raise RuntimeError(
+            f"the {export_format} export differs from fedmed's probabilities by "
+            f"{np.abs(check - expected).max():.2g} (> {TOLERANCE}); nothing exported"
+        )
     card_path = out_dir / "preprocessing.json"
     card_path.write_text(json.dumps(_preprocessing(loaded, path.name), indent=2) + "\n")
     return [path, card_path]
@@ -82,8 +84,11 @@ def _traceable(model: nn.Module) -> None:
     stem = getattr(model, "frontend", None)
     if isinstance(stem, ScatteringStem):
         backend = stem.scattering.backend
-        stem.scattering.backend = type("TraceableBackend", (backend if isinstance(backend, type) else type(backend),),
-                                       {"modulus": staticmethod(_modulus)})
+        stem.scattering.backend = type(
+            "TraceableBackend",
+            (backend if isinstance(backend, type) else type(backend),),
+            {"modulus": staticmethod(_modulus)},
+        )
 
 
 def _modulus(x: torch.Tensor) -> torch.Tensor:
@@ -96,10 +101,19 @@ def _export_onnx(wrapped: nn.Module, example: torch.Tensor, path: Path, loaded: 
     except ImportError as exc:
         raise ValueError("ONNX export needs the onnx extra: pip install 'fedmed[onnx]'") from exc
     if isinstance(getattr(loaded.model, "frontend", None), ScatteringStem):
-        raise ValueError("this model has the scattering front-end, whose FFTs ONNX cannot express; "
-                         "export it with --format torchscript")
-    torch.onnx.export(wrapped, (example,), str(path), input_names=["images"], output_names=["probabilities"],
-                      dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}, dynamo=False)
+        raise ValueError(
+            "this model has the scattering front-end, whose FFTs ONNX cannot express; "
+            "export it with --format torchscript"
+        )
+    torch.onnx.export(
+        wrapped,
+        (example,),
+        str(path),
+        input_names=["images"],
+        output_names=["probabilities"],
+        dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
+        dynamo=False,
+    )
 
 
 def _preprocessing(loaded: LoadedModel, file_name: str) -> dict:
@@ -107,8 +121,12 @@ def _preprocessing(loaded: LoadedModel, file_name: str) -> dict:
     card = loaded.card
     return {
         "file": file_name,
-        "input": {"name": "images", "shape": ["N", 1, loaded.image_size, loaded.image_size], "dtype": "float32",
-                  **card["input"]},
+        "input": {
+            "name": "images",
+            "shape": ["N", 1, loaded.image_size, loaded.image_size],
+            "dtype": "float32",
+            **card["input"],
+        },
         "output": {"name": "probabilities", "shape": ["N", len(loaded.classes)], "classes": list(loaded.classes)},
         "decision": card.get("decision"),
         "model_card": str(loaded.path / "model_card.md"),

@@ -13,9 +13,9 @@ import csv
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from torch import nn
@@ -57,14 +57,18 @@ def load_model_dir(path: Path | str) -> LoadedModel:
     folder = path.parent if path.is_file() and path.name == MODEL_FILE else path
     missing = [name for name in (MODEL_FILE, CARD_FILE) if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{path} is not a fedmed model: {' and '.join(missing)} not found there "
-                                "(give a run's model folder, RUN_DIR/model)")
+        raise FileNotFoundError(
+            f"{path} is not a fedmed model: {' and '.join(missing)} not found there "
+            "(give a run's model folder, RUN_DIR/model)"
+        )
     card = json.loads((folder / CARD_FILE).read_text())
     version = card.get("input", {}).get("preprocessing_version")
     if version != PREPROCESSING_VERSION:
-        raise ValueError(f"{folder / CARD_FILE}: the model was trained with preprocessing version {version}, this "
-                         f"fedmed reads images with version {PREPROCESSING_VERSION}; use the fedmed release that "
-                         "trained it")
+        raise ValueError(
+            f"{folder / CARD_FILE}: the model was trained with preprocessing version {version}, this "
+            f"fedmed reads images with version {PREPROCESSING_VERSION}; use the fedmed release that "
+            "trained it"
+        )
     model = build_model(ModelConfig(**card["architecture"]))
     try:
         load_state(model, load_arrays(folder / MODEL_FILE))
@@ -88,8 +92,9 @@ def list_studies(data: Path | str, classes: tuple[str, ...]) -> tuple[list[Study
     labels came from ("" when there are none)."""
     data = Path(data)
     if not data.exists():
-        raise FileNotFoundError(f"{data} not found (give a folder of DICOM, PNG or JPEG files, a .csv manifest "
-                                "or one such file)")
+        raise FileNotFoundError(
+            f"{data} not found (give a folder of DICOM, PNG or JPEG files, a .csv manifest or one such file)"
+        )
     if data.is_file() and data.suffix.lower() == ".csv":
         return _manifest_studies(data, classes)
     if data.is_file():
@@ -104,20 +109,26 @@ def list_studies(data: Path | str, classes: tuple[str, ...]) -> tuple[list[Study
                 skipped.append(FileOutcome(shown, None, SkipReason.HIDDEN_FILE, "hidden files are ignored"))
             else:
                 studies.append(Study(path, shown))
-    labelled = bool(studies) and all(len(Path(s.shown).parts) > 1 and Path(s.shown).parts[0] in classes
-                                     for s in studies)
+    labelled = bool(studies) and all(
+        len(Path(s.shown).parts) > 1 and Path(s.shown).parts[0] in classes for s in studies
+    )
     if not labelled:
         return studies, skipped, ""
-    return ([Study(s.path, s.shown, Path(s.shown).parts[0]) for s in studies], skipped,
-            f"class folders ({', '.join(classes)})")
+    return (
+        [Study(s.path, s.shown, Path(s.shown).parts[0]) for s in studies],
+        skipped,
+        f"class folders ({', '.join(classes)})",
+    )
 
 
 def _manifest_studies(manifest: Path, classes: tuple[str, ...]) -> tuple[list[Study], list[FileOutcome], str]:
     with open(manifest, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise ValueError(f"{manifest}: a prediction manifest needs a 'path' column (and may have 'label'); "
-                             f"found {', '.join(reader.fieldnames or []) or 'no header'}")
+            raise ValueError(
+                f"{manifest}: a prediction manifest needs a 'path' column (and may have 'label'); "
+                f"found {', '.join(reader.fieldnames or []) or 'no header'}"
+            )
         rows = list(reader)
     labelled = "label" in (reader.fieldnames or [])
     studies, skipped = [], []
@@ -125,11 +136,18 @@ def _manifest_studies(manifest: Path, classes: tuple[str, ...]) -> tuple[list[St
         shown, label = row["path"], (row.get("label") or None) if labelled else None
         path = Path(shown) if Path(shown).is_absolute() else manifest.parent / shown
         if label is not None and label not in classes:
-            skipped.append(FileOutcome(shown, label, SkipReason.UNKNOWN_LABEL,
-                                       f"manifest line {line}: label {label!r} is not one of the model's classes "
-                                       f"({', '.join(classes)})"))
+            skipped.append(
+                FileOutcome(
+                    shown,
+                    label,
+                    SkipReason.UNKNOWN_LABEL,
+                    f"manifest line {line}: label {label!r} is not one of the model's classes ({', '.join(classes)})",
+                )
+            )
         elif not path.is_file():
-            skipped.append(FileOutcome(shown, label, SkipReason.MISSING_FILE, f"manifest line {line}: no such file {path}"))
+            skipped.append(
+                FileOutcome(shown, label, SkipReason.MISSING_FILE, f"manifest line {line}: no such file {path}")
+            )
         else:
             studies.append(Study(path, shown, label))
     if labelled and any(s.label is None for s in studies):
@@ -148,8 +166,13 @@ class Predictions:
     metrics: dict | None = None
 
 
-def predict_studies(loaded: LoadedModel, studies: list[Study], skipped: list[FileOutcome], labels_from: str,
-                    progress: Callable[[int, int], None] | None = None) -> Predictions:
+def predict_studies(
+    loaded: LoadedModel,
+    studies: list[Study],
+    skipped: list[FileOutcome],
+    labels_from: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> Predictions:
     """Score ``studies`` ``CHUNK`` files at a time; ``progress(done, total)`` after each chunk."""
     classes = loaded.classes
     result = Predictions(classes, skipped=list(skipped), labels_from=labels_from)
@@ -178,7 +201,9 @@ def predict_studies(loaded: LoadedModel, studies: list[Study], skipped: list[Fil
     if labels_from and all_labels:
         probabilities, labels = np.concatenate(all_probabilities), np.asarray(all_labels)
         result.metrics = classification_metrics(labels, probabilities) | {
-            "calibration": calibration(labels, probabilities), "labels_from": labels_from}
+            "calibration": calibration(labels, probabilities),
+            "labels_from": labels_from,
+        }
     return result
 
 
@@ -220,14 +245,19 @@ def write_predictions(result: Predictions, out: Path, formats: tuple[str, ...]) 
     if "csv" in formats:
         written.append(_write_csv(out.with_suffix(".csv"), columns, result.rows))
     if "json" in formats:
-        document = {"classes": list(result.classes), "predictions": result.rows,
-                    "skipped": [_skipped_row(s) for s in result.skipped], "metrics": result.metrics}
+        document = {
+            "classes": list(result.classes),
+            "predictions": result.rows,
+            "skipped": [_skipped_row(s) for s in result.skipped],
+            "metrics": result.metrics,
+        }
         path = out.with_suffix(".json")
         path.write_text(json.dumps(document, indent=2, allow_nan=True) + "\n")
         written.append(path)
     skipped = out.with_name(f"{out.stem}-skipped.csv")
-    written.append(_write_csv(skipped, ["path", "label", "reason", "detail"],
-                              [_skipped_row(s) for s in result.skipped]))
+    written.append(
+        _write_csv(skipped, ["path", "label", "reason", "detail"], [_skipped_row(s) for s in result.skipped])
+    )
     if result.metrics is not None:
         metrics = out.with_name(f"{out.stem}-metrics.json")
         metrics.write_text(json.dumps(result.metrics, indent=2, allow_nan=True) + "\n")
@@ -238,8 +268,12 @@ def write_predictions(result: Predictions, out: Path, formats: tuple[str, ...]) 
 
 
 def _skipped_row(outcome: FileOutcome) -> dict:
-    return {"path": outcome.path, "label": outcome.label or "", "reason": outcome.reason.value if outcome.reason else "",
-            "detail": outcome.detail}
+    return {
+        "path": outcome.path,
+        "label": outcome.label or "",
+        "reason": outcome.reason.value if outcome.reason else "",
+        "detail": outcome.detail,
+    }
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
@@ -260,12 +294,29 @@ def reliability_plot(table: dict) -> bytes:
     bins = [b for b in table["bins"] if b["count"]]
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
-    ax.bar([b["low"] for b in bins], [b["accuracy"] for b in bins], width=[b["high"] - b["low"] for b in bins],
-           align="edge", alpha=0.6, edgecolor="black", label="accuracy in bin")
-    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", color="C1",
-            label="mean confidence in bin")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (probability of the decided class)", ylabel="accuracy",
-           title=f"Reliability, ECE {table['expected_calibration_error']:.3f}")
+    ax.bar(
+        [b["low"] for b in bins],
+        [b["accuracy"] for b in bins],
+        width=[b["high"] - b["low"] for b in bins],
+        align="edge",
+        alpha=0.6,
+        edgecolor="black",
+        label="accuracy in bin",
+    )
+    ax.plot(
+        [b["confidence"] for b in bins],
+        [b["accuracy"] for b in bins],
+        marker="o",
+        color="C1",
+        label="mean confidence in bin",
+    )
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="confidence (probability of the decided class)",
+        ylabel="accuracy",
+        title=f"Reliability, ECE {table['expected_calibration_error']:.3f}",
+    )
     ax.legend(loc="upper left", fontsize=8)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")

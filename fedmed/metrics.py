@@ -67,8 +67,15 @@ def calibration(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -
         count = int(members.sum())
         mean_confidence = float(confidence[members].mean()) if count else None
         accuracy = float(correct[members].mean()) if count else None
-        table.append({"low": float(edges[index]), "high": float(edges[index + 1]), "count": count,
-                      "confidence": mean_confidence, "accuracy": accuracy})
+        table.append(
+            {
+                "low": float(edges[index]),
+                "high": float(edges[index + 1]),
+                "count": count,
+                "confidence": mean_confidence,
+                "accuracy": accuracy,
+            }
+        )
         if accuracy is not None and mean_confidence is not None:  # the bin is not empty
             error += count / len(labels) * abs(accuracy - mean_confidence)
     return {"expected_calibration_error": float(error) if len(labels) else float("nan"), "bins": table}

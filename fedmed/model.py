@@ -41,8 +41,11 @@ from fedmed.config import FRONTENDS, NORM_GROUPS, RunSettings
 SMALL_INPUT_MAX = 64
 SCATTERING_SCALES = 2  # J: the output has a quarter of the input's side
 SCATTERING_ANGLES = 8  # L
-SCATTERING_CHANNELS = 1 + SCATTERING_SCALES * SCATTERING_ANGLES + (
-    SCATTERING_ANGLES**2 * SCATTERING_SCALES * (SCATTERING_SCALES - 1) // 2)  # orders 0, 1 and 2: 81
+SCATTERING_CHANNELS = (
+    1
+    + SCATTERING_SCALES * SCATTERING_ANGLES
+    + (SCATTERING_ANGLES**2 * SCATTERING_SCALES * (SCATTERING_SCALES - 1) // 2)
+)  # orders 0, 1 and 2: 81
 SCATTERING_GROUPS = 9  # GroupNorm groups over the 81 scattering channels
 
 
@@ -131,15 +134,22 @@ class ModelConfig:
         if self.frontend not in FRONTENDS:
             raise ValueError(f"frontend must be one of {', '.join(FRONTENDS)}, got {self.frontend!r}")
         if self.frontend == "scattering" and self.image_size % 2**SCATTERING_SCALES:
-            raise ValueError(f"the scattering front-end needs an image size divisible by {2**SCATTERING_SCALES}, "
-                             f"got {self.image_size}; set data.image_size to a multiple of it")
+            raise ValueError(
+                f"the scattering front-end needs an image size divisible by {2**SCATTERING_SCALES}, "
+                f"got {self.image_size}; set data.image_size to a multiple of it"
+            )
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
 
     @classmethod
     def from_settings(cls, run: RunSettings) -> ModelConfig:
-        return cls(depth=run.depth, width=run.width, frontend=run.frontend, num_classes=len(run.class_names),
-                   image_size=run.image_size)
+        return cls(
+            depth=run.depth,
+            width=run.width,
+            frontend=run.frontend,
+            num_classes=len(run.class_names),
+            image_size=run.image_size,
+        )
 
 
 class GroupNormResNet(ResNet):
@@ -154,8 +164,13 @@ class GroupNormResNet(ResNet):
         block, layers = DEPTHS[config.depth]
         self.width = config.width  # read by _make_layer during ResNet.__init__
         with torch.random.fork_rng(devices=[]):  # building draws weights; _draw_weights redraws them
-            super().__init__(block, layers, num_classes=config.num_classes, zero_init_residual=True,
-                             norm_layer=partial(nn.GroupNorm, config.norm_groups))
+            super().__init__(
+                block,
+                layers,
+                num_classes=config.num_classes,
+                zero_init_residual=True,
+                norm_layer=partial(nn.GroupNorm, config.norm_groups),
+            )
             self._set_stem(config)
             self.fc = nn.Linear(8 * config.width * block.expansion, config.num_classes)
         for module in self.modules():
@@ -183,8 +198,9 @@ class GroupNormResNet(ResNet):
         modules.clear()
         modules.update(ordered)
 
-    def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1,
-                    dilate: bool = False) -> nn.Sequential:
+    def _make_layer(
+        self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1, dilate: bool = False
+    ) -> nn.Sequential:
         """Stages of ``width`` x 1, 2, 4 and 8 channels where torchvision has 64 x 1, 2, 4 and 8."""
         if planes == 64:  # the first stage takes the stem's ``width`` channels, not torchvision's 64
             self.inplanes = self.width
@@ -221,9 +237,12 @@ def fixed_inputs(model: nn.Module, images: np.ndarray, batch_size: int = 256) ->
     side = images.shape[-1] // 2**SCATTERING_SCALES
     if len(images) * SCATTERING_CHANNELS * side * side * 4 > FIXED_INPUTS_LIMIT:
         return images
-    chunks = [stem.coefficients(torch.from_numpy(np.asarray(images[s : s + batch_size], dtype=np.float32))
-                                .unsqueeze(1)).numpy()
-              for s in range(0, len(images), batch_size)]
+    chunks = [
+        stem.coefficients(
+            torch.from_numpy(np.asarray(images[s : s + batch_size], dtype=np.float32)).unsqueeze(1)
+        ).numpy()
+        for s in range(0, len(images), batch_size)
+    ]
     return np.concatenate(chunks)
 
 

@@ -18,9 +18,9 @@ Rules it keeps:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -83,24 +83,36 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return ((moved - mean) * contrast + mean + brightness).clamp(0.0, 1.0)
 
 
-def pretrain(images: np.ndarray, labels: np.ndarray, patient_ids: list[str] | tuple[str, ...], run: RunSettings,
-             settings: PretrainSettings, *, progress: Callable[[EpochRecord], None] | None = None) -> PretrainResult:
+def pretrain(
+    images: np.ndarray,
+    labels: np.ndarray,
+    patient_ids: list[str] | tuple[str, ...],
+    run: RunSettings,
+    settings: PretrainSettings,
+    *,
+    progress: Callable[[EpochRecord], None] | None = None,
+) -> PretrainResult:
     """Train the run's architecture on public ``images`` (N, H, W) in [0, 1] at the run's
     size, without privacy; returns the last epoch's weights, or with ``patience`` the best
     validation epoch's."""
     classes = len(run.class_names)
     if len(labels) == 0 or int(labels.max()) >= classes:
-        raise ValueError(f"the public labels go up to {int(labels.max()) if len(labels) else 'nothing'}; the run has "
-                         f"{classes} classes ({run.classes}): the public data's labels must use the run's class order")
+        raise ValueError(
+            f"the public labels go up to {int(labels.max()) if len(labels) else 'nothing'}; the run has "
+            f"{classes} classes ({run.classes}): the public data's labels must use the run's class order"
+        )
     if images.shape[1:] != (run.image_size, run.image_size):
-        raise ValueError(f"public images are {images.shape[1]} x {images.shape[2]} px, the run trains at "
-                         f"{run.image_size} px: read them at data.image_size")
+        raise ValueError(
+            f"public images are {images.shape[1]} x {images.shape[2]} px, the run trains at "
+            f"{run.image_size} px: read them at data.image_size"
+        )
     train_idx, val_idx = split_by_patient(labels, list(patient_ids), settings.val_fraction, run.seed)
     model = build_model(ModelConfig.from_settings(run), seed=run.seed)
     if not settings.augment:  # the same images every epoch: a fixed front-end's output is computed once
         images = fixed_inputs(model, images)
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.learning_rate, momentum=MOMENTUM,
-                                weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=settings.learning_rate, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+    )
     steps_per_epoch = max(1, math.ceil(len(train_idx) / settings.batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(run.seed)
@@ -109,8 +121,16 @@ def pretrain(images: np.ndarray, labels: np.ndarray, patient_ids: list[str] | tu
     best_state, best_auroc, kept, stale = model_state(model), -math.inf, 0, 0
     for epoch in range(1, settings.epochs + 1):
         rate = optimizer.param_groups[0]["lr"]
-        loss = _train_epoch(model, images, labels, order_rng.permutation(train_idx), settings, optimizer=optimizer,
-                            schedule=schedule, generator=generator)
+        loss = _train_epoch(
+            model,
+            images,
+            labels,
+            order_rng.permutation(train_idx),
+            settings,
+            optimizer=optimizer,
+            schedule=schedule,
+            generator=generator,
+        )
         scores = evaluate(model, images[val_idx], labels[val_idx]) if len(val_idx) else None
         record = EpochRecord(epoch, rate, loss, _finite(scores, "auroc"), _finite(scores, "balanced_accuracy"))
         history.append(record)
@@ -126,9 +146,17 @@ def pretrain(images: np.ndarray, labels: np.ndarray, patient_ids: list[str] | tu
     return PretrainResult(best_state, history, kept, len(train_idx), len(val_idx))
 
 
-def _train_epoch(model: nn.Module, images: np.ndarray, labels: np.ndarray, order: np.ndarray,
-                 settings: PretrainSettings, *, optimizer: torch.optim.Optimizer,
-                 schedule: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator) -> float:
+def _train_epoch(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    order: np.ndarray,
+    settings: PretrainSettings,
+    *,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+) -> float:
     """One pass in mini-batches; returns the mean training loss."""
     model.train()
     total, seen = 0.0, 0
@@ -154,8 +182,9 @@ def _finite(scores: dict | None, key: str) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def pretrain_public(run: RunSettings, settings: PretrainSettings, out: Path,
-                    progress: Callable[[EpochRecord], None] | None = None) -> Path:
+def pretrain_public(
+    run: RunSettings, settings: PretrainSettings, out: Path, progress: Callable[[EpochRecord], None] | None = None
+) -> Path:
     """Read ``settings.data`` (public), pre-train the run's architecture on it and write
     ``out`` as a model folder (``model.npz`` and its public model card), which
     ``--initial-model`` and ``fedmed predict`` accept; returns ``out``."""
@@ -167,8 +196,14 @@ def pretrain_public(run: RunSettings, settings: PretrainSettings, out: Path,
         raise ValueError("no public data given (pretrain.data)")
     public = load_public(Path(settings.data), run.class_names, run.image_size)
     result = pretrain(public.images, public.labels, public.patient_ids, run, settings, progress=progress)
-    card = public_model_card(run, settings, data=public.source, history=[asdict(r) for r in result.history],
-                             kept_epoch=result.kept_epoch,
-                             images={"train": result.train_images, "val": result.val_images}, weights=result.state)
+    card = public_model_card(
+        run,
+        settings,
+        data=public.source,
+        history=[asdict(r) for r in result.history],
+        kept_epoch=result.kept_epoch,
+        images={"train": result.train_images, "val": result.val_images},
+        weights=result.state,
+    )
     write_model_folder(out, result.state, card, public_model_card_markdown(card))
     return out

@@ -54,8 +54,13 @@ TRAIN_METRICS = GUARANTEE_METRICS + ("examples", "loss", "seconds-setup", "secon
 VALIDATION_COUNTS = "val-counts"
 VALIDATION_NOISE = "val-noise"  # the std of the noise on each count: a mechanism parameter, for error bars
 VALIDATION_METRICS = (
-    "val-examples", "val-loss", "val-accuracy", "val-balanced-accuracy", "val-auroc",
-    "val-sensitivity", "val-specificity",
+    "val-examples",
+    "val-loss",
+    "val-accuracy",
+    "val-balanced-accuracy",
+    "val-auroc",
+    "val-sensitivity",
+    "val-specificity",
 )
 REPLY_METRICS = frozenset(TRAIN_METRICS + VALIDATION_METRICS + (VALIDATION_COUNTS, VALIDATION_NOISE))
 
@@ -66,28 +71,32 @@ REPLY_METRICS = frozenset(TRAIN_METRICS + VALIDATION_METRICS + (VALIDATION_COUNT
 # and validation as noisy counts (with their noise) or as exact scores. What arrives is not
 # trusted to fit: ``fedmed.coordinator.replies`` reads a reply as plain values and checks
 # them. Functional syntax: the keys are not identifiers.
-ReplyMetrics = TypedDict("ReplyMetrics", {
-    "status": int,  # a RoundStatus
-    "dp": int,  # 1: differentially private training, 0: not
-    "steps": int,
-    "epsilon": float,  # NaN when unbounded (metric_value)
-    "delta": float,
-    "noise-multiplier": float,
-    "privacy-unit": int,  # the index of the unit in fedmed.config.PRIVACY_UNITS
-    "examples": int,  # the record count, noisy unless released exactly
-    "loss": float,
-    "seconds-setup": float,
-    "seconds-train": float,
-    "val-examples": float,
-    "val-loss": float,
-    "val-accuracy": float,
-    "val-balanced-accuracy": float,
-    "val-auroc": float,
-    "val-sensitivity": float,
-    "val-specificity": float,
-    "val-counts": list[float],  # VALIDATION_COUNTS
-    "val-noise": float,  # VALIDATION_NOISE
-}, total=False)
+ReplyMetrics = TypedDict(
+    "ReplyMetrics",
+    {
+        "status": int,  # a RoundStatus
+        "dp": int,  # 1: differentially private training, 0: not
+        "steps": int,
+        "epsilon": float,  # NaN when unbounded (metric_value)
+        "delta": float,
+        "noise-multiplier": float,
+        "privacy-unit": int,  # the index of the unit in fedmed.config.PRIVACY_UNITS
+        "examples": int,  # the record count, noisy unless released exactly
+        "loss": float,
+        "seconds-setup": float,
+        "seconds-train": float,
+        "val-examples": float,
+        "val-loss": float,
+        "val-accuracy": float,
+        "val-balanced-accuracy": float,
+        "val-auroc": float,
+        "val-sensitivity": float,
+        "val-specificity": float,
+        "val-counts": list[float],  # VALIDATION_COUNTS
+        "val-noise": float,  # VALIDATION_NOISE
+    },
+    total=False,
+)
 # Short text fields, in a ConfigRecord named "site".
 REPLY_TEXT = frozenset({"name", "message"})
 MAX_TEXT = 500

@@ -66,8 +66,9 @@ class RoundRecord:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RoundRecord:
         """The record of a JSON line; KeyError without its round."""
-        return cls(round=data["round"], **{f.name: data[f.name] for f in fields(cls)
-                                           if f.name != "round" and f.name in data})
+        return cls(
+            round=data["round"], **{f.name: data[f.name] for f in fields(cls) if f.name != "round" and f.name in data}
+        )
 
 
 @dataclass(frozen=True)
@@ -86,15 +87,25 @@ class ValidationRecord:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        return {"event": self.EVENT, "round": data["round"], "sites": data["sites"], "weighted": data["weighted"],
-                "errors": {"sites": data["site_errors"], "weighted": data["weighted_errors"]}}
+        return {
+            "event": self.EVENT,
+            "round": data["round"],
+            "sites": data["sites"],
+            "weighted": data["weighted"],
+            "errors": {"sites": data["site_errors"], "weighted": data["weighted_errors"]},
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ValidationRecord:
         """The record of a JSON line; KeyError without its round."""
         errors = data.get("errors", {})  # written since the scores from noisy counts carry error bars
-        return cls(round=data["round"], sites=data.get("sites", {}), weighted=data.get("weighted", {}),
-                   site_errors=errors.get("sites", {}), weighted_errors=errors.get("weighted", {}))
+        return cls(
+            round=data["round"],
+            sites=data.get("sites", {}),
+            weighted=data.get("weighted", {}),
+            site_errors=errors.get("sites", {}),
+            weighted_errors=errors.get("weighted", {}),
+        )
 
 
 Record = RoundRecord | ValidationRecord

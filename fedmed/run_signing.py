@@ -31,8 +31,10 @@ from fedmed.files import write_atomic
 PRIVATE_KEY, PUBLIC_KEY = "coordinator.key", "coordinator.pub"
 
 
-_HINT = {what: f"give the coordinator's {name} (a key pair is made by `fedmed certificates coordinator-key`)"
-         for what, name in (("public", PUBLIC_KEY), ("private", PRIVATE_KEY))}
+_HINT = {
+    what: f"give the coordinator's {name} (a key pair is made by `fedmed certificates coordinator-key`)"
+    for what, name in (("public", PUBLIC_KEY), ("private", PRIVATE_KEY))
+}
 
 
 class RunRefused(Exception):
@@ -46,10 +48,14 @@ def make_coordinator_key(out_dir: Path) -> tuple[Path, Path]:
     key = Ed25519PrivateKey.generate()
     out_dir.mkdir(parents=True, exist_ok=True)
     private, public = out_dir / PRIVATE_KEY, out_dir / PUBLIC_KEY
-    write_atomic(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))  # created 0600
-    write_atomic(public, key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                       serialization.PublicFormat.SubjectPublicKeyInfo))
+    write_atomic(
+        private,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )  # created 0600
+    write_atomic(
+        public,
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+    )
     public.chmod(0o644)
     return private, public
 
@@ -77,16 +83,22 @@ def check_run(run: RunSettings, public_key: Path, federation: str = "") -> None:
     when ``federation`` is given, belongs to it."""
     key = load_public_key(public_key)
     if not run.run_signature:
-        raise RunRefused(f"run {run.run_id or '(no id)'} carries no coordinator signature; this site serves only "
-                         f"runs signed with the key in {public_key}")
+        raise RunRefused(
+            f"run {run.run_id or '(no id)'} carries no coordinator signature; this site serves only "
+            f"runs signed with the key in {public_key}"
+        )
     try:
         key.verify(base64.b64decode(run.run_signature, validate=True), signed_payload(run))
     except (InvalidSignature, ValueError):
-        raise RunRefused(f"run {run.run_id or '(no id)'} is not signed by the coordinator whose key is in "
-                         f"{public_key} (another coordinator, or settings changed after signing)") from None
+        raise RunRefused(
+            f"run {run.run_id or '(no id)'} is not signed by the coordinator whose key is in "
+            f"{public_key} (another coordinator, or settings changed after signing)"
+        ) from None
     if federation and run.federation_name != federation:
-        raise RunRefused(f"run {run.run_id} belongs to federation {run.federation_name!r}; this site serves only "
-                         f"{federation!r} (site.federation_name)")
+        raise RunRefused(
+            f"run {run.run_id} belongs to federation {run.federation_name!r}; this site serves only "
+            f"{federation!r} (site.federation_name)"
+        )
 
 
 def _load(path: Path, loader, kind: type, what: str):
@@ -95,8 +107,7 @@ def _load(path: Path, loader, kind: type, what: str):
         data = Path(path).read_bytes()
         key = loader(data, None) if what == "private" else loader(data)
     except (OSError, ValueError, TypeError) as error:
-        raise ValueError(f"cannot read the coordinator's {what} signing key {path} ({error}); {_HINT[what]}") \
-            from error
+        raise ValueError(f"cannot read the coordinator's {what} signing key {path} ({error}); {_HINT[what]}") from error
     if not isinstance(key, kind):
         raise ValueError(f"{path} is not an Ed25519 {what} key; {_HINT[what]}")
     return key

@@ -140,8 +140,9 @@ class RunDirectory:
     def received(self) -> list[dict]:
         return _read_lines(self.received_path)
 
-    def save_checkpoint(self, round_number: int, state: dict[str, np.ndarray],
-                        velocity: dict[str, np.ndarray] | None = None) -> Path:
+    def save_checkpoint(
+        self, round_number: int, state: dict[str, np.ndarray], velocity: dict[str, np.ndarray] | None = None
+    ) -> Path:
         """Save the global model after ``round_number`` (and the server velocity, if any).
 
         The velocity is written first, so a model checkpoint never lacks the velocity it needs.
@@ -163,7 +164,8 @@ class RunDirectory:
     def last_checkpoint(self) -> tuple[int, dict[str, np.ndarray]] | None:
         """The latest round with a saved global model, and that model."""
         rounds = sorted(
-            int(m.group(1)) for p in (self.path / "checkpoints").glob("round-*.npz")
+            int(m.group(1))
+            for p in (self.path / "checkpoints").glob("round-*.npz")
             if (m := CHECKPOINT.fullmatch(p.name))
         )
         if not rounds:

@@ -40,7 +40,10 @@ def keep_freed_memory() -> bool:
     """
     c = libc()
     try:
-        return c is not None and bool(c.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(
-            c.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+        return (
+            c is not None
+            and bool(c.mallopt(_M_MMAP_THRESHOLD, 1 << 30))
+            and bool(c.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+        )
     except AttributeError:  # a C library without mallopt
         return False

@@ -42,7 +42,6 @@ from fedmed.privacy.spending import RoundResult, SpendRequest, spend_round
 log = logging.getLogger("fedmed")
 
 
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Local training of one round; defaults and meanings are those of ``RunSettings``."""
@@ -64,10 +63,18 @@ class TrainConfig:
     @classmethod
     def from_settings(cls, run: RunSettings, round_number: int = 1) -> TrainConfig:
         """The training of one round (the learning rate follows the run's schedule)."""
-        return cls(epochs=run.local_epochs, steps=run.local_steps, batch_size=run.batch_size,
-                   physical_batch_size=run.physical_batch_size, learning_rate=run.round_learning_rate(round_number),
-                   momentum=run.momentum, weight_decay=run.weight_decay, class_weights=run.class_weight_values,
-                   class_prior=run.class_prior_values, seed=run.seed)
+        return cls(
+            epochs=run.local_epochs,
+            steps=run.local_steps,
+            batch_size=run.batch_size,
+            physical_batch_size=run.physical_batch_size,
+            learning_rate=run.round_learning_rate(round_number),
+            momentum=run.momentum,
+            weight_decay=run.weight_decay,
+            class_weights=run.class_weight_values,
+            class_prior=run.class_prior_values,
+            seed=run.seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -81,9 +88,18 @@ class TrainingData:
     patient_of: np.ndarray | None = None
 
 
-def train_round(model: nn.Module, data: TrainingData, *, train: TrainConfig, privacy: PrivacyConfig,
-                ledger: PrivacyLedger, site: str, run_id: str, round_number: int,
-                reserved: HistoryLike = ()) -> RoundResult:
+def train_round(
+    model: nn.Module,
+    data: TrainingData,
+    *,
+    train: TrainConfig,
+    privacy: PrivacyConfig,
+    ledger: PrivacyLedger,
+    site: str,
+    run_id: str,
+    round_number: int,
+    reserved: HistoryLike = (),
+) -> RoundResult:
     """Train ``model`` in place for one round unless the site's budget forbids it; the
     spend (or the refusal) is recorded in ``ledger`` (``fedmed.privacy.spending``).
 
@@ -93,16 +109,26 @@ def train_round(model: nn.Module, data: TrainingData, *, train: TrainConfig, pri
     the run's releases still to come (``fedmed.privacy.release``)."""
     examples = len(data.labels)
     records = record_count(data.labels, data.patient_of)
-    request = SpendRequest(site=site, run_id=run_id, round=round_number, records=records, examples=examples,
-                           expected_batch=train.batch_size * records / examples, epochs=train.epochs,
-                           steps=train.steps, unit="image" if data.patient_of is None else "patient")
+    request = SpendRequest(
+        site=site,
+        run_id=run_id,
+        round=round_number,
+        records=records,
+        examples=examples,
+        expected_batch=train.batch_size * records / examples,
+        epochs=train.epochs,
+        steps=train.steps,
+        unit="image" if data.patient_of is None else "patient",
+    )
 
     def run_steps(plan: RoundPrivacy) -> float:
         if plan.dp:
-            return _train_private(model, data, train=train, plan=plan, round_number=round_number,
-                                  max_grad_norm=privacy.max_grad_norm)
-        return _train_plain(model, data, train=train, steps=plan.steps, round_number=round_number,
-                            max_grad_norm=privacy.max_grad_norm)
+            return _train_private(
+                model, data, train=train, plan=plan, round_number=round_number, max_grad_norm=privacy.max_grad_norm
+            )
+        return _train_plain(
+            model, data, train=train, steps=plan.steps, round_number=round_number, max_grad_norm=privacy.max_grad_norm
+        )
 
     return spend_round(ledger, privacy, request, run_steps, reserved)
 
@@ -114,8 +140,11 @@ def privacy_unit(privacy: PrivacyConfig, patients: np.ndarray | None, site: str)
     if privacy.privacy_unit != "patient" or not privacy.dp or patients is None:
         return "image", None
     if len(patients) == 0 or any(not str(p) for p in patients):
-        log.warning("site %s: privacy_unit is 'patient' but not every training image has a PatientID; training "
-                    "at image level (a patient with k images is protected by about k x epsilon)", site)
+        log.warning(
+            "site %s: privacy_unit is 'patient' but not every training image has a PatientID; training "
+            "at image level (a patient with k images is protected by about k x epsilon)",
+            site,
+        )
         return "image", None
     _, patient_of = np.unique(np.asarray(patients, dtype=str), return_inverse=True)
     return "patient", patient_of.astype(np.int64)
@@ -126,8 +155,9 @@ def record_count(labels: np.ndarray, patient_of: np.ndarray | None) -> int:
     return len(labels) if patient_of is None else int(patient_of.max()) + 1
 
 
-def _patient_batches(sampled: np.ndarray, members: list[np.ndarray], physical: int
-                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+def _patient_batches(
+    sampled: np.ndarray, members: list[np.ndarray], physical: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """The images of the sampled patients as (image indices, group per image) batches of
     about ``physical`` images; a patient's images always share a batch, so each patient's
     gradient is clipped whole."""
@@ -170,8 +200,9 @@ def _clipped_gradient_weights(train: TrainConfig, labels: torch.Tensor) -> torch
 
 
 def _optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=train.learning_rate, momentum=train.momentum,
-                           weight_decay=train.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=train.learning_rate, momentum=train.momentum, weight_decay=train.weight_decay
+    )
 
 
 def _images(images: np.ndarray, indices: np.ndarray) -> torch.Tensor:
@@ -186,8 +217,15 @@ def _batch(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> tuple
     return _images(images, indices), torch.from_numpy(np.asarray(labels[indices], dtype=np.int64))
 
 
-def _train_private(model: nn.Module, data: TrainingData, *, train: TrainConfig, plan: RoundPrivacy,
-                   round_number: int, max_grad_norm: float) -> float:
+def _train_private(
+    model: nn.Module,
+    data: TrainingData,
+    *,
+    train: TrainConfig,
+    plan: RoundPrivacy,
+    round_number: int,
+    max_grad_norm: float,
+) -> float:
     """DP-SGD steps of ``plan``; with ``data.patient_of`` the sampled and clipped records are patients."""
     images, labels, patient_of = data.images, data.labels, data.patient_of
     sample_rate, steps, noise_multiplier = plan.sample_rate, plan.steps, plan.noise_multiplier
@@ -222,15 +260,20 @@ def _train_private(model: nn.Module, data: TrainingData, *, train: TrainConfig, 
                 batch_indices = row_of[batch_indices]
             batches: Sequence[tuple[np.ndarray, np.ndarray | None]]  # groups: None at image level
             if members is None:
-                batches = [(batch_indices[start : start + train.physical_batch_size], None)
-                           for start in range(0, len(batch_indices), train.physical_batch_size)]
+                batches = [
+                    (batch_indices[start : start + train.physical_batch_size], None)
+                    for start in range(0, len(batch_indices), train.physical_batch_size)
+                ]
             else:
                 batches = _patient_batches(batch_indices, members, train.physical_batch_size)
             for rows, groups in batches:
                 x, y = _batch(images, labels, rows)
-                losses, _ = clipper.accumulate(x, _loss_function(train, y, weighted=False),
-                                               _clipped_gradient_weights(train, y),
-                                               None if groups is None else torch.from_numpy(groups))
+                losses, _ = clipper.accumulate(
+                    x,
+                    _loss_function(train, y, weighted=False),
+                    _clipped_gradient_weights(train, y),
+                    None if groups is None else torch.from_numpy(groups),
+                )
                 total_loss += float(losses.sum())
                 seen += len(y)
             flat.add_(noise_buffer.normal_(0.0, noise_multiplier * max_grad_norm, generator=noise))
@@ -246,14 +289,17 @@ def _dp_generators(insecure_seed: int | None, round_number: int) -> tuple[torch.
     """Generators for Poisson sampling and Gaussian noise; secret unless a seed is forced
     (then each round still gets its own streams)."""
     if insecure_seed is None:
-        return (torch.Generator().manual_seed(secrets.randbits(63)),
-                torch.Generator().manual_seed(secrets.randbits(63)))
+        return (
+            torch.Generator().manual_seed(secrets.randbits(63)),
+            torch.Generator().manual_seed(secrets.randbits(63)),
+        )
     seeds = np.random.SeedSequence([insecure_seed, round_number]).generate_state(2, dtype=np.uint64)
     return torch.Generator().manual_seed(int(seeds[0] >> 1)), torch.Generator().manual_seed(int(seeds[1] >> 1))
 
 
-def _train_plain(model: nn.Module, data: TrainingData, *, train: TrainConfig, steps: int, round_number: int,
-                 max_grad_norm: float) -> float:
+def _train_plain(
+    model: nn.Module, data: TrainingData, *, train: TrainConfig, steps: int, round_number: int, max_grad_norm: float
+) -> float:
     """Non-private SGD; each batch's mean gradient is clipped to ``max_grad_norm``, so a
     step size tuned for DP-SGD (whose averaged clipped gradients are never longer than the
     clip norm) does not diverge here, and one recipe serves both modes."""

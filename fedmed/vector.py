@@ -32,8 +32,10 @@ def unpack(vector: np.ndarray, reference: dict[str, np.ndarray]) -> dict[str, np
     """Split a received vector into the reference model's tensors (copies)."""
     expected = sum(array.size for array in reference.values())
     if vector.dtype != DTYPE or vector.ndim != 1 or vector.size != expected:
-        raise ValueError(f"the model vector is {vector.dtype}{list(vector.shape)}, expected float32[{expected}] "
-                         "(a different model or settings)")
+        raise ValueError(
+            f"the model vector is {vector.dtype}{list(vector.shape)}, expected float32[{expected}] "
+            "(a different model or settings)"
+        )
     state, start = {}, 0
     for name, array in reference.items():
         state[name] = vector[start : start + array.size].reshape(array.shape).copy()

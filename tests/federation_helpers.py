@@ -7,8 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from fedmed.deploy.processes import ProcessWatch, alive, descendants, free_port
 

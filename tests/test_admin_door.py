@@ -118,7 +118,7 @@ def test_a_site_serves_only_runs_its_coordinator_signed_unchanged_and_of_its_fed
         "signature of another run": replace(sign_run(replace(run, run_id="run-2"), private), run_id="run-1"),
         "garbage signature": replace(signed, run_signature="not base64!"),
     }
-    for case, candidate in refused.items():
+    for candidate in refused.values():
         with pytest.raises(RunRefused):
             check_run(candidate, public)
     with pytest.raises(RunRefused, match="federation 'chest-2026'.*only 'lung-2027'"):

@@ -24,8 +24,8 @@ from flwr.common.config import get_fused_config_from_dir, parse_config_args
 from fedmed.cli import client as client_cli
 from fedmed.cli import server as server_cli
 from fedmed.config import ClientSettings, RunSettings, ServerSettings, SimulationSettings, SiteSettings
-from fedmed.config.fields import build, flag, key, options
 from fedmed.config.command_line import load_settings
+from fedmed.config.fields import build, flag, key, options
 from fedmed.deploy.launch import write_app, write_node_config
 from fedmed.deploy.site import site_settings
 from fedmed.flower.secagg_site import ProtocolError, check_threshold

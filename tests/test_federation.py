@@ -88,7 +88,7 @@ def test_run_directory_is_complete(finished_run):
     card = json.loads((run_dir.model_dir / "model_card.json").read_text())
     assert card["architecture"]["width"] == 8 and card["classes"] == ["normal", "pneumonia"]
     assert sorted(card["sites"]) == list(SITES)
-    for name, site in card["sites"].items():
+    for site in card["sites"].values():
         assert site["rounds_trained"] == ROUNDS and site["dp"] is True and site["examples"] > 0
         assert site["privacy_unit"] == "patient", "the synthetic sites' images carry PatientIDs"
     assert card["privacy"]["unit"].startswith("one patient")

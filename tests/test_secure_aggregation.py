@@ -4,7 +4,7 @@ processes (tests/test_federation.py runs it over TLS with real sites)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest

@@ -26,11 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedmed-client",
         description="Join fedmed training as one hospital. Images never leave this machine: only "
-                    "model weights and a few whitelisted numbers are sent, after differentially "
-                    "private training whose spending is kept in this site's ledger.")
-    p.add_argument("--config", type=Path, metavar="TOML",
-                   help="site config file with [site], [connection], [privacy] and [data] sections (see "
-                        "client/site.toml); options given here override it")
+        "model weights and a few whitelisted numbers are sent, after differentially "
+        "private training whose spending is kept in this site's ledger.",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="TOML",
+        help="site config file with [site], [connection], [privacy] and [data] sections (see "
+        "client/site.toml); options given here override it",
+    )
     add_options(p, SiteSettings, "this hospital")
     add_options(p, ClientSettings, "the connection to the coordinator")
     add_options(p, RunSettings, "as the coordinator's (fills the cache before the first round)", only=ONLY["data"])
@@ -42,10 +47,14 @@ def check_pin(site: SiteSettings, client: ClientSettings) -> None:
     coordinator's public key (``coordinator.pub``), and the key must be readable."""
     if not site.coordinator_key:
         if not client.insecure:
-            raise ValueError("give --coordinator-key FILE (the coordinator's coordinator.pub): the site serves only "
-                             "runs whose settings that coordinator signed")
-        print("WARNING: no --coordinator-key: this site serves any run the coordinator's SuperLink hands it",
-              file=sys.stderr)
+            raise ValueError(
+                "give --coordinator-key FILE (the coordinator's coordinator.pub): the site serves only "
+                "runs whose settings that coordinator signed"
+            )
+        print(
+            "WARNING: no --coordinator-key: this site serves any run the coordinator's SuperLink hands it",
+            file=sys.stderr,
+        )
         return
     from fedmed.run_signing import load_public_key
 
@@ -58,8 +67,11 @@ def print_site_data(split: SiteSplit, site: SiteSettings) -> None:
     from fedmed.data.report import printable  # the data package loads pydicom: only once data is read
 
     print(split.data.report.to_text(), flush=True)
-    print(f"site {printable(site.name)}: {len(split.train)} training and {len(split.val)} validation images; "
-          f"ledger {printable(site.ledger)}", flush=True)
+    print(
+        f"site {printable(site.name)}: {len(split.train)} training and {len(split.val)} validation images; "
+        f"ledger {printable(site.ledger)}",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     client: ClientSettings = settings["client"]
     if client.insecure == bool(client.root_certificates):
-        print("error: give --root-certificates CA_FILE for TLS (the default), or --insecure to connect "
-              "without encryption on a trusted test network", file=sys.stderr)
+        print(
+            "error: give --root-certificates CA_FILE for TLS (the default), or --insecure to connect "
+            "without encryption on a trusted test network",
+            file=sys.stderr,
+        )
         return 2
     if client.root_certificates and not Path(client.root_certificates).is_file():
         print(f"error: root certificate {client.root_certificates} not found", file=sys.stderr)

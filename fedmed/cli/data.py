@@ -53,17 +53,27 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("data", type=Path, metavar="DATA", help="site folder or CSV manifest")
-    p.add_argument("--classes", help="comma-separated class names; other labels are skipped "
-                   "(default: the labels found)")
+    p.add_argument(
+        "--classes", help="comma-separated class names; other labels are skipped (default: the labels found)"
+    )
     p.add_argument("--image-size", type=int, default=64, help="side of the square training image (default 64)")
-    p.add_argument("--multiframe", choices=MULTIFRAME_POLICIES, default="reject",
-                   help="multi-frame files: reject them, or use their middle frame (default reject)")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="where decoded images are cached (default $FEDMED_CACHE_DIR or ~/.cache/fedmed)")
+    p.add_argument(
+        "--multiframe",
+        choices=MULTIFRAME_POLICIES,
+        default="reject",
+        help="multi-frame files: reject them, or use their middle frame (default reject)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where decoded images are cached (default $FEDMED_CACHE_DIR or ~/.cache/fedmed)",
+    )
     p.add_argument("--no-cache", action="store_true", help="decode everything, write no cache")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    add_options(p, SiteSettings, "which files are read, as at the site (fedmed-client's [site] settings)",
-                only=SITE_FILE_CHECKS)
+    add_options(
+        p, SiteSettings, "which files are read, as at the site (fedmed-client's [site] settings)", only=SITE_FILE_CHECKS
+    )
     p.set_defaults(handler=_validate)
 
 
@@ -99,12 +109,19 @@ def _add_make_sites(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--npz", type=Path, help="a MedMNIST-style .npz file")
     p.add_argument("--out", type=Path, required=True, help="new or empty output folder")
     p.add_argument("--sites", type=int, default=4, help="number of hospitals (default 4)")
-    p.add_argument("--alpha", type=_optional_float, default=0.5,
-                   help="Dirichlet label-skew concentration; smaller is more skewed, 'none' for "
-                        "equal class mixes (default 0.5)")
-    p.add_argument("--quantity-alpha", type=_optional_float, default=2.0,
-                   help="Dirichlet concentration of site sizes; smaller is more unequal, 'none' "
-                        "for equal expected sizes (default 2.0)")
+    p.add_argument(
+        "--alpha",
+        type=_optional_float,
+        default=0.5,
+        help="Dirichlet label-skew concentration; smaller is more skewed, 'none' for equal class mixes (default 0.5)",
+    )
+    p.add_argument(
+        "--quantity-alpha",
+        type=_optional_float,
+        default=2.0,
+        help="Dirichlet concentration of site sizes; smaller is more unequal, 'none' "
+        "for equal expected sizes (default 2.0)",
+    )
     p.add_argument("--min-site-size", type=int, default=10, help="fewest images (synthetic: patients) a site may get")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=SPLITS, default="train", help="which split of the .npz to use")
@@ -117,13 +134,22 @@ def _add_make_sites(sub: argparse._SubParsersAction) -> None:
 def _make_sites(args: argparse.Namespace) -> int:
     if args.synthetic:
         images, sites = synthetic_sites(
-            args.images, args.sites, alpha=args.alpha, quantity_alpha=args.quantity_alpha, size=args.image_size,
-            seed=args.seed, min_site_size=args.min_site_size,
+            args.images,
+            args.sites,
+            alpha=args.alpha,
+            quantity_alpha=args.quantity_alpha,
+            size=args.image_size,
+            seed=args.seed,
+            min_site_size=args.min_site_size,
         )
     else:
         images = load_npz(args.npz, args.split, _classes(args.classes))
         sites = dirichlet_partition(
-            images.labels, args.sites, alpha=args.alpha, quantity_alpha=args.quantity_alpha, seed=args.seed,
+            images.labels,
+            args.sites,
+            alpha=args.alpha,
+            quantity_alpha=args.quantity_alpha,
+            seed=args.seed,
             min_site_size=args.min_site_size,
         )
     print(class_table(sites, images.labels, images.classes, site_names(len(sites))))
@@ -148,8 +174,12 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--pneumonia-fraction", type=float, default=0.6, help="share of pneumonia images (default 0.6)")
     p.add_argument("--scanner", type=int, default=0, help="scanner profile of the site, 0-3 (default 0)")
-    p.add_argument("--style", choices=[s.name for s in SITE_STYLES], default=SITE_STYLES[0].name,
-                   help="DICOM conventions of the folder (default plain-8bit)")
+    p.add_argument(
+        "--style",
+        choices=[s.name for s in SITE_STYLES],
+        default=SITE_STYLES[0].name,
+        help="DICOM conventions of the folder (default plain-8bit)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_synth)
 
@@ -184,10 +214,15 @@ def _add_purge_cache(sub: argparse._SubParsersAction) -> None:
             "decodes the images again."
         ),
     )
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="the cache to purge (default $FEDMED_CACHE_DIR or ~/.cache/fedmed)")
-    p.add_argument("--data", type=Path, default=None,
-                   help="purge only this site folder's or manifest's cache (default: every site's)")
+    p.add_argument(
+        "--cache-dir", type=Path, default=None, help="the cache to purge (default $FEDMED_CACHE_DIR or ~/.cache/fedmed)"
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="purge only this site folder's or manifest's cache (default: every site's)",
+    )
     p.set_defaults(handler=_purge_cache)
 
 

@@ -26,13 +26,19 @@ def register(commands: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("model", type=Path, metavar="MODEL", help="a run's model folder (RUN_DIR/model)")
-    p.add_argument("data", type=Path, metavar="DATA",
-                   help="folder of DICOM/PNG/JPEG files, CSV manifest or one such file")
-    p.add_argument("--out", type=Path, default=Path("predictions.csv"),
-                   help="where the predictions go; each format gets its own suffix, and the skipped files, "
-                   "metrics and reliability plot are written beside it (default predictions.csv)")
-    p.add_argument("--format", default="csv", help=f"comma-separated output formats: {', '.join(FORMATS)} "
-                   "(default csv)")
+    p.add_argument(
+        "data", type=Path, metavar="DATA", help="folder of DICOM/PNG/JPEG files, CSV manifest or one such file"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("predictions.csv"),
+        help="where the predictions go; each format gets its own suffix, and the skipped files, "
+        "metrics and reliability plot are written beside it (default predictions.csv)",
+    )
+    p.add_argument(
+        "--format", default="csv", help=f"comma-separated output formats: {', '.join(FORMATS)} (default csv)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(handler=_predict)
 
@@ -45,8 +51,11 @@ def _predict(args: argparse.Namespace) -> int:
     loaded = load_model_dir(args.model)
     studies, skipped, labels_from = list_studies(args.data, loaded.classes)
     if not args.quiet:
-        print(f"scoring {len(studies)} files from {args.data} with {loaded.path} "
-              f"({', '.join(loaded.classes)}; labels: {labels_from or 'none'})", file=sys.stderr)
+        print(
+            f"scoring {len(studies)} files from {args.data} with {loaded.path} "
+            f"({', '.join(loaded.classes)}; labels: {labels_from or 'none'})",
+            file=sys.stderr,
+        )
 
     def progress(done: int, total: int) -> None:
         if not args.quiet:
@@ -59,12 +68,15 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"  skipped {outcome.path}: {outcome.reason.value if outcome.reason else ''} {outcome.detail}".rstrip())
     if result.metrics is not None:
         m = result.metrics
-        print(f"labels from {labels_from}: AUROC {format_number(m['auroc'], 3)}, balanced accuracy "
-              f"{format_number(m['balanced_accuracy'], 3)}, sensitivity {format_number(m.get('sensitivity'), 3)}, "
-              f"specificity {format_number(m.get('specificity'), 3)}, expected calibration error "
-              f"{format_number(m['calibration']['expected_calibration_error'], 3)}")
-        print(f"confusion matrix (rows: label, columns: decision; {', '.join(loaded.classes)}): "
-              f"{m['confusion_matrix']}")
+        print(
+            f"labels from {labels_from}: AUROC {format_number(m['auroc'], 3)}, balanced accuracy "
+            f"{format_number(m['balanced_accuracy'], 3)}, sensitivity {format_number(m.get('sensitivity'), 3)}, "
+            f"specificity {format_number(m.get('specificity'), 3)}, expected calibration error "
+            f"{format_number(m['calibration']['expected_calibration_error'], 3)}"
+        )
+        print(
+            f"confusion matrix (rows: label, columns: decision; {', '.join(loaded.classes)}): {m['confusion_matrix']}"
+        )
     for path in written:
         print(f"wrote {path}")
     return 0 if result.rows else 1

@@ -20,18 +20,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedmed-report",
         description="Privacy-budget report from a site's ledger (authoritative, kept at the hospital) "
-                    "and/or a run directory (the coordinator's record).")
+        "and/or a run directory (the coordinator's record).",
+    )
     p.add_argument("run_dir", type=Path, nargs="?", help="a fedmed-server or fedmed-simulate run directory")
-    p.add_argument("--ledger", type=Path, action="append", default=[], metavar="LEDGER",
-                   help="a site's privacy ledger (repeatable)")
-    p.add_argument("--budget", type=float,
-                   help="the site's epsilon budget, for ledgers written before fedmed recorded it")
-    p.add_argument("--out", type=Path,
-                   help="output folder (default: RUN_DIR/report, or ./privacy-report-SITE for one ledger)")
-    p.add_argument("--format", default=",".join(FORMATS),
-                   help=f"comma-separated formats out of {', '.join(FORMATS)} (default: all)")
-    p.add_argument("--fail-on-critical", action="store_true",
-                   help="exit with status 3 when the report has a critical finding (for automated checks)")
+    p.add_argument(
+        "--ledger",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="LEDGER",
+        help="a site's privacy ledger (repeatable)",
+    )
+    p.add_argument(
+        "--budget", type=float, help="the site's epsilon budget, for ledgers written before fedmed recorded it"
+    )
+    p.add_argument(
+        "--out", type=Path, help="output folder (default: RUN_DIR/report, or ./privacy-report-SITE for one ledger)"
+    )
+    p.add_argument(
+        "--format",
+        default=",".join(FORMATS),
+        help=f"comma-separated formats out of {', '.join(FORMATS)} (default: all)",
+    )
+    p.add_argument(
+        "--fail-on-critical",
+        action="store_true",
+        help="exit with status 3 when the report has a critical finding (for automated checks)",
+    )
     return p
 
 
@@ -45,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("give a run directory, a site ledger (--ledger LEDGER), or both")
         for ledger in args.ledger:
             if not ledger.is_file():
-                raise FileNotFoundError(f"no ledger at {ledger}; a site's ledger is STATE_DIR/ledger.jsonl "
-                                        "of its fedmed-client (default ~/.fedmed/sites/SITE/ledger.jsonl)")
+                raise FileNotFoundError(
+                    f"no ledger at {ledger}; a site's ledger is STATE_DIR/ledger.jsonl "
+                    "of its fedmed-client (default ~/.fedmed/sites/SITE/ledger.jsonl)"
+                )
         if args.budget is not None and args.budget <= 0:
             raise ValueError(f"--budget must be a positive epsilon, got {args.budget:g}")
         report = build_report(args.run_dir, args.ledger, args.budget)
@@ -75,13 +92,18 @@ def _print_summary(report: dict) -> None:
 
     for account in report["sites"]:
         dp = not account["non_private_rounds"]
-        print(f"{account['site']}: epsilon {format_epsilon(account['epsilon_spent'], dp)} (RDP), "
-              f"{format_epsilon(account['epsilon_second_opinion'], dp)} (PLD) at delta {format_number(account['delta'])}; "
-              f"budget {format_number(account['budget'])}, left {format_number(account['budget_left'])}; "
-              f"{len(account['rounds'])} rounds in {len(account['runs'])} run(s)")
+        print(
+            f"{account['site']}: epsilon {format_epsilon(account['epsilon_spent'], dp)} (RDP), "
+            f"{format_epsilon(account['epsilon_second_opinion'], dp)} (PLD) "
+            f"at delta {format_number(account['delta'])}; "
+            f"budget {format_number(account['budget'])}, left {format_number(account['budget_left'])}; "
+            f"{len(account['rounds'])} rounds in {len(account['runs'])} run(s)"
+        )
     if report["run"]:
         run = report["run"]
-        print(f"run {run['run_id']}: {run['phase']}, {run['rounds_recorded']}/{run['rounds_planned']} rounds, "
-              f"sites {', '.join(run['sites']) or 'none'}")
+        print(
+            f"run {run['run_id']}: {run['phase']}, {run['rounds_recorded']}/{run['rounds_planned']} rounds, "
+            f"sites {', '.join(run['sites']) or 'none'}"
+        )
     for item in report["warnings"]:
         print(finding_line(item))

@@ -20,13 +20,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedmed-server",
         description="Coordinate a fedmed training run: start the Flower SuperLink, wait for the "
-                    "hospitals, run FedAvg rounds and write a run directory.")
-    p.add_argument("--config", type=Path, metavar="TOML",
-                   help="coordinator config file with [server], [data], [model], [training] and [federation] "
-                        "sections (see server/coordinator.toml); options given here override it")
+        "hospitals, run FedAvg rounds and write a run directory.",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="TOML",
+        help="coordinator config file with [server], [data], [model], [training] and [federation] "
+        "sections (see server/coordinator.toml); options given here override it",
+    )
     p.add_argument("--run-dir", type=Path, help="where to write the run (default runs/<date-time>)")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                   help="continue a run from its last checkpoint after a crash (with its recorded settings)")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue a run from its last checkpoint after a crash (with its recorded settings)",
+    )
     add_options(p, ServerSettings, "the coordinator")
     add_options(p, RunSettings, "the run (sent to every site)")
     return p
@@ -44,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if server.insecure:
-        print("WARNING: --insecure: model updates travel UNENCRYPTED. Use only on a trusted test network.",
-              file=sys.stderr)
+        print(
+            "WARNING: --insecure: model updates travel UNENCRYPTED. Use only on a trusted test network.",
+            file=sys.stderr,
+        )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds like Ctrl-C: the SuperLink is stopped
     try:
         status = coordinate(run, run_dir, server, live=sys.stdout.isatty())

@@ -18,17 +18,28 @@ MODES = ("federated", "centralized", "local")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fedmed-simulate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="fedmed-simulate",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Simulate a private federation of hospitals on this machine (Flower Simulation Runtime, "
-                    "Ray) and compare it with centralized and site-alone training on a held-out test set.",
-        epilog="scenario settings (TOML sections and --set keys):\n"
-               + settings_table(PARTS, TOP_LEVEL, scenario=True))
-    p.add_argument("scenario", type=Path, nargs="?",
-                   help="scenario TOML file (see simulations/); default: built-in defaults")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a scenario value, e.g. --set training.rounds=3 (repeatable; keys below)")
-    p.add_argument("--mode", default="federated",
-                   help=f"comma-separated modes out of {', '.join(MODES)}, or 'all' (default federated)")
+        "Ray) and compare it with centralized and site-alone training on a held-out test set.",
+        epilog="scenario settings (TOML sections and --set keys):\n" + settings_table(PARTS, TOP_LEVEL, scenario=True),
+    )
+    p.add_argument(
+        "scenario", type=Path, nargs="?", help="scenario TOML file (see simulations/); default: built-in defaults"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a scenario value, e.g. --set training.rounds=3 (repeatable; keys below)",
+    )
+    p.add_argument(
+        "--mode",
+        default="federated",
+        help=f"comma-separated modes out of {', '.join(MODES)}, or 'all' (default federated)",
+    )
     p.add_argument("--out", type=Path, help="output folder (default runs/<scenario name>)")
     return p
 

@@ -14,8 +14,7 @@ from fedmed.config.fields import allowed_values, build, flag, key, options, type
 from fedmed.config.files import read_toml, route
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type, title: str,
-                only: tuple[str, ...] | None = None) -> None:
+def add_options(parser: argparse.ArgumentParser, cls: type, title: str, only: tuple[str, ...] | None = None) -> None:
     """One option per setting of ``cls`` (or of ``only``), grouped under ``title``.
     Options given nowhere stay unset, so a --config file's values are not overridden by
     defaults; ``given`` returns what the command line set."""
@@ -63,11 +62,18 @@ def given(args: argparse.Namespace, cls: type) -> dict:
     return {f.name: getattr(args, f.name) for f in options(cls) if hasattr(args, f.name)}
 
 
-def load_settings(args: argparse.Namespace, parts: Mapping[str, type], config_file: Path | None,
-                  only: Mapping[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
+def load_settings(
+    args: argparse.Namespace,
+    parts: Mapping[str, type],
+    config_file: Path | None,
+    only: Mapping[str, tuple[str, ...]] | None = None,
+) -> dict[str, Any]:
     """Each part's settings: its defaults, then the --config file, then the command line."""
     document = read_toml(config_file) if config_file is not None else {}
     routed = route(document, parts, str(config_file), only=only)
-    return {part: build(cls, {**routed[part], **given(args, cls)},
-                        "command line" + (f" and {config_file}" if config_file else ""))
-            for part, cls in parts.items()}
+    return {
+        part: build(
+            cls, {**routed[part], **given(args, cls)}, "command line" + (f" and {config_file}" if config_file else "")
+        )
+        for part, cls in parts.items()
+    }

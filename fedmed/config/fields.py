@@ -59,11 +59,18 @@ def check_ranges(settings: Any) -> None:
         value, meta = getattr(settings, f.name), f.metadata
         if value is None or isinstance(value, (str, tuple)) and not meta.get("choices"):
             continue
-        bad = (meta["choices"] and value not in meta["choices"]
-               or meta["low"] is not None and value < meta["low"]
-               or meta["high"] is not None and value > meta["high"]
-               or meta["above"] is not None and value <= meta["above"]
-               or meta["below"] is not None and value >= meta["below"])
+        bad = (
+            meta["choices"]
+            and value not in meta["choices"]
+            or meta["low"] is not None
+            and value < meta["low"]
+            or meta["high"] is not None
+            and value > meta["high"]
+            or meta["above"] is not None
+            and value <= meta["above"]
+            or meta["below"] is not None
+            and value >= meta["below"]
+        )
         if bad:
             raise ValueError(f"{key(f)} must be {allowed_values(meta)}, got {value!r}")
         if meta["multiple_of"] and value % meta["multiple_of"]:
@@ -116,15 +123,15 @@ def build(cls: type, values: Mapping[str, Any], origin: str = "") -> Any:
         raise ValueError(f"{prefix}{error}") from error
     missing = [flag(f) for f in options(cls) if f.metadata.get("required") and not getattr(settings, f.name)]
     if missing:
-        raise ValueError(f"{prefix}{', '.join(missing)} must be given (on the command line or in a --config "
-                         "file)")
+        raise ValueError(f"{prefix}{', '.join(missing)} must be given (on the command line or in a --config file)")
     return settings
 
 
 def _joined(label: str, values: list | tuple, items: type) -> str:
     """A list setting given as a TOML array, as the comma-separated text fedmed keeps."""
-    if items is float and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                              for v in values):
+    if items is float and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    ):
         return ",".join(str(v) for v in values)
     if items is str and all(isinstance(v, str) and "," not in v for v in values):
         return ",".join(values)

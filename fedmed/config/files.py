@@ -30,8 +30,15 @@ def suggestion(name: str, known) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def route(document: Mapping, parts: Mapping[str, type], origin: str, *, top_level: tuple[str, ...] = (),
-          only: Mapping[str, tuple[str, ...]] | None = None, scenario: bool = False) -> dict[str, dict]:
+def route(
+    document: Mapping,
+    parts: Mapping[str, type],
+    origin: str,
+    *,
+    top_level: tuple[str, ...] = (),
+    only: Mapping[str, tuple[str, ...]] | None = None,
+    scenario: bool = False,
+) -> dict[str, dict]:
     """Sort a TOML document's ``[section] key = value`` pairs to the settings classes in
     ``parts`` that declare them: ``{part: {field: value}}``. ``only`` limits a part to
     some fields; ``scenario`` leaves out what a simulation sets itself. An unknown
@@ -62,18 +69,23 @@ def route(document: Mapping, parts: Mapping[str, type], origin: str, *, top_leve
             if (name, item.replace("-", "_")) in simulated:
                 raise ValueError(f"{origin}: {name}.{item} is not a scenario setting: a simulation sets it itself")
         if name not in sections:
-            raise ValueError(f"{origin}: unknown section [{name}]; sections: {', '.join(sections)}"
-                             f"{suggestion(name, sections)}")
+            raise ValueError(
+                f"{origin}: unknown section [{name}]; sections: {', '.join(sections)}{suggestion(name, sections)}"
+            )
         for item, item_value in value.items():
             item = item.replace("-", "_")
             if (name, item) not in where:
-                raise ValueError(f"{origin}: unknown setting {name}.{item} = {item_value!r}"
-                                 f"{suggestion(f'{name}.{item}', valid)}")
+                raise ValueError(
+                    f"{origin}: unknown setting {name}.{item} = {item_value!r}{suggestion(f'{name}.{item}', valid)}"
+                )
             part, declared = where[(name, item)]
             if declared.metadata.get("items") and isinstance(item_value, str) and "," in item_value:
-                warnings.warn(f"{origin}: {name}.{item} = {item_value!r} is the old comma-separated form; write a "
-                              f"TOML array, {name}.{item} = {_as_array(item_value, declared.metadata['items'])}",
-                              FutureWarning, stacklevel=2)
+                warnings.warn(
+                    f"{origin}: {name}.{item} = {item_value!r} is the old comma-separated form; write a "
+                    f"TOML array, {name}.{item} = {_as_array(item_value, declared.metadata['items'])}",
+                    FutureWarning,
+                    stacklevel=2,
+                )
             routed[part][item] = item_value
     return routed
 
@@ -101,8 +113,7 @@ def settings_table(parts: Mapping[str, type], top_level: tuple[str, ...] = (), s
             meta = f.metadata
             extra = ", one value or one per site" if meta.get("per_site") else ""
             rule = allowed_values(meta)
-            lines.append(f"  {key(f):<30} {f.default!r:<18} {meta['help']}"
-                         f"{f'; {rule}' if rule else ''}{extra}")
+            lines.append(f"  {key(f):<30} {f.default!r:<18} {meta['help']}{f'; {rule}' if rule else ''}{extra}")
     return "\n".join(lines)
 
 

@@ -51,11 +51,18 @@ def weight_cap(run: RunSettings) -> int:
 def momentum_sums(steps: int, momentum: float) -> np.ndarray:
     """How often each step's gradient is counted in a round of SGD with momentum: the
     gradient of step s (of S) moves the model by lr times ``1 + m + ... + m^(S-s)``."""
-    return np.array([sum(momentum ** j for j in range(k)) for k in range(steps, 0, -1)], dtype=np.float64)
+    return np.array([sum(momentum**j for j in range(k)) for k in range(steps, 0, -1)], dtype=np.float64)
 
 
-def honest_norm_bound(run: RunSettings, round_number: int, *, steps: float, noise_multiplier: float,
-                      trained_parameters: int, model_norm: float) -> float:
+def honest_norm_bound(
+    run: RunSettings,
+    round_number: int,
+    *,
+    steps: float,
+    noise_multiplier: float,
+    trained_parameters: int,
+    model_norm: float,
+) -> float:
     """The longest move an honest DP-SGD site makes in ``round_number``: the clipped signal
     at most (each step's mean clipped gradient is at most ``max_grad_norm`` long) and the
     Gaussian noise at ``NOISE_MARGIN`` times its expected norm, plus weight decay's pull."""
@@ -64,15 +71,21 @@ def honest_norm_bound(run: RunSettings, round_number: int, *, steps: float, nois
     sums = momentum_sums(max(1, int(round(steps))), run.momentum)
     rate = run.round_learning_rate(round_number)
     signal = run.max_grad_norm * sums.sum()
-    noise = (noise_multiplier * run.max_grad_norm * math.sqrt(trained_parameters) / run.batch_size
-             * math.sqrt(float((sums ** 2).sum())))
+    noise = (
+        noise_multiplier
+        * run.max_grad_norm
+        * math.sqrt(trained_parameters)
+        / run.batch_size
+        * math.sqrt(float((sums**2).sum()))
+    )
     decay = run.weight_decay * model_norm * sums.sum()
     # the noise is independent of the signal, so in many dimensions nearly orthogonal to it
     return rate * (math.hypot(signal, NOISE_MARGIN * noise) + decay)
 
 
-def round_norm_bound(run: RunSettings, round_number: int, reports: list[dict], trained_parameters: int,
-                     model_norm: float) -> float:
+def round_norm_bound(
+    run: RunSettings, round_number: int, reports: list[dict], trained_parameters: int, model_norm: float
+) -> float:
     """The round's norm bound: the fixed setting, or the honest bound for the trained sites'
     reported steps and noise multipliers: the largest reported value within
     ``REPORT_SPREAD`` times the lower median, so that with an honest majority an honest
@@ -85,12 +98,19 @@ def round_norm_bound(run: RunSettings, round_number: int, reports: list[dict], t
         return math.inf
     steps = _largest_within_spread([float(r.get("steps", 1)) for r in reports])
     noise = _largest_within_spread([float(r.get("noise-multiplier", 0.0)) for r in reports])
-    return honest_norm_bound(run, round_number, steps=steps, noise_multiplier=noise,
-                             trained_parameters=trained_parameters, model_norm=model_norm)
+    return honest_norm_bound(
+        run,
+        round_number,
+        steps=steps,
+        noise_multiplier=noise,
+        trained_parameters=trained_parameters,
+        model_norm=model_norm,
+    )
 
 
-def bound_updates(updates: list[SiteUpdate], current: dict[str, np.ndarray], norm_bound: float,
-                  max_examples: int) -> BoundedRound:
+def bound_updates(
+    updates: list[SiteUpdate], current: dict[str, np.ndarray], norm_bound: float, max_examples: int
+) -> BoundedRound:
     """Each update as a move from ``current``, scaled to at most ``norm_bound`` long, with its
     weight capped at ``max_examples`` (0: ``WEIGHT_CAP_MEDIANS`` x the median claim)."""
     base = _flat(current)
@@ -175,8 +195,15 @@ def _lower_median(values: list[float]) -> float:
     return float(np.quantile(values, 0.5, method="lower"))
 
 
-def aggregate_round(run: RunSettings, round_number: int, current: dict[str, np.ndarray], updates: list[SiteUpdate],
-                    *, reports: list[dict], trained_parameters: int) -> tuple[dict[str, np.ndarray], BoundedRound]:
+def aggregate_round(
+    run: RunSettings,
+    round_number: int,
+    current: dict[str, np.ndarray],
+    updates: list[SiteUpdate],
+    *,
+    reports: list[dict],
+    trained_parameters: int,
+) -> tuple[dict[str, np.ndarray], BoundedRound]:
     """The round's combined model under the run's settings: each update bounded (the
     round's norm bound from ``reports``, the sites' metrics, and the weight cap), then
     combined by ``run.aggregation``; with what was bounded."""

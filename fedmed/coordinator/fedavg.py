@@ -36,8 +36,9 @@ def weighted_average(updates: list[SiteUpdate]) -> dict[str, np.ndarray]:
         acc = np.zeros(first.shape, dtype=np.float64)
         for update in updates:
             acc += update.state[name].astype(np.float64) * (update.examples / total)
-        averaged[name] = acc.astype(first.dtype) if np.issubdtype(first.dtype, np.floating) \
-            else np.rint(acc).astype(first.dtype)
+        averaged[name] = (
+            acc.astype(first.dtype) if np.issubdtype(first.dtype, np.floating) else np.rint(acc).astype(first.dtype)
+        )
     return averaged
 
 

@@ -20,15 +20,17 @@ def load_server_eval(run: RunSettings, model: nn.Module) -> tuple[np.ndarray, np
     from fedmed.data.dicom import ReadOptions
     from fedmed.data.site import SiteSource, load_site
 
-    data = load_site(SiteSource.from_path(run.server_eval_data, run.class_names),
-                     ReadOptions(image_size=run.image_size), default_cache_dir())
+    data = load_site(
+        SiteSource.from_path(run.server_eval_data, run.class_names),
+        ReadOptions(image_size=run.image_size),
+        default_cache_dir(),
+    )
     if len(data) == 0:
         raise ValueError(f"server evaluation data {run.server_eval_data} has no usable images")
     return fixed_inputs(model, np.asarray(data.images)), data.labels
 
 
-def evaluate_held_out(model: nn.Module, state: dict[str, np.ndarray],
-                      held_out: tuple[np.ndarray, np.ndarray]) -> dict:
+def evaluate_held_out(model: nn.Module, state: dict[str, np.ndarray], held_out: tuple[np.ndarray, np.ndarray]) -> dict:
     """``state``'s scores on the held-out set, with its size."""
     from fedmed.train import evaluate
 

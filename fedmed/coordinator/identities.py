@@ -21,8 +21,13 @@ class SiteNames:
         claimed = str(claimed or "")[:100]
         name = self.bound.get(node) or claimed or self.name(node)
         if node in self.bound and claimed and claimed != name and self.names.get(node) != name:
-            log.warning("node %d, registered with the key of %s, answers as %r; its replies are recorded as %s",
-                        node, name, claimed, name)
+            log.warning(
+                "node %d, registered with the key of %s, answers as %r; its replies are recorded as %s",
+                node,
+                name,
+                claimed,
+                name,
+            )
         self.names[node] = name
         return name
 

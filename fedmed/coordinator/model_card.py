@@ -25,9 +25,9 @@ PREPROCESSING = (
 SOFTWARE = ("fedmed", "torch", "flwr", "opacus", "kymatio", "pydicom", "numpy")
 PRIVACY_UNIT_TEXT = {
     "patient": "one patient (patient-level DP-SGD): the guarantee bounds what the model reveals about all of "
-               "one patient's training images together",
+    "one patient's training images together",
     "image": "one image (example-level DP-SGD): the guarantee bounds what the model reveals about any single "
-             "training image; a patient with several images is protected up to that many times epsilon",
+    "training image; a patient with several images is protected up to that many times epsilon",
 }
 
 
@@ -37,9 +37,16 @@ def weights_sha256(state: dict[str, np.ndarray]) -> str:
     return hashlib.sha256(pack(state).tobytes()).hexdigest()
 
 
-def model_card(run: RunSettings, sites: dict[str, dict], rounds_done: int, validation: dict | None, *,
-               weights: dict[str, np.ndarray] | None = None, held_out: dict | None = None,
-               initial_model: dict | None = None) -> dict:
+def model_card(
+    run: RunSettings,
+    sites: dict[str, dict],
+    rounds_done: int,
+    validation: dict | None,
+    *,
+    weights: dict[str, np.ndarray] | None = None,
+    held_out: dict | None = None,
+    initial_model: dict | None = None,
+) -> dict:
     """Facts a user of the model needs, under the headings of Model Cards for Model
     Reporting (Mitchell et al. 2019): what it is, what it is for, what it was trained and
     evaluated on, at what privacy cost, and where it falls short."""
@@ -47,7 +54,7 @@ def model_card(run: RunSettings, sites: dict[str, dict], rounds_done: int, valid
     classes = list(run.class_names)
     return {
         "format": "fedmed-model/1: numpy .npz of named float arrays (model.npz); "
-                  "rebuild with fedmed.model.build_model(ModelConfig(**architecture))",
+        "rebuild with fedmed.model.build_model(ModelConfig(**architecture))",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_id": run.run_id,
         "model_details": {
@@ -58,9 +65,11 @@ def model_card(run: RunSettings, sites: dict[str, dict], rounds_done: int, valid
             "initial_model": initial_model or {"source": "random initialisation", "seed": run.seed},
         },
         "intended_use": {
-            "primary_uses": (f"research on, and evaluation of, automatic classification of single grey "
-                             f"{run.image_size} x {run.image_size} px images into {', '.join(classes)}, as a "
-                             "second reader whose output a qualified clinician reviews"),
+            "primary_uses": (
+                f"research on, and evaluation of, automatic classification of single grey "
+                f"{run.image_size} x {run.image_size} px images into {', '.join(classes)}, as a "
+                "second reader whose output a qualified clinician reviews"
+            ),
             "primary_users": "hospital ML engineers and researchers; radiologists only through a validated tool",
             "out_of_scope": [
                 "diagnosis or triage without a clinician's review",
@@ -72,26 +81,42 @@ def model_card(run: RunSettings, sites: dict[str, dict], rounds_done: int, valid
         },
         "architecture": architecture,
         "classes": classes,
-        "input": {"image_size": run.image_size, "channels": 1, "range": [0.0, 1.0],
-                  "preprocessing": PREPROCESSING, "preprocessing_version": PREPROCESSING_VERSION},
-        "training": {"rounds_planned": run.rounds, "rounds_completed": rounds_done,
-                     "local_epochs": run.local_epochs, "local_steps": run.local_steps,
-                     "batch_size": run.batch_size, "learning_rate": run.learning_rate,
-                     "learning_rate_schedule": run.learning_rate_schedule, "momentum": run.momentum,
-                     "max_grad_norm": run.max_grad_norm, "class_prior": run.class_prior,
-                     "class_weights": run.class_weights, "aggregation": _aggregation(run)},
+        "input": {
+            "image_size": run.image_size,
+            "channels": 1,
+            "range": [0.0, 1.0],
+            "preprocessing": PREPROCESSING,
+            "preprocessing_version": PREPROCESSING_VERSION,
+        },
+        "training": {
+            "rounds_planned": run.rounds,
+            "rounds_completed": rounds_done,
+            "local_epochs": run.local_epochs,
+            "local_steps": run.local_steps,
+            "batch_size": run.batch_size,
+            "learning_rate": run.learning_rate,
+            "learning_rate_schedule": run.learning_rate_schedule,
+            "momentum": run.momentum,
+            "max_grad_norm": run.max_grad_norm,
+            "class_prior": run.class_prior,
+            "class_weights": run.class_weights,
+            "aggregation": _aggregation(run),
+        },
         "decision": decision_rule(run),
         "settings": run.user_settings(),
         "factors": {
-            "relevant": ["the hospital (scanner, protocol, population)", "class balance at each hospital",
-                         "image size after preprocessing"],
+            "relevant": [
+                "the hospital (scanner, protocol, population)",
+                "class balance at each hospital",
+                "image size after preprocessing",
+            ],
             "evaluation_factors": "per hospital (the sites' validation splits) and on the coordinator's held-out "
-                                  "set when it has one",
+            "set when it has one",
         },
         "metrics": {
             "reported": ["AUROC", "balanced accuracy", "sensitivity", "specificity", "accuracy"],
             "operating_point": "the decision rule above; balanced accuracy, sensitivity and specificity are "
-                               "measured there, AUROC over all thresholds",
+            "measured there, AUROC over all thresholds",
             "positive_class": classes[-1] if len(classes) == 2 else None,
         },
         "training_data": {
@@ -100,20 +125,25 @@ def model_card(run: RunSettings, sites: dict[str, dict], rounds_done: int, valid
             "note": "each hospital's images stayed at that hospital; only DP-noised model updates left it",
         },
         "evaluation_data": {
-            "held_out": ("the coordinator's own data (federation.server_eval_data)" if run.server_eval_data
-                         else "none: the coordinator held no test set"),
+            "held_out": (
+                "the coordinator's own data (federation.server_eval_data)"
+                if run.server_eval_data
+                else "none: the coordinator held no test set"
+            ),
             "sites": f"each site's validation split ({run.val_fraction:.0%} of its patients, never trained on)",
         },
         "quantitative_analyses": {"held_out": held_out, "sites_validation": validation},
         "privacy": {
             "unit": _privacy_unit(sites),
             "accountant": "Renyi DP of the subsampled Gaussian mechanism (Opacus), per site, over all its "
-                          "rounds and runs (the site's ledger)",
-            "sites": {name: {key: site.get(key) for key in ("dp", "epsilon", "delta", "privacy_unit")}
-                      for name, site in sorted(sites.items())},
+            "rounds and runs (the site's ledger)",
+            "sites": {
+                name: {key: site.get(key) for key in ("dp", "epsilon", "delta", "privacy_unit")}
+                for name, site in sorted(sites.items())
+            },
             "released_by_sites": "DP-noised model updates, record counts and validation counts (each in the "
-                                 "site's ledger), the parameters of each site's guarantee, and whatever a site "
-                                 "chose to release exactly (recorded in its ledger as a non-private release)",
+            "site's ledger), the parameters of each site's guarantee, and whatever a site "
+            "chose to release exactly (recorded in its ledger as a non-private release)",
         },
         "sites": {name: {**site, "rounds_joined": site.get("rounds_trained", 0)} for name, site in sites.items()},
         "validation": validation,
@@ -132,8 +162,9 @@ def _privacy_unit(sites: dict) -> str:
     units = {site.get("privacy_unit", "image") for site in sites.values()} or {"image"}
     if len(units) == 1:
         return PRIVACY_UNIT_TEXT[units.pop()]
-    return "; ".join(f"{name}: {PRIVACY_UNIT_TEXT[site.get('privacy_unit', 'image')]}"
-                     for name, site in sorted(sites.items()))
+    return "; ".join(
+        f"{name}: {PRIVACY_UNIT_TEXT[site.get('privacy_unit', 'image')]}" for name, site in sorted(sites.items())
+    )
 
 
 def _versions() -> dict:
@@ -166,20 +197,27 @@ def decision_rule(run: RunSettings) -> dict:
     site's data, so choosing it spends no privacy."""
     rule = "the most likely class (two classes: the second class when its probability is at least 0.5)"
     if run.class_prior:
-        chosen = (f"from the public class prior training.class_prior = {run.class_prior}: the sites trained with "
-                  "a loss logit-adjusted by it (Menon et al. 2021), so this rule targets balanced accuracy")
+        chosen = (
+            f"from the public class prior training.class_prior = {run.class_prior}: the sites trained with "
+            "a loss logit-adjusted by it (Menon et al. 2021), so this rule targets balanced accuracy"
+        )
     else:
-        chosen = ("no class prior was given: the rule of a plainly trained model, which favours the majority "
-                  "class on unbalanced data; set training.class_prior to a public prevalence")
-    return {"rule": rule, "chosen_from": chosen, "site_data_used": False,
-            "note": "balanced accuracy, sensitivity and specificity in fedmed's tables are measured at this rule"}
+        chosen = (
+            "no class prior was given: the rule of a plainly trained model, which favours the majority "
+            "class on unbalanced data; set training.class_prior to a public prevalence"
+        )
+    return {
+        "rule": rule,
+        "chosen_from": chosen,
+        "site_data_used": False,
+        "note": "balanced accuracy, sensitivity and specificity in fedmed's tables are measured at this rule",
+    }
 
 
 def _aggregation(run: RunSettings) -> str:
     text = "FedAvg weighted by each site's training examples"
     if run.server_learning_rate != 1.0 or run.server_momentum != 0.0:
-        text += (f", server step {run.server_learning_rate:g} with server momentum {run.server_momentum:g}"
-                 " (FedAvgM)")
+        text += f", server step {run.server_learning_rate:g} with server momentum {run.server_momentum:g} (FedAvgM)"
     return text
 
 
@@ -196,10 +234,14 @@ def model_card_markdown(card: dict) -> str:
         f"- Architecture: GroupNorm ResNet-{arch['depth']}, width {arch['width']}, {arch['frontend']} front-end, "
         f"{arch['in_channels']} input channel, {arch['num_classes']} classes ({', '.join(card['classes'])})",
         f"- Weights SHA-256 (float32 arrays in name order): {details['weights_sha256']}",
-        f"- Started from: {initial.get('source')}" + (f" (weights {initial['weights_sha256']})"
-                                                      if initial.get("weights_sha256") else "")
-        + (f"; pre-trained on PUBLIC data: {initial['public']['source']} ({initial['public']['terms']}; cite: "
-           f"{initial['public']['citation']}), no site data, no privacy budget" if initial.get("public") else ""),
+        f"- Started from: {initial.get('source')}"
+        + (f" (weights {initial['weights_sha256']})" if initial.get("weights_sha256") else "")
+        + (
+            f"; pre-trained on PUBLIC data: {initial['public']['source']} ({initial['public']['terms']}; cite: "
+            f"{initial['public']['citation']}), no site data, no privacy budget"
+            if initial.get("public")
+            else ""
+        ),
         f"- Training: {card['training']['rounds_completed']} of {card['training']['rounds_planned']} rounds, "
         f"{card['training']['aggregation']}",
         f"- Software: {', '.join(f'{k} {v}' for k, v in details['software'].items() if v)}",
@@ -235,42 +277,82 @@ def model_card_markdown(card: dict) -> str:
     ]
     for name, site in sorted(card["sites"].items()):
         private = "yes" if site.get("dp", True) else "**NO (non-private baseline)**"
-        lines.append(f"| {name} | {site.get('examples', '')} | {site.get('rounds_joined', 0)} | "
-                     f"{format_epsilon(site.get('epsilon'), site.get('dp', True), 4)} | "
-                     f"{format_number(site.get('delta'), 4)} | {private} | "
-                     f"{site.get('status', '')} |")
-    lines += ["", "## Evaluation data", "", f"- Held out: {card['evaluation_data']['held_out']}",
-              f"- Sites: {card['evaluation_data']['sites']}", "", "## Quantitative analyses", ""]
+        lines.append(
+            f"| {name} | {site.get('examples', '')} | {site.get('rounds_joined', 0)} | "
+            f"{format_epsilon(site.get('epsilon'), site.get('dp', True), 4)} | "
+            f"{format_number(site.get('delta'), 4)} | {private} | "
+            f"{site.get('status', '')} |"
+        )
+    lines += [
+        "",
+        "## Evaluation data",
+        "",
+        f"- Held out: {card['evaluation_data']['held_out']}",
+        f"- Sites: {card['evaluation_data']['sites']}",
+        "",
+        "## Quantitative analyses",
+        "",
+    ]
     analyses = card["quantitative_analyses"]
-    for title, values in (("Held-out set (coordinator)", analyses["held_out"]),
-                          ("Sites' validation, weighted by their validation images", analyses["sites_validation"])):
-        lines.append(f"{title}: " + (", ".join(f"{k} {format_number(v, 4)}" for k, v in sorted(values.items()))
-                                     if values else "not evaluated"))
+    for title, values in (
+        ("Held-out set (coordinator)", analyses["held_out"]),
+        ("Sites' validation, weighted by their validation images", analyses["sites_validation"]),
+    ):
+        lines.append(
+            f"{title}: "
+            + (
+                ", ".join(f"{k} {format_number(v, 4)}" for k, v in sorted(values.items()))
+                if values
+                else "not evaluated"
+            )
+        )
         lines.append("")
     privacy = card["privacy"]
-    lines += ["## Privacy", "", f"- Unit: {privacy['unit']}", f"- Accountant: {privacy['accountant']}",
-              f"- Released by the sites: {privacy['released_by_sites']}", "",
-              "## Ethical considerations", "", *(f"- {item}" for item in card["ethical_considerations"]), "",
-              "## Caveats and recommendations", "", *(f"- {item}" for item in card["caveats_and_recommendations"]),
-              "", "## Settings", "", *(f"- {name}: {value}" for name, value in card["settings"].items())]
+    lines += [
+        "## Privacy",
+        "",
+        f"- Unit: {privacy['unit']}",
+        f"- Accountant: {privacy['accountant']}",
+        f"- Released by the sites: {privacy['released_by_sites']}",
+        "",
+        "## Ethical considerations",
+        "",
+        *(f"- {item}" for item in card["ethical_considerations"]),
+        "",
+        "## Caveats and recommendations",
+        "",
+        *(f"- {item}" for item in card["caveats_and_recommendations"]),
+        "",
+        "## Settings",
+        "",
+        *(f"- {name}: {value}" for name, value in card["settings"].items()),
+    ]
     return "\n".join(lines) + "\n"
 
 
-def public_model_card(run: RunSettings, settings: PretrainSettings, *, data: str, history: list[dict],
-                      kept_epoch: int, images: dict[str, int], weights: dict[str, np.ndarray]) -> dict:
+def public_model_card(
+    run: RunSettings,
+    settings: PretrainSettings,
+    *,
+    data: str,
+    history: list[dict],
+    kept_epoch: int,
+    images: dict[str, int],
+    weights: dict[str, np.ndarray],
+) -> dict:
     """The card of a model pre-trained on public data (``fedmed pretrain``): which public
     source, its terms and citation, and that no site's data or privacy budget went into it.
     It has the keys ``fedmed predict`` and ``--initial-model`` read from a run's card."""
     architecture = asdict(ModelConfig.from_settings(run))
     return {
         "format": "fedmed-model/1: numpy .npz of named float arrays (model.npz); "
-                  "rebuild with fedmed.model.build_model(ModelConfig(**architecture))",
+        "rebuild with fedmed.model.build_model(ModelConfig(**architecture))",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_id": None,
         "model_details": {
             "name": f"fedmed GroupNorm ResNet-{architecture['depth']} pre-trained on public data",
             "type": "image classifier trained WITHOUT differential privacy on public data only, as the starting "
-                    "point of a private federation",
+            "point of a private federation",
             "weights_sha256": weights_sha256(weights),
             "software": _versions(),
             "initial_model": {"source": "random initialisation", "seed": run.seed},
@@ -284,14 +366,23 @@ def public_model_card(run: RunSettings, settings: PretrainSettings, *, data: str
             "site_data_used": False,
             "privacy_budget_spent": 0.0,
             "note": "public images carry no site's privacy: no ledger records anything for this model",
-            "epochs": len(history), "kept_epoch": kept_epoch, "augment": settings.augment,
-            "learning_rate": settings.learning_rate, "batch_size": settings.batch_size,
-            "images": images, "history": history,
+            "epochs": len(history),
+            "kept_epoch": kept_epoch,
+            "augment": settings.augment,
+            "learning_rate": settings.learning_rate,
+            "batch_size": settings.batch_size,
+            "images": images,
+            "history": history,
         },
         "architecture": architecture,
         "classes": list(run.class_names),
-        "input": {"image_size": run.image_size, "channels": 1, "range": [0.0, 1.0],
-                  "preprocessing": PREPROCESSING, "preprocessing_version": PREPROCESSING_VERSION},
+        "input": {
+            "image_size": run.image_size,
+            "channels": 1,
+            "range": [0.0, 1.0],
+            "preprocessing": PREPROCESSING,
+            "preprocessing_version": PREPROCESSING_VERSION,
+        },
         "decision": decision_rule(run),
         "settings": run.user_settings(),
         "caveats_and_recommendations": [
@@ -305,34 +396,36 @@ def public_model_card_markdown(card: dict) -> str:
     """The public model's card for people."""
     public, arch = card["public_pretraining"], card["architecture"]
     last = public["history"][-1] if public["history"] else {}
-    return "\n".join([
-        f"# Model card: {card['model_details']['name']}",
-        "",
-        f"- {card['model_details']['type']}; created {card['created']}",
-        f"- Architecture: GroupNorm ResNet-{arch['depth']}, width {arch['width']}, {arch['frontend']} front-end, "
-        f"{arch['image_size']} px, classes {', '.join(card['classes'])}",
-        f"- Weights SHA-256: {card['model_details']['weights_sha256']}",
-        "",
-        "## Public data",
-        "",
-        f"- Data: {public['data']}",
-        f"- Source: {public['source']}",
-        f"- Terms: {public['terms']}",
-        f"- Citation: {public['citation']}",
-        f"- Images: {public['images']['train']} for training, {public['images']['val']} for validation "
-        "(split by patient where the data names patients)",
-        "- **Public data only: no site's data was used and no privacy budget was spent.**",
-        "",
-        "## Training",
-        "",
-        f"- {public['epochs']} epochs (weights of epoch {public['kept_epoch']}), learning rate "
-        f"{public['learning_rate']:g} cosine-decayed, batch {public['batch_size']}, augmentation "
-        f"{'on (shifts, rotations, contrast; no flips)' if public['augment'] else 'off'}",
-        f"- Last epoch's validation on the public data: AUROC {format_number(last.get('val_auroc'), 4)}, "
-        f"balanced accuracy {format_number(last.get('val_balanced_accuracy'), 4)}",
-        "",
-        "## Caveats",
-        "",
-        *(f"- {item}" for item in card["caveats_and_recommendations"]),
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# Model card: {card['model_details']['name']}",
+            "",
+            f"- {card['model_details']['type']}; created {card['created']}",
+            f"- Architecture: GroupNorm ResNet-{arch['depth']}, width {arch['width']}, {arch['frontend']} front-end, "
+            f"{arch['image_size']} px, classes {', '.join(card['classes'])}",
+            f"- Weights SHA-256: {card['model_details']['weights_sha256']}",
+            "",
+            "## Public data",
+            "",
+            f"- Data: {public['data']}",
+            f"- Source: {public['source']}",
+            f"- Terms: {public['terms']}",
+            f"- Citation: {public['citation']}",
+            f"- Images: {public['images']['train']} for training, {public['images']['val']} for validation "
+            "(split by patient where the data names patients)",
+            "- **Public data only: no site's data was used and no privacy budget was spent.**",
+            "",
+            "## Training",
+            "",
+            f"- {public['epochs']} epochs (weights of epoch {public['kept_epoch']}), learning rate "
+            f"{public['learning_rate']:g} cosine-decayed, batch {public['batch_size']}, augmentation "
+            f"{'on (shifts, rotations, contrast; no flips)' if public['augment'] else 'off'}",
+            f"- Last epoch's validation on the public data: AUROC {format_number(last.get('val_auroc'), 4)}, "
+            f"balanced accuracy {format_number(last.get('val_balanced_accuracy'), 4)}",
+            "",
+            "## Caveats",
+            "",
+            *(f"- {item}" for item in card["caveats_and_recommendations"]),
+            "",
+        ]
+    )

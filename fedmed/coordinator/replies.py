@@ -72,8 +72,9 @@ class UpdateFormat(Protocol):
 
     records: frozenset[str]
 
-    def read(self, reply: ReplyView, metrics: dict, reference: dict[str, np.ndarray]
-             ) -> tuple[list[str], dict[str, np.ndarray]]: ...
+    def read(
+        self, reply: ReplyView, metrics: dict, reference: dict[str, np.ndarray]
+    ) -> tuple[list[str], dict[str, np.ndarray]]: ...
 
     def keep(self, outcome: RoundOutcome, node: int, name: str, accepted: Accepted) -> None: ...
 
@@ -83,8 +84,9 @@ class PlainUpdates:
 
     records = frozenset({protocol.ARRAYS})
 
-    def read(self, reply: ReplyView, metrics: dict, reference: dict[str, np.ndarray]
-             ) -> tuple[list[str], dict[str, np.ndarray]]:
+    def read(
+        self, reply: ReplyView, metrics: dict, reference: dict[str, np.ndarray]
+    ) -> tuple[list[str], dict[str, np.ndarray]]:
         if protocol.ARRAYS not in reply.records():
             return ["a trained reply without model arrays"], {}
         try:
@@ -107,8 +109,9 @@ class MaskedUpdates:
 
     records = frozenset({protocol.MASKED, protocol.SECURE})
 
-    def read(self, reply: ReplyView, metrics: dict, reference: dict[str, np.ndarray]
-             ) -> tuple[list[str], dict[str, np.ndarray]]:
+    def read(
+        self, reply: ReplyView, metrics: dict, reference: dict[str, np.ndarray]
+    ) -> tuple[list[str], dict[str, np.ndarray]]:
         size = sum(a.size for a in reference.values()) + 1
         if "examples" in metrics:
             return ["a secure-aggregation reply must not send its record count in clear"], {}
@@ -127,8 +130,9 @@ class MaskedUpdates:
         outcome.trained.append(name)
 
 
-def check_reply(run: RunSettings, reference: dict[str, np.ndarray], reply: ReplyView,
-                updates: UpdateFormat) -> Accepted | Rejected:
+def check_reply(
+    run: RunSettings, reference: dict[str, np.ndarray], reply: ReplyView, updates: UpdateFormat
+) -> Accepted | Rejected:
     """Check a site's reply to a training request against the protocol."""
     problems = []
     extra = sorted(reply.records() - ({protocol.METRICS, protocol.SITE} | updates.records))
@@ -171,8 +175,11 @@ def check_values(run: RunSettings, metrics: dict) -> list[str]:
     problems = []
     counts = metrics.get(protocol.VALIDATION_COUNTS)
     expected = counts_length(len(run.class_names))
-    if counts is not None and (not isinstance(counts, list) or len(counts) != expected
-                               or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in counts)):
+    if counts is not None and (
+        not isinstance(counts, list)
+        or len(counts) != expected
+        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in counts)
+    ):
         problems.append(f"validation counts must be {expected} finite numbers")
     noise = metrics.get(protocol.VALIDATION_NOISE)
     if noise is not None and not (isinstance(noise, (int, float)) and 0 <= noise <= MAX_VALIDATION_NOISE):

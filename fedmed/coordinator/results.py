@@ -22,9 +22,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedmed.coordinator")
 SCORES = ("auroc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "loss")
-COLUMNS = ("round", "aggregated", "trained", "budget_exhausted", "rejected", "failed", "missing", "examples",
-           "train_loss", "seconds", *(f"held_out_{s}" for s in SCORES),
-           *(f"sites_val_{s}" for s in SCORES), "sites_val_examples")
+COLUMNS = (
+    "round",
+    "aggregated",
+    "trained",
+    "budget_exhausted",
+    "rejected",
+    "failed",
+    "missing",
+    "examples",
+    "train_loss",
+    "seconds",
+    *(f"held_out_{s}" for s in SCORES),
+    *(f"sites_val_{s}" for s in SCORES),
+    "sites_val_examples",
+)
 
 
 def round_rows(records: Sequence[Record]) -> list[dict]:
@@ -36,10 +48,20 @@ def round_rows(records: Sequence[Record]) -> list[dict]:
         if not isinstance(record, RoundRecord):
             continue
         held_out = record.server_validation or {}
-        row = {"round": record.round, "aggregated": int(bool(record.aggregated)),
-               "examples": record.examples, "train_loss": record.train_loss, "seconds": record.seconds}
-        row |= {"trained": len(record.trained), "budget_exhausted": len(record.budget_exhausted),
-                "rejected": len(record.rejected), "failed": len(record.failed), "missing": len(record.missing)}
+        row = {
+            "round": record.round,
+            "aggregated": int(bool(record.aggregated)),
+            "examples": record.examples,
+            "train_loss": record.train_loss,
+            "seconds": record.seconds,
+        }
+        row |= {
+            "trained": len(record.trained),
+            "budget_exhausted": len(record.budget_exhausted),
+            "rejected": len(record.rejected),
+            "failed": len(record.failed),
+            "missing": len(record.missing),
+        }
         row |= {f"held_out_{s}": held_out.get(s) for s in SCORES}
         sites = validations.get(record.round, {})
         row |= {f"sites_val_{s}": sites.get(f"val-{s.replace('_', '-')}") for s in SCORES}
@@ -76,8 +98,12 @@ class RunResults:
     def _log(writer: SummaryWriter, record: Record) -> None:
         step = record.round
         if isinstance(record, RoundRecord):
-            scalars = {"train/loss": record.train_loss, "train/examples": record.examples,
-                       "sites/trained": len(record.trained), "round/seconds": record.seconds}
+            scalars = {
+                "train/loss": record.train_loss,
+                "train/examples": record.examples,
+                "sites/trained": len(record.trained),
+                "round/seconds": record.seconds,
+            }
             scalars |= {f"held_out/{s}": (record.server_validation or {}).get(s) for s in SCORES}
         else:
             scalars = {f"sites_validation/{s}": record.weighted.get(f"val-{s.replace('_', '-')}") for s in SCORES}

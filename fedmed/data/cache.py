@@ -34,8 +34,9 @@ PREPROCESSING_VERSION = 1
 INDEX_NAME = "index.json"
 # Outcomes that say nothing about a file's content (a permission fixed later keeps its mtime;
 # a file swapped between the stat and the read): asked again on every load.
-NOT_CACHED = frozenset({SkipReason.MISSING_FILE, SkipReason.UNREADABLE, SkipReason.NOT_A_REGULAR_FILE,
-                        SkipReason.TOO_LARGE})
+NOT_CACHED = frozenset(
+    {SkipReason.MISSING_FILE, SkipReason.UNREADABLE, SkipReason.NOT_A_REGULAR_FILE, SkipReason.TOO_LARGE}
+)
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,7 @@ class DecodeResult:
     from_cache: int  # files answered from the cache
 
 
-def decode_files(
-    paths: list[Path], options: ReadOptions, cache_dir: Path | None = None
-) -> DecodeResult:
+def decode_files(paths: list[Path], options: ReadOptions, cache_dir: Path | None = None) -> DecodeResult:
     """Decode ``paths`` (in order), reusing and refreshing the cache in ``cache_dir``."""
     store = _CacheStore(cache_dir, options) if cache_dir is not None else None
     old_entries, old_images = store.load() if store else ({}, None)
@@ -122,9 +121,7 @@ def _from_entry(entry: dict, row: int) -> Decoded:
     )
 
 
-def _assemble(
-    rows: list[int | np.ndarray], old_images: np.ndarray | None, size: int
-) -> np.ndarray:
+def _assemble(rows: list[int | np.ndarray], old_images: np.ndarray | None, size: int) -> np.ndarray:
     """Stack the images in order; hand back the memory map untouched when nothing moved."""
     if old_images is not None and len(rows) == len(old_images):
         if all(isinstance(r, int) and r == i for i, r in enumerate(rows)):
@@ -191,8 +188,9 @@ def purge_cache(cache_dir: Path, site_folder: str | None = None) -> list[Path]:
     candidates = [cache_dir / site_folder] if site_folder else sorted(p for p in cache_dir.iterdir() if p.is_dir())
     removed = []
     for folder in candidates:
-        if folder.is_dir() and any(OPTIONS_FOLDER.fullmatch(p.name) and (p / INDEX_NAME).is_file()
-                                   for p in folder.iterdir()):
+        if folder.is_dir() and any(
+            OPTIONS_FOLDER.fullmatch(p.name) and (p / INDEX_NAME).is_file() for p in folder.iterdir()
+        ):
             shutil.rmtree(folder)
             removed.append(folder)
     return removed

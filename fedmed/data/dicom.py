@@ -46,9 +46,7 @@ MB = 1_000_000  # the unit of the site setting site.max_file_mb
 DEFAULT_MAX_FILE_BYTES = 512 * MB  # a large uncompressed chest X-ray is tens of MB
 HEADER_BYTES = 8192  # what is read to decide whether a file is DICOM at all
 FIRST_GROUPS = (0x0002, 0x0008)  # a preamble-less file starts with its meta or identifying group
-SHORT_VRS = frozenset(
-    b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split()
-)
+SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split())
 LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())  # 4-byte lengths
 UNDEFINED_LENGTH = 0xFFFFFFFF
 
@@ -68,9 +66,7 @@ class ReadOptions:
         if self.max_file_bytes < 1:
             raise ValueError(f"max_file_bytes must be at least 1 byte, got {self.max_file_bytes}")
         if self.multiframe not in MULTIFRAME_POLICIES:
-            raise ValueError(
-                f"multiframe must be one of {', '.join(MULTIFRAME_POLICIES)}, got {self.multiframe!r}"
-            )
+            raise ValueError(f"multiframe must be one of {', '.join(MULTIFRAME_POLICIES)}, got {self.multiframe!r}")
 
 
 @dataclass(frozen=True)
@@ -118,21 +114,27 @@ def _check_kind_and_size(path: Path | str, info: os.stat_result, max_bytes: int)
     if not stat.S_ISREG(info.st_mode):
         link = " (through a link)" if os.path.islink(path) else ""
         raise DicomReadError(
-            path, SkipReason.NOT_A_REGULAR_FILE,
+            path,
+            SkipReason.NOT_A_REGULAR_FILE,
             f"{_kind(info.st_mode)}{link}, not a regular file; only regular files are read",
         )
     if info.st_size > max_bytes:
         raise DicomReadError(
-            path, SkipReason.TOO_LARGE,
+            path,
+            SkipReason.TOO_LARGE,
             f"{_megabytes(info.st_size)} is above the limit of {_megabytes(max_bytes)}; "
             "raise site.max_file_mb (--max-file-mb) if the site really has files this large",
         )
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISDIR, "a folder")):
+    for test, name in (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    ):
         if test(mode):
             return name
     return f"a special file (mode {stat.filemode(mode)})"
@@ -149,8 +151,7 @@ def _read(path: Path, options: ReadOptions) -> DicomImage:
         raise DicomReadError(
             path,
             SkipReason.MULTI_FRAME,
-            f"{frames} frames; fedmed trains on single images "
-            "(use multiframe='middle' to take the middle frame)",
+            f"{frames} frames; fedmed trains on single images (use multiframe='middle' to take the middle frame)",
         )
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric not in GREY + COLOUR:
@@ -197,9 +198,7 @@ def _read_dataset(path: Path, max_bytes: int) -> pydicom.Dataset:
         raise DicomReadError(path, SkipReason.INVALID_HEADER, _short(exc)) from exc
     if "PixelData" not in ds:
         kind = str(ds.get("Modality", "")) or str(ds.get("SOPClassUID", "unknown"))
-        raise DicomReadError(
-            path, SkipReason.NO_PIXEL_DATA, f"(7FE0,0010) Pixel Data is absent (object: {kind})"
-        )
+        raise DicomReadError(path, SkipReason.NO_PIXEL_DATA, f"(7FE0,0010) Pixel Data is absent (object: {kind})")
     return ds
 
 
@@ -292,9 +291,7 @@ def _read_without_preamble(handle, path: Path) -> pydicom.Dataset:
         raise not_dicom
     if "TransferSyntaxUID" not in ds.file_meta:
         implicit = ds.original_encoding[0] if ds.original_encoding else True
-        ds.file_meta.TransferSyntaxUID = (
-            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
-        )
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
     return ds
 
 

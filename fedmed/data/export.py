@@ -46,7 +46,11 @@ class DicomStyle:
         values = 255 - pixels.astype(np.int64) if self.photometric == "MONOCHROME1" else pixels.astype(np.int64)
         stored = self.offset + self.scale * values
         dtype = {(8, False): np.uint8, (16, False): np.uint16, (16, True): np.int16}[(self.bits_allocated, self.signed)]
-        low, high = (-(2 ** (self.bits_stored - 1)), 2 ** (self.bits_stored - 1) - 1) if self.signed else (0, 2**self.bits_stored - 1)
+        low, high = (
+            (-(2 ** (self.bits_stored - 1)), 2 ** (self.bits_stored - 1) - 1)
+            if self.signed
+            else (0, 2**self.bits_stored - 1)
+        )
         if stored.min() < low or stored.max() > high:
             raise ValueError(f"style {self.name}: stored values leave the {self.bits_stored}-bit range")
         return stored.astype(dtype)
@@ -54,7 +58,9 @@ class DicomStyle:
 
 SITE_STYLES = (
     DicomStyle("plain-8bit", manufacturer="Acme Radiography"),
-    DicomStyle("monochrome1-16bit", manufacturer="Borealis Imaging", photometric="MONOCHROME1", bits_stored=16, scale=257),
+    DicomStyle(
+        "monochrome1-16bit", manufacturer="Borealis Imaging", photometric="MONOCHROME1", bits_stored=16, scale=257
+    ),
     DicomStyle(
         "signed-12bit-rescaled",
         manufacturer="Cobalt Medical",
@@ -102,8 +108,9 @@ def export_site(images: ImageSet, out_dir: Path, site_name: str, style: DicomSty
     return written
 
 
-def _dataset(pixels: np.ndarray, style: DicomStyle, *, site: str, patient: str, number: int,
-             date: datetime.date) -> pydicom.Dataset:
+def _dataset(
+    pixels: np.ndarray, style: DicomStyle, *, site: str, patient: str, number: int, date: datetime.date
+) -> pydicom.Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
     meta.TransferSyntaxUID = ExplicitVRLittleEndian

@@ -59,8 +59,9 @@ def synthetic_sites(
     first_image = {p: i for i, p in reversed(list(enumerate(patients)))}
     patient_order = list(dict.fromkeys(patients))
     patient_labels = np.array([labels[first_image[p]] for p in patient_order])
-    patient_sites = dirichlet_partition(patient_labels, n_sites, alpha=alpha, quantity_alpha=quantity_alpha, seed=seed,
-                                        min_site_size=min_site_size)
+    patient_sites = dirichlet_partition(
+        patient_labels, n_sites, alpha=alpha, quantity_alpha=quantity_alpha, seed=seed, min_site_size=min_site_size
+    )
     site_of_patient = {patient_order[i]: s for s, members in enumerate(patient_sites) for i in members}
     site_of = np.array([site_of_patient[p] for p in patients], dtype=np.int64)
     images = synthesize(labels, patients, size, seed, site_of=site_of)

@@ -32,9 +32,7 @@ def dirichlet_partition(
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive (or None), got {value}")
     if n_sites * min_site_size > len(labels):
-        raise ValueError(
-            f"{len(labels)} images cannot give {n_sites} sites at least {min_site_size} images each"
-        )
+        raise ValueError(f"{len(labels)} images cannot give {n_sites} sites at least {min_site_size} images each")
     rng = np.random.default_rng(seed)
     for _ in range(max_tries):
         sites = _draw(labels, n_sites, alpha, quantity_alpha, rng)
@@ -77,8 +75,6 @@ def class_table(
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths))
-        )
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths)))
 
     return "\n".join([line(header), *(line(r) for r in rows)])

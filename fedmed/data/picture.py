@@ -100,14 +100,18 @@ def _read_bytes(path: Path, max_bytes: int) -> bytes:
     try:
         with _open_regular(path) as handle:
             if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):  # swapped since the stat
-                raise PictureReadError(path, SkipReason.NOT_A_REGULAR_FILE,
-                                       "no longer a regular file when opened; only regular files are read")
+                raise PictureReadError(
+                    path,
+                    SkipReason.NOT_A_REGULAR_FILE,
+                    "no longer a regular file when opened; only regular files are read",
+                )
             data = handle.read(max_bytes + 1)
     except OSError as exc:
         raise PictureReadError(path, SkipReason.UNREADABLE, _short(exc)) from exc
     if len(data) > max_bytes:  # grew since the stat
-        raise PictureReadError(path, SkipReason.TOO_LARGE, f"above the limit of {max_bytes:,} bytes "
-                               "(site.max_file_mb, --max-file-mb)")
+        raise PictureReadError(
+            path, SkipReason.TOO_LARGE, f"above the limit of {max_bytes:,} bytes (site.max_file_mb, --max-file-mb)"
+        )
     return data
 
 
@@ -126,7 +130,8 @@ def _decode(path: Path, data: bytes) -> np.ndarray:
                 frames = getattr(image, "n_frames", 1)
                 if frames > 1:
                     raise PictureReadError(
-                        path, SkipReason.MULTI_FRAME,
+                        path,
+                        SkipReason.MULTI_FRAME,
                         f"{image.format} with {frames} frames; fedmed reads single images "
                         "(save the frame you want as a file of its own)",
                     )
@@ -136,7 +141,8 @@ def _decode(path: Path, data: bytes) -> np.ndarray:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise PictureReadError(
-                path, SkipReason.TOO_LARGE,
+                path,
+                SkipReason.TOO_LARGE,
                 f"{_short(exc)}; Pillow's decompression-bomb limit is {Image.MAX_IMAGE_PIXELS:,} pixels",
             ) from exc
         except Image.UnidentifiedImageError as exc:
@@ -160,4 +166,3 @@ def _to_unit_range(image: Image.Image) -> np.ndarray:
 def _short(exc: BaseException, limit: int = 200) -> str:
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
     return text if len(text) <= limit else text[: limit - 3] + "..."
-

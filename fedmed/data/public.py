@@ -54,11 +54,13 @@ class PublicData:
     def __post_init__(self) -> None:
         n = len(self.labels)
         if self.images.ndim != 3 or self.images.shape[1] != self.images.shape[2] or self.images.dtype != np.float32:
-            raise ValueError(f"images must be float32 shaped (n, size, size), got {self.images.dtype} "
-                             f"{self.images.shape}")
+            raise ValueError(
+                f"images must be float32 shaped (n, size, size), got {self.images.dtype} {self.images.shape}"
+            )
         if len(self.images) != n or len(self.patient_ids) != n:
-            raise ValueError(f"{len(self.images)} images, {n} labels and {len(self.patient_ids)} patient ids "
-                             "must match")
+            raise ValueError(
+                f"{len(self.images)} images, {n} labels and {len(self.patient_ids)} patient ids must match"
+            )
         if n and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
             raise ValueError(f"labels must lie in 0..{len(self.classes) - 1} for classes {self.classes}")
 
@@ -78,8 +80,10 @@ def load_public(path: Path | str, classes: tuple[str, ...] | None = None, image_
     path = Path(path)
     options = ReadOptions(image_size=image_size)
     if not path.exists():
-        raise FileNotFoundError(f"public data not found: {path} (give a .npz file, a .csv manifest, or a folder "
-                                "of DICOM or PNG/JPEG files in one folder per class)")
+        raise FileNotFoundError(
+            f"public data not found: {path} (give a .npz file, a .csv manifest, or a folder "
+            "of DICOM or PNG/JPEG files in one folder per class)"
+        )
     if path.is_file() and path.suffix.lower() == ".npz":
         data = _load_npz(path, classes, image_size)
     elif path.is_file() and path.suffix.lower() == ".csv":
@@ -88,13 +92,17 @@ def load_public(path: Path | str, classes: tuple[str, ...] | None = None, image_
         kind = _folder_kind(path)
         data = _load_pictures(path, classes, options) if kind == "pictures" else _load_dicom(path, classes, options)
     else:
-        raise ValueError(f"{path}: public data must be a .npz file, a .csv manifest or a folder; "
-                         f"{path.suffix or 'a file without suffix'} is none of these")
+        raise ValueError(
+            f"{path}: public data must be a .npz file, a .csv manifest or a folder; "
+            f"{path.suffix or 'a file without suffix'} is none of these"
+        )
     if not len(data):
         reasons = Counter(o.reason.value for o in data.skipped_files if o.reason)
         why = f" ({', '.join(f'{r}: {n}' for r, n in reasons.most_common())})" if reasons else ""
-        raise ValueError(f"{path}: no usable images ({data.skipped} files skipped{why}); check the layout "
-                         "DIR/<class>/<image> and the class names")
+        raise ValueError(
+            f"{path}: no usable images ({data.skipped} files skipped{why}); check the layout "
+            "DIR/<class>/<image> and the class names"
+        )
     return data
 
 
@@ -108,8 +116,10 @@ def _load_npz(path: Path, classes: tuple[str, ...] | None, image_size: int) -> P
         return _load_medmnist(path, keys, classes, image_size)
     if {"images", "labels"} <= keys:
         return _load_plain_npz(path, classes, image_size)
-    raise ValueError(f"{path}: neither a MedMNIST file (train_images, train_labels, ...) nor one with images and "
-                     f"labels arrays; the file holds: {', '.join(sorted(keys))}")
+    raise ValueError(
+        f"{path}: neither a MedMNIST file (train_images, train_labels, ...) nor one with images and "
+        f"labels arrays; the file holds: {', '.join(sorted(keys))}"
+    )
 
 
 def _load_medmnist(path: Path, keys: set[str], classes: tuple[str, ...] | None, image_size: int) -> PublicData:
@@ -122,8 +132,14 @@ def _load_medmnist(path: Path, keys: set[str], classes: tuple[str, ...] | None, 
         known = f"{split}_patient_ids" in keys
         patients += list(images.patient_ids) if known else [""] * len(images)
     pixels = _to_unit(np.concatenate([s.images for s in sets]), path, "images", image_size)
-    return PublicData(pixels, labels, names, tuple(patients),
-                      f"{path.name} (MedMNIST npz, {'+'.join(splits)}: {len(labels)} images; test not used)", 0)
+    return PublicData(
+        pixels,
+        labels,
+        names,
+        tuple(patients),
+        f"{path.name} (MedMNIST npz, {'+'.join(splits)}: {len(labels)} images; test not used)",
+        0,
+    )
 
 
 def _load_plain_npz(path: Path, classes: tuple[str, ...] | None, image_size: int) -> PublicData:
@@ -140,8 +156,9 @@ def _load_plain_npz(path: Path, classes: tuple[str, ...] | None, image_size: int
         raise ValueError(f"{path}: labels has {labels.shape[1]} columns; fedmed reads single-label files")
     labels = labels[:, 0].astype(np.int64)
     if len(images) != len(labels) or len(patients) != len(labels):
-        raise ValueError(f"{path}: {len(images)} images, {len(labels)} labels and {len(patients)} patient ids "
-                         "(filename) must match")
+        raise ValueError(
+            f"{path}: {len(images)} images, {len(labels)} labels and {len(patients)} patient ids (filename) must match"
+        )
     names = _class_names(path, labels, classes)
     pixels = _to_unit(images, path, "images", image_size)
     return PublicData(pixels, labels, names, patients, f"{path.name} (npz, {len(labels)} images)", 0)
@@ -159,8 +176,10 @@ def _class_names(path: Path, labels: np.ndarray, classes: tuple[str, ...] | None
     n_classes = int(labels.max()) + 1 if len(labels) else 0
     if classes:
         if len(classes) < n_classes:
-            raise ValueError(f"{path}: labels go up to {n_classes - 1} but only {len(classes)} class names were "
-                             f"given ({', '.join(classes)})")
+            raise ValueError(
+                f"{path}: labels go up to {n_classes - 1} but only {len(classes)} class names were "
+                f"given ({', '.join(classes)})"
+            )
         return tuple(classes)
     return tuple(f"class-{i}" for i in range(n_classes))
 
@@ -191,8 +210,15 @@ def _load_dicom(path: Path, classes: tuple[str, ...] | None, options: ReadOption
     site = load_site(SiteSource.from_path(path, classes), options)  # no cache: public data is not a site's
     skipped = tuple(site.report.skipped)
     source = f"{path.name} (DICOM {'manifest' if path.is_file() else 'folders'}, {len(site)} images)"
-    return PublicData(np.asarray(site.images, dtype=np.float32), site.labels, site.classes,
-                      tuple(site.patient_ids), source, len(skipped), skipped)
+    return PublicData(
+        np.asarray(site.images, dtype=np.float32),
+        site.labels,
+        site.classes,
+        tuple(site.patient_ids),
+        source,
+        len(skipped),
+        skipped,
+    )
 
 
 def _folder_kind(root: Path) -> str:
@@ -205,8 +231,10 @@ def _folder_kind(root: Path) -> str:
         elif sniff(file) == "dicom" or file.suffix.lower() in DICOM_SUFFIXES:
             dicom += 1
     if pictures and dicom:
-        raise ValueError(f"{root} holds {dicom} DICOM and {pictures} PNG/JPEG files; public data is read in one "
-                         "format: put them in separate folders and load each")
+        raise ValueError(
+            f"{root} holds {dicom} DICOM and {pictures} PNG/JPEG files; public data is read in one "
+            "format: put them in separate folders and load each"
+        )
     return "pictures" if pictures else "dicom"
 
 
@@ -231,8 +259,14 @@ def _load_pictures(root: Path, classes: tuple[str, ...] | None, options: ReadOpt
         for name in [d for d in subdirs if os.path.islink(os.path.join(directory, d))]:
             subdirs.remove(name)  # never followed: no loops, no files from elsewhere
             parts = (Path(directory) / name).relative_to(root).parts
-            skipped.append(FileOutcome(printable("/".join(parts)), parts[0], SkipReason.NOT_A_REGULAR_FILE,
-                                       "a link to a folder; linked folders are not followed"))
+            skipped.append(
+                FileOutcome(
+                    printable("/".join(parts)),
+                    parts[0],
+                    SkipReason.NOT_A_REGULAR_FILE,
+                    "a link to a folder; linked folders are not followed",
+                )
+            )
         for name in sorted(files):
             path = Path(directory) / name
             parts = path.relative_to(root).parts
@@ -251,22 +285,30 @@ def _load_pictures(root: Path, classes: tuple[str, ...] | None, options: ReadOpt
             skipped.append(outcome)
     stacked = np.stack(images) if images else np.empty((0, options.image_size, options.image_size), np.float32)
     source = f"{root.name} (PNG/JPEG folders, {len(images)} images, {len(skipped)} skipped)"
-    return PublicData(stacked, np.asarray(labels, dtype=np.int64), classes, tuple(patients), source,
-                      len(skipped), tuple(skipped))
+    return PublicData(
+        stacked, np.asarray(labels, dtype=np.int64), classes, tuple(patients), source, len(skipped), tuple(skipped)
+    )
 
 
-def _check_place(path: Path, parts: tuple[str, ...], shown: str, label: str | None,
-                 classes: tuple[str, ...]) -> FileOutcome | None:
+def _check_place(
+    path: Path, parts: tuple[str, ...], shown: str, label: str | None, classes: tuple[str, ...]
+) -> FileOutcome | None:
     """Why a file is not read (hidden, outside a class folder, another class, not a picture)."""
     if any(part.startswith(".") for part in parts):
         return FileOutcome(shown, None, SkipReason.HIDDEN_FILE, "hidden files are ignored")
     if label is None:
-        return FileOutcome(shown, None, SkipReason.OUTSIDE_CLASS_FOLDER,
-                           "files must sit inside a folder named after their class")
+        return FileOutcome(
+            shown, None, SkipReason.OUTSIDE_CLASS_FOLDER, "files must sit inside a folder named after their class"
+        )
     if label not in classes:
-        return FileOutcome(shown, label, SkipReason.UNKNOWN_LABEL,
-                           f"folder {label!r} is not one of the classes ({', '.join(classes)})")
+        return FileOutcome(
+            shown, label, SkipReason.UNKNOWN_LABEL, f"folder {label!r} is not one of the classes ({', '.join(classes)})"
+        )
     if not is_picture(path):
-        return FileOutcome(shown, label, SkipReason.DECODE_FAILED,
-                           f"not a PNG or JPEG file (suffix and first bytes); read: {', '.join(PICTURE_SUFFIXES)}")
+        return FileOutcome(
+            shown,
+            label,
+            SkipReason.DECODE_FAILED,
+            f"not a PNG or JPEG file (suffix and first bytes); read: {', '.join(PICTURE_SUFFIXES)}",
+        )
     return None

@@ -106,8 +106,7 @@ class ValidationReport:
         """A human-readable summary: counts per class, then every skipped file and why."""
         lines = [
             f"Site data: {printable(self.root)}",
-            f"  files found: {len(self.outcomes)}   used: {len(self.used)}   "
-            f"skipped: {len(self.skipped)}",
+            f"  files found: {len(self.outcomes)}   used: {len(self.used)}   skipped: {len(self.skipped)}",
             f"  decoded now: {self.decoded}   read from cache: {self.from_cache}",
             "  usable images per class:",
         ]

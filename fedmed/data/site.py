@@ -54,8 +54,7 @@ class SiteSource:
         if path.is_dir():
             return cls(root=path, classes=classes, allow_outside_paths=allow_outside_paths)
         if path.is_file() and path.suffix.lower() == ".csv":
-            return cls(root=path.parent, manifest=path, classes=classes,
-                       allow_outside_paths=allow_outside_paths)
+            return cls(root=path.parent, manifest=path, classes=classes, allow_outside_paths=allow_outside_paths)
         if not path.exists():
             raise FileNotFoundError(f"site data not found: {path} (give a folder or a .csv manifest)")
         raise ValueError(f"{path} is neither a folder nor a .csv manifest")
@@ -88,9 +87,7 @@ class SiteData:
         return split_by_patient(self.labels, self.patient_ids, val_fraction, seed)
 
 
-def load_site(
-    source: SiteSource, options: ReadOptions = ReadOptions(), cache_dir: Path | None = None
-) -> SiteData:
+def load_site(source: SiteSource, options: ReadOptions = ReadOptions(), cache_dir: Path | None = None) -> SiteData:
     """Read every file of ``source``; bad files are reported and skipped, never fatal.
 
     With ``cache_dir``, decoded images are kept in a folder of their own for this site
@@ -118,9 +115,7 @@ def load_site(
         uid = decoded.sop_instance_uid
         if uid and uid in first_seen:
             detail = f"SOP Instance UID {uid} already used by {first_seen[uid]}"
-            outcomes.append(
-                FileOutcome(candidate.shown, candidate.label, SkipReason.DUPLICATE_SOP_INSTANCE, detail)
-            )
+            outcomes.append(FileOutcome(candidate.shown, candidate.label, SkipReason.DUPLICATE_SOP_INSTANCE, detail))
             continue
         if uid:
             first_seen[uid] = candidate.shown
@@ -216,8 +211,10 @@ def _list_manifest(
             detail = f"manifest line {line}: label {label!r} is not one of the site's classes ({', '.join(classes)})"
             skipped.append(FileOutcome(shown, label or None, SkipReason.UNKNOWN_LABEL, detail))
         elif outside is not None:
-            detail = (f"manifest line {line}: {outside}; files must be inside the manifest's folder {folder} "
-                      "(set site.allow_outside_paths, --allow-outside-paths, to read files elsewhere)")
+            detail = (
+                f"manifest line {line}: {outside}; files must be inside the manifest's folder {folder} "
+                "(set site.allow_outside_paths, --allow-outside-paths, to read files elsewhere)"
+            )
             skipped.append(FileOutcome(shown, label, SkipReason.OUTSIDE_SITE_FOLDER, detail))
         elif not os.path.exists(path):
             detail = f"manifest line {line}: no such file {path}"
@@ -248,6 +245,4 @@ def _read_manifest(manifest: Path) -> list[dict[str, str]]:
                 f"{manifest}: the manifest needs a header line with columns path,label[,patient_id]; "
                 f"missing {', '.join(missing)} (found: {', '.join(header) or 'nothing'})"
             )
-        return [
-            {(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader
-        ]
+        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]

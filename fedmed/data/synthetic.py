@@ -48,8 +48,9 @@ PUBLIC_SEED_OFFSET = 1_000_003  # the public pool's random stream never meets a 
 PUBLIC_LABEL_NOISE = 0.3
 
 
-def synthetic_public_pool(n_images: int, size: int = 64, seed: int = 0,
-                          label_noise: float = PUBLIC_LABEL_NOISE) -> ImageSet:
+def synthetic_public_pool(
+    n_images: int, size: int = 64, seed: int = 0, label_noise: float = PUBLIC_LABEL_NOISE
+) -> ImageSet:
     """A public pool of synthetic chest X-rays: balanced classes, its own patients
     ("PUB..."), scanners and random stream, so it shares no image with any site, and
     labels of a public archive's quality (``label_noise`` of the patients mislabelled)."""
@@ -104,11 +105,14 @@ def synthesize(
         elif rng.random() < 0.3:
             anatomy += _opacities(x, y, lungs, rng, count=1, strength=(0.04, 0.1), sigma=(0.03, 0.06))
         images[i] = _acquire(anatomy, profile, rng)
-    return ImageSet(images=images, labels=np.asarray(labels, dtype=np.int64), classes=CLASSES, patient_ids=tuple(patient_ids))
+    return ImageSet(
+        images=images, labels=np.asarray(labels, dtype=np.int64), classes=CLASSES, patient_ids=tuple(patient_ids)
+    )
 
 
-def _ellipse(x: np.ndarray, y: np.ndarray, *, cx: float, cy: float, rx: float, ry: float,
-             edge: float = 0.08) -> np.ndarray:
+def _ellipse(
+    x: np.ndarray, y: np.ndarray, *, cx: float, cy: float, rx: float, ry: float, edge: float = 0.08
+) -> np.ndarray:
     """A soft-edged ellipse mask in [0, 1]."""
     r = np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2)
     return np.clip((1.0 - r) / edge + 0.5, 0.0, 1.0)

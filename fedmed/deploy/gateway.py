@@ -23,8 +23,8 @@ import argparse
 import logging
 import ssl
 import sys
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 import httpx
 import uvicorn
@@ -36,8 +36,20 @@ from starlette.routing import Route
 
 FLEET_PREFIX = "/v1/fleet/"  # the only API a site needs
 # Hop-by-hop headers (RFC 9110, 7.6.1) and those httpx and uvicorn set again themselves.
-NOT_FORWARDED = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                           "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
+NOT_FORWARDED = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=600.0, pool=10.0)
 # Largest request body forwarded. A site's biggest request carries one model vector (a
 # ResNet-50 at width 64, 23.5 M parameters, is 94 MB as float32); anything far larger is
@@ -59,27 +71,34 @@ def create_app(upstream: str, verify: ssl.SSLContext | bool) -> Starlette:
     async def forward(request: Request) -> Response:
         caller = request.client.host if request.client else "unknown"
         if not is_site_request(request.method, request.url.path):
-            log.warning("refused %s %s from %s: only the Fleet API is served on the sites' port",
-                        request.method, request.url.path[:200].encode("unicode_escape").decode("ascii"), caller)
+            log.warning(
+                "refused %s %s from %s: only the Fleet API is served on the sites' port",
+                request.method,
+                request.url.path[:200].encode("unicode_escape").decode("ascii"),
+                caller,
+            )
             return PlainTextResponse("not found", status_code=404)
         body = await _bounded_body(request)
         if body is None:
             log.warning("refused %s from %s: body over %d bytes", request.url.path, caller, MAX_BODY)
             return PlainTextResponse("request too large", status_code=413)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED]
-        outgoing = client.build_request(request.method, request.url.path, params=request.query_params,
-                                        headers=headers, content=body)
+        outgoing = client.build_request(
+            request.method, request.url.path, params=request.query_params, headers=headers, content=body
+        )
         try:
             answer = await client.send(outgoing, stream=True)
         except httpx.HTTPError as error:
             log.warning("the SuperLink did not answer %s: %s", request.url.path, error)
             return PlainTextResponse("coordinator unavailable", status_code=503)
         kept = {k: v for k, v in answer.headers.items() if k.lower() not in NOT_FORWARDED}
-        return StreamingResponse(answer.aiter_raw(), status_code=answer.status_code, headers=kept,
-                                 background=BackgroundTask(answer.aclose))
+        return StreamingResponse(
+            answer.aiter_raw(), status_code=answer.status_code, headers=kept, background=BackgroundTask(answer.aclose)
+        )
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
     routes = [Route("/{path:path}", forward, methods=methods)]
+
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         yield
@@ -111,9 +130,11 @@ def upstream_tls(ca_certfile: str) -> ssl.SSLContext:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedmed.deploy.gateway",
-                                description="Forward only Flower's Fleet API from the sites' address to a "
-                                            "loopback SuperLink (started by fedmed-server).")
+    p = argparse.ArgumentParser(
+        prog="python -m fedmed.deploy.gateway",
+        description="Forward only Flower's Fleet API from the sites' address to a "
+        "loopback SuperLink (started by fedmed-server).",
+    )
     p.add_argument("--host", required=True, help="address the sites connect to")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream-port", type=int, required=True, help="the SuperLink's port on 127.0.0.1")
@@ -127,12 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per forwarded request
     scheme = "https" if tls else "http"
-    app = create_app(f"{scheme}://127.0.0.1:{args.upstream_port}",
-                     upstream_tls(args.ca_certfile) if tls else False)
-    log.info("fedmed gateway on %s:%s forwards the Fleet API to 127.0.0.1:%s", args.host, args.port,
-             args.upstream_port)
-    uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.certfile, ssl_keyfile=args.keyfile,
-                log_level="warning", access_log=False)
+    app = create_app(f"{scheme}://127.0.0.1:{args.upstream_port}", upstream_tls(args.ca_certfile) if tls else False)
+    log.info("fedmed gateway on %s:%s forwards the Fleet API to 127.0.0.1:%s", args.host, args.port, args.upstream_port)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        ssl_certfile=args.certfile,
+        ssl_keyfile=args.keyfile,
+        log_level="warning",
+        access_log=False,
+    )
     return 0
 
 

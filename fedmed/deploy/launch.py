@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import tomli_w
 
@@ -31,8 +31,10 @@ def check_tls_choice(certificates: Path | None, insecure: bool, files: tuple[str
     if certificates is not None and insecure:
         raise ValueError("give either --certificates or --insecure, not both")
     if certificates is None and not insecure:
-        raise ValueError("no TLS certificates given: pass --certificates DIR (see server/README.md to "
-                         "create them), or --insecure to run without encryption on a trusted test network")
+        raise ValueError(
+            "no TLS certificates given: pass --certificates DIR (see server/README.md to "
+            "create them), or --insecure to run without encryption on a trusted test network"
+        )
     if certificates is not None:
         missing = [name for name in files if not (certificates / name).is_file()]
         if missing:
@@ -43,8 +45,9 @@ def check_tls_choice(certificates: Path | None, insecure: bool, files: tuple[str
 LEGACY_GRPC_OFF = {"FLWR_INTERNAL_GRPC_CONTROL_API": "0", "FLWR_INTERNAL_GRPC_FLEET_API": "0"}
 
 
-def start_superlink(port: int, certificates: Path | None, log_path: Path, flwr_home: Path,
-                    node_auth: bool = False) -> ManagedProcess:
+def start_superlink(
+    port: int, certificates: Path | None, log_path: Path, flwr_home: Path, node_auth: bool = False
+) -> ManagedProcess:
     """A SuperLink on loopback only: its one port also serves Flower's Control API, which
     must never be reachable from where the sites connect (the sites reach its Fleet API
     through ``fedmed.deploy.gateway``).
@@ -53,41 +56,85 @@ def start_superlink(port: int, certificates: Path | None, log_path: Path, flwr_h
     every message wait for disk writes (BENCHMARKS.md, round overhead: 0.8 s against 0.3 s
     a round). A restarted coordinator starts afresh; the sites notice and register again by
     themselves (``fedmed.deploy.site``), and the run directory holds what a resumed run needs."""
-    command = [flower_command("flower-superlink"), "--disable-runtime-dependency-installation",
-               "--host", "127.0.0.1", "--port", str(port)]  # state in memory (the default)
+    command = [
+        flower_command("flower-superlink"),
+        "--disable-runtime-dependency-installation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]  # state in memory (the default)
     if certificates is None:
         command.append("--insecure")
     else:
-        command += ["--ssl-ca-certfile", str(certificates / CA_CERT),
-                    "--ssl-certfile", str(certificates / SERVER_CERT),
-                    "--ssl-keyfile", str(certificates / SERVER_KEY)]
+        command += [
+            "--ssl-ca-certfile",
+            str(certificates / CA_CERT),
+            "--ssl-certfile",
+            str(certificates / SERVER_CERT),
+            "--ssl-keyfile",
+            str(certificates / SERVER_KEY),
+        ]
     if node_auth:
         command.append("--enable-supernode-auth")
     return ManagedProcess(command, log_path, {"FLWR_HOME": str(flwr_home), **LEGACY_GRPC_OFF})
 
 
-def start_gateway(host: str, port: int, superlink_port: int, certificates: Path | None,
-                  log_path: Path) -> ManagedProcess:
+def start_gateway(
+    host: str, port: int, superlink_port: int, certificates: Path | None, log_path: Path
+) -> ManagedProcess:
     """The sites' door on ``host:port``: forwards only the Fleet API to the loopback SuperLink."""
-    command = [sys.executable, "-m", "fedmed.deploy.gateway", "--host", host, "--port", str(port),
-               "--upstream-port", str(superlink_port)]
+    command = [
+        sys.executable,
+        "-m",
+        "fedmed.deploy.gateway",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--upstream-port",
+        str(superlink_port),
+    ]
     if certificates is not None:
-        command += ["--certfile", str(certificates / SERVER_CERT), "--keyfile", str(certificates / SERVER_KEY),
-                    "--ca-certfile", str(certificates / CA_CERT)]
+        command += [
+            "--certfile",
+            str(certificates / SERVER_CERT),
+            "--keyfile",
+            str(certificates / SERVER_KEY),
+            "--ca-certfile",
+            str(certificates / CA_CERT),
+        ]
     return ManagedProcess(command, log_path)
 
 
 def start_simulation_superlink(port: int, log_path: Path, flwr_home: Path, env: dict[str, str]) -> ManagedProcess:
     """A loopback SuperLink that runs submitted apps on Flower's Simulation Runtime (Ray)."""
-    command = [flower_command("flower-superlink"), "--simulation", "--insecure",
-               "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        flower_command("flower-superlink"),
+        "--simulation",
+        "--insecure",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     return ManagedProcess(command, log_path, {"FLWR_HOME": str(flwr_home), **env})
 
 
-def launch(run: RunSettings, run_dir: RunDirectory, superlink: ManagedProcess, host: str, port: int, *,
-           root_certificate: Path | None = None, authorized_keys: Path | None = None,
-           federation_config: str = "", live: bool = False,
-           on_tick: Callable[[], None] | None = None) -> dict:
+def launch(
+    run: RunSettings,
+    run_dir: RunDirectory,
+    superlink: ManagedProcess,
+    host: str,
+    port: int,
+    *,
+    root_certificate: Path | None = None,
+    authorized_keys: Path | None = None,
+    federation_config: str = "",
+    live: bool = False,
+    on_tick: Callable[[], None] | None = None,
+) -> dict:
     """Submit fedmed's apps with ``run``'s settings to a started SuperLink and follow the
     run until it ends; returns its final status (see ``follow_run``)."""
     wait_for_port(host, port, 60, superlink)
@@ -99,8 +146,7 @@ def launch(run: RunSettings, run_dir: RunDirectory, superlink: ManagedProcess, h
     app = write_app(run_dir.path / "app" / f"from-round-{run.start_round}", run)
     flower_run = submit_run(app, env, federation_config)
     run_dir.add_flower_run(flower_run, run.start_round)
-    print(f"fedmed run {run.run_id} (Flower run {flower_run}) on port {port}; run directory {run_dir.path}",
-          flush=True)
+    print(f"fedmed run {run.run_id} (Flower run {flower_run}) on port {port}; run directory {run_dir.path}", flush=True)
     return follow_run(run_dir, flower_run, env, superlink, live=live, on_tick=on_tick)
 
 
@@ -122,10 +168,14 @@ def write_app(app_dir: Path, run: RunSettings) -> Path:
     private_dir(app_dir)  # owner-only, as all of a run directory
     spec = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {"name": "fedmed-run", "version": "1.0.0", "description": "fedmed federated run",
-                    "license": "Apache-2.0", "dependencies": []},
-        "tool": {"flwr": {"app": {"publisher": "fedmed", "components": APP_COMPONENTS,
-                                  "config": run.to_flower()}}},
+        "project": {
+            "name": "fedmed-run",
+            "version": "1.0.0",
+            "description": "fedmed federated run",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {"flwr": {"app": {"publisher": "fedmed", "components": APP_COMPONENTS, "config": run.to_flower()}}},
     }
     write_atomic(app_dir / "pyproject.toml", tomli_w.dumps(spec).encode("utf-8"))
     return app_dir
@@ -146,12 +196,16 @@ def register_keys(folder: Path, env: dict[str, str]) -> dict[int, str]:
         raise RuntimeError(f"--authorized-keys {folder} holds no *.pub files")
     identities = {}
     for key in keys:
-        result = subprocess.run([flower_command("flwr"), "supernode", "register", str(key), CONNECTION,
-                                 "--format", "json"], capture_output=True, text=True, env=child_environ(env))
+        result = subprocess.run(
+            [flower_command("flwr"), "supernode", "register", str(key), CONNECTION, "--format", "json"],
+            capture_output=True,
+            text=True,
+            env=child_environ(env),
+        )
         answer = (result.stderr or result.stdout).strip()
         if result.returncode != 0 or '"node-id"' not in result.stdout:
             raise RuntimeError(f"could not register {key}: {answer[-500:]} (each site needs its own key)")
-        reply = result.stdout[result.stdout.index("{"): result.stdout.rindex("}") + 1]
+        reply = result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1]
         identities[int(json.loads(reply)["node-id"])] = key.stem
     print(f"{len(keys)} site keys registered; other SuperNodes are refused", flush=True)
     return identities
@@ -176,7 +230,11 @@ def submit_run(app_dir: Path, env: dict[str, str], federation_config: str = "") 
 
 def stop_run(run_id: str, env: dict[str, str]) -> bool:
     """Ask the SuperLink to stop a Flower run (e.g. one whose coordinator crashed)."""
-    result = subprocess.run([flower_command("flwr"), "stop", run_id, CONNECTION, "--format", "json"],
-                            capture_output=True, text=True, env=child_environ(env), timeout=60)
+    result = subprocess.run(
+        [flower_command("flwr"), "stop", run_id, CONNECTION, "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=child_environ(env),
+        timeout=60,
+    )
     return result.returncode == 0
-

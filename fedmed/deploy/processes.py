@@ -38,8 +38,12 @@ def child_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
     Flower's usage telemetry (events sent to flower.ai) is off unless the user turned it
     on explicitly: a hospital's processes should not contact third parties."""
     scripts = str(Path(sys.executable).parent)
-    return {"FLWR_TELEMETRY_ENABLED": "0", **os.environ,
-            "PATH": scripts + os.pathsep + os.environ.get("PATH", ""), **(extra or {})}
+    return {
+        "FLWR_TELEMETRY_ENABLED": "0",
+        **os.environ,
+        "PATH": scripts + os.pathsep + os.environ.get("PATH", ""),
+        **(extra or {}),
+    }
 
 
 def _stop_with_parent() -> None:
@@ -62,8 +66,14 @@ class ManagedProcess:
         self._log = open_append(log_path)
         self._log_start = self._log.tell()  # the log may hold earlier processes' output
         self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=child_environ(env), start_new_session=True, preexec_fn=_stop_with_parent, umask=CHILD_UMASK,
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child_environ(env),
+            start_new_session=True,
+            preexec_fn=_stop_with_parent,
+            umask=CHILD_UMASK,
         )
 
     @property
@@ -110,8 +120,9 @@ def wait_for_port(host: str, port: int, timeout: float, process: ManagedProcess 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and not process.running():
-            raise RuntimeError(f"{process.command[0]} exited with code {process.process.returncode}:\n"
-                               f"{process.log_tail()}")
+            raise RuntimeError(
+                f"{process.command[0]} exited with code {process.process.returncode}:\n{process.log_tail()}"
+            )
         try:
             with socket.create_connection((host, port), timeout=1):
                 return

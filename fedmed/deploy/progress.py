@@ -20,8 +20,15 @@ FINAL_PHASES = ("completed", "stopped", "failed")
 QUIET_BEFORE_CHECK = 10.0  # seconds without progress before Flower is asked whether the run still runs
 
 
-def follow_run(run_dir: RunDirectory, flower_run: str, env: dict[str, str], superlink: ManagedProcess, *,
-               live: bool, on_tick: Callable[[], None] | None = None) -> dict:
+def follow_run(
+    run_dir: RunDirectory,
+    flower_run: str,
+    env: dict[str, str],
+    superlink: ManagedProcess,
+    *,
+    live: bool,
+    on_tick: Callable[[], None] | None = None,
+) -> dict:
     """Print each finished round and a progress line (a bar redrawn in place when ``live``,
     plain lines otherwise) until the run reaches a final phase; returns its status.
     Raises RuntimeError when the SuperLink or the Flower run ends first."""
@@ -61,15 +68,20 @@ def follow_run(run_dir: RunDirectory, flower_run: str, env: dict[str, str], supe
                 time.sleep(1)
                 if run_dir.status().get("phase") in FINAL_PHASES:
                     continue
-                raise RuntimeError(f"the Flower run ended ({flower_status}) before fedmed finished; "
-                                   f"see {run_dir.path / 'server.log'}")
+                raise RuntimeError(
+                    f"the Flower run ended ({flower_status}) before fedmed finished; see {run_dir.path / 'server.log'}"
+                )
         time.sleep(0.5)
 
 
 def round_line(record: RoundRecord) -> str:
     parts = [f"round {record.round}/{record.rounds}: {len(record.trained)} sites trained"]
-    for what, names in (("budget exhausted", record.budget_exhausted), ("missing", record.missing),
-                        ("rejected", list(record.rejected)), ("failed", list(record.failed))):
+    for what, names in (
+        ("budget exhausted", record.budget_exhausted),
+        ("missing", record.missing),
+        ("rejected", list(record.rejected)),
+        ("failed", list(record.failed)),
+    ):
         if names:
             parts.append(f"{what}: {', '.join(names)}")
     if not record.aggregated:
@@ -98,16 +110,25 @@ def progress_line(status: dict) -> str:
     auroc = validation.get("val-auroc")
     if isinstance(auroc, float) and math.isfinite(auroc):
         # the sites' summed noisy counts: one score for the federation, with its error bar
-        text += (f", sites' validation AUROC {format_noisy(auroc, validation.get('val-auroc-se'), TOO_NOISY)}, "
-                 "balanced accuracy " + format_noisy(validation.get("val-balanced-accuracy"),
-                                                     validation.get("val-balanced-accuracy-se"), TOO_NOISY))
+        text += (
+            f", sites' validation AUROC {format_noisy(auroc, validation.get('val-auroc-se'), TOO_NOISY)}, "
+            "balanced accuracy "
+            + format_noisy(
+                validation.get("val-balanced-accuracy"), validation.get("val-balanced-accuracy-se"), TOO_NOISY
+            )
+        )
     return text
 
 
 def run_status(run_id: str, env: dict[str, str]) -> str:
     """Flower's status of a run, e.g. "running" or "finished:completed" ("" if unknown)."""
-    result = subprocess.run([flower_command("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
-                            capture_output=True, text=True, env=child_environ(env), timeout=60)
+    result = subprocess.run(
+        [flower_command("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=child_environ(env),
+        timeout=60,
+    )
     try:
         runs = json.loads(result.stdout).get("runs", [])
     except json.JSONDecodeError:

@@ -33,9 +33,13 @@ def new_run(run: RunSettings, path: Path | None) -> tuple[RunSettings, RunDirect
     path = path or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if (path / "config.json").exists():
         raise ValueError(f"{path} already holds a run; use --resume {path} to continue it")
-    run = replace(run, run_dir=str(path.resolve()), run_id=f"run-{uuid.uuid4().hex[:12]}",
-                  server_eval_data=str(Path(run.server_eval_data).resolve()) if run.server_eval_data else "",
-                  initial_model=str(Path(run.initial_model).resolve()) if run.initial_model else "")
+    run = replace(
+        run,
+        run_dir=str(path.resolve()),
+        run_id=f"run-{uuid.uuid4().hex[:12]}",
+        server_eval_data=str(Path(run.server_eval_data).resolve()) if run.server_eval_data else "",
+        initial_model=str(Path(run.initial_model).resolve()) if run.initial_model else "",
+    )
     if run.initial_model:
         from fedmed.coordinator.initial_model import load_initial_model  # torch: only when needed
 
@@ -80,20 +84,32 @@ def coordinate(run: RunSettings, run_dir: RunDirectory, server: ServerSettings, 
     if key is not None:
         run = sign_run(run, key)
     else:
-        print("WARNING: no signing key (coordinator.key): sites that pinned a coordinator key will refuse "
-              "this run", file=sys.stderr)
+        print(
+            "WARNING: no signing key (coordinator.key): sites that pinned a coordinator key will refuse this run",
+            file=sys.stderr,
+        )
     logs = run_dir.path / "logs"
     superlink_port = free_port()
-    superlink = start_superlink(superlink_port, certificates, logs / "superlink.log", run_dir.path / ".flwr",
-                                node_auth=keys is not None)
+    superlink = start_superlink(
+        superlink_port, certificates, logs / "superlink.log", run_dir.path / ".flwr", node_auth=keys is not None
+    )
     gateway = start_gateway(server.host, server.port, superlink_port, certificates, logs / "gateway.log")
     try:
         wait_for_port({"0.0.0.0": "127.0.0.1", "::": "::1"}.get(server.host, server.host), server.port, 60, gateway)
         ca = certificates / CA_CERT if certificates else None
         # Over TLS, connect by a name the development certificate covers.
         host = "localhost" if ca is not None else "127.0.0.1"
-        return launch(run, run_dir, superlink, host, superlink_port, root_certificate=ca, authorized_keys=keys,
-                      live=live, on_tick=lambda: _check_running(gateway, "the sites' gateway"))
+        return launch(
+            run,
+            run_dir,
+            superlink,
+            host,
+            superlink_port,
+            root_certificate=ca,
+            authorized_keys=keys,
+            live=live,
+            on_tick=lambda: _check_running(gateway, "the sites' gateway"),
+        )
     finally:
         gateway.stop()
         superlink.stop()

@@ -34,9 +34,13 @@ def state_dir(site: SiteSettings, client: ClientSettings) -> Path:
 
 def site_settings(site: SiteSettings, client: ClientSettings) -> SiteSettings:
     """The site's settings with absolute paths and its ledger in the state directory."""
-    return replace(site, data=str(Path(site.data).resolve()), ledger=str(state_dir(site, client) / "ledger.jsonl"),
-                   cache_dir=str(Path(site.cache_dir or default_cache_dir()).resolve()),
-                   coordinator_key=str(Path(site.coordinator_key).resolve()) if site.coordinator_key else "")
+    return replace(
+        site,
+        data=str(Path(site.data).resolve()),
+        ledger=str(state_dir(site, client) / "ledger.jsonl"),
+        cache_dir=str(Path(site.cache_dir or default_cache_dir()).resolve()),
+        coordinator_key=str(Path(site.coordinator_key).resolve()) if site.coordinator_key else "",
+    )
 
 
 def serve(work: SiteWork, client: ClientSettings) -> int:
@@ -58,15 +62,32 @@ def serve(work: SiteWork, client: ClientSettings) -> int:
 def _run_supernode(site: SiteSettings, client: ClientSettings, state: Path, port: int, secret: Path) -> int:
     """The SuperNode leaves each task on its runtime API at ``port`` for the holder of ``secret``."""
     node_config = write_node_config(state / "node-config.toml", site.to_flower())
-    command = [sys.executable, "-m", "fedmed.deploy.supernode", "--superlink", client.server,
-               "--isolation", "process", "--superexec-auth-secret-file", str(secret),
-               "--host", "127.0.0.1", "--port", str(port), "--node-config", str(node_config)]
+    command = [
+        sys.executable,
+        "-m",
+        "fedmed.deploy.supernode",
+        "--superlink",
+        client.server,
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(secret),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--node-config",
+        str(node_config),
+    ]
     command += ["--insecure"] if client.insecure else ["--root-certificates", client.root_certificates]
     if client.auth_key:
         command += ["--auth-supernode-private-key", client.auth_key]
     env = {"FLWR_HOME": str(state / "flwr")}
-    print(f"site {site.name} connecting to {client.server} (log {state / 'logs' / 'supernode.log'}); "
-          "it reconnects by itself if the coordinator restarts", flush=True)
+    print(
+        f"site {site.name} connecting to {client.server} (log {state / 'logs' / 'supernode.log'}); "
+        "it reconnects by itself if the coordinator restarts",
+        flush=True,
+    )
     supernode = None
     try:
         while True:
@@ -75,18 +96,27 @@ def _run_supernode(site: SiteSettings, client: ClientSettings, state: Path, port
             log = supernode.log_tail()
             supernode.stop()
             if code == 0:  # it ended itself: the coordinator no longer knows this site
-                print("the coordinator no longer knows this site (it started afresh, e.g. for a new run); "
-                      "joining it again", flush=True)
+                print(
+                    "the coordinator no longer knows this site (it started afresh, e.g. for a new run); "
+                    "joining it again",
+                    flush=True,
+                )
                 time.sleep(REJOIN_PAUSE)
                 continue
             if "Failed to activate SuperNode" not in log:
                 print(f"error: the SuperNode exited with code {code}:\n{log}", file=sys.stderr)
                 return 1
             # Not (yet) accepted: the coordinator may still be starting or registering keys.
-            hint = (f"is {site.name}'s public key in its --authorized-keys folder?" if client.auth_key else
-                    "it may require site keys: ask for --authorized-keys and pass --auth-key")
-            print(f"the coordinator did not accept this site ({hint}); trying again in "
-                  f"{ACTIVATION_RETRY:.0f} s", file=sys.stderr, flush=True)
+            hint = (
+                f"is {site.name}'s public key in its --authorized-keys folder?"
+                if client.auth_key
+                else "it may require site keys: ask for --authorized-keys and pass --auth-key"
+            )
+            print(
+                f"the coordinator did not accept this site ({hint}); trying again in {ACTIVATION_RETRY:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
             time.sleep(ACTIVATION_RETRY)
     finally:
         if supernode is not None:

@@ -95,9 +95,14 @@ class SiteRuntime:
         self.site = site  # whose pinned coordinator key and federation decide which runs are served
         self._stop = threading.Event()
         self._acquirer = RuntimeHttpClient.from_server_address(
-            address, insecure=True, root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
-                          SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={_ACQUIRE})])
+            address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={_ACQUIRE}),
+            ],
+        )
         self._thread = threading.Thread(target=self._serve, name="fedmed-site-runtime", daemon=True)
         shorten_object_retries()
 
@@ -129,9 +134,14 @@ class SiteRuntime:
     def serve_task(self, token: str) -> None:
         """Pull one task's message, answer it with the ClientApp, push the reply and the task's end."""
         client = RuntimeHttpClient.from_server_address(
-            self.address, insecure=True, root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                          RuntimeTokenHttpInterceptor(token)])
+            self.address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                RuntimeTokenHttpInterceptor(token),
+            ],
+        )
         heartbeat = HeartbeatSender(_heartbeat(client))
         heartbeat.start()
         message: Message | None = None
@@ -152,15 +162,17 @@ class SiteRuntime:
             log.warning("refused a task: %s", error)
             print(f"refused: {error}; nothing was read or spent", file=sys.stderr, flush=True)
             if message is not None:
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details[:1000]),
-                                reply_to=message)
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details[:1000]), reply_to=message
+                )
         except Exception as error:  # the coordinator gets this round's error; the site goes on
             details = f"{type(error).__name__}: {error}"
             log.exception("a round's work failed")
             print(f"error: the site's work for this message failed: {details}", file=sys.stderr, flush=True)
             if message is not None:
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details[:1000]),
-                                reply_to=message)
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details[:1000]), reply_to=message
+                )
         finally:
             try:
                 if reply is not None and context is not None:
@@ -221,8 +233,10 @@ def _check_app(fab: bytes) -> None:
     except (KeyError, ValueError, zipfile.BadZipFile, tomllib.TOMLDecodeError) as error:
         raise ForeignAppError(f"the run's app bundle is not a fedmed run ({error})") from error
     if components.get("clientapp") != APP_COMPONENTS["clientapp"]:
-        raise ForeignAppError(f"the run asks for ClientApp {components.get('clientapp')!r}; this site serves "
-                              f"fedmed's only ({APP_COMPONENTS['clientapp']})")
+        raise ForeignAppError(
+            f"the run asks for ClientApp {components.get('clientapp')!r}; this site serves "
+            f"fedmed's only ({APP_COMPONENTS['clientapp']})"
+        )
 
 
 def _print_round(message: Message, reply: Message) -> None:
@@ -231,5 +245,8 @@ def _print_round(message: Message, reply: Message) -> None:
     round_number = records.value(records.record(message.content, protocol.CONFIG, ConfigRecord), "round", int)
     epsilon = reply.content[protocol.METRICS].get("epsilon", math.nan)
     note = str(reply.content[protocol.SITE].get("message", "")) if protocol.SITE in reply.content else ""
-    print(f"round {round_number}: {note or 'trained'}; epsilon spent "
-          f"{float(epsilon) if isinstance(epsilon, (int, float)) else math.nan:.3f}", flush=True)
+    print(
+        f"round {round_number}: {note or 'trained'}; epsilon spent "
+        f"{float(epsilon) if isinstance(epsilon, (int, float)) else math.nan:.3f}",
+        flush=True,
+    )

@@ -46,8 +46,13 @@ def train(message: Message, context: Context) -> Message:
         # imported here: a site in a plain run never loads the protocol's code
         from fedmed.flower import secagg_site
 
-        return secagg_site.handle(message, context, run, lambda: _do(_train_request(run, message), context),
-                                  _site(context).min_secure_threshold)
+        return secagg_site.handle(
+            message,
+            context,
+            run,
+            lambda: _do(_train_request(run, message), context),
+            _site(context).min_secure_threshold,
+        )
     return _reply(_do(_train_request(run, message), context), message)
 
 
@@ -115,10 +120,12 @@ def _site_config(context: Context) -> dict:
 
 
 def _reply(reply: SiteReply, message: Message) -> Message:
-    content = RecordDict({
-        protocol.METRICS: MetricRecord(reply.metrics),
-        protocol.SITE: ConfigRecord({"name": reply.site, "message": reply.message[: protocol.MAX_TEXT]}),
-    })
+    content = RecordDict(
+        {
+            protocol.METRICS: MetricRecord(reply.metrics),
+            protocol.SITE: ConfigRecord({"name": reply.site, "message": reply.message[: protocol.MAX_TEXT]}),
+        }
+    )
     if reply.model is not None:
         content[protocol.ARRAYS] = vector_to_record(reply.model)
     return Message(content, reply_to=message)

@@ -75,8 +75,13 @@ class FederatedRun:
             nodes = self.available_nodes()
             if len(nodes) < self.run.min_sites:
                 # A round with fewer sites than min_sites would be paid for and discarded.
-                log.warning("round %d: %d sites connected, fewer than the minimum of %d; waiting for sites "
-                            "before asking any to train", round_number, len(nodes), self.run.min_sites)
+                log.warning(
+                    "round %d: %d sites connected, fewer than the minimum of %d; waiting for sites "
+                    "before asking any to train",
+                    round_number,
+                    len(nodes),
+                    self.run.min_sites,
+                )
                 nodes = self._wait_for_sites(round_number, rejoin=False)
             self._learn_names(nodes)  # once per site and registration: not part of the round
             started = time.monotonic()
@@ -86,16 +91,24 @@ class FederatedRun:
             self.recorder.validation(round_number - 1, outcome.site_metrics)
             aggregated = combined is not None
             if combined is not None:
-                state, self.velocity = server_step(state, combined, self.velocity, self.run.server_learning_rate,
-                                                   self.run.server_momentum)
+                state, self.velocity = server_step(
+                    state, combined, self.velocity, self.run.server_learning_rate, self.run.server_momentum
+                )
             else:
-                log.warning("round %d: %d valid updates, fewer than the minimum of %d sites; "
-                            "the global model is kept unchanged", round_number, len(outcome.trained),
-                            self.run.min_sites)
+                log.warning(
+                    "round %d: %d valid updates, fewer than the minimum of %d sites; "
+                    "the global model is kept unchanged",
+                    round_number,
+                    len(outcome.trained),
+                    self.run.min_sites,
+                )
             self.run_dir.save_checkpoint(round_number, state, self.velocity)
             rounds_done = round_number
-            held_out = evaluate_held_out(self.model, state, self.server_eval) \
-                if self.server_eval is not None and self.run.evaluates(round_number) else None
+            held_out = (
+                evaluate_held_out(self.model, state, self.server_eval)
+                if self.server_eval is not None and self.run.evaluates(round_number)
+                else None
+            )
             self.recorder.round(round_number, outcome, aggregated, time.monotonic() - started, held_out)
             if not outcome.trained and outcome.budget_exhausted and not outcome.failed and not outcome.missing:
                 log.warning("every site that answered has exhausted its privacy budget; stopping")
@@ -119,8 +132,10 @@ class FederatedRun:
         checkpoint = self.run_dir.last_checkpoint()
         if checkpoint is None or checkpoint[0] != self.run.start_round - 1:
             found = "none" if checkpoint is None else f"round {checkpoint[0]}"
-            raise RuntimeError(f"cannot resume at round {self.run.start_round}: it needs the checkpoint of "
-                               f"round {self.run.start_round - 1} in {self.run_dir.path}, found {found}")
+            raise RuntimeError(
+                f"cannot resume at round {self.run.start_round}: it needs the checkpoint of "
+                f"round {self.run.start_round - 1} in {self.run_dir.path}, found {found}"
+            )
         problems = validate_update(checkpoint[1], 1, self.reference)
         if problems:
             raise RuntimeError(f"checkpoint of round {checkpoint[0]} does not fit the model: {'; '.join(problems)}")
@@ -132,8 +147,10 @@ class FederatedRun:
                 self.initial_model = {"source": self.run.initial_model, "note": f"not readable at resume: {exc}"}
         self.velocity = self.run_dir.server_velocity(checkpoint[0])
         if self.run.server_momentum and self.velocity is None:
-            log.warning("no server velocity saved with the checkpoint of round %d; server momentum restarts "
-                        "from zero", checkpoint[0])
+            log.warning(
+                "no server velocity saved with the checkpoint of round %d; server momentum restarts from zero",
+                checkpoint[0],
+            )
         for record in self.run_dir.metrics():
             for name, site in record.get("sites", {}).items():
                 self.recorder.remember_site(name, site)
@@ -158,8 +175,10 @@ class FederatedRun:
                 log.info("%d sites connected (minimum %d)", len(nodes), self.run.min_sites)
                 return nodes
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(nodes)} of the minimum {self.run.min_sites} sites connected "
-                                   f"within {self.run.site_wait_timeout:.0f} s")
+                raise TimeoutError(
+                    f"only {len(nodes)} of the minimum {self.run.min_sites} sites connected "
+                    f"within {self.run.site_wait_timeout:.0f} s"
+                )
             time.sleep(0.5)
 
     # -- talking to sites ------------------------------------------------------------------
@@ -189,14 +208,17 @@ class FederatedRun:
         return sorted(int(n) for n in rng.choice(nodes, size=count, replace=False))
 
     def message(self, kind: str, node: int, state: State, round_number: int) -> Message:
-        content = RecordDict({
-            protocol.ARRAYS: vector_to_record(pack(state)),
-            protocol.CONFIG: ConfigRecord({"round": round_number}),
-        })
+        content = RecordDict(
+            {
+                protocol.ARRAYS: vector_to_record(pack(state)),
+                protocol.CONFIG: ConfigRecord({"round": round_number}),
+            }
+        )
         return Message(content, dst_node_id=node, message_type=kind, group_id=str(round_number))
 
-    def exchange(self, messages: list[Message], timeout: float | None = None
-                 ) -> tuple[dict[int, Message], list[int], dict[int, float]]:
+    def exchange(
+        self, messages: list[Message], timeout: float | None = None
+    ) -> tuple[dict[int, Message], list[int], dict[int, float]]:
         """Send, then collect replies until all are in or the timeout (default: the round's) passes.
         Returns each node's reply, the nodes that did not answer, and each answer's seconds.
         (A reply is matched to the node it was sent to: Flower's own error replies, e.g.
@@ -219,8 +241,13 @@ class FederatedRun:
                 time.sleep(self.poll_interval)
         return replies, [destinations[m] for m in waiting], arrivals
 
-    def collect(self, round_number: int, replies: dict[int, Message], missing: list[int],
-                arrivals: dict[int, float] | None = None) -> RoundOutcome:
+    def collect(
+        self,
+        round_number: int,
+        replies: dict[int, Message],
+        missing: list[int],
+        arrivals: dict[int, float] | None = None,
+    ) -> RoundOutcome:
         """Every reply of a training round checked (``check_reply``), recorded as received,
         and sorted into the round's outcome."""
         outcome = RoundOutcome(missing=[self.names.name(n) for n in missing])
@@ -244,8 +271,12 @@ class FederatedRun:
         for name, reason in outcome.failed.items():
             log.warning("round %d: site %s failed: %s", round_number, name, reason)
         if outcome.missing:
-            log.warning("round %d: no reply within %.0f s from %s", round_number, self.run.round_timeout,
-                        ", ".join(outcome.missing))
+            log.warning(
+                "round %d: no reply within %.0f s from %s",
+                round_number,
+                self.run.round_timeout,
+                ", ".join(outcome.missing),
+            )
         outcome.reply_seconds = {self.names.name(node): t for node, t in (arrivals or {}).items()}
         return outcome
 

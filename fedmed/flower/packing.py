@@ -40,8 +40,10 @@ def record_to_vector(record: ArrayRecord, size: int | None = None) -> np.ndarray
     check_declared(array, size)
     vector = array.numpy()
     if vector.dtype != DTYPE or vector.shape != (size,):
-        raise ValueError(f"the model vector holds {vector.dtype}{list(vector.shape)} though it declares "
-                         f"{array.dtype}{list(array.shape)}; this run's model is float32[{size}]")
+        raise ValueError(
+            f"the model vector holds {vector.dtype}{list(vector.shape)} though it declares "
+            f"{array.dtype}{list(array.shape)}; this run's model is float32[{size}]"
+        )
     return vector
 
 
@@ -53,8 +55,11 @@ def check_declared(array: Array, size: int, dtype: type = DTYPE) -> None:
     expected = f"expected {np.dtype(dtype).name}[{size}] ({size * item} bytes) for this run's model"
     shape = tuple(array.shape) if isinstance(array.shape, (list, tuple)) else (array.shape,)
     if array.stype != STYPE or array.dtype != np.dtype(dtype).name or shape != (size,):
-        raise ValueError(f"the model vector declares {array.dtype}{list(shape)} ({array.stype}); {expected} "
-                         "(a different model or settings)")
+        raise ValueError(
+            f"the model vector declares {array.dtype}{list(shape)} ({array.stype}); {expected} "
+            "(a different model or settings)"
+        )
     if not size * item < len(array.data) <= size * item + NPY_HEADER_MAX:
-        raise ValueError(f"the model vector has {len(array.data)} bytes; {expected} plus a header of at most "
-                         f"{NPY_HEADER_MAX} bytes")
+        raise ValueError(
+            f"the model vector has {len(array.data)} bytes; {expected} plus a header of at most {NPY_HEADER_MAX} bytes"
+        )

@@ -37,5 +37,9 @@ class FlowerReply:
 
     def array_shapes(self) -> dict[str, list]:
         arrays = [self.content.get(protocol.ARRAYS), self.content.get(protocol.MASKED)]
-        return {k: [list(a.shape), str(a.dtype)] for record in arrays if isinstance(record, ArrayRecord)
-                for k, a in record.items()}
+        return {
+            k: [list(a.shape), str(a.dtype)]
+            for record in arrays
+            if isinstance(record, ArrayRecord)
+            for k, a in record.items()
+        }

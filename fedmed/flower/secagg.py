@@ -103,8 +103,9 @@ def unseal(key_material: bytes, sender: int, addressee: int, sealed: bytes) -> t
     plaintext = decrypt(base64.urlsafe_b64encode(key_material), sealed)
     source, destination, length = struct.unpack(">QQI", plaintext[:20])
     if (source, destination) != (sender, addressee):
-        raise ValueError(f"shares from node {source} for node {destination} arrived as from {sender} for "
-                         f"{addressee}: refused")
+        raise ValueError(
+            f"shares from node {source} for node {destination} arrived as from {sender} for {addressee}: refused"
+        )
     return plaintext[20 : 20 + length], plaintext[20 + length :]
 
 

@@ -40,8 +40,7 @@ class SecureSum:
         self.threshold = secagg.threshold(len(self.chosen))
 
     def keys_messages(self) -> list[Message]:
-        return [self._message(node, {"round": self.round, "threshold": self.threshold}, "keys")
-                for node in self.chosen]
+        return [self._message(node, {"round": self.round, "threshold": self.threshold}, "keys") for node in self.chosen]
 
     def take_keys(self, replies: dict[int, Message]) -> None:
         for node, reply in self._answers(replies, single={"public1": bytes, "public2": bytes}).items():
@@ -51,8 +50,11 @@ class SecureSum:
 
     def shares_messages(self) -> list[Message]:
         nodes = sorted(self.publics1)
-        fields: Fields = {"nodes": nodes, "publics1": [self.publics1[n] for n in nodes],
-                          "publics2": [self.publics2[n] for n in nodes]}
+        fields: Fields = {
+            "nodes": nodes,
+            "publics1": [self.publics1[n] for n in nodes],
+            "publics2": [self.publics2[n] for n in nodes],
+        }
         return [self._message(node, fields, "shares") for node in nodes]
 
     def take_shares(self, replies: dict[int, Message]) -> None:
@@ -72,9 +74,9 @@ class SecureSum:
         for node, shares in self.sealed.items():
             message = model_message(node)
             senders = sorted(shares)
-            message.content[secagg.RECORD] = ConfigRecord({
-                secagg.STAGE: "train", "round": self.round, "senders": senders,
-                "sealed": [shares[s] for s in senders]})
+            message.content[secagg.RECORD] = ConfigRecord(
+                {secagg.STAGE: "train", "round": self.round, "senders": senders, "sealed": [shares[s] for s in senders]}
+            )
             messages.append(message)
         return messages
 
@@ -112,17 +114,21 @@ class SecureSum:
 
     def _needed(self, shares: dict[int, list[bytes]], node: int) -> list[bytes]:
         if len(shares.get(node, [])) < self.threshold:
-            raise SecureRoundFailed(f"{len(shares.get(node, []))} shares for node {node}, fewer than the "
-                                    f"threshold of {self.threshold}")
+            raise SecureRoundFailed(
+                f"{len(shares.get(node, []))} shares for node {node}, fewer than the threshold of {self.threshold}"
+            )
         return shares[node][: self.threshold]
 
     def _enough(self, nodes: dict, what: str) -> None:
         if len(nodes) < self.threshold:
-            raise SecureRoundFailed(f"{len(nodes)} of {len(self.chosen)} sites {what}, fewer than the threshold "
-                                    f"of {self.threshold}: nothing was unmasked")
+            raise SecureRoundFailed(
+                f"{len(nodes)} of {len(self.chosen)} sites {what}, fewer than the threshold "
+                f"of {self.threshold}: nothing was unmasked"
+            )
 
-    def _answers(self, replies: dict[int, Message], single: dict[str, type] | None = None,
-                 lists: dict[str, type] | None = None) -> dict[int, ConfigRecord]:
+    def _answers(
+        self, replies: dict[int, Message], single: dict[str, type] | None = None, lists: dict[str, type] | None = None
+    ) -> dict[int, ConfigRecord]:
         """The answers that carry every field of ``single`` (one value of its type) and of
         ``lists`` (lists of their types, all of one length). An error reply, a missing field
         or a value of another type counts as a dropout, like a site that never answered:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -39,16 +39,20 @@ class ProtocolError(ValueError):
     """A secure-aggregation request the site refuses to answer."""
 
 
-def handle(message: Message, context: Context, run: RunSettings, train: Callable[[], SiteReply],
-           min_threshold: float) -> Message:
+def handle(
+    message: Message, context: Context, run: RunSettings, train: Callable[[], SiteReply], min_threshold: float
+) -> Message:
     """Answer one stage of the protocol; ``train`` runs the site's private round, and
     ``min_threshold`` is the site's ``privacy.min_secure_threshold``."""
     fields = records.record(message.content, secagg.RECORD, ConfigRecord)
     stage = fields.get(secagg.STAGE)
     node = int(message.metadata.dst_node_id)
     if stage == "keys":
-        state: State = {"round": records.value(fields, "round", int),
-                        "threshold": records.value(fields, "threshold", int), "node": node}
+        state: State = {
+            "round": records.value(fields, "round", int),
+            "threshold": records.value(fields, "threshold", int),
+            "node": node,
+        }
         state["secret1"], state["public1"] = secagg.key_pair()
         state["secret2"], state["public2"] = secagg.key_pair()
         context.state[STATE] = ConfigRecord(state)
@@ -76,8 +80,11 @@ def _share(state: State, fields: ConfigRecord, min_threshold: float) -> Fields:
     check_threshold(threshold, len(nodes), min_threshold)
     if len(nodes) < threshold:
         raise ProtocolError(f"{len(nodes)} sites sent keys, fewer than the threshold of {threshold}")
-    if own not in nodes or publics1[nodes.index(own)] != state["public1"] or \
-            publics2[nodes.index(own)] != state["public2"]:
+    if (
+        own not in nodes
+        or publics1[nodes.index(own)] != state["public1"]
+        or publics2[nodes.index(own)] != state["public2"]
+    ):
         raise ProtocolError("the coordinator's key list does not hold this site's own keys")
     if len(set(publics1 + publics2)) != 2 * len(nodes) or len(set(nodes)) != len(nodes):
         raise ProtocolError("the key list repeats a node or a key")
@@ -94,8 +101,15 @@ def _share(state: State, fields: ConfigRecord, min_threshold: float) -> Fields:
         addressees.append(other)
         sealed.append(secagg.seal(key, own, other, seed_shares[index], secret_shares[index]))
     mine = nodes.index(own)
-    state.update(seed=seed, nodes=nodes, publics1=publics1, publics2=publics2, sources=[own],
-                 seed_shares=[seed_shares[mine]], secret_shares=[secret_shares[mine]])
+    state.update(
+        seed=seed,
+        nodes=nodes,
+        publics1=publics1,
+        publics2=publics2,
+        sources=[own],
+        seed_shares=[seed_shares[mine]],
+        secret_shares=[secret_shares[mine]],
+    )
     return {"addressees": addressees, "sealed": sealed}
 
 
@@ -108,11 +122,19 @@ def check_threshold(threshold: int, sites: int, min_threshold: float) -> None:
         raise ProtocolError(
             f"the coordinator's secure-aggregation threshold of {threshold} for {sites} sites is too low: this site "
             f"needs more than privacy.min_secure_threshold = {min_threshold:g} of the sites "
-            f"({min_threshold * sites:g}) and at least 2")
+            f"({min_threshold * sites:g}) and at least 2"
+        )
 
 
-def _train(message: Message, context: Context, run: RunSettings, state: State, fields: ConfigRecord, *,
-           train: Callable[[], SiteReply]) -> Message:
+def _train(
+    message: Message,
+    context: Context,
+    run: RunSettings,
+    state: State,
+    fields: ConfigRecord,
+    *,
+    train: Callable[[], SiteReply],
+) -> Message:
     """Read the shares sent to this site, train, and send the bounded, weighted move masked."""
     senders = records.values(fields, "senders", int)
     own, nodes = records.value(state, "node", int), records.values(state, "nodes", int)
@@ -138,11 +160,13 @@ def _train(message: Message, context: Context, run: RunSettings, state: State, f
     context.state[STATE] = ConfigRecord(state)
     reply = train()
     metrics = {k: v for k, v in reply.metrics.items() if k != "examples"}  # the weight travels inside the sum
-    content = RecordDict({
-        protocol.METRICS: MetricRecord(metrics),
-        protocol.SITE: ConfigRecord({"name": reply.site, "message": reply.message[: protocol.MAX_TEXT]}),
-        secagg.RECORD: ConfigRecord({secagg.STAGE: "train"}),
-    })
+    content = RecordDict(
+        {
+            protocol.METRICS: MetricRecord(metrics),
+            protocol.SITE: ConfigRecord({"name": reply.site, "message": reply.message[: protocol.MAX_TEXT]}),
+            secagg.RECORD: ConfigRecord({secagg.STAGE: "train"}),
+        }
+    )
     if reply.model is not None:
         received = record_to_vector(records.record(message.content, protocol.ARRAYS, ArrayRecord), packed_size(run))
         summand = weighted_move(run, records.value(fields, "round", int), reply, received)
@@ -161,10 +185,13 @@ def weighted_move(run: RunSettings, round_number: int, reply: SiteReply, receive
         raise ValueError("a site that did not train has no move to add")
     move = reply.model.astype(np.float64) - received.astype(np.float64)
     bound = run.max_update_norm or honest_norm_bound(
-        run, round_number, steps=float(reply.metrics.get("steps", 1)),
+        run,
+        round_number,
+        steps=float(reply.metrics.get("steps", 1)),
         noise_multiplier=float(reply.metrics.get("noise-multiplier", 0.0)),
         trained_parameters=trained_parameter_count(ModelConfig.from_settings(run)),
-        model_norm=float(np.linalg.norm(received)))
+        model_norm=float(np.linalg.norm(received)),
+    )
     if not reply.metrics.get("dp") and not run.max_update_norm:
         bound = math.inf  # nothing bounds a non-private move but a fixed setting
     scale_to_bound(move, bound)
@@ -179,8 +206,9 @@ def _unmask(state: State, fields: ConfigRecord) -> Fields:
     if set(alive) & set(dropped):
         raise ProtocolError("a site is listed both as alive and as dropped: refusing to reveal both of its shares")
     if records.value(state, "node", int) not in alive or len(alive) < threshold:
-        raise ProtocolError(f"unmasking for {len(alive)} sites, below the threshold of {threshold}, "
-                            "or without this site")
+        raise ProtocolError(
+            f"unmasking for {len(alive)} sites, below the threshold of {threshold}, or without this site"
+        )
     sources = records.values(state, "sources", int)
     if not set(alive + dropped) <= set(sources):
         raise ProtocolError("unmasking asks for sites this site holds no shares of")

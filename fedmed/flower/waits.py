@@ -50,7 +50,8 @@ def check_flower() -> str:
         raise RuntimeError(
             f"fedmed is tested with Flower {', '.join(v + '.x' for v in TESTED_FLOWER)}, and this environment has "
             f"flwr {installed}: fedmed's site runtime uses Flower internals that change between releases. "
-            f"Install a supported release: pip install 'flwr[simulation]=={TESTED_FLOWER[-1]}.*'")
+            f"Install a supported release: pip install 'flwr[simulation]=={TESTED_FLOWER[-1]}.*'"
+        )
     return installed
 
 
@@ -86,6 +87,7 @@ def shorten_object_retries() -> None:
     for function in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
         defaults = function.__kwdefaults__ or {}
         if not set(shorter) <= set(defaults):
-            raise RuntimeError(f"this Flower release's {function.__name__} retries differently; "
-                               "update fedmed.flower.waits")
+            raise RuntimeError(
+                f"this Flower release's {function.__name__} retries differently; update fedmed.flower.waits"
+            )
         defaults.update(shorter)

@@ -29,8 +29,9 @@ HistoryLike = Sequence[tuple[float, float, int]]  # a History or any read-only s
 @lru_cache(maxsize=4096)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """RDP of one Poisson-subsampled Gaussian step at every order (Opacus's analysis)."""
-    return np.asarray(opacus_rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                             orders=RDP_ORDERS))
+    return np.asarray(
+        opacus_rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS)
+    )
 
 
 def epsilon(history: HistoryLike, delta: float) -> float:
@@ -62,8 +63,9 @@ def round_plan(examples: int, batch_size: float, epochs: int, steps: int = 0) ->
     if examples < 1:
         raise ValueError("a site needs at least one training example")
     if batch_size <= 0 or epochs < 1 or steps < 0:
-        raise ValueError(f"batch size and epochs must be positive and steps not negative, got {batch_size}, "
-                         f"{epochs} and {steps}")
+        raise ValueError(
+            f"batch size and epochs must be positive and steps not negative, got {batch_size}, {epochs} and {steps}"
+        )
     sample_rate = min(1.0, batch_size / examples)
     return sample_rate, steps or epochs * max(1, round(examples / batch_size))
 

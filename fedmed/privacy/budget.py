@@ -107,8 +107,15 @@ class RoundPrivacy:
 
 
 def plan_round_privacy(
-    config: PrivacyConfig, ledger: PrivacyLedger, run_id: str, *, examples: int, batch_size: float, epochs: int,
-    local_steps: int = 0, reserved: HistoryLike = (),
+    config: PrivacyConfig,
+    ledger: PrivacyLedger,
+    run_id: str,
+    *,
+    examples: int,
+    batch_size: float,
+    epochs: int,
+    local_steps: int = 0,
+    reserved: HistoryLike = (),
 ) -> RoundPrivacy:
     """Decide whether this round may run, and with how much noise. ``examples`` counts the
     protected records (images or patients) and ``batch_size`` the expected records per step;
@@ -128,8 +135,17 @@ def plan_round_privacy(
                 f"non-private training would spend an unbounded budget, and this site has "
                 f"max_epsilon={config.max_epsilon:g}; remove max_epsilon for a non-private baseline"
             )
-        return RoundPrivacy(True, False, delta, sample_rate, steps, 0.0, before, math.inf,
-                            "NON-PRIVATE round: no differential privacy guarantee")
+        return RoundPrivacy(
+            True,
+            False,
+            delta,
+            sample_rate,
+            steps,
+            0.0,
+            before,
+            math.inf,
+            "NON-PRIVATE round: no differential privacy guarantee",
+        )
     if ledger.non_private_rounds:
         return refuse(f"the ledger {ledger.path} holds non-private rounds, so no privacy budget is left")
 
@@ -142,17 +158,28 @@ def plan_round_privacy(
         sigma = earlier[0].noise_multiplier
     else:
         try:
-            sigma = calibrate_noise(config.target_epsilon, delta, sample_rate, steps * config.planned_rounds,
-                                    spent=[*ledger.history, *reserved])
+            sigma = calibrate_noise(
+                config.target_epsilon,
+                delta,
+                sample_rate,
+                steps * config.planned_rounds,
+                spent=[*ledger.history, *reserved],
+            )
         except ValueError as exc:
             return refuse(f"budget exhausted: {exc}")
         if ceiling is not None:
             if run_before >= ceiling:
-                return refuse(f"per-run ceiling reached: run {run_id} has already spent epsilon {run_before:.3f} "
-                              f"by itself (delta={delta:g}), the site's max_epsilon_per_run {ceiling:g}")
+                return refuse(
+                    f"per-run ceiling reached: run {run_id} has already spent epsilon {run_before:.3f} "
+                    f"by itself (delta={delta:g}), the site's max_epsilon_per_run {ceiling:g}"
+                )
             try:  # the run alone lands at its ceiling: the larger noise of the two wins
-                sigma = max(sigma, calibrate_noise(ceiling, delta, sample_rate, steps * config.planned_rounds,
-                                                   spent=[*run_history, *reserved]))
+                sigma = max(
+                    sigma,
+                    calibrate_noise(
+                        ceiling, delta, sample_rate, steps * config.planned_rounds, spent=[*run_history, *reserved]
+                    ),
+                )
             except ValueError as exc:
                 return refuse(f"per-run ceiling reached (max_epsilon_per_run {ceiling:g}): {exc}")
     after = epsilon(extend(ledger.history, sigma, sample_rate, steps), delta)

@@ -91,9 +91,13 @@ class PerSampleClipper:
         for handle in self._handles:
             handle.remove()
 
-    def accumulate(self, inputs: torch.Tensor, per_sample_loss: Callable[[torch.Tensor], torch.Tensor],
-                   sample_weights: torch.Tensor | None = None,
-                   groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def accumulate(
+        self,
+        inputs: torch.Tensor,
+        per_sample_loss: Callable[[torch.Tensor], torch.Tensor],
+        sample_weights: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the model on ``inputs``; add the clipped per-sample gradients of
         ``per_sample_loss(outputs)`` (a vector, one loss per sample) to ``param.grad``, each
         scaled by its ``sample_weights`` entry after clipping (weights must lie in [0, 1], so
@@ -106,8 +110,10 @@ class PerSampleClipper:
         Returns (per-sample losses, gradient norms before clipping: per sample, or per group).
         """
         if sample_weights is not None and not bool(((sample_weights >= 0) & (sample_weights <= 1)).all()):
-            raise ValueError("sample weights after clipping must lie in [0, 1]: larger ones would raise the "
-                             "sensitivity above the clip norm")
+            raise ValueError(
+                "sample weights after clipping must lie in [0, 1]: larger ones would raise the "
+                "sensitivity above the clip norm"
+            )
         self._calls = []
         self._recording = True
         try:
@@ -130,7 +136,7 @@ class PerSampleClipper:
             factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
             if sample_weights is not None and groups is None:
                 factors = factors * sample_weights.to(factors.dtype)
-            for call, piece in zip(calls, pieces):
+            for piece in pieces:
                 for param, grad in piece.weighted_sums(factors):
                     if param.grad is None:
                         param.grad = grad.clone()
@@ -183,9 +189,13 @@ class _GhostConv(_Pieces):
         pixels = padded.flatten(2)  # (B, C, P)
         pixel_gram = torch.bmm(pixels.transpose(1, 2), pixels)  # (B, P, P)
         rows, cols = g.shape[2], g.shape[3]
-        starts = (torch.arange(rows)[:, None] * m.stride[0] * width + torch.arange(cols)[None, :] * m.stride[1]).flatten()
+        starts = (
+            torch.arange(rows)[:, None] * m.stride[0] * width + torch.arange(cols)[None, :] * m.stride[1]
+        ).flatten()
         kh, kw = m.kernel_size
-        offsets = (torch.arange(kh)[:, None] * m.dilation[0] * width + torch.arange(kw)[None, :] * m.dilation[1]).flatten()
+        offsets = (
+            torch.arange(kh)[:, None] * m.dilation[0] * width + torch.arange(kw)[None, :] * m.dilation[1]
+        ).flatten()
         index = offsets[:, None] + starts[None, :]  # (kernel positions, T)
         patch_gram = pixel_gram[:, index[:, :, None], index[:, None, :]].sum(dim=1)  # (B, T, T)
         grads = g.flatten(2)  # (B, out, T)
@@ -233,7 +243,10 @@ def _conv_grouped(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> _Instantiat
 
 
 CONV_ROUTES: dict[str, Callable[[nn.Conv2d, torch.Tensor, torch.Tensor], _Pieces]] = {
-    "grouped": _conv_grouped, "unfold": _conv_unfold, "ghost": _GhostConv}
+    "grouped": _conv_grouped,
+    "unfold": _conv_unfold,
+    "ghost": _GhostConv,
+}
 
 
 def _route_costs(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> dict[str, float]:

@@ -45,11 +45,11 @@ import fcntl
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 from fedmed.files import write_atomic
 from fedmed.privacy.accounting import ACCOUNTANT, History, epsilon, extend
@@ -341,8 +341,14 @@ class PrivacyLedger:
     def release(self, run_id: str, round_number: int, statistic: str, private: bool) -> LedgerRelease | None:
         """The first release of ``statistic`` in round ``round_number`` of run ``run_id``, if
         made: the same release asked again is answered from it."""
-        return next((r for r in self.releases if (r.run_id, r.round, r.statistic, r.private)
-                     == (run_id, round_number, statistic, private)), None)
+        return next(
+            (
+                r
+                for r in self.releases
+                if (r.run_id, r.round, r.statistic, r.private) == (run_id, round_number, statistic, private)
+            ),
+            None,
+        )
 
     def run_history(self, run_id: str) -> History:
         """Run ``run_id``'s own mechanisms, composed alone: its DP-SGD rounds and noisy

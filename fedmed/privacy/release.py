@@ -134,7 +134,7 @@ def scores_from_counts(counts: np.ndarray, classes: int) -> dict[str, float]:
         extra = {"val-sensitivity": sensitivity, "val-specificity": specificity}
     else:
         per_class = counts[: classes * 2 * SCORE_BINS].reshape(classes, 2, SCORE_BINS)
-        confusion = counts[classes * 2 * SCORE_BINS:].reshape(classes, classes)
+        confusion = counts[classes * 2 * SCORE_BINS :].reshape(classes, classes)
         recalls = [_ratio(confusion[c, c], confusion[c].sum()) for c in range(classes)]
         correct, total = np.trace(confusion), confusion.sum()
         aurocs = [_binned_auroc(per_class[c, 0], per_class[c, 1]) for c in range(classes)]
@@ -159,8 +159,9 @@ def score_errors(counts: np.ndarray, noise_std: float, classes: int, seed: int =
     so it costs no privacy; keys are the scores' with "-se" appended."""
     counts = np.asarray(counts, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    draws = [scores_from_counts(counts + rng.normal(0.0, noise_std, counts.shape), classes)
-             for _ in range(UNCERTAINTY_DRAWS)]
+    draws = [
+        scores_from_counts(counts + rng.normal(0.0, noise_std, counts.shape), classes) for _ in range(UNCERTAINTY_DRAWS)
+    ]
     errors = {}
     for key in draws[0]:
         values = np.array([d[key] for d in draws], dtype=np.float64)
@@ -196,8 +197,17 @@ class SiteReleases:
     ``records`` is the number of protected training records (images or patients) and
     ``evaluations`` the number of models the run evaluates."""
 
-    def __init__(self, ledger: PrivacyLedger, privacy: PrivacyConfig, site: str, run_id: str, *, unit: str,
-                 records: int, evaluations: int) -> None:
+    def __init__(
+        self,
+        ledger: PrivacyLedger,
+        privacy: PrivacyConfig,
+        site: str,
+        run_id: str,
+        *,
+        unit: str,
+        records: int,
+        evaluations: int,
+    ) -> None:
         self.ledger, self.privacy, self.site, self.run_id = ledger, privacy, site, run_id
         self.unit, self.records = unit, records
         self.exact = privacy.exact_releases if privacy.dp else frozenset(EXACT_RELEASES)
@@ -241,14 +251,15 @@ class SiteReleases:
             earlier = [r for r in self._run_releases(private=True) if r.statistic == COUNT]
         if earlier:
             if earlier[0].value is None:  # a noisy count is always written with its value
-                raise LedgerError(f"site {self.site}: the noisy record count of run {self.run_id} in the ledger "
-                                  "holds no value; the ledger line is damaged")
+                raise LedgerError(
+                    f"site {self.site}: the noisy record count of run {self.run_id} in the ledger "
+                    "holds no value; the ledger line is damaged"
+                )
             return earlier[0].value
         noisy = self.noisy(round_number, COUNT, np.array([float(self.records)]), 1.0)
         return 1.0 if noisy is None else float(noisy[0])
 
-    def noisy(self, round_number: int, statistic: str, values: np.ndarray, sensitivity: float
-              ) -> np.ndarray | None:
+    def noisy(self, round_number: int, statistic: str, values: np.ndarray, sensitivity: float) -> np.ndarray | None:
         """``values`` with Gaussian noise of std noise multiplier x ``sensitivity``, composed
         into the ledger; None (and nothing spent) if it would pass the site's budget or its
         per-run ceiling. Asked again for the same round and statistic, the values already
@@ -267,16 +278,36 @@ class SiteReleases:
             ceiling = self.privacy.max_epsilon_per_run
             run_after = epsilon(extend(self.ledger.run_history(self.run_id), sigma, 1.0, 1), self.delta)
             if ceiling is not None and run_after > ceiling:
-                log.warning("site %s withholds its %s release of round %s of run %s: the run's own epsilon would "
-                            "reach %.3f, above the site's max_epsilon_per_run %g", self.site, statistic,
-                            round_number, self.run_id, run_after, ceiling)
+                log.warning(
+                    "site %s withholds its %s release of round %s of run %s: the run's own epsilon would "
+                    "reach %.3f, above the site's max_epsilon_per_run %g",
+                    self.site,
+                    statistic,
+                    round_number,
+                    self.run_id,
+                    run_after,
+                    ceiling,
+                )
                 return None
             noisy = values + np.random.default_rng().normal(0.0, sigma * sensitivity, size=values.shape)
-            self.ledger.append(LedgerRelease(
-                site=self.site, run_id=self.run_id, round=round_number, timestamp=timestamp_now(),
-                statistic=statistic, private=True, noise_multiplier=sigma, sensitivity=sensitivity, delta=self.delta,
-                epsilon=after, accountant_state=after_state, privacy_unit=self.unit,
-                value=float(noisy[0]) if statistic == COUNT else None, values=[float(v) for v in noisy.ravel()]))
+            self.ledger.append(
+                LedgerRelease(
+                    site=self.site,
+                    run_id=self.run_id,
+                    round=round_number,
+                    timestamp=timestamp_now(),
+                    statistic=statistic,
+                    private=True,
+                    noise_multiplier=sigma,
+                    sensitivity=sensitivity,
+                    delta=self.delta,
+                    epsilon=after,
+                    accountant_state=after_state,
+                    privacy_unit=self.unit,
+                    value=float(noisy[0]) if statistic == COUNT else None,
+                    values=[float(v) for v in noisy.ravel()],
+                )
+            )
         return noisy
 
     def noise_std(self, round_number: int, statistic: str) -> float | None:
@@ -290,12 +321,20 @@ class SiteReleases:
     def _stored(self, release: LedgerRelease, shape: tuple[int, ...]) -> np.ndarray | None:
         """The values a release already sent, in ``shape``; None (nothing sent again, nothing
         spent) when its line predates stored values or they do not fit the request."""
-        stored = release.values if release.values is not None else (
-            [release.value] if release.statistic == COUNT and release.value is not None else None)
+        stored = (
+            release.values
+            if release.values is not None
+            else ([release.value] if release.statistic == COUNT and release.value is not None else None)
+        )
         if stored is None or len(stored) != math.prod(shape):
-            log.warning("site %s: %s of round %s of run %s was released already and is not released again "
-                        "(its ledger line holds no values that fit this request)", self.site, release.statistic,
-                        release.round, self.run_id)
+            log.warning(
+                "site %s: %s of round %s of run %s was released already and is not released again "
+                "(its ledger line holds no values that fit this request)",
+                self.site,
+                release.statistic,
+                release.round,
+                self.run_id,
+            )
             return None
         return np.asarray(stored, dtype=np.float64).reshape(shape)
 
@@ -306,11 +345,22 @@ class SiteReleases:
             for statistic in statistics:
                 if self.ledger.release(self.run_id, round_number, statistic, private=False) is not None:
                     continue
-                self.ledger.append(LedgerRelease(
-                    site=self.site, run_id=self.run_id, round=round_number, timestamp=timestamp_now(),
-                    statistic=statistic, private=False, noise_multiplier=0.0, sensitivity=0.0, delta=self.delta,
-                    epsilon=finite_or_none(self.ledger.epsilon(self.delta)),
-                    accountant_state=self.ledger.history, privacy_unit=self.unit))
+                self.ledger.append(
+                    LedgerRelease(
+                        site=self.site,
+                        run_id=self.run_id,
+                        round=round_number,
+                        timestamp=timestamp_now(),
+                        statistic=statistic,
+                        private=False,
+                        noise_multiplier=0.0,
+                        sensitivity=0.0,
+                        delta=self.delta,
+                        epsilon=finite_or_none(self.ledger.epsilon(self.delta)),
+                        accountant_state=self.ledger.history,
+                        privacy_unit=self.unit,
+                    )
+                )
 
     def _run_releases(self, private: bool) -> list[LedgerRelease]:
         return [r for r in self.ledger.releases if r.run_id == self.run_id and r.private == private]

@@ -76,4 +76,5 @@ def _step_pld(sigma: float, rate: float) -> PrivacyLossDistribution:
     from dp_accounting.pld import privacy_loss_distribution  # imported here: it loads scipy
 
     return privacy_loss_distribution.from_gaussian_mechanism(
-        standard_deviation=sigma, sampling_prob=rate, value_discretization_interval=DISCRETISATION)
+        standard_deviation=sigma, sampling_prob=rate, value_discretization_interval=DISCRETISATION
+    )

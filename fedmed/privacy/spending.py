@@ -48,28 +48,62 @@ class RoundResult:
     message: str = ""
 
 
-def spend_round(ledger: PrivacyLedger, privacy: PrivacyConfig, request: SpendRequest,
-                train: Callable[[RoundPrivacy], float], reserved: HistoryLike = ()) -> RoundResult:
+def spend_round(
+    ledger: PrivacyLedger,
+    privacy: PrivacyConfig,
+    request: SpendRequest,
+    train: Callable[[RoundPrivacy], float],
+    reserved: HistoryLike = (),
+) -> RoundResult:
     """Run ``train(plan)`` (which returns the round's mean loss) if the budget allows the
     round, and record either the spend or the refusal. ``reserved`` is the privacy cost of
     the run's releases still to come (``fedmed.privacy.release``)."""
     with ledger.locked():
-        plan = plan_round_privacy(privacy, ledger, request.run_id, examples=request.records,
-                                  batch_size=request.expected_batch, epochs=request.epochs, local_steps=request.steps,
-                                  reserved=reserved)
+        plan = plan_round_privacy(
+            privacy,
+            ledger,
+            request.run_id,
+            examples=request.records,
+            batch_size=request.expected_batch,
+            epochs=request.epochs,
+            local_steps=request.steps,
+            reserved=reserved,
+        )
         if not plan.allowed:
-            log.warning("site %s refuses round %s of run %s: %s", request.site, request.round, request.run_id,
-                        plan.reason)
-            ledger.append(LedgerRefusal(
-                site=request.site, run_id=request.run_id, round=request.round, timestamp=timestamp_now(),
-                reason=plan.reason, epsilon_before=finite_or_none(plan.epsilon_before),
-                epsilon_after=finite_or_none(plan.epsilon_after), delta=plan.delta, max_epsilon=privacy.budget,
-            ))
-            return RoundResult(RoundStatus.BUDGET_EXHAUSTED, plan.dp, request.examples, 0, None, plan.epsilon_before,
-                               plan.delta, plan.noise_multiplier, plan.reason)
+            log.warning(
+                "site %s refuses round %s of run %s: %s", request.site, request.round, request.run_id, plan.reason
+            )
+            ledger.append(
+                LedgerRefusal(
+                    site=request.site,
+                    run_id=request.run_id,
+                    round=request.round,
+                    timestamp=timestamp_now(),
+                    reason=plan.reason,
+                    epsilon_before=finite_or_none(plan.epsilon_before),
+                    epsilon_after=finite_or_none(plan.epsilon_after),
+                    delta=plan.delta,
+                    max_epsilon=privacy.budget,
+                )
+            )
+            return RoundResult(
+                RoundStatus.BUDGET_EXHAUSTED,
+                plan.dp,
+                request.examples,
+                0,
+                None,
+                plan.epsilon_before,
+                plan.delta,
+                plan.noise_multiplier,
+                plan.reason,
+            )
         if not plan.dp:
-            log.warning("site %s: NON-PRIVATE training in round %s of run %s; no privacy guarantee",
-                        request.site, request.round, request.run_id)
+            log.warning(
+                "site %s: NON-PRIVATE training in round %s of run %s; no privacy guarantee",
+                request.site,
+                request.round,
+                request.run_id,
+            )
         loss = train(plan)
         ledger.append(
             LedgerEntry(
@@ -87,12 +121,22 @@ def spend_round(ledger: PrivacyLedger, privacy: PrivacyConfig, request: SpendReq
                 epsilon=plan.epsilon_after if plan.dp else None,
                 accountant=ACCOUNTANT,
                 accountant_state=extend(ledger.history, plan.noise_multiplier, plan.sample_rate, plan.steps)
-                if plan.dp else ledger.history,
+                if plan.dp
+                else ledger.history,
                 max_epsilon=privacy.budget,
                 max_epsilon_per_run=privacy.max_epsilon_per_run if plan.dp else None,
                 target_epsilon=privacy.target_epsilon if plan.dp else None,
                 privacy_unit=request.unit,
             )
         )
-    return RoundResult(RoundStatus.TRAINED, plan.dp, request.examples, plan.steps, loss, plan.epsilon_after,
-                       plan.delta, plan.noise_multiplier, plan.reason)
+    return RoundResult(
+        RoundStatus.TRAINED,
+        plan.dp,
+        request.examples,
+        plan.steps,
+        loss,
+        plan.epsilon_after,
+        plan.delta,
+        plan.noise_multiplier,
+        plan.reason,
+    )

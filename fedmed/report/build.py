@@ -50,18 +50,19 @@ def build_report(run_dir: Path | None = None, ledgers: Sequence[Path] = (), budg
     return {
         "schema": SCHEMA,
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "sources": {"run_dir": str(run_dir) if run_dir is not None else None,
-                    "ledgers": [str(p) for p in ledgers]},
+        "sources": {"run_dir": str(run_dir) if run_dir is not None else None, "ledgers": [str(p) for p in ledgers]},
         "accountants": {
             "ledger": "rdp: Renyi DP of the Poisson-subsampled Gaussian mechanism (the site's own bound)",
             "second_opinion": f"pld: privacy loss distribution accountant of Google's dp-accounting, "
-                              f"pessimistic upper bound, discretisation {DISCRETISATION:g} (an independent "
-                              "implementation of a tighter method)",
+            f"pessimistic upper bound, discretisation {DISCRETISATION:g} (an independent "
+            "implementation of a tighter method)",
         },
         "run": view,
         "sites": [account.to_json() for account in accounts],
         "warnings": [f.to_dict() for f in findings],
         "warning_codes": {code: CODES[code] for code in sorted({f.code for f in findings})},
-        "counts": {"critical": sum(f.level == CRITICAL for f in findings),
-                   "warning": sum(f.level != CRITICAL for f in findings)},
+        "counts": {
+            "critical": sum(f.level == CRITICAL for f in findings),
+            "warning": sum(f.level != CRITICAL for f in findings),
+        },
     }

@@ -55,9 +55,13 @@ def report_document(report: dict, figures: list[Figure]) -> Document:
         what.append(f"run directory {sources['run_dir']}")
     if sources["ledgers"]:
         what.append(f"{len(sources['ledgers'])} site ledger(s)")
-    doc.blocks.append(Text(f"Generated {report['generated']} from {' and '.join(what)}. "
-                           f"Schema {report['schema']}. Ledger accountant: {report['accountants']['ledger']}. "
-                           f"Second opinion: {report['accountants']['second_opinion']}."))
+    doc.blocks.append(
+        Text(
+            f"Generated {report['generated']} from {' and '.join(what)}. "
+            f"Schema {report['schema']}. Ledger accountant: {report['accountants']['ledger']}. "
+            f"Second opinion: {report['accountants']['second_opinion']}."
+        )
+    )
     counts = report["counts"]
     doc.blocks.append(Heading(f"Warnings ({counts['critical']} critical, {counts['warning']} other)"))
     doc.blocks.append(Alerts(report["warnings"]) if report["warnings"] else Text("No warnings."))
@@ -75,37 +79,88 @@ def report_document(report: dict, figures: list[Figure]) -> Document:
 
 
 def _budget_table(accounts: list[SiteAccount]) -> Table:
-    header = ["site", "budget (epsilon)", "spent (RDP, ledger)", "spent (PLD, second opinion)", "left", "used",
-              "delta", "rounds", "non-private rounds", "refused rounds"]
+    header = [
+        "site",
+        "budget (epsilon)",
+        "spent (RDP, ledger)",
+        "spent (PLD, second opinion)",
+        "left",
+        "used",
+        "delta",
+        "rounds",
+        "non-private rounds",
+        "refused rounds",
+    ]
     rows = []
     for a in accounts:
         used = MISSING if a.budget_used is None else f"{a.budget_used:.1%}"
         dp = not a.non_private_rounds
-        rows.append([a.site, format_number(a.budget), format_epsilon(a.epsilon_spent, dp),
-                     format_epsilon(a.epsilon_second_opinion, dp), format_number(a.budget_left), used,
-                     format_number(a.delta), format_number(len(a.rounds)), format_number(a.non_private_rounds),
-                     format_number(len(a.refused))])
+        rows.append(
+            [
+                a.site,
+                format_number(a.budget),
+                format_epsilon(a.epsilon_spent, dp),
+                format_epsilon(a.epsilon_second_opinion, dp),
+                format_number(a.budget_left),
+                used,
+                format_number(a.delta),
+                format_number(len(a.rounds)),
+                format_number(a.non_private_rounds),
+                format_number(len(a.refused)),
+            ]
+        )
     return Table(header, rows)
 
 
 def _run_blocks(run: dict, figures: dict[str, Figure]) -> list:
     settings = ", ".join(f"{k} {v}" for k, v in run["settings"].items())
-    blocks = [Heading(f"Run {run['run_id']}"),
-              Text(f"Run directory {run['run_dir']}: {run['phase']}, {run['rounds_recorded']} of "
-                   f"{run['rounds_planned']} rounds recorded. Settings: {settings}.")]
+    blocks = [
+        Heading(f"Run {run['run_id']}"),
+        Text(
+            f"Run directory {run['run_dir']}: {run['phase']}, {run['rounds_recorded']} of "
+            f"{run['rounds_planned']} rounds recorded. Settings: {settings}."
+        ),
+    ]
     blocks += [figures[name] for name in ("validation.png", "sites.png") if name in figures]
     blocks.append(Heading("Rounds", 3))
-    header = ["round", "aggregated", "trained", "budget exhausted", "rejected", "bounded", "failed", "missing",
-              "paid and wasted", "train loss", "val AUROC", "val accuracy", "val balanced accuracy", "held-out AUROC"]
+    header = [
+        "round",
+        "aggregated",
+        "trained",
+        "budget exhausted",
+        "rejected",
+        "bounded",
+        "failed",
+        "missing",
+        "paid and wasted",
+        "train loss",
+        "val AUROC",
+        "val accuracy",
+        "val balanced accuracy",
+        "held-out AUROC",
+    ]
     rows = []
     for r in run["rounds"]:
         val = r["validation"] or {}
         held_out = r["server_validation"] or {}
-        rows.append([str(r["round"]), format_number(r["aggregated"]), _names(r["trained"]),
-                     _names(r["budget_exhausted"]), _names(r["rejected"]), _names(r["bounded"]), _names(r["failed"]),
-                     _names(r["missing"]), _names(r["wasted"]), format_number(r["train_loss"]),
-                     format_number(val.get("auroc")), format_number(val.get("accuracy")),
-                     format_number(val.get("balanced_accuracy")), format_number(held_out.get("auroc"))])
+        rows.append(
+            [
+                str(r["round"]),
+                format_number(r["aggregated"]),
+                _names(r["trained"]),
+                _names(r["budget_exhausted"]),
+                _names(r["rejected"]),
+                _names(r["bounded"]),
+                _names(r["failed"]),
+                _names(r["missing"]),
+                _names(r["wasted"]),
+                format_number(r["train_loss"]),
+                format_number(val.get("auroc")),
+                format_number(val.get("accuracy")),
+                format_number(val.get("balanced_accuracy")),
+                format_number(held_out.get("auroc")),
+            ]
+        )
     blocks.append(Table(header, rows))
     blocks.append(Heading("Epsilon per round, as the sites reported it", 3))
     rows = []
@@ -113,8 +168,11 @@ def _run_blocks(run: dict, figures: dict[str, Figure]) -> list:
         row = [str(r["round"])]
         for name in run["sites"]:
             site = r["sites"].get(name)
-            row.append(MISSING if site is None or site["status"] != RoundStatus.TRAINED.label
-                       else format_epsilon(site["epsilon"], site["dp"]))
+            row.append(
+                MISSING
+                if site is None or site["status"] != RoundStatus.TRAINED.label
+                else format_epsilon(site["epsilon"], site["dp"])
+            )
         rows.append(row)
     blocks.append(Table(["round", *run["sites"]], rows))
     return blocks
@@ -122,45 +180,132 @@ def _run_blocks(run: dict, figures: dict[str, Figure]) -> list:
 
 def _site_blocks(a: SiteAccount) -> list:
     units = sorted({r["privacy_unit"] for r in a.rounds}) or ["image"]
-    blocks = [Heading(f"Site {a.site}"),
-              Text(f"Ledger {a.ledger} ({a.ledger_lines} lines).{_chain_text(a.ledger_chain)} "
-                   f"Accountant {a.accountant}; "
-                   f"second opinion {a.second_opinion_accountant}. Privacy unit: {', '.join(units)} "
-                   "(each epsilon bounds what is revealed about one such record; a patient with k "
-                   "images is protected by about k times an image-level epsilon).")]
+    blocks = [
+        Heading(f"Site {a.site}"),
+        Text(
+            f"Ledger {a.ledger} ({a.ledger_lines} lines).{_chain_text(a.ledger_chain)} "
+            f"Accountant {a.accountant}; "
+            f"second opinion {a.second_opinion_accountant}. Privacy unit: {', '.join(units)} "
+            "(each epsilon bounds what is revealed about one such record; a patient with k "
+            "images is protected by about k times an image-level epsilon)."
+        ),
+    ]
     blocks.append(Heading(f"{a.site}: runs", 3))
-    rows = [[r["run_id"], _rounds_text(r["rounds"]), format_number(r["dp"]),
-             ", ".join(format_number(s) for s in r["noise_multipliers"]), format_number(r["sample_rate"]),
-             format_number(r["steps"]), format_number(r["examples"]), format_epsilon(r["epsilon_after"], r["dp"]),
-             format_epsilon(r["epsilon_second_opinion_after"], r["dp"]), format_number(r["delta"]), r["started"],
-             r["ended"]]
-            for r in a.runs]
-    blocks.append(Table(["run", "rounds", "DP", "noise multiplier", "sample rate", "steps", "examples",
-                         "epsilon after (RDP)", "epsilon after (PLD)", "delta", "first round at", "last round at"],
-                        rows))
+    rows = [
+        [
+            r["run_id"],
+            _rounds_text(r["rounds"]),
+            format_number(r["dp"]),
+            ", ".join(format_number(s) for s in r["noise_multipliers"]),
+            format_number(r["sample_rate"]),
+            format_number(r["steps"]),
+            format_number(r["examples"]),
+            format_epsilon(r["epsilon_after"], r["dp"]),
+            format_epsilon(r["epsilon_second_opinion_after"], r["dp"]),
+            format_number(r["delta"]),
+            r["started"],
+            r["ended"],
+        ]
+        for r in a.runs
+    ]
+    blocks.append(
+        Table(
+            [
+                "run",
+                "rounds",
+                "DP",
+                "noise multiplier",
+                "sample rate",
+                "steps",
+                "examples",
+                "epsilon after (RDP)",
+                "epsilon after (PLD)",
+                "delta",
+                "first round at",
+                "last round at",
+            ],
+            rows,
+        )
+    )
     blocks.append(Heading(f"{a.site}: what left this site", 3))
-    blocks.append(Text("Every statistic the site sent, per run, from its ledger. Each reply also carries the "
-                       "public description of the site's guarantee (status, whether DP, steps, epsilon, delta, "
-                       "noise multiplier). Epsilon alone is what each kind of release would cost by itself; the "
-                       "site's epsilon composes all private releases (RDP) and is less than their sum."))
-    rows = [[r["run_id"], w["what"], format_number(w["count"]), w["mechanism"], "yes" if w["private"] else "NO",
-             format_number(w["epsilon_alone"]), w["privacy_unit"]] for r in a.runs for w in r["released"]]
+    blocks.append(
+        Text(
+            "Every statistic the site sent, per run, from its ledger. Each reply also carries the "
+            "public description of the site's guarantee (status, whether DP, steps, epsilon, delta, "
+            "noise multiplier). Epsilon alone is what each kind of release would cost by itself; the "
+            "site's epsilon composes all private releases (RDP) and is less than their sum."
+        )
+    )
+    rows = [
+        [
+            r["run_id"],
+            w["what"],
+            format_number(w["count"]),
+            w["mechanism"],
+            "yes" if w["private"] else "NO",
+            format_number(w["epsilon_alone"]),
+            w["privacy_unit"],
+        ]
+        for r in a.runs
+        for w in r["released"]
+    ]
     blocks.append(Table(["run", "what", "times", "mechanism", "private", "epsilon alone", "privacy unit"], rows))
     blocks.append(Heading(f"{a.site}: rounds", 3))
-    rows = [[r["run_id"], str(r["round"]), r["timestamp"], format_number(r["dp"]), format_number(r["examples"]),
-             format_number(r["steps"]), format_number(r["sample_rate"]), format_number(r["noise_multiplier"]),
-             format_number(r["max_grad_norm"]), format_number(r["delta"]), format_epsilon(r["epsilon"], r["dp"]),
-             format_epsilon(r["epsilon_second_opinion"], r["dp"]),
-             "paid, round discarded" if r.get("wasted") else ""] for r in a.rounds]
-    blocks.append(Table(["run", "round", "time", "DP", "examples", "steps", "sample rate", "noise multiplier",
-                         "clip norm", "delta", "epsilon (RDP)", "epsilon (PLD)", "wasted"], rows))
+    rows = [
+        [
+            r["run_id"],
+            str(r["round"]),
+            r["timestamp"],
+            format_number(r["dp"]),
+            format_number(r["examples"]),
+            format_number(r["steps"]),
+            format_number(r["sample_rate"]),
+            format_number(r["noise_multiplier"]),
+            format_number(r["max_grad_norm"]),
+            format_number(r["delta"]),
+            format_epsilon(r["epsilon"], r["dp"]),
+            format_epsilon(r["epsilon_second_opinion"], r["dp"]),
+            "paid, round discarded" if r.get("wasted") else "",
+        ]
+        for r in a.rounds
+    ]
+    blocks.append(
+        Table(
+            [
+                "run",
+                "round",
+                "time",
+                "DP",
+                "examples",
+                "steps",
+                "sample rate",
+                "noise multiplier",
+                "clip norm",
+                "delta",
+                "epsilon (RDP)",
+                "epsilon (PLD)",
+                "wasted",
+            ],
+            rows,
+        )
+    )
     if a.refused:
         blocks.append(Heading(f"{a.site}: refused rounds", 3))
-        rows = [[r["run_id"], str(r["round"]), r["timestamp"], format_number(r["epsilon_before"]),
-                 format_number(r["epsilon_would_be"]), format_number(r["max_epsilon"]), r["reason"]]
-                for r in a.refused]
-        blocks.append(Table(["run", "round", "time", "epsilon before", "epsilon it would reach", "budget", "reason"],
-                            rows))
+        rows = [
+            [
+                r["run_id"],
+                str(r["round"]),
+                r["timestamp"],
+                format_number(r["epsilon_before"]),
+                format_number(r["epsilon_would_be"]),
+                format_number(r["max_epsilon"]),
+                r["reason"],
+            ]
+            for r in a.refused
+        ]
+        blocks.append(
+            Table(["run", "round", "time", "epsilon before", "epsilon it would reach", "budget", "reason"], rows)
+        )
     return blocks
 
 
@@ -173,8 +318,10 @@ def _chain_text(chain: dict | None) -> str:
     if chain["status"] == "unchained":
         return " Hash chain: none (written by an older fedmed; edits cannot be detected)."
     if chain["status"] == "partly-chained":
-        return (f" Hash chain: intact from line {chain['unchained_lines'] + 1}; the {chain['unchained_lines']} "
-                "line(s) before it were written by an older fedmed.")
+        return (
+            f" Hash chain: intact from line {chain['unchained_lines'] + 1}; the {chain['unchained_lines']} "
+            "line(s) before it were written by an older fedmed."
+        )
     return " Hash chain: intact."
 
 

@@ -17,8 +17,8 @@ CODES = {
     "ledger-missing": "the ledger file does not exist or cannot be read",
     "ledger-damaged": "a ledger line other than the last cannot be read: the whole budget counts as spent",
     "ledger-torn-line": "the ledger's last line is incomplete (a write cut short): what it spent is unknown, so "
-                        "the whole budget counts as spent and the site refuses to train until the ledger is "
-                        "restored from a backup",
+    "the whole budget counts as spent and the site refuses to train until the ledger is "
+    "restored from a backup",
     "ledger-chain-broken": "a ledger line does not link to the line before it: a line was edited, inserted or removed",
     "ledger-unchained": "ledger lines written before the hash chain existed: an edit to them cannot be detected",
     "ledger-arithmetic": "a ledger entry's epsilon or accountant state does not follow from its parameters",
@@ -32,7 +32,7 @@ CODES = {
     "budget-wasted": "sites paid privacy budget for a round the coordinator discarded (too few valid updates)",
     "updates-bounded": "the coordinator scaled down an update longer than the norm bound or capped a claimed weight",
     "secure-aggregation-failed": "too few sites completed secure aggregation: nothing was unmasked, the round "
-                                 "changed nothing",
+    "changed nothing",
 }
 
 NEARLY_SPENT = 0.8

@@ -16,8 +16,12 @@ def report_figures(report: dict) -> tuple[list[Figure], dict[str, bytes]]:
     figures, images = [], {}
     epsilon = _epsilon_plot(report)
     if epsilon is not None:
-        figures.append(Figure("epsilon.png", "Cumulative epsilon per site (solid: ledger RDP, dotted: PLD second "
-                                             "opinion, dashed: budget)"))
+        figures.append(
+            Figure(
+                "epsilon.png",
+                "Cumulative epsilon per site (solid: ledger RDP, dotted: PLD second opinion, dashed: budget)",
+            )
+        )
         images["epsilon.png"] = epsilon
     run = report["run"]
     if run and run["rounds"]:
@@ -39,11 +43,17 @@ def _epsilon_plot(report: dict) -> bytes | None:
     sites = [(a.site, a.rounds, a.budget) for a in accounts] or [(s, [], None) for s in (run["sites"] if run else [])]
     for index, (site, ledger_rounds, budget) in enumerate(sites):
         colour = f"C{index % 10}"
-        rows = [r for r in ledger_rounds if r["dp"] and r["epsilon"] is not None
-                and (run is None or r["run_id"] == run["run_id"])]
+        rows = [
+            r
+            for r in ledger_rounds
+            if r["dp"] and r["epsilon"] is not None and (run is None or r["run_id"] == run["run_id"])
+        ]
         if run is not None:
-            reported = [(r["round"], r["sites"][site]["epsilon"]) for r in run["rounds"]
-                        if site in r["trained"] and r["sites"][site]["epsilon"] is not None]
+            reported = [
+                (r["round"], r["sites"][site]["epsilon"])
+                for r in run["rounds"]
+                if site in r["trained"] and r["sites"][site]["epsilon"] is not None
+            ]
             xs = [x for x, _ in reported]
             ys = [y for _, y in reported]
             second = [(r["round"], r["epsilon_second_opinion"]) for r in rows]
@@ -76,10 +86,12 @@ def _validation_plot(run: dict) -> bytes:
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
     rounds = run["rounds"]
-    series = [("sites' validation AUROC", "validation", "auroc"),
-              ("sites' validation accuracy", "validation", "accuracy"),
-              ("sites' validation balanced accuracy", "validation", "balanced_accuracy"),
-              ("held-out AUROC (coordinator)", "server_validation", "auroc")]
+    series = [
+        ("sites' validation AUROC", "validation", "auroc"),
+        ("sites' validation accuracy", "validation", "accuracy"),
+        ("sites' validation balanced accuracy", "validation", "balanced_accuracy"),
+        ("held-out AUROC (coordinator)", "server_validation", "auroc"),
+    ]
     for label, source, key in series:
         points = [(r["round"], r[source][key]) for r in rounds if r[source] and r[source].get(key) is not None]
         if points:
@@ -102,8 +114,9 @@ def _sites_plot(run: dict) -> bytes:
     lost = [len(r["rejected"]) + len(r["failed"]) + len(r["missing"]) for r in run["rounds"]]
     ax.bar(rounds, trained, label="trained", color="C2")
     ax.bar(rounds, refused, bottom=trained, label="budget exhausted", color="C1")
-    ax.bar(rounds, lost, bottom=[a + b for a, b in zip(trained, refused)], label="rejected, failed or missing",
-           color="C3")
+    ax.bar(
+        rounds, lost, bottom=[a + b for a, b in zip(trained, refused)], label="rejected, failed or missing", color="C3"
+    )
     ax.set_xlabel("round")
     ax.set_ylabel("sites")
     _whole_numbers(ax.xaxis)

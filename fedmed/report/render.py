@@ -52,9 +52,12 @@ def _md_row(cells: list) -> str:
 
 def to_html(doc: Document, images: dict[str, bytes]) -> str:
     """One HTML page with no external references; figures are embedded PNGs."""
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>{html.escape(doc.title)}</title><style>{STYLE}</style></head><body>",
-             f"<h1>{html.escape(doc.title)}</h1>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(doc.title)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>{html.escape(doc.title)}</h1>",
+    ]
     for block in doc.blocks:
         if isinstance(block, Heading):
             parts.append(f"<h{block.level}>{html.escape(block.text)}</h{block.level}>")
@@ -62,19 +65,22 @@ def to_html(doc: Document, images: dict[str, bytes]) -> str:
             parts.append(f"<p>{html.escape(block.text)}</p>")
         elif isinstance(block, Table):
             head = "".join(f"<th>{html.escape(c)}</th>" for c in block.header)
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                           for row in block.rows)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block.rows)
             parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         elif isinstance(block, Alerts):
             for item in block.items:
                 site = f"{item['site']}: " if item["site"] else ""
                 label = "CRITICAL" if item["level"] == "critical" else "warning"
-                parts.append(f'<div class="alert {item["level"]}" data-code="{html.escape(item["code"])}">'
-                             f"<b>{label}</b> [{html.escape(item['code'])}] {html.escape(site + item['message'])}"
-                             "</div>")
+                parts.append(
+                    f'<div class="alert {item["level"]}" data-code="{html.escape(item["code"])}">'
+                    f"<b>{label}</b> [{html.escape(item['code'])}] {html.escape(site + item['message'])}"
+                    "</div>"
+                )
         elif isinstance(block, Figure) and block.name in images:
             data = base64.b64encode(images[block.name]).decode("ascii")
-            parts.append(f'<figure><img alt="{html.escape(block.caption)}" src="data:image/png;base64,{data}">'
-                         f"<figcaption>{html.escape(block.caption)}</figcaption></figure>")
+            parts.append(
+                f'<figure><img alt="{html.escape(block.caption)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(block.caption)}</figcaption></figure>"
+            )
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -100,10 +100,15 @@ def ledger_account(ledger_path: Path, budget: float | None = None) -> tuple[Site
     rounds, releases, checks = _history(chain, site)
     findings += checks + _release_findings(releases, site)
     account = SiteAccount(
-        site, str(ledger_path),
+        site,
+        str(ledger_path),
         ledger_lines=lines,
-        ledger_chain={"status": links.status, "chained_lines": links.chained, "unchained_lines": links.unchained,
-                      "first_bad_line": links.first_bad_line},
+        ledger_chain={
+            "status": links.status,
+            "chained_lines": links.chained,
+            "unchained_lines": links.unchained,
+            "first_bad_line": links.first_bad_line,
+        },
         rounds=rounds,
         releases=releases,
         runs=_runs(rounds, releases),
@@ -113,10 +118,18 @@ def ledger_account(ledger_path: Path, budget: float | None = None) -> tuple[Site
         last = entries[-1]
         non_private = sum(not e.dp for e in entries)
         # the last round or private release: what the site has spent (an exact release spends nothing)
-        latest = max((r for r in [*rounds, *releases] if r["epsilon"] is not None and r.get("private", True)),
-                     key=lambda r: r["line"], default=rounds[-1])
-        second = latest["epsilon_second_opinion"] if "statistic" not in latest else _second_opinion(
-            chain[latest["line"]].accountant_state, latest["delta"], "the latest release", site, findings)
+        latest = max(
+            (r for r in [*rounds, *releases] if r["epsilon"] is not None and r.get("private", True)),
+            key=lambda r: r["line"],
+            default=rounds[-1],
+        )
+        second = (
+            latest["epsilon_second_opinion"]
+            if "statistic" not in latest
+            else _second_opinion(
+                chain[latest["line"]].accountant_state, latest["delta"], "the latest release", site, findings
+            )
+        )
         account = replace(
             account,
             budget=budget if budget is not None else last.max_epsilon,
@@ -135,9 +148,14 @@ def ledger_account(ledger_path: Path, budget: float | None = None) -> tuple[Site
     if problems:
         account = _count_as_spent(account, [number for number, _ in problems])
     if refusals:
-        findings.append(warning("rounds-refused", f"{len(refusals)} round(s) refused because the budget would "
-                                f"have been exceeded (last: run {refusals[-1].run_id}, round {refusals[-1].round})",
-                                site))
+        findings.append(
+            warning(
+                "rounds-refused",
+                f"{len(refusals)} round(s) refused because the budget would "
+                f"have been exceeded (last: run {refusals[-1].run_id}, round {refusals[-1].round})",
+                site,
+            )
+        )
     budget_left, budget_used = _budget_left(account)
     return replace(account, budget_left=budget_left, budget_used=budget_used), findings
 
@@ -147,15 +165,27 @@ def _line_findings(path: Path, problems: list[tuple[int, str]], lines: int, site
     findings = []
     for number, problem in problems:
         if number == lines:
-            findings.append(critical("ledger-torn-line", f"{path}: line {number} (the last) is incomplete or cannot "
-                                     f"be read; a write was cut short ({problem}). What it spent is unknown, so the "
-                                     "whole budget counts as spent and the site refuses to train. Restore the "
-                                     "ledger from a backup.", site))
+            findings.append(
+                critical(
+                    "ledger-torn-line",
+                    f"{path}: line {number} (the last) is incomplete or cannot "
+                    f"be read; a write was cut short ({problem}). What it spent is unknown, so the "
+                    "whole budget counts as spent and the site refuses to train. Restore the "
+                    "ledger from a backup.",
+                    site,
+                )
+            )
         else:
-            findings.append(critical("ledger-damaged", f"{path}: line {number} of {lines} cannot be read "
-                                     f"({problem}); the ledger cannot prove what the site spent, so the whole "
-                                     "budget counts as spent and the site refuses to train. Restore it from a "
-                                     "backup.", site))
+            findings.append(
+                critical(
+                    "ledger-damaged",
+                    f"{path}: line {number} of {lines} cannot be read "
+                    f"({problem}); the ledger cannot prove what the site spent, so the whole "
+                    "budget counts as spent and the site refuses to train. Restore it from a "
+                    "backup.",
+                    site,
+                )
+            )
     return findings
 
 
@@ -163,16 +193,33 @@ def _chain_findings(path: Path, links: ChainCheck, site: str) -> list[Finding]:
     """A broken hash chain is critical; lines written before the chain existed are a warning,
     since nothing shows an edit to them."""
     if not links.intact:
-        return [critical("ledger-chain-broken", f"{path}: {links.problem}. The ledger cannot prove what the site "
-                         "spent. Restore it from a backup.", site)]
+        return [
+            critical(
+                "ledger-chain-broken",
+                f"{path}: {links.problem}. The ledger cannot prove what the site spent. Restore it from a backup.",
+                site,
+            )
+        ]
     if links.status == "unchained":
-        return [warning("ledger-unchained", f"{path}: none of its {links.unchained} line(s) carries a hash link "
-                        "(written by a fedmed older than the chain), so an edited, inserted or removed line cannot "
-                        "be detected; the site's next write starts the chain", site)]
+        return [
+            warning(
+                "ledger-unchained",
+                f"{path}: none of its {links.unchained} line(s) carries a hash link "
+                "(written by a fedmed older than the chain), so an edited, inserted or removed line cannot "
+                "be detected; the site's next write starts the chain",
+                site,
+            )
+        ]
     if links.status == "partly-chained":
-        return [warning("ledger-unchained", f"{path}: its first {links.unchained} line(s) were written by a fedmed "
-                        "older than the hash chain, so an edit among them cannot always be detected; the "
-                        f"{links.chained} line(s) after them are chained", site)]
+        return [
+            warning(
+                "ledger-unchained",
+                f"{path}: its first {links.unchained} line(s) were written by a fedmed "
+                "older than the hash chain, so an edit among them cannot always be detected; the "
+                f"{links.chained} line(s) after them are chained",
+                site,
+            )
+        ]
     return []
 
 
@@ -187,31 +234,53 @@ def _history(records: list[LedgerEntry | LedgerRelease], site: str) -> tuple[lis
         else:
             key = (record.run_id, record.round)
             if key in seen:
-                findings.append(warning("ledger-duplicate-round", f"run {record.run_id} round {record.round} is "
-                                        "in the ledger twice; both count as spent", site))
+                findings.append(
+                    warning(
+                        "ledger-duplicate-round",
+                        f"run {record.run_id} round {record.round} is in the ledger twice; both count as spent",
+                        site,
+                    )
+                )
             seen.add(key)
-            expected_state = (extend(state, record.noise_multiplier, record.sample_rate, record.steps)
-                              if record.dp else state)
+            expected_state = (
+                extend(state, record.noise_multiplier, record.sample_rate, record.steps) if record.dp else state
+            )
             what = f"run {record.run_id} round {record.round}"
         recorded_state = [tuple(step) for step in record.accountant_state]
         if _states_differ(recorded_state, expected_state):
-            findings.append(critical("ledger-arithmetic", f"{what}: the accountant state does not follow from the "
-                                     "previous entry and this entry's parameters", site))
+            findings.append(
+                critical(
+                    "ledger-arithmetic",
+                    f"{what}: the accountant state does not follow from the previous entry and this entry's parameters",
+                    site,
+                )
+            )
         state = recorded_state
         if isinstance(record, LedgerRelease):
             releases.append(_release_row(record, state, line, site, findings))
             continue
         rows.append(_round_row(record, state, site, findings) | {"line": line})
         if record.delta >= 1.0 / record.examples:
-            findings.append(critical("delta-too-large", f"run {record.run_id} round {record.round}: delta "
-                                     f"{record.delta:g} >= 1/n = {1.0 / record.examples:.3g} (n={record.examples})",
-                                     site))
+            findings.append(
+                critical(
+                    "delta-too-large",
+                    f"run {record.run_id} round {record.round}: delta "
+                    f"{record.delta:g} >= 1/n = {1.0 / record.examples:.3g} (n={record.examples})",
+                    site,
+                )
+            )
     non_private = [r for r in rows if not r["dp"]]
     if non_private:
         runs = sorted({r["run_id"] for r in non_private})
-        findings.append(critical("non-private-rounds", f"{len(non_private)} NON-PRIVATE round(s) in run(s) "
-                                 f"{', '.join(runs)}: no differential privacy guarantee holds for this site's "
-                                 "data from then on", site))
+        findings.append(
+            critical(
+                "non-private-rounds",
+                f"{len(non_private)} NON-PRIVATE round(s) in run(s) "
+                f"{', '.join(runs)}: no differential privacy guarantee holds for this site's "
+                "data from then on",
+                site,
+            )
+        )
     return rows, releases, findings
 
 
@@ -224,10 +293,18 @@ def _release_row(release: LedgerRelease, state: list, line: int, site: str, find
             raise ValueError(f"{site}: {what} is private but records no epsilon; the ledger line is damaged")
         _check_epsilon(state, release.delta, release.epsilon, what=what, site=site, findings=findings)
     return {
-        "line": line, "run_id": release.run_id, "round": release.round, "timestamp": release.timestamp,
-        "statistic": release.statistic, "private": release.private, "noise_multiplier": release.noise_multiplier,
-        "sensitivity": release.sensitivity, "noise_std": release.noise_multiplier * release.sensitivity,
-        "delta": release.delta, "epsilon": release.epsilon, "privacy_unit": release.privacy_unit,
+        "line": line,
+        "run_id": release.run_id,
+        "round": release.round,
+        "timestamp": release.timestamp,
+        "statistic": release.statistic,
+        "private": release.private,
+        "noise_multiplier": release.noise_multiplier,
+        "sensitivity": release.sensitivity,
+        "noise_std": release.noise_multiplier * release.sensitivity,
+        "delta": release.delta,
+        "epsilon": release.epsilon,
+        "privacy_unit": release.privacy_unit,
     }
 
 
@@ -236,9 +313,16 @@ def _release_findings(releases: list[dict], site: str) -> list[Finding]:
     for row in releases:
         if not row["private"]:
             exact[(row["run_id"], row["statistic"])] = exact.get((row["run_id"], row["statistic"]), 0) + 1
-    return [warning("non-private-release", f"run {run}: {statistic} sent exactly {count} time(s), without "
-                    "differential privacy (privacy.release_exact); no guarantee covers it, the site's epsilon "
-                    "covers the other releases only", site) for (run, statistic), count in exact.items()]
+    return [
+        warning(
+            "non-private-release",
+            f"run {run}: {statistic} sent exactly {count} time(s), without "
+            "differential privacy (privacy.release_exact); no guarantee covers it, the site's epsilon "
+            "covers the other releases only",
+            site,
+        )
+        for (run, statistic), count in exact.items()
+    ]
 
 
 def _round_row(entry: LedgerEntry, state: list, site: str, findings: list[Finding]) -> dict:
@@ -249,24 +333,39 @@ def _round_row(entry: LedgerEntry, state: list, site: str, findings: list[Findin
         _check_epsilon(state, entry.delta, recorded, what=what, site=site, findings=findings)
         second = _second_opinion(state, entry.delta, what, site, findings)
     return {
-        "run_id": entry.run_id, "round": entry.round, "timestamp": entry.timestamp, "dp": entry.dp,
-        "examples": entry.examples, "steps": entry.steps, "sample_rate": entry.sample_rate,
-        "noise_multiplier": entry.noise_multiplier, "max_grad_norm": entry.max_grad_norm,
-        "delta": entry.delta, "epsilon": recorded,
-        "epsilon_second_opinion": second, "accountant": entry.accountant, "max_epsilon": entry.max_epsilon,
+        "run_id": entry.run_id,
+        "round": entry.round,
+        "timestamp": entry.timestamp,
+        "dp": entry.dp,
+        "examples": entry.examples,
+        "steps": entry.steps,
+        "sample_rate": entry.sample_rate,
+        "noise_multiplier": entry.noise_multiplier,
+        "max_grad_norm": entry.max_grad_norm,
+        "delta": entry.delta,
+        "epsilon": recorded,
+        "epsilon_second_opinion": second,
+        "accountant": entry.accountant,
+        "max_epsilon": entry.max_epsilon,
         "max_epsilon_per_run": entry.max_epsilon_per_run,
         "privacy_unit": entry.privacy_unit,
         "wasted": False,  # set by the run's cross-check when the coordinator discarded the round
     }
 
 
-def _check_epsilon(state: list, delta: float, recorded: float, *, what: str, site: str,
-                   findings: list[Finding]) -> None:
+def _check_epsilon(
+    state: list, delta: float, recorded: float, *, what: str, site: str, findings: list[Finding]
+) -> None:
     """A recorded epsilon must be what its accountant state gives."""
     recomputed = epsilon(state, delta)
     if not math.isclose(recomputed, recorded, rel_tol=RELATIVE_TOLERANCE, abs_tol=1e-9):
-        findings.append(critical("ledger-arithmetic", f"{what}: recorded epsilon {recorded:.6g} but its accountant "
-                                 f"state gives {recomputed:.6g}", site))
+        findings.append(
+            critical(
+                "ledger-arithmetic",
+                f"{what}: recorded epsilon {recorded:.6g} but its accountant state gives {recomputed:.6g}",
+                site,
+            )
+        )
 
 
 def _second_opinion(state: list, delta: float, what: str, site: str, findings: list[Finding]) -> float | None:
@@ -281,19 +380,31 @@ def _second_opinion(state: list, delta: float, what: str, site: str, findings: l
 def _states_differ(a: list, b: list) -> bool:
     if len(a) != len(b):
         return True
-    return any(sa[2] != sb[2] or not math.isclose(sa[0], sb[0], rel_tol=1e-12)
-               or not math.isclose(sa[1], sb[1], rel_tol=1e-12) for sa, sb in zip(a, b))
+    return any(
+        sa[2] != sb[2] or not math.isclose(sa[0], sb[0], rel_tol=1e-12) or not math.isclose(sa[1], sb[1], rel_tol=1e-12)
+        for sa, sb in zip(a, b)
+    )
 
 
 def _runs(rounds: list[dict], releases: list[dict]) -> list[dict]:
     """One row per run, in the order the site first joined them, with what left the site in it."""
     runs: dict[str, dict] = {}
     for row in rounds:
-        run = runs.setdefault(row["run_id"], {
-            "run_id": row["run_id"], "rounds": [], "started": row["timestamp"], "dp": True,
-            "noise_multipliers": [], "sample_rate": row["sample_rate"], "examples": row["examples"],
-            "steps": 0, "max_grad_norm": row["max_grad_norm"], "privacy_unit": row["privacy_unit"],
-        })
+        run = runs.setdefault(
+            row["run_id"],
+            {
+                "run_id": row["run_id"],
+                "rounds": [],
+                "started": row["timestamp"],
+                "dp": True,
+                "noise_multipliers": [],
+                "sample_rate": row["sample_rate"],
+                "examples": row["examples"],
+                "steps": 0,
+                "max_grad_norm": row["max_grad_norm"],
+                "privacy_unit": row["privacy_unit"],
+            },
+        )
         run["rounds"].append(row["round"])
         run["ended"] = row["timestamp"]
         run["dp"] = run["dp"] and row["dp"]
@@ -313,30 +424,56 @@ def _released(run: dict, releases: list[dict]) -> list[dict]:
     mechanism and the epsilon it costs alone (the site's epsilon composes them all, for less
     than the sum)."""
     delta = run["delta"]
-    updates = {"what": "model update", "count": len(run["rounds"]), "private": run["dp"],
-               "privacy_unit": run["privacy_unit"],
-               "mechanism": (f"DP-SGD: noise multiplier {', '.join(f'{s:.4g}' for s in run['noise_multipliers'])}, "
-                             f"clip norm {run['max_grad_norm']:g}, sample rate {run['sample_rate']:.4g}, "
-                             f"{run['steps']} steps") if run["dp"] else "NON-PRIVATE training",
-               # one noise multiplier per run (a run calibrates once); otherwise not one mechanism
-               "epsilon_alone": (epsilon([(run["noise_multipliers"][0], run["sample_rate"], run["steps"])], delta)
-                                 if run["dp"] and len(run["noise_multipliers"]) == 1 else None)}
+    updates = {
+        "what": "model update",
+        "count": len(run["rounds"]),
+        "private": run["dp"],
+        "privacy_unit": run["privacy_unit"],
+        "mechanism": (
+            f"DP-SGD: noise multiplier {', '.join(f'{s:.4g}' for s in run['noise_multipliers'])}, "
+            f"clip norm {run['max_grad_norm']:g}, sample rate {run['sample_rate']:.4g}, "
+            f"{run['steps']} steps"
+        )
+        if run["dp"]
+        else "NON-PRIVATE training",
+        # one noise multiplier per run (a run calibrates once); otherwise not one mechanism
+        "epsilon_alone": (
+            epsilon([(run["noise_multipliers"][0], run["sample_rate"], run["steps"])], delta)
+            if run["dp"] and len(run["noise_multipliers"]) == 1
+            else None
+        ),
+    }
     rows = [updates]
     for statistic, private in dict.fromkeys((r["statistic"], r["private"]) for r in releases):
         same = [r for r in releases if r["statistic"] == statistic and r["private"] == private]
-        rows.append({
-            "what": statistic, "count": len(same), "private": private, "privacy_unit": same[0]["privacy_unit"],
-            "mechanism": (f"Gaussian, noise std {same[0]['noise_std']:.4g} (sensitivity {same[0]['sensitivity']:.4g})"
-                          if private else "exact, NON-PRIVATE"),
-            "epsilon_alone": epsilon([(r["noise_multiplier"], 1.0, 1) for r in same], delta) if private else None,
-        })
+        rows.append(
+            {
+                "what": statistic,
+                "count": len(same),
+                "private": private,
+                "privacy_unit": same[0]["privacy_unit"],
+                "mechanism": (
+                    f"Gaussian, noise std {same[0]['noise_std']:.4g} (sensitivity {same[0]['sensitivity']:.4g})"
+                    if private
+                    else "exact, NON-PRIVATE"
+                ),
+                "epsilon_alone": epsilon([(r["noise_multiplier"], 1.0, 1) for r in same], delta) if private else None,
+            }
+        )
     return rows
 
 
 def _refusal_row(refusal: LedgerRefusal) -> dict:
-    return {"run_id": refusal.run_id, "round": refusal.round, "timestamp": refusal.timestamp,
-            "reason": refusal.reason, "epsilon_before": refusal.epsilon_before,
-            "epsilon_would_be": refusal.epsilon_after, "delta": refusal.delta, "max_epsilon": refusal.max_epsilon}
+    return {
+        "run_id": refusal.run_id,
+        "round": refusal.round,
+        "timestamp": refusal.timestamp,
+        "reason": refusal.reason,
+        "epsilon_before": refusal.epsilon_before,
+        "epsilon_would_be": refusal.epsilon_after,
+        "delta": refusal.delta,
+        "max_epsilon": refusal.max_epsilon,
+    }
 
 
 def _budget_findings(account: SiteAccount) -> list[Finding]:
@@ -346,8 +483,14 @@ def _budget_findings(account: SiteAccount) -> list[Finding]:
     if spent > budget * (1 + RELATIVE_TOLERANCE):
         return [critical("budget-exceeded", f"epsilon {spent:.4g} spent, above the budget {budget:g}", site)]
     if spent > NEARLY_SPENT * budget:
-        return [warning("budget-nearly-spent", f"{spent / budget:.1%} of the budget spent (epsilon {spent:.4g} of "
-                        f"{budget:g}); {budget - spent:.4g} left", site)]
+        return [
+            warning(
+                "budget-nearly-spent",
+                f"{spent / budget:.1%} of the budget spent (epsilon {spent:.4g} of "
+                f"{budget:g}); {budget - spent:.4g} left",
+                site,
+            )
+        ]
     return []
 
 
@@ -359,8 +502,12 @@ def _count_as_spent(account: SiteAccount, unreadable: list[int]) -> SiteAccount:
     def spent(value: float | None) -> float | None:
         return None if budget is None or value is None else max(value, budget)
 
-    return replace(account, epsilon_spent=spent(account.epsilon_spent),
-                   epsilon_second_opinion=spent(account.epsilon_second_opinion), unreadable_lines=unreadable)
+    return replace(
+        account,
+        epsilon_spent=spent(account.epsilon_spent),
+        epsilon_second_opinion=spent(account.epsilon_second_opinion),
+        unreadable_lines=unreadable,
+    )
 
 
 def _budget_left(account: SiteAccount) -> tuple[float | None, float | None]:

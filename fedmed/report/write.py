@@ -51,8 +51,7 @@ def write_run_report(run_dir: Path) -> Path | None:
         report = build_report(run_dir)
         written = write_report(report, private_dir(Path(run_dir) / "report"))  # owner-only, like the run
     except Exception as error:  # noqa: BLE001 - the run itself has succeeded
-        print(f"warning: no privacy report written for {run_dir}: {type(error).__name__}: {error}",
-              file=sys.stderr)
+        print(f"warning: no privacy report written for {run_dir}: {type(error).__name__}: {error}", file=sys.stderr)
         return None
     for item in report["warnings"]:
         if item["level"] == CRITICAL:

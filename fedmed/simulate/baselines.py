@@ -36,8 +36,9 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 def load_test_set(run: RunSettings, data: SimulationData, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    test = load_site(SiteSource.from_path(data.test_dir, run.class_names), ReadOptions(image_size=run.image_size),
-                     cache_dir)
+    test = load_site(
+        SiteSource.from_path(data.test_dir, run.class_names), ReadOptions(image_size=run.image_size), cache_dir
+    )
     return np.asarray(test.images), test.labels
 
 
@@ -59,8 +60,14 @@ def schedule_of(run: RunSettings) -> str:
 
 def non_private_schedule(run: RunSettings) -> RunSettings:
     """The pooled non-private baseline's schedule: full passes to convergence, cosine-decayed."""
-    return replace(run, rounds=NON_PRIVATE_EPOCHS, local_steps=0, local_epochs=1, learning_rate_schedule="cosine",
-                   evaluate_every=NON_PRIVATE_EPOCHS)
+    return replace(
+        run,
+        rounds=NON_PRIVATE_EPOCHS,
+        local_steps=0,
+        local_epochs=1,
+        learning_rate_schedule="cosine",
+        evaluate_every=NON_PRIVATE_EPOCHS,
+    )
 
 
 def pooled_private_schedule(run: RunSettings, sites: int) -> RunSettings:
@@ -103,8 +110,9 @@ def train_alone(run: RunSettings, site: SiteSettings) -> tuple[np.ndarray, dict]
         print(f"  {site.name} round {round_number}/{run.rounds}: {outcome}{spent}", flush=True)
         if reply.model is None:  # budget exhausted: keep the last model
             break
-        state, velocity = server_step(state, unpack(reply.model, state), velocity, run.server_learning_rate,
-                                      run.server_momentum)
+        state, velocity = server_step(
+            state, unpack(reply.model, state), velocity, run.server_learning_rate, run.server_momentum
+        )
         vector = pack(state)
     model = work.received_model(run, vector)
     exact = {"examples": len(work.split(run).train), **validation_metrics(model, work.inputs(run, model))}
@@ -125,22 +133,38 @@ def pooled_manifest(data: SimulationData, path: Path) -> Path:
     return path
 
 
-def run_centralized(scenario: Scenario, run: RunSettings, data: SimulationData, *, out_dir: Path, cache_dir: Path,
-                    test: tuple[np.ndarray, np.ndarray]) -> list[dict]:
+def run_centralized(
+    scenario: Scenario,
+    run: RunSettings,
+    data: SimulationData,
+    *,
+    out_dir: Path,
+    cache_dir: Path,
+    test: tuple[np.ndarray, np.ndarray],
+) -> list[dict]:
     """Pooled data, one model: non-private, then private at the scenario's largest budget."""
     manifest = pooled_manifest(data, out_dir / "pooled.csv")
     budget = max(site.max_epsilon for site in scenario.site_settings)
     rows = []
     for dp in (False, True):
         name = "centralized-dp" if dp else "centralized"
-        site = replace(scenario.site_settings[0], name=name, data=str(manifest),
-                       ledger=str(out_dir / name / "ledger.jsonl"), cache_dir=str(cache_dir), max_epsilon=budget,
-                       max_epsilon_per_run=budget, target_epsilon=budget, dp=dp,
-                       allow_outside_paths=True)  # the pooled manifest names the sites' own folders
+        site = replace(
+            scenario.site_settings[0],
+            name=name,
+            data=str(manifest),
+            ledger=str(out_dir / name / "ledger.jsonl"),
+            cache_dir=str(cache_dir),
+            max_epsilon=budget,
+            max_epsilon_per_run=budget,
+            target_epsilon=budget,
+            dp=dp,
+            allow_outside_paths=True,
+        )  # the pooled manifest names the sites' own folders
         schedule = pooled_private_schedule(run, len(data.site_dirs)) if dp else non_private_schedule(run)
         vector, metrics = train_alone(schedule, site)
-        rows.append({**_row(name, "pooled", dp, metrics, test_scores(run, vector, test)),
-                     "schedule": schedule_of(schedule)})
+        rows.append(
+            {**_row(name, "pooled", dp, metrics, test_scores(run, vector, test)), "schedule": schedule_of(schedule)}
+        )
     return rows
 
 
@@ -150,17 +174,21 @@ def run_local(run: RunSettings, sites: list[SiteSettings], test: tuple[np.ndarra
     rows = []
     for site in sites:
         vector, metrics = train_alone(run, site)
-        rows.append({**_row("local", site.name, site.dp, metrics, test_scores(run, vector, test)),
-                     "schedule": schedule_of(run)})
+        rows.append(
+            {**_row("local", site.name, site.dp, metrics, test_scores(run, vector, test)), "schedule": schedule_of(run)}
+        )
     return rows
 
 
 def _row(mode: str, model: str, dp: bool, metrics: dict, scores: dict) -> dict:
     return {
-        "mode": mode, "model": model, "dp": dp,
+        "mode": mode,
+        "model": model,
+        "dp": dp,
         "epsilon": float(metrics.get("epsilon", float("nan"))) if dp else float("inf"),
         "train_examples": int(metrics.get("examples", 0)),
-        "test_auroc": scores["auroc"], "test_balanced_accuracy": scores["balanced_accuracy"],
+        "test_auroc": scores["auroc"],
+        "test_balanced_accuracy": scores["balanced_accuracy"],
         "test_accuracy": scores["accuracy"],
         "val_auroc": float(metrics.get("val-auroc", float("nan"))),
     }

@@ -21,8 +21,13 @@ SIMULATION_ROUND_TIMEOUT = 24 * 3600.0  # virtual sites share the machine: a rou
 def site_settings(scenario: Scenario, data: SimulationData, state_dir: Path, cache_dir: Path) -> list[SiteSettings]:
     """Each virtual site's settings, as a real site's node config would hold them."""
     return [
-        replace(privacy, name=name, data=str(folder), ledger=str(state_dir / name / "ledger.jsonl"),
-                cache_dir=str(cache_dir))
+        replace(
+            privacy,
+            name=name,
+            data=str(folder),
+            ledger=str(state_dir / name / "ledger.jsonl"),
+            cache_dir=str(cache_dir),
+        )
         for privacy, name, folder in zip(scenario.site_settings, data.names, data.site_dirs)
     ]
 
@@ -31,11 +36,16 @@ def run_settings(scenario: Scenario, data: SimulationData, run_dir: Path, cache_
     """The scenario's run with what a simulation sets itself: every site takes part, the
     held-out test set is the coordinator's evaluation data, and the site list."""
     sites = site_settings(scenario, data, run_dir / "sites", cache_dir)
-    run = replace(scenario.run, run_dir=str(run_dir), run_id=f"sim-{uuid.uuid4().hex[:12]}",
-                  min_sites=len(sites), round_timeout=SIMULATION_ROUND_TIMEOUT,
-                  server_eval_data=str(data.test_dir),
-                  initial_model=str(Path(scenario.run.initial_model).resolve()) if scenario.run.initial_model else "",
-                  simulation_sites=json.dumps([site.to_flower() for site in sites]))
+    run = replace(
+        scenario.run,
+        run_dir=str(run_dir),
+        run_id=f"sim-{uuid.uuid4().hex[:12]}",
+        min_sites=len(sites),
+        round_timeout=SIMULATION_ROUND_TIMEOUT,
+        server_eval_data=str(data.test_dir),
+        initial_model=str(Path(scenario.run.initial_model).resolve()) if scenario.run.initial_model else "",
+        simulation_sites=json.dumps([site.to_flower() for site in sites]),
+    )
     if run.initial_model:
         from fedmed.coordinator.initial_model import load_initial_model  # torch: only when needed
 
@@ -43,8 +53,7 @@ def run_settings(scenario: Scenario, data: SimulationData, run_dir: Path, cache_
     return run
 
 
-def run_federated(scenario: Scenario, data: SimulationData, run_dir: Path, cache_dir: Path,
-                  live: bool) -> RunDirectory:
+def run_federated(scenario: Scenario, data: SimulationData, run_dir: Path, cache_dir: Path, live: bool) -> RunDirectory:
     """Run the scenario's federation; returns its run directory (the same layout as
     ``fedmed-server``'s, with each virtual site's ledger under ``sites/``). Every process
     the Simulation Runtime starts, Ray's included, is stopped by pid before returning."""
@@ -58,10 +67,17 @@ def run_federated(scenario: Scenario, data: SimulationData, run_dir: Path, cache
     superlink = start_simulation_superlink(port, run_dir / "logs" / "superlink.log", run_dir / ".flwr", env)
     watch = ProcessWatch()
     try:
-        resources = (f"num-supernodes={len(data.names)} "
-                     f"client-resources-num-cpus={scenario.simulation.cpus_per_site}")
-        status = launch(run, directory, superlink, "127.0.0.1", port, federation_config=resources, live=live,
-                        on_tick=lambda: watch.look({superlink.pid}))
+        resources = f"num-supernodes={len(data.names)} client-resources-num-cpus={scenario.simulation.cpus_per_site}"
+        status = launch(
+            run,
+            directory,
+            superlink,
+            "127.0.0.1",
+            port,
+            federation_config=resources,
+            live=live,
+            on_tick=lambda: watch.look({superlink.pid}),
+        )
         if status.get("phase") == "failed":
             raise RuntimeError(f"the federated run failed: {status.get('error', '')}; see {run_dir / 'server.log'}")
     finally:

@@ -22,9 +22,11 @@ def simulate(scenario: Scenario, modes: tuple[str, ...], out: Path, live: bool) 
     printing progress and the comparison."""
     started = time.monotonic()
     cache = out / "cache"
-    print(f"scenario {scenario.name}: {scenario.site_count} sites, {scenario.run.rounds} rounds, "
-          f"{'DP' if all(s.dp for s in scenario.site_settings) else 'NON-PRIVATE'}; modes {', '.join(modes)}",
-          flush=True)
+    print(
+        f"scenario {scenario.name}: {scenario.site_count} sites, {scenario.run.rounds} rounds, "
+        f"{'DP' if all(s.dp for s in scenario.site_settings) else 'NON-PRIVATE'}; modes {', '.join(modes)}",
+        flush=True,
+    )
     data = prepare_sites(scenario, out / "data")
     print(data.table, flush=True)
     if scenario.pretrain.data:  # every row starts from the same public model
@@ -44,8 +46,9 @@ def simulate(scenario: Scenario, modes: tuple[str, ...], out: Path, live: bool) 
             comparison.insert(0, public_row(run, test))
         if "centralized" in modes:
             print("centralized baselines (pooled data, non-private and private) ...", flush=True)
-            comparison += run_centralized(scenario, run, data, out_dir=results / "centralized", cache_dir=cache,
-                                          test=test)
+            comparison += run_centralized(
+                scenario, run, data, out_dir=results / "centralized", cache_dir=cache, test=test
+            )
         if "local" in modes:
             print("local baselines (each site alone) ...", flush=True)
             comparison += run_local(run, site_settings(scenario, data, results / "local", cache), test)

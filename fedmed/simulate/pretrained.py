@@ -32,9 +32,16 @@ def pretrained_model(scenario: Scenario, out: Path) -> Path:
     data = public_data(scenario, out)
     settings = replace(scenario.pretrain, data=str(data))
     stat = data.stat()
-    key = json.dumps({"pretrain": asdict(settings), "data": [stat.st_size, stat.st_mtime_ns],
-                      "model": asdict(ModelConfig.from_settings(scenario.run)), "classes": scenario.run.classes,
-                      "seed": scenario.run.seed}, sort_keys=True)
+    key = json.dumps(
+        {
+            "pretrain": asdict(settings),
+            "data": [stat.st_size, stat.st_mtime_ns],
+            "model": asdict(ModelConfig.from_settings(scenario.run)),
+            "classes": scenario.run.classes,
+            "seed": scenario.run.seed,
+        },
+        sort_keys=True,
+    )
     folder = out / "pretrained" / hashlib.sha256(key.encode()).hexdigest()[:12]
     if (folder / MODEL_FILE).is_file():
         print(f"public model: reusing {folder} (pre-trained earlier on {data.name})", flush=True)

@@ -57,7 +57,9 @@ def load_scenario(path: Path | None, overrides: Sequence[str] = ()) -> Scenario:
     return Scenario(
         name=str(top.get("name") or (Path(path).stem if path is not None else "scenario")),
         description=str(top.get("description", "")),
-        simulation=simulation, run=run, pretrain=build(PretrainSettings, values["pretrain"]),
+        simulation=simulation,
+        run=run,
+        pretrain=build(PretrainSettings, values["pretrain"]),
         site_settings=_per_site(values["site"], simulation.site_count),
         scenario_file=str(Path(path).resolve()) if path is not None else "",
     )

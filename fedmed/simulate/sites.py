@@ -23,8 +23,19 @@ from fedmed.data.split import split_by_patient
 from fedmed.data.synthetic import synthetic_public_pool
 from fedmed.simulate.scenario import Scenario
 
-DATA_KEYS = ("source", "path", "site_dirs", "test_dir", "images", "test_fraction", "sites", "alpha",
-             "quantity_alpha", "seed", "min_site_size")  # the simulation settings that decide the sites' files
+DATA_KEYS = (
+    "source",
+    "path",
+    "site_dirs",
+    "test_dir",
+    "images",
+    "test_fraction",
+    "sites",
+    "alpha",
+    "quantity_alpha",
+    "seed",
+    "min_site_size",
+)  # the simulation settings that decide the sites' files
 FINGERPRINT = "fingerprint.json"
 SYNTHETIC_SIZE = 64  # synthetic images are drawn at this side; sites resize to the run's size
 
@@ -58,8 +69,12 @@ def prepare_sites(scenario: Scenario, data_dir: Path) -> SimulationData:
         missing = [str(d) for d in (*dirs, Path(settings.test_dir)) if not d.exists()]
         if missing:
             raise FileNotFoundError(f"scenario data not found: {', '.join(missing)}")
-        return SimulationData(tuple(d.name for d in dirs), dirs, Path(settings.test_dir).resolve(),
-                              "(existing DICOM folders; run `fedmed data validate` on each for counts)")
+        return SimulationData(
+            tuple(d.name for d in dirs),
+            dirs,
+            Path(settings.test_dir).resolve(),
+            "(existing DICOM folders; run `fedmed data validate` on each for counts)",
+        )
     fingerprint = {key: getattr(settings, key) for key in DATA_KEYS} | {"classes": scenario.run.classes}
     if settings.source == "npz":
         fingerprint["npz_sha256"] = _sha256(Path(settings.path))
@@ -86,18 +101,30 @@ def _partition(scenario: Scenario):
     classes, settings = scenario.run.class_names, scenario.simulation
     if settings.source == "npz":
         pool = load_npz(settings.path, "train", classes)
-        parts = dirichlet_partition(pool.labels, settings.sites, alpha=settings.alpha,
-                                    quantity_alpha=settings.quantity_alpha, seed=settings.seed,
-                                    min_site_size=settings.min_site_size)
+        parts = dirichlet_partition(
+            pool.labels,
+            settings.sites,
+            alpha=settings.alpha,
+            quantity_alpha=settings.quantity_alpha,
+            seed=settings.seed,
+            min_site_size=settings.min_site_size,
+        )
         return pool, parts, load_npz(settings.path, "test", classes)
     # synthetic: hold out a share of every site's patients, so the test set has every scanner
-    pool, parts = synthetic_sites(settings.images, settings.sites, alpha=settings.alpha,
-                                  quantity_alpha=settings.quantity_alpha, size=SYNTHETIC_SIZE, seed=settings.seed,
-                                  min_site_size=settings.min_site_size)
+    pool, parts = synthetic_sites(
+        settings.images,
+        settings.sites,
+        alpha=settings.alpha,
+        quantity_alpha=settings.quantity_alpha,
+        size=SYNTHETIC_SIZE,
+        seed=settings.seed,
+        min_site_size=settings.min_site_size,
+    )
     kept, held_out = [], []
     for part in parts:
-        rest, test = split_by_patient(pool.labels[part], [pool.patient_ids[i] for i in part],
-                                      settings.test_fraction, settings.seed)
+        rest, test = split_by_patient(
+            pool.labels[part], [pool.patient_ids[i] for i in part], settings.test_fraction, settings.seed
+        )
         kept.append(part[rest])
         held_out.append(part[test])
     return pool, kept, pool.subset(np.concatenate(held_out))

@@ -50,7 +50,9 @@ def load_site_split(run: RunSettings, site: SiteSettings) -> SiteSplit:
     options = ReadOptions(image_size=run.image_size, max_file_bytes=site.max_file_mb * MB)
     data = load_site(source, options, site.cache_path or default_cache_dir())
     if len(data) == 0:
-        raise ValueError(f"site {site.name}: no usable images in {site.data} for classes {run.classes} "
-                         "(run `fedmed data validate` on it to see why)")
+        raise ValueError(
+            f"site {site.name}: no usable images in {site.data} for classes {run.classes} "
+            "(run `fedmed data validate` on it to see why)"
+        )
     train, val = data.split(run.val_fraction, run.seed)
     return SiteSplit(data, train, val)

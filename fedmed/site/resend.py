@@ -80,9 +80,20 @@ class ResendCache:
         try:
             self.path.rename(aside)
         except OSError as exc:
-            log.warning("%s cannot be read (%s: %s) nor moved aside (%s); it is ignored, and the next "
-                        "trained round replaces it", self.path, type(problem).__name__, problem, exc)
+            log.warning(
+                "%s cannot be read (%s: %s) nor moved aside (%s); it is ignored, and the next "
+                "trained round replaces it",
+                self.path,
+                type(problem).__name__,
+                problem,
+                exc,
+            )
             return
-        log.warning("%s cannot be read (%s: %s); moved aside to %s and treated as absent (a trained round "
-                    "is still never trained again: the ledger holds it)", self.path, type(problem).__name__,
-                    problem, aside.name)
+        log.warning(
+            "%s cannot be read (%s: %s); moved aside to %s and treated as absent (a trained round "
+            "is still never trained again: the ledger holds it)",
+            self.path,
+            type(problem).__name__,
+            problem,
+            aside.name,
+        )

@@ -89,43 +89,55 @@ class SiteWork:
         key = (run.run_id, round_number)
         earlier = self._kept(key)
         if earlier is not None:
-            return dataclasses.replace(earlier, message=(
-                f"round {round_number} of run {run.run_id} asked again: the update already trained is resent, "
-                "no new privacy spending"))
+            return dataclasses.replace(
+                earlier,
+                message=(
+                    f"round {round_number} of run {run.run_id} asked again: the update already trained is resent, "
+                    "no new privacy spending"
+                ),
+            )
         if ledger.trained(run.run_id, round_number) is not None:
             return self._already_trained(run, round_number, ledger)
         inputs = self.inputs(run, model)
         privacy = PrivacyConfig.from_settings(site, run)
         releases = self.releases(run, privacy, ledger, inputs)
-        metrics = (self.validation(releases, model, inputs, round_number - 1)
-                   if run.evaluates(round_number - 1) else {})
+        metrics = self.validation(releases, model, inputs, round_number - 1) if run.evaluates(round_number - 1) else {}
         loaded = time.perf_counter()
         count = releases.count(round_number)
         result = train_round(
-            model, TrainingData(inputs.train, inputs.train_labels, inputs.train_patient_of),
-            train=TrainConfig.from_settings(run, round_number), privacy=privacy, ledger=ledger, site=site.name,
-            run_id=run.run_id, round_number=round_number, reserved=releases.reserved(),
+            model,
+            TrainingData(inputs.train, inputs.train_labels, inputs.train_patient_of),
+            train=TrainConfig.from_settings(run, round_number),
+            privacy=privacy,
+            ledger=ledger,
+            site=site.name,
+            run_id=run.run_id,
+            round_number=round_number,
+            reserved=releases.reserved(),
         )
         trained = result.status == RoundStatus.TRAINED
-        metrics.update({
-            "status": int(result.status),
-            "dp": int(result.dp),
-            "steps": result.steps,
-            "epsilon": metric_value(result.epsilon),
-            "delta": float(result.delta),
-            "noise-multiplier": float(result.noise_multiplier),
-            "privacy-unit": PRIVACY_UNITS.index(releases.unit),
-            # a whole number of at least 1 (rounding and flooring a noisy count is post-processing)
-            "examples": max(1, round(count)),
-        })
+        metrics.update(
+            {
+                "status": int(result.status),
+                "dp": int(result.dp),
+                "steps": result.steps,
+                "epsilon": metric_value(result.epsilon),
+                "delta": float(result.delta),
+                "noise-multiplier": float(result.noise_multiplier),
+                "privacy-unit": PRIVACY_UNITS.index(releases.unit),
+                # a whole number of at least 1 (rounding and flooring a noisy count is post-processing)
+                "examples": max(1, round(count)),
+            }
+        )
         exact = sorted(releases.exact & {"loss", "timing"}) if trained else []
         if "loss" in exact:
             metrics["loss"] = metric_value(result.loss)
         if "timing" in exact:
             metrics.update({"seconds-setup": loaded - started, "seconds-train": time.perf_counter() - loaded})
         releases.record_exact(round_number, exact)
-        reply = SiteReply(site.name, metrics, result.message[: protocol.MAX_TEXT],
-                          pack(model_state(model)) if trained else None)
+        reply = SiteReply(
+            site.name, metrics, result.message[: protocol.MAX_TEXT], pack(model_state(model)) if trained else None
+        )
         if trained:
             self._keep(key, (*key, hashlib.sha256(vector.tobytes()).hexdigest()), reply)
         return reply
@@ -144,10 +156,16 @@ class SiteWork:
         try:
             self._resend.put(request, reply)
         except OSError as exc:
-            log.warning("site %s: round %s of run %s trained and paid for, but its update could not be saved to "
-                        "%s (%s); it is sent now and kept in memory for a retry, but a restarted site cannot "
-                        "resend it and will refuse that round. Free disk space.", self.site.name, key[1], key[0],
-                        self._resend.path, exc)
+            log.warning(
+                "site %s: round %s of run %s trained and paid for, but its update could not be saved to "
+                "%s (%s); it is sent now and kept in memory for a retry, but a restarted site cannot "
+                "resend it and will refuse that round. Free disk space.",
+                self.site.name,
+                key[1],
+                key[0],
+                self._resend.path,
+                exc,
+            )
 
     def _already_trained(self, run: RunSettings, round_number: int, ledger: PrivacyLedger) -> SiteReply:
         """The refusal of a round the ledger holds as trained but whose update is no longer
@@ -155,19 +173,25 @@ class SiteWork:
         entry = ledger.trained(run.run_id, round_number)
         if entry is None:  # asked only for a round the ledger holds as trained, and lines are never removed
             raise ValueError(f"round {round_number} of run {run.run_id} is not in the ledger {ledger.path} as trained")
-        message = (f"round {round_number} of run {run.run_id} was already trained and paid for (ledger "
-                   f"{ledger.path}); its update is no longer kept, and it is not trained again: no new privacy "
-                   "spending")
+        message = (
+            f"round {round_number} of run {run.run_id} was already trained and paid for (ledger "
+            f"{ledger.path}); its update is no longer kept, and it is not trained again: no new privacy "
+            "spending"
+        )
         log.warning("site %s refuses round %s of run %s: %s", self.site.name, round_number, run.run_id, message)
-        return SiteReply(self.site.name, {
-            "status": int(RoundStatus.BUDGET_EXHAUSTED),
-            "dp": int(entry.dp),
-            "steps": 0,
-            "epsilon": metric_value(ledger.epsilon(entry.delta)),
-            "delta": float(entry.delta),
-            "noise-multiplier": float(entry.noise_multiplier),
-            "privacy-unit": PRIVACY_UNITS.index(entry.privacy_unit),
-        }, message[: protocol.MAX_TEXT])
+        return SiteReply(
+            self.site.name,
+            {
+                "status": int(RoundStatus.BUDGET_EXHAUSTED),
+                "dp": int(entry.dp),
+                "steps": 0,
+                "epsilon": metric_value(ledger.epsilon(entry.delta)),
+                "delta": float(entry.delta),
+                "noise-multiplier": float(entry.noise_multiplier),
+                "privacy-unit": PRIVACY_UNITS.index(entry.privacy_unit),
+            },
+            message[: protocol.MAX_TEXT],
+        )
 
     def evaluate(self, run: RunSettings, vector: np.ndarray) -> SiteReply:
         """Validate the run's final model."""
@@ -177,17 +201,20 @@ class SiteWork:
         releases = self.releases(run, privacy, PrivacyLedger(self.site.ledger), inputs)
         return SiteReply(self.site.name, self.validation(releases, model, inputs, run.rounds))
 
-    def releases(self, run: RunSettings, privacy: PrivacyConfig, ledger: PrivacyLedger, inputs: SiteInputs
-                 ) -> SiteReleases:
+    def releases(
+        self, run: RunSettings, privacy: PrivacyConfig, ledger: PrivacyLedger, inputs: SiteInputs
+    ) -> SiteReleases:
         """The site's releases in this run, under its privacy unit."""
         unit = "image" if inputs.train_patient_of is None else "patient"
         records = record_count(inputs.train_labels, inputs.train_patient_of)
         evaluations = sum(run.evaluates(r) for r in range(run.rounds + 1))
-        return SiteReleases(ledger, privacy, self.site.name, run.run_id, unit=unit, records=records,
-                            evaluations=evaluations)
+        return SiteReleases(
+            ledger, privacy, self.site.name, run.run_id, unit=unit, records=records, evaluations=evaluations
+        )
 
-    def validation(self, releases: SiteReleases, model: nn.Module, inputs: SiteInputs, model_round: int
-                   ) -> dict[str, float | list[float]]:
+    def validation(
+        self, releases: SiteReleases, model: nn.Module, inputs: SiteInputs, model_round: int
+    ) -> dict[str, float | list[float]]:
         """The received model on the site's validation split, as the site's policy releases
         it: noisy counts by default (nothing when the budget has no room), or the exact
         scores."""
@@ -204,8 +231,9 @@ class SiteWork:
             return {}
         noise = releases.noise_std(model_round, VALIDATION)
         if noise is None:  # the release the counts came from is in the ledger
-            raise ValueError(f"the validation release of round {model_round} of run {releases.run_id} is missing "
-                             "from the ledger")
+            raise ValueError(
+                f"the validation release of round {model_round} of run {releases.run_id} is missing from the ledger"
+            )
         return {protocol.VALIDATION_COUNTS: [float(v) for v in noisy], protocol.VALIDATION_NOISE: float(noise)}
 
     def inputs(self, run: RunSettings, model: nn.Module) -> SiteInputs:
@@ -215,11 +243,19 @@ class SiteWork:
         key = (_split_key(run), ModelConfig.from_settings(run))
         if key not in self._inputs:
             split = self.split(run)
-            _, patient_of = privacy_unit(PrivacyConfig.from_settings(self.site, run), split.train_patients,
-                                         self.site.name)
-            self._inputs = {key: SiteInputs(fixed_inputs(model, split.train_images), split.train_labels,
-                                            fixed_inputs(model, split.val_images), split.val_labels,
-                                            patient_of, split.val_patients)}
+            _, patient_of = privacy_unit(
+                PrivacyConfig.from_settings(self.site, run), split.train_patients, self.site.name
+            )
+            self._inputs = {
+                key: SiteInputs(
+                    fixed_inputs(model, split.train_images),
+                    split.train_labels,
+                    fixed_inputs(model, split.val_images),
+                    split.val_labels,
+                    patient_of,
+                    split.val_patients,
+                )
+            }
         return self._inputs[key]
 
     def held_bytes(self) -> int:
