@@ -46,6 +46,9 @@ def _bundle(app_dir: Path) -> bytes:
     return buffer.getvalue()
 
 
+PLATFORM_QUERIES = ("uname", "file")  # programs Python's platform module runs
+
+
 def test_only_runs_of_fedmeds_own_app_are_served(tmp_path):
     fedmed_app = write_app(tmp_path / "fedmed", RunSettings())
     _check_app(_bundle(fedmed_app))
@@ -99,11 +102,12 @@ def test_one_site_process_serves_every_round_of_two_consecutive_runs(tmp_path, s
         federation.stop_all()
     helpers = [command for command in seen.values() if "flwr-clientapp" in command or "flower-superexec" in command]
     assert not helpers, f"per-message processes were started: {helpers}"
-    # Python's platform module asks `uname -p` once per process (Flower's SuperNode builds
-    # its telemetry event with platform.platform() even when telemetry is off): a
-    # milliseconds-long system query, seen only when the watcher happens to look then.
+    # Python's platform module runs `uname -p` and `file -b <python>` once per process
+    # (Flower's SuperNode builds its telemetry event with platform.platform() even when
+    # telemetry is off): milliseconds-long system queries, seen only when the watcher happens
+    # to look then; both were caught in fresh-clone runs.
     strays = {pid: command for pid, command in seen.items()
-              if "fedmed.deploy.supernode" not in command and command != "uname -p"}
+              if "fedmed.deploy.supernode" not in command and command.split(" ")[0] not in PLATFORM_QUERIES}
     assert not strays, strays
 
 
