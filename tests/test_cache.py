@@ -5,6 +5,7 @@ import stat
 import subprocess
 
 import numpy as np
+import pytest
 
 from fedmed.data import ReadOptions, SiteSource, load_site
 from fedmed.data.site import site_cache_key
@@ -83,6 +84,7 @@ def _tree_digest(folder):
     return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_the_cache_is_private_and_purge_cache_removes_only_what_fedmed_wrote(tmp_path):
     first = write_synthetic_site(tmp_path / "site-a", n_images=8)
     second = write_synthetic_site(tmp_path / "site-b", n_images=8, seed=4)

@@ -19,6 +19,7 @@ def fedmed(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([*FEDMED, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_validate_prints_counts_and_every_skipped_file(mixed_site, tmp_path):
     before = tree_state(mixed_site)
     result = fedmed("data", "validate", str(mixed_site), "--classes", "normal,pneumonia", cwd=tmp_path)
@@ -42,6 +43,7 @@ def test_validate_prints_counts_and_every_skipped_file(mixed_site, tmp_path):
     assert tree_state(mixed_site) == before
 
 
+@pytest.mark.slow
 def test_validate_fails_when_nothing_is_usable(tmp_path):
     (tmp_path / "site" / "normal").mkdir(parents=True)
     (tmp_path / "site" / "normal" / "a.txt").write_text("not an image")
@@ -52,6 +54,7 @@ def test_validate_fails_when_nothing_is_usable(tmp_path):
     assert missing.returncode == 2 and "site data not found: nowhere" in missing.stderr
 
 
+@pytest.mark.slow
 def test_make_sites_synthetic_writes_sites_and_prints_the_class_table(tmp_path):
     args = ("data", "make-sites", "--synthetic", "--sites", "3", "--images", "120", "--image-size", "32", "--seed", "5")
     result = fedmed(*args, "--out", "sites", cwd=tmp_path)
@@ -67,6 +70,7 @@ def test_make_sites_synthetic_writes_sites_and_prints_the_class_table(tmp_path):
     assert refused.returncode == 2 and "never overwrites" in refused.stderr
 
 
+@pytest.mark.slow
 def test_make_sites_from_npz(tmp_path):
     made = fedmed("data", "synth", "pool.npz", "--images", "150", "--image-size", "28", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
@@ -83,6 +87,7 @@ def test_make_sites_from_npz(tmp_path):
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
+@pytest.mark.slow
 def test_synth_writes_a_valid_dicom_site(tmp_path):
     made = fedmed("data", "synth", "site", "--images", "30", "--style", "monochrome1-16bit", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
@@ -92,6 +97,7 @@ def test_synth_writes_a_valid_dicom_site(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["validate", "make-sites", "synth"])
+@pytest.mark.slow
 def test_every_command_explains_itself(command, tmp_path):
     result = fedmed("data", command, "--help", cwd=tmp_path)
     assert result.returncode == 0

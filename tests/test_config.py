@@ -263,6 +263,7 @@ def test_settings_survive_the_trip_through_flower_unchanged(tmp_path):
         RunSettings.from_flower({**run.to_flower(), "learning-rat": 0.1})
 
 
+@pytest.mark.slow
 def test_a_config_file_with_an_unknown_or_out_of_range_key_is_refused_by_name(tmp_path):
     config = tmp_path / "coordinator.toml"
     config.write_text("[training]\nlerning_rate = 0.05\n")

@@ -81,6 +81,7 @@ def validate(site: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedPro
     return subprocess.run(command, capture_output=True, env=strict_utf8_env(tmp_path), timeout=60)
 
 
+@pytest.mark.slow
 def test_validate_skips_every_hostile_file_and_loads_the_rest(hostile_site, tmp_path):
     good = sorted(str(p.relative_to(hostile_site)) for p in hostile_site.glob("*/SYN*.dcm"))
     result = validate(hostile_site, tmp_path, "--json")
@@ -95,6 +96,7 @@ def test_validate_skips_every_hostile_file_and_loads_the_rest(hostile_site, tmp_
     assert "3,000,000 bytes" in huge and "1.0 MB" in huge and "max_file_mb" in huge
 
 
+@pytest.mark.slow
 def test_validate_prints_a_name_that_is_not_utf8_escaped(hostile_site, tmp_path):
     result = validate(hostile_site, tmp_path)
     assert result.returncode == 0, result.stderr.decode(errors="replace")

@@ -34,6 +34,7 @@ def run_in_new_process(ledger_path, rounds: int, first_round: int) -> None:
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_restarted_site_keeps_composing(tmp_path):
     run_in_new_process(tmp_path / "restarted.jsonl", rounds=2, first_round=1)
     run_in_new_process(tmp_path / "restarted.jsonl", rounds=1, first_round=3)

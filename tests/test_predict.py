@@ -62,6 +62,7 @@ def studies(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_predict_scores_every_good_file_and_names_every_bad_one(model_dir, studies, tmp_path):
     before = _digest(studies)
     result = _fedmed("predict", str(model_dir), str(studies), "--out", str(tmp_path / "out" / "pred.csv"),
@@ -91,6 +92,7 @@ def test_predict_scores_every_good_file_and_names_every_bad_one(model_dir, studi
     assert len(document["skipped"]) == 2 and document["metrics"] is None
 
 
+@pytest.mark.slow
 def test_with_class_folders_predict_reports_the_metrics(model_dir, simulation, tmp_path):
     test_set = simulation[0].parent / "data" / "test"  # the simulation's held-out DICOM folders
     result = _fedmed("predict", str(model_dir), str(test_set), "--out", str(tmp_path / "test.csv"), "--quiet",
@@ -144,6 +146,7 @@ def _pydicom_images(image_size: int) -> np.ndarray:
 
 @pytest.mark.parametrize("which,export_format", [("simulation", "torchscript"), ("simulation", "onnx"),
                                                  ("scattering", "torchscript")])
+@pytest.mark.slow
 def test_an_exported_model_gives_fedmeds_probabilities(which, export_format, model_dir, tmp_path):
     folder = model_dir if which == "simulation" else _scattering_model_dir(tmp_path)
     result = _fedmed("export", str(folder), "--format", export_format, "--out", str(tmp_path / "export"),

@@ -57,6 +57,7 @@ def test_public_labels_outside_the_runs_classes_are_refused():
 
 
 @pytest.mark.skipif(not NIH.is_file(), reason=f"the public NIH chest X-ray set is not at {NIH}")
+@pytest.mark.slow
 def test_fedmed_pretrain_on_public_chest_xrays_writes_a_public_card_and_a_run_starts_from_its_weights(tmp_path):
     out = tmp_path / "public-model"
     result = subprocess.run(

@@ -204,6 +204,7 @@ def _tiny_model_dir(tmp: Path) -> Path:
     return run_dir.model_dir
 
 
+@pytest.mark.slow
 def test_predict_scores_a_png_as_it_scores_the_dicom_of_the_same_image(tmp_path):
     folder = tmp_path / "incoming"
     folder.mkdir()

@@ -175,6 +175,7 @@ def test_non_private_rounds_and_a_large_delta_are_loud(tmp_path):
     assert "delta-too-large" in {w["code"] for w in build_report(None, [path])["warnings"]}
 
 
+@pytest.mark.slow
 def test_the_command_line(ledger, tmp_path):
     missing = subprocess.run([str(BIN / "fedmed-report"), "--ledger", str(tmp_path / "nope.jsonl")],
                              capture_output=True, text=True)
@@ -229,6 +230,7 @@ def _up_to_round(ledger: Path, round_number: int) -> list[str]:
     return lines[: end + 1]
 
 
+@pytest.mark.slow
 def test_missing_ledger_entries_and_torn_lines_are_reported(simulation, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(simulation[0] / "federated", copy, ignore=shutil.ignore_patterns("report", ".flwr"))

@@ -36,6 +36,7 @@ def test_partition_is_fixed_by_its_seed(pneumonia_train):
     assert sum(len(s) for s in a) == 4708
 
 
+@pytest.mark.slow
 def test_every_site_reads_back_the_original_pixels(pneumonia_train, tmp_path):
     subset = pneumonia_train
     sites = dirichlet_partition(subset.labels, 5, alpha=0.5, quantity_alpha=2.0, seed=42)

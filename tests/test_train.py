@@ -16,6 +16,7 @@ from fedmed.weights import InvalidWeights, check_state, load_state, model_state
 from tests.conftest import auroc as brute_force_auroc
 
 
+@pytest.mark.slow
 def test_a_few_dp_rounds_on_real_chest_xrays_learn(pneumonia_npz, tmp_path):
     train = load_npz(pneumonia_npz, "train")
     test = load_npz(pneumonia_npz, "test")
