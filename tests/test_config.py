@@ -1,4 +1,4 @@
-"""One declaration of every setting (fedmed/config.py), and every way a value reaches the
+"""One declaration of every setting (fedmed/config/), and every way a value reaches the
 site: command-line options, scenario keys, config files and Flower's run and node config.
 
 The tests enumerate the declared fields, so a setting added without wiring fails them."""
