@@ -81,13 +81,7 @@ def model_card(
         },
         "architecture": architecture,
         "classes": classes,
-        "input": {
-            "image_size": run.image_size,
-            "channels": 1,
-            "range": [0.0, 1.0],
-            "preprocessing": PREPROCESSING,
-            "preprocessing_version": PREPROCESSING_VERSION,
-        },
+        "input": input_section(run),
         "training": {
             "rounds_planned": run.rounds,
             "rounds_completed": rounds_done,
@@ -190,6 +184,17 @@ def _limitations(run: RunSettings, sites: dict[str, dict]) -> list[str]:
     if any(not site.get("dp", True) for site in sites.values()):
         limitations.append("some sites trained WITHOUT differential privacy (a baseline): see privacy.sites")
     return limitations
+
+
+def input_section(run: RunSettings) -> dict:
+    """What the model takes: the same for a federated and a public model of ``run``'s settings."""
+    return {
+        "image_size": run.image_size,
+        "channels": 1,
+        "range": [0.0, 1.0],
+        "preprocessing": PREPROCESSING,
+        "preprocessing_version": PREPROCESSING_VERSION,
+    }
 
 
 def decision_rule(run: RunSettings) -> dict:
@@ -376,13 +381,7 @@ def public_model_card(
         },
         "architecture": architecture,
         "classes": list(run.class_names),
-        "input": {
-            "image_size": run.image_size,
-            "channels": 1,
-            "range": [0.0, 1.0],
-            "preprocessing": PREPROCESSING,
-            "preprocessing_version": PREPROCESSING_VERSION,
-        },
+        "input": input_section(run),
         "decision": decision_rule(run),
         "settings": run.user_settings(),
         "caveats_and_recommendations": [
