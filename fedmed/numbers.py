@@ -38,9 +38,10 @@ def format_epsilon(value, dp: bool = True, digits: int = 6) -> str:
 
 
 TOO_NOISY = "too noisy to read"
+UNREADABLE_ERROR = 0.1  # a score whose standard error is above this tells nothing a reader can use
 
 
-def format_noisy(value, error, limit: float, digits: int = 3) -> str:
+def format_noisy(value, error, limit: float = UNREADABLE_ERROR, digits: int = 3) -> str:
     """A score computed from noisy counts, with its standard error: "0.871 ± 0.012", or,
     when the error passes ``limit``, words saying the score tells nothing yet."""
     value, error = finite_or_none(value), finite_or_none(error)

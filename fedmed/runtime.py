@@ -2,13 +2,18 @@
 
 * ``keep_freed_memory``: fedmed-client's site worker, fedmed-simulate and a simulation's
   ClientApp actor call it at start; library code never does.
+* ``entry_point``: wraps the ``main`` of every command (``fedmed``, ``fedmed-server``,
+  ``fedmed-client``, ``fedmed-simulate``, ``fedmed-report``) so that it exits quickly.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import gc
 import sys
+from collections.abc import Callable
 from functools import lru_cache
 
 _M_TRIM_THRESHOLD = -1
@@ -47,3 +52,24 @@ def keep_freed_memory() -> bool:
         )
     except AttributeError:  # a C library without mallopt
         return False
+
+
+def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """``main`` of a command, made to exit without a last garbage collection over the heap.
+
+    While Python shuts down it collects garbage once more, and with torch, torchvision and
+    opacus loaded that pass walks millions of objects that are about to vanish anyway:
+    1-2 s of CPU at every exit on a 2-core machine, paid by each command and by each
+    stopping site. ``gc.freeze`` on the way out moves them all out of the collector's sight.
+    Nothing fedmed writes depends on that pass: its files are closed by ``with`` blocks and
+    its processes stopped by their owners before ``main`` returns.
+    """
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        finally:
+            gc.freeze()
+
+    return run

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from fedmed.config import ClientSettings, RunSettings, SiteSettings
 from fedmed.config.command_line import add_options, load_settings
 from fedmed.flower.waits import check_flower
-from fedmed.runtime import keep_freed_memory
+from fedmed.runtime import entry_point, keep_freed_memory
 
 if TYPE_CHECKING:
     from fedmed.site.data import SiteSplit
@@ -74,6 +74,7 @@ def print_site_data(split: SiteSplit, site: SiteSettings) -> None:
     )
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

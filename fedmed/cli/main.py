@@ -7,6 +7,7 @@ import sys
 
 from fedmed import __version__
 from fedmed.cli import certificates, data, export, predict, pretrain
+from fedmed.runtime import entry_point
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from fedmed.report.write import FORMATS
+from fedmed.runtime import entry_point
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fedmed.report import build_report, write_report

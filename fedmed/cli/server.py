@@ -12,6 +12,7 @@ from fedmed.config import RunSettings, ServerSettings
 from fedmed.config.command_line import add_options, load_settings
 from fedmed.deploy.server import check_server, coordinate, new_run, resumed_run
 from fedmed.flower.waits import check_flower
+from fedmed.runtime import entry_point
 
 PARTS = {"server": ServerSettings, "run": RunSettings}
 
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fedmed.config.files import settings_table
 from fedmed.flower.waits import check_flower
+from fedmed.runtime import entry_point, keep_freed_memory
 from fedmed.simulate.scenario import PARTS, TOP_LEVEL, load_scenario
 
 MODES = ("federated", "centralized", "local")
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     modes = MODES if args.mode == "all" else tuple(m.strip() for m in args.mode.split(","))
@@ -57,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = (args.out or Path("runs") / scenario.name).resolve()
-    from fedmed.runtime import keep_freed_memory
     from fedmed.simulate.modes import simulate
 
     keep_freed_memory()  # the baselines train in this process (fedmed.runtime)

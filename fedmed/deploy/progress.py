@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 from fedmed.deploy.processes import ManagedProcess, child_environ, flower_command
 from fedmed.numbers import format_noisy
-from fedmed.privacy.release import TOO_NOISY
 from fedmed.records import RoundRecord
 from fedmed.rundir import RunDirectory
 
@@ -111,11 +110,9 @@ def progress_line(status: dict) -> str:
     if isinstance(auroc, float) and math.isfinite(auroc):
         # the sites' summed noisy counts: one score for the federation, with its error bar
         text += (
-            f", sites' validation AUROC {format_noisy(auroc, validation.get('val-auroc-se'), TOO_NOISY)}, "
+            f", sites' validation AUROC {format_noisy(auroc, validation.get('val-auroc-se'))}, "
             "balanced accuracy "
-            + format_noisy(
-                validation.get("val-balanced-accuracy"), validation.get("val-balanced-accuracy-se"), TOO_NOISY
-            )
+            + format_noisy(validation.get("val-balanced-accuracy"), validation.get("val-balanced-accuracy-se"))
         )
     return text
 

@@ -149,7 +149,6 @@ def scores_from_counts(counts: np.ndarray, classes: int) -> dict[str, float]:
 
 
 UNCERTAINTY_DRAWS = 200  # noise draws behind each standard error
-TOO_NOISY = 0.1  # a score whose standard error is above this tells nothing a reader can use
 
 
 def score_errors(counts: np.ndarray, noise_std: float, classes: int, seed: int = 0) -> dict[str, float]:

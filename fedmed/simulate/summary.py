@@ -11,7 +11,6 @@ from fedmed.config import RunSettings, SiteSettings
 from fedmed.files import write_atomic
 from fedmed.numbers import format_epsilon, format_noisy, format_number
 from fedmed.privacy.ledger import PrivacyLedger
-from fedmed.privacy.release import TOO_NOISY
 from fedmed.records import RoundRecord, ValidationRecord
 from fedmed.report.render import markdown_table
 from fedmed.rundir import RunDirectory
@@ -91,8 +90,8 @@ def sites_table(rows: list[dict]) -> str:
                 r["rounds_trained"],
                 r["train_examples"],
                 r["val_examples"],
-                format_noisy(r["val_auroc"], r.get("val_auroc_se"), TOO_NOISY),
-                format_noisy(r["val_balanced_accuracy"], r.get("val_balanced_accuracy_se"), TOO_NOISY),
+                format_noisy(r["val_auroc"], r.get("val_auroc_se")),
+                format_noisy(r["val_balanced_accuracy"], r.get("val_balanced_accuracy_se")),
                 format_number(r["val_accuracy"], 3),
                 format_epsilon(r["epsilon"], digits=3),
             ]
