@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
 from fedmed.config import RunSettings
@@ -239,6 +238,8 @@ def _train_private(
         boundaries = np.cumsum(np.bincount(patient_of, minlength=n))[:-1]
         members = np.split(np.argsort(patient_of, kind="stable"), boundaries)
     sampling, noise = _dp_generators(train.insecure_noise_seed, round_number)
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # opacus loads 1 s of modules
+
     sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=sampling, steps=steps)
     clipper = PerSampleClipper(model, max_grad_norm)
     optimizer = _optimizer(model, train)
