@@ -15,6 +15,7 @@ import gc
 import sys
 from collections.abc import Callable
 from functools import lru_cache
+from typing import Any, TypeVar, cast
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -54,7 +55,10 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+Main = TypeVar("Main", bound=Callable[..., int])
+
+
+def entry_point(main: Main) -> Main:
     """``main`` of a command, made to exit without a last garbage collection over the heap.
 
     While Python shuts down it collects garbage once more, and with torch, torchvision and
@@ -66,10 +70,10 @@ def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] 
     """
 
     @functools.wraps(main)
-    def run(argv: list[str] | None = None) -> int:
+    def run(*args: Any, **kwargs: Any) -> int:
         try:
-            return main(argv)
+            return main(*args, **kwargs)
         finally:
             gc.freeze()
 
-    return run
+    return cast(Main, run)
