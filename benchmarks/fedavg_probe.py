@@ -1,9 +1,8 @@
 """Quick FedAvg recipe probes of a scenario, in one process.
 
-Each virtual site does exactly what a fedmed site does in a round (``SiteWork.train``: its
-DICOM data, its own ledger, DP-SGD at its own budget), and the server step is fedmed's
-(``aggregate_round``: updates bounded, then combined; then ``server_step``), but without Flower's processes in between, so
-a round costs only the sites' training. A scenario with a [pretrain] section starts from
+The rounds are fedmed's, in one process (``fedmed.simulate.in_process``): each virtual site
+does exactly what a fedmed site does, and the server step is fedmed's, without Flower's
+processes in between, so a round costs only the sites' training. A scenario with a [pretrain] section starts from
 its public model, pre-trained once as fedmed-simulate does (or give --set
 data.initial_model=MODEL). Use it to search settings; confirm a recipe with
 ``fedmed-simulate`` and the same ``--set`` overrides (BENCHMARKS.md gives the commands).
@@ -28,18 +27,17 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmed.coordinator.aggregation import aggregate_round
-from fedmed.coordinator.fedavg import SiteUpdate, server_step
 from fedmed.coordinator.held_out import load_server_eval
 from fedmed.model import ModelConfig, build_model
 from fedmed.runtime import keep_freed_memory
 from fedmed.simulate.baselines import starting_state
+from fedmed.simulate.in_process import RoundView, run_rounds
 from fedmed.simulate.pretrained import pretrained_model
 from fedmed.simulate.scenario import load_scenario
 from fedmed.simulate.sites import prepare_sites
 from fedmed.site.work import SiteWork, validation_metrics
 from fedmed.train import evaluate
-from fedmed.vector import pack, unpack
+from fedmed.vector import pack
 from fedmed.weights import load_state
 
 
@@ -66,40 +64,35 @@ def main() -> None:
              for name, folder, settings in zip(data.names, data.site_dirs, scenario.site_settings)]
     keep_freed_memory()  # as a site's worker does
     model = build_model(ModelConfig.from_settings(run), seed=run.seed)
-    state, velocity = starting_state(run), None  # --set data.initial_model=MODEL: a public pre-trained start
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     test = load_server_eval(run, model)
     averages: dict[float, dict] = {}
-    for round_number in range(1, run.rounds + 1):
-        started = time.monotonic()
-        updates, reports, epsilons, norms, bound = [], [], [], {}, None
-        for site in sites:
-            reply = site.train(run, pack(state), round_number)
-            if reply.model is not None:
-                updates.append(SiteUpdate(reply.site, int(reply.metrics["examples"]), unpack(reply.model, state)))
-                reports.append(reply.metrics)
-                norms[reply.site] = round(float(np.linalg.norm(reply.model.astype(np.float64) - pack(state))), 3)
-            epsilons.append(reply.metrics["epsilon"])
-        if updates:
-            combined, bounded = aggregate_round(run, round_number, state, updates, reports=reports,
-                                                trained_parameters=trainable)
-            bound = round(bounded.norm_bound, 3) if np.isfinite(bounded.norm_bound) else None
-            state, velocity = server_step(state, combined, velocity, run.server_learning_rate, run.server_momentum)
-        load_state(model, state)
+    started = time.monotonic()
+
+    def report(view: RoundView) -> None:
+        nonlocal started
+        before = pack(view.previous).astype(np.float64)
+        norms = {r.site: round(float(np.linalg.norm(r.model.astype(np.float64) - before)), 3)
+                 for r in view.replies if r.model is not None}
+        load_state(model, view.state)
         scores = evaluate(model, *test)
         ema_scores = {}
         for decay in decays:
             old = averages.get(decay)
             averages[decay] = {k: (decay * old[k] + (1 - decay) * v if old is not None and v.dtype.kind == "f" else v)
-                               for k, v in state.items()}
+                               for k, v in view.state.items()}
             load_state(model, averages[decay])
             s = evaluate(model, *test)
             ema_scores[str(decay)] = [round(s["auroc"], 4), round(s["balanced_accuracy"], 3)]
-        load_state(model, state)
-        print(json.dumps({"round": round_number, "auroc": round(scores["auroc"], 4),
+        load_state(model, view.state)
+        print(json.dumps({"round": view.number, "auroc": round(scores["auroc"], 4),
                           "balanced_accuracy": round(scores["balanced_accuracy"], 3), "ema": ema_scores,
-                          "max_epsilon": round(max(epsilons), 3), "update_norms": norms, "norm_bound": bound,
+                          "max_epsilon": round(max(r.metrics["epsilon"] for r in view.replies), 3),
+                          "update_norms": norms,
+                          "norm_bound": None if view.norm_bound is None else round(view.norm_bound, 3),
                           "seconds": round(time.monotonic() - started, 1)}), flush=True)
+        started = time.monotonic()
+
+    run_rounds(run, sites, starting_state(run), report)
     print(json.dumps({"site_val_auroc": {site.site.name: round(validation_metrics(model, site.inputs(run, model))["val-auroc"], 4)
                                          for site in sites}}), flush=True)
 
