@@ -62,8 +62,9 @@ def run_federated(scenario: Scenario, data: SimulationData, run_dir: Path, cache
     directory = RunDirectory(run_dir)
     directory.write_config(run.to_flower())
     port = free_port()
-    ray_address = scenario.simulation.ray_address
-    env = {"RAY_ADDRESS": ray_address} if ray_address else {}
+    # Without an address, a Ray of the simulation's own ("local"): left to itself, Ray joins
+    # the latest cluster that anyone started on this machine.
+    env = {"RAY_ADDRESS": scenario.simulation.ray_address or "local"}
     superlink = start_simulation_superlink(port, run_dir / "logs" / "superlink.log", run_dir / ".flwr", env)
     watch = ProcessWatch()
     try:
