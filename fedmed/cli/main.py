@@ -11,7 +11,7 @@ from fedmed.runtime import entry_point
 
 # Each a module of fedmed.cli with a ``register(commands)``; only the one asked for is
 # imported, so that ``fedmed data ...`` does not load torch for ``predict`` and ``export``.
-COMMANDS = ("data", "predict", "export", "pretrain", "certificates")
+COMMANDS = ("data", "predict", "export", "pretrain", "certificates", "audit")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
