@@ -134,3 +134,14 @@ def test_the_report_flags_a_pld_line_recorded_below_the_earlier_rdp_spend(tmp_pa
     ledger.append(dataclasses.replace(last, round=9, accountant="pld", epsilon=below))
     _, findings = ledger_account(path)
     assert any(f.code == "ledger-arithmetic" and "round 9" in f.message for f in findings)
+
+
+@pytest.mark.parametrize("rate, sigma, steps", [(1e-3, 2.0, 10_000), (1e-3, 10.0, 10_000), (1e-4, 2.0, 100_000)])
+def test_at_small_sample_rates_and_epsilons_the_ledger_is_not_looser_than_rdp(rate, sigma, steps):
+    """The PLD grid's pessimistic rounding costs a fixed amount of epsilon over many steps
+    (about 0.1 on the coarse grid here); below 0.5 the ledger refines the grid, so it stays at
+    or below RDP, and above Opacus's PRV (both sound bounds of the same steps)."""
+    history = [(sigma, rate, steps)]
+    ledger = epsilon(history, 1e-6)
+    assert ledger < rdp_epsilon(history, 1e-6)
+    assert ledger >= independent_epsilon(history, 1e-6) - 0.01
