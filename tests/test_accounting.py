@@ -12,7 +12,7 @@ from fedmed.privacy.accounting import (
 )
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import PrivacyLedger
-from tests.privacy_helpers import independent_epsilon, run_rounds
+from tests.privacy_helpers import independent_epsilon, independent_rdp_epsilon, run_rounds
 
 
 def test_ledger_epsilon_matches_an_independent_accountant_after_each_round(tmp_path):
@@ -72,14 +72,25 @@ def test_site_with_too_large_delta_refuses_to_train(tmp_path):
     assert not (tmp_path / "ledger.jsonl").exists()
 
 
-def test_the_reports_second_opinion_is_dp_accountings_pld_accountant():
+def test_the_ledgers_accountant_is_dp_accountings_pld_accountant():
+    """Grouping a history by mechanism (composition does not depend on order) gives what
+    dp-accounting's own PLDAccountant gives composing the events one by one."""
     import dp_accounting
     from dp_accounting.pld import PLDAccountant
 
-    from fedmed.privacy.second_opinion import DISCRETISATION, second_opinion_epsilon
+    from fedmed.privacy.pld import DISCRETISATION
 
-    history = [(1.1, 0.05, 40), (0.9, 0.08, 25), (1.1, 0.05, 10)]
+    history = [(1.1, 0.05, 40), (3.0, 1.0, 1), (0.9, 0.08, 25), (3.0, 1.0, 1), (1.1, 0.05, 10)]
     accountant = PLDAccountant(value_discretization_interval=DISCRETISATION)
     for sigma, rate, steps in history:
         accountant.compose(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), steps)
-    assert second_opinion_epsilon(history, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert epsilon(history, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-6)
+
+
+def test_the_reports_second_opinion_is_rdp_and_looser_than_the_ledger():
+    from fedmed.privacy.second_opinion import SECOND_OPINION, second_opinion_epsilon
+
+    history = [(1.1, 0.05, 40), (3.0, 1.0, 1), (0.9, 0.08, 25), (3.0, 1.0, 1), (1.1, 0.05, 10)]
+    assert SECOND_OPINION == "rdp"
+    assert second_opinion_epsilon(history, 1e-5) == pytest.approx(independent_rdp_epsilon(history, 1e-5), rel=0.01)
+    assert epsilon(history, 1e-5) < second_opinion_epsilon(history, 1e-5)

@@ -1,60 +1,61 @@
-"""Privacy accounting for DP-SGD at one site, with Opacus's RDP accountant.
+"""Privacy accounting for a site: the ledger's accountant, noise calibration and delta.
 
 A site's whole privacy history is a list of mechanism runs ``(noise_multiplier,
-sample_rate, steps)``; RDP composes them all, over every round and run the site joined,
-and converts the total to (epsilon, delta).
+sample_rate, steps)`` (``fedmed.privacy.history``): its DP-SGD rounds and its Gaussian
+releases, over every round and run it joined. The ledger's accountant composes them all and
+converts the total to (epsilon, delta). Since issue 27 that accountant is the PLD accountant
+(``fedmed.privacy.pld``): the tightest sound bound measured (BENCHMARKS.md, "Accountant
+(issue 27)"); RDP (``fedmed.privacy.rdp``), the ledger's accountant before, is the report's
+second opinion. Ledger lines keep the name of the accountant that produced their epsilon,
+and a ledger begun with RDP continues soundly: see ``PrivacyLedger.epsilon``.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Sequence
-from functools import lru_cache
+from collections.abc import Callable
 
-import numpy as np
-from opacus.accountants.analysis import rdp as opacus_rdp
+from fedmed.privacy.history import History, HistoryLike, extend
+from fedmed.privacy.pld import NAME as PLD
+from fedmed.privacy.pld import pld_epsilon
+from fedmed.privacy.rdp import NAME as RDP
+from fedmed.privacy.rdp import RDP_ORDERS, rdp_epsilon
 
-ACCOUNTANT = "rdp"
-# RDP orders searched for the tightest conversion to (epsilon, delta): fine steps near 1,
-# where large epsilons are decided, integers up to 64 and coarser ones up to 256, where
-# small epsilons are. (Fractional orders are costly to evaluate, so they are few.)
-RDP_ORDERS = tuple(
-    [1.05, *np.round(np.arange(1.1, 2.0, 0.1), 2), *np.arange(2.0, 10.0, 0.5), *range(10, 65), *range(72, 257, 8)]
-)
-History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps), oldest first
-HistoryLike = Sequence[tuple[float, float, int]]  # a History or any read-only sequence of its entries
+__all__ = [
+    "ACCOUNTANT",
+    "ACCOUNTANTS",
+    "RDP_ORDERS",
+    "History",
+    "HistoryLike",
+    "accountant_epsilon",
+    "calibrate_noise",
+    "check_delta",
+    "default_delta",
+    "epsilon",
+    "extend",
+    "round_plan",
+]
 
-
-@lru_cache(maxsize=4096)
-def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    """RDP of one Poisson-subsampled Gaussian step at every order (Opacus's analysis)."""
-    return np.asarray(
-        opacus_rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS)
-    )
+ACCOUNTANT = PLD  # the name every new ledger line records
+ACCOUNTANTS: dict[str, Callable[[HistoryLike, float], float]] = {PLD: pld_epsilon, RDP: rdp_epsilon}
+# Calibration never tries noise below this: a sample rate and budget that would allow less
+# are far outside DP-SGD's use, and the PLD of such weak noise is huge and slow to compose.
+# Returning this floor instead of a smaller multiplier only adds noise (sound, not tight).
+MIN_NOISE = 0.25
+MAX_NOISE = 1e4
 
 
 def epsilon(history: HistoryLike, delta: float) -> float:
-    """Epsilon spent by ``history`` at ``delta`` (0.0 for an empty history).
-
-    RDP adds up over steps and mechanisms; the total is converted once, at the best order.
-    """
-    if not history:
-        return 0.0
-    total = sum(steps * _rdp_per_step(float(sigma), float(rate)) for sigma, rate, steps in history)
-    with warnings.catch_warnings():
-        # Opacus warns when the smallest order is the best one, which happens for the very
-        # large epsilons tried while calibrating noise; the result is still a valid bound.
-        warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
-        eps, _ = opacus_rdp.get_privacy_spent(orders=RDP_ORDERS, rdp=total, delta=delta)
-    return float(eps)
+    """Epsilon spent by ``history`` at ``delta`` by the ledger's accountant (0.0 when empty)."""
+    return pld_epsilon(history, delta)
 
 
-def extend(history: HistoryLike, noise_multiplier: float, sample_rate: float, steps: int) -> History:
-    """``history`` plus ``steps`` more steps, merged into the last run when it matches."""
-    if history and history[-1][0] == noise_multiplier and history[-1][1] == sample_rate:
-        return [*history[:-1], (noise_multiplier, sample_rate, history[-1][2] + steps)]
-    return [*history, (noise_multiplier, sample_rate, steps)]
+def accountant_epsilon(name: str, history: HistoryLike, delta: float) -> float:
+    """Epsilon of ``history`` by the accountant a ledger line names (to recheck old lines)."""
+    try:
+        return ACCOUNTANTS[name](history, delta)
+    except KeyError:
+        raise ValueError(f"unknown accountant {name!r}; fedmed knows {', '.join(sorted(ACCOUNTANTS))}") from None
 
 
 def round_plan(examples: int, batch_size: float, epochs: int, steps: int = 0) -> tuple[float, int]:
@@ -92,31 +93,61 @@ def calibrate_noise(
     steps: int,
     *,
     spent: HistoryLike = (),
+    floor: float = 0.0,
     tolerance: float = 0.005,
 ) -> float:
     """The smallest noise multiplier (to ``tolerance`` relative) for which ``spent`` plus
-    ``steps`` steps at ``sample_rate`` stays at or below ``target_epsilon``."""
+    ``steps`` steps at ``sample_rate`` stays at or below ``target_epsilon`` by the ledger's
+    accountant. ``floor`` is the largest epsilon the site's ledger already recorded (an
+    older accountant's, perhaps): a site that recorded the target has nothing left."""
     spent = list(spent)
     if target_epsilon <= 0:
         raise ValueError(f"target epsilon must be positive, got {target_epsilon}")
-    already = epsilon(spent, delta)
+    already = max(epsilon(spent, delta), floor)
     if already >= target_epsilon:
         raise ValueError(
             f"the site has already spent epsilon={already:.3f} at delta={delta:g}, "
             f"which reaches its target {target_epsilon:g}; no noise level fits"
         )
 
-    def total(sigma: float) -> float:
-        return epsilon(extend(spent, sigma, sample_rate, steps), delta)
+    def fits(sigma: float) -> bool:
+        return epsilon(extend(spent, sigma, sample_rate, steps), delta) <= target_epsilon
 
-    low, high = 0.1, 1.0
-    while total(high) > target_epsilon:
-        low, high = high, high * 2
-        if high > 1e4:
-            raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon:g} with these settings")
-    while total(low) <= target_epsilon and low > 1e-3:
-        low /= 2
+    low, high = _bracket(fits, _rdp_guess(target_epsilon, delta, sample_rate, steps, spent))
     while (high - low) / high > tolerance:
         middle = (low + high) / 2
-        low, high = (low, middle) if total(middle) <= target_epsilon else (middle, high)
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
+
+
+def _bracket(fits: Callable[[float], bool], guess: float) -> tuple[float, float]:
+    """(low, high) with ``fits(high)`` and not ``fits(low)``, searched from ``guess``; low is
+    MIN_NOISE itself when even that fits (then MIN_NOISE is returned: more noise than needed)."""
+    high = max(guess, MIN_NOISE)
+    while not fits(high):
+        high *= 1.5
+        if high > MAX_NOISE:
+            raise ValueError("no noise multiplier reaches this epsilon with these settings")
+    low = high / 1.25
+    while low > MIN_NOISE and fits(low):
+        high, low = low, low / 1.25
+    if low > MIN_NOISE:
+        return low, high
+    return (MIN_NOISE, MIN_NOISE) if fits(MIN_NOISE) else (MIN_NOISE, high)
+
+
+def _rdp_guess(target_epsilon: float, delta: float, sample_rate: float, steps: int, spent: History) -> float:
+    """RDP's noise multiplier for the same target: cheap to find, and close above the ledger
+    accountant's (RDP is the looser bound), so the search starts next to its answer."""
+    if rdp_epsilon(spent, delta) >= target_epsilon:
+        return 1.0  # RDP sees no room where the tighter accountant does: search from a typical value
+    low, high = MIN_NOISE, 1.0
+    while rdp_epsilon(extend(spent, high, sample_rate, steps), delta) > target_epsilon and high < MAX_NOISE:
+        low, high = high, high * 2
+    for _ in range(20):  # to 1e-6 of the bracket: RDP is cheap, and a close start saves PLD work
+        middle = (low + high) / 2
+        if rdp_epsilon(extend(spent, middle, sample_rate, steps), delta) <= target_epsilon:
+            high = middle
+        else:
+            low = middle
     return high

@@ -164,6 +164,7 @@ def plan_round_privacy(
                 sample_rate,
                 steps * config.planned_rounds,
                 spent=[*ledger.history, *reserved],
+                floor=ledger.recorded_epsilon(delta),
             )
         except ValueError as exc:
             return refuse(f"budget exhausted: {exc}")
@@ -182,7 +183,7 @@ def plan_round_privacy(
                 )
             except ValueError as exc:
                 return refuse(f"per-run ceiling reached (max_epsilon_per_run {ceiling:g}): {exc}")
-    after = epsilon(extend(ledger.history, sigma, sample_rate, steps), delta)
+    after = ledger.epsilon_of(extend(ledger.history, sigma, sample_rate, steps), delta)
     if budget is not None and after > budget:
         return refuse(
             f"budget exhausted: this round would take epsilon from {before:.3f} to {after:.3f} "

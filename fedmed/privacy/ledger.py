@@ -29,6 +29,13 @@ first chained line linking to the last old one, but those old lines are not prot
 chain cannot show that the last lines were removed or the last line edited (nothing follows
 them): keep backups. ``verify_chain`` checks a ledger's text.
 
+Each line names the accountant that computed its epsilon (``accountant``; release lines
+written before the field existed read as ``"rdp"``, the only accountant then). When the
+accountant changes (RDP to PLD, issue 27), the ledger continues: the site's epsilon is the
+new accountant's composition of the whole stored history, but never less than an epsilon
+the ledger already recorded (``PrivacyLedger.epsilon``). Both are sound upper bounds, so
+their maximum is one too, and the recorded spend never decreases.
+
 Writes are atomic: the new ledger is written to a temporary file, flushed to disk and
 renamed over the old one, so a crash leaves either the old ledger or the new one. A line
 that cannot be read, the last one included (a torn write from another tool, a copy cut
@@ -52,10 +59,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fedmed.files import write_atomic
-from fedmed.privacy.accounting import ACCOUNTANT, History, epsilon, extend
+from fedmed.privacy.accounting import ACCOUNTANT, History, HistoryLike, epsilon, extend
 
 LEDGER_VERSION = 1
 GENESIS = "0" * 64  # the ``previous`` of a ledger's first line
+OLD_RELEASE_ACCOUNTANT = "rdp"  # what a release line without an ``accountant`` was computed with
 
 
 def timestamp_now() -> str:
@@ -144,6 +152,7 @@ class LedgerRelease(_LedgerLine):
     sensitivity: float  # L2 change of the statistic by one record; 0.0 if exact
     delta: float
     epsilon: float | None  # the site's cumulative epsilon after it; None once any round was non-private
+    accountant: str = ACCOUNTANT  # that computed ``epsilon``
     accountant_state: History = field(default_factory=list)
     privacy_unit: str = "image"
     value: float | None = None  # the noisy record count, resent in the run's later rounds
@@ -156,7 +165,7 @@ class LedgerRelease(_LedgerLine):
 
     @classmethod
     def from_dict(cls, data: dict) -> LedgerRelease:
-        return cls(**_with_history(data))
+        return cls(**_with_history({"accountant": OLD_RELEASE_ACCOUNTANT, **data}))
 
 
 LedgerRecord = LedgerEntry | LedgerRefusal | LedgerRelease
@@ -328,7 +337,26 @@ class PrivacyLedger:
 
     def epsilon(self, delta: float) -> float:
         """Cumulative epsilon at ``delta``; infinite once any round was non-private."""
-        return math.inf if self.non_private_rounds else epsilon(self.history, delta)
+        return math.inf if self.non_private_rounds else self.epsilon_of(self.history, delta)
+
+    def epsilon_of(self, history: HistoryLike, delta: float) -> float:
+        """The epsilon this ledger records for ``history`` (its own history, perhaps with a
+        round or release more): the accountant's composition of all of it, raised to the
+        largest epsilon already recorded (``recorded_epsilon``), so the spend never decreases,
+        also across a change of accountant."""
+        return max(epsilon(history, delta), self.recorded_epsilon(delta))
+
+    def recorded_epsilon(self, delta: float) -> float:
+        """The largest epsilon a round or release line recorded at ``delta`` or a smaller
+        delta (each a sound bound at ``delta`` too, whichever accountant computed it); 0.0 if none."""
+        return max(
+            (
+                r.epsilon
+                for r in self.records
+                if isinstance(r, (LedgerEntry, LedgerRelease)) and r.epsilon is not None and r.delta <= delta
+            ),
+            default=0.0,
+        )
 
     def run_entries(self, run_id: str) -> list[LedgerEntry]:
         return [e for e in self.entries if e.run_id == run_id]

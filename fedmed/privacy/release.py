@@ -18,7 +18,7 @@ patients too, so by default a site sends only:
   sensitivity), another mechanism parameter, so that the coordinator can put an error bar
   on every score (``score_errors``) and say when a score is too noisy to read.
 
-Each noisy release is a Gaussian mechanism, composed into the site's RDP history as one
+Each noisy release is a Gaussian mechanism, composed into the site's history as one
 full-batch step ``(noise multiplier, 1.0, 1)``. Its noise multiplier is set so that the
 run's planned releases, counted alone, cost ``release_share`` of what the run may spend:
 the smaller of the site's target epsilon less what it spent before, and the per-run
@@ -75,7 +75,7 @@ def release_noise(share: float, epsilon_room: float, delta: float, releases: int
 
 
 def reserved(noise_multiplier: float, releases: int) -> History:
-    """The RDP history of ``releases`` still to come, for calibrating DP-SGD around them."""
+    """The history of ``releases`` still to come, for calibrating DP-SGD around them."""
     return [(noise_multiplier, 1.0, releases)] if releases > 0 else []
 
 
@@ -271,7 +271,7 @@ class SiteReleases:
             if sigma is None:
                 return None
             after_state = extend(self.ledger.history, sigma, 1.0, 1)
-            after = epsilon(after_state, self.delta)
+            after = self.ledger.epsilon_of(after_state, self.delta)
             if self.privacy.budget is not None and after > self.privacy.budget:
                 return None
             ceiling = self.privacy.max_epsilon_per_run

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fedmed.privacy.second_opinion import DISCRETISATION
+from fedmed.privacy.pld import DISCRETISATION, REFINE_BELOW
 from fedmed.report.findings import CODES, CRITICAL, Finding
 from fedmed.report.run import cross_check, ledger_paths, mark_wasted, run_view
 from fedmed.report.site import ledger_account
@@ -52,10 +52,12 @@ def build_report(run_dir: Path | None = None, ledgers: Sequence[Path] = (), budg
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sources": {"run_dir": str(run_dir) if run_dir is not None else None, "ledgers": [str(p) for p in ledgers]},
         "accountants": {
-            "ledger": "rdp: Renyi DP of the Poisson-subsampled Gaussian mechanism (the site's own bound)",
-            "second_opinion": f"pld: privacy loss distribution accountant of Google's dp-accounting, "
-            f"pessimistic upper bound, discretisation {DISCRETISATION:g} (an independent "
-            "implementation of a tighter method)",
+            "ledger": f"pld: privacy loss distribution accountant of Google's dp-accounting, pessimistic "
+            f"upper bound, add-or-remove neighbours, discretisation {DISCRETISATION:g} (a tenth of it below "
+            f"epsilon {REFINE_BELOW:g}; the site's own bound; "
+            "lines written before fedmed used it say rdp, and the site's epsilon never fell below them)",
+            "second_opinion": "rdp: Renyi DP of the Poisson-subsampled Gaussian mechanism, Opacus's analysis "
+            "(an independent implementation of a looser method)",
         },
         "run": view,
         "sites": [account.to_json() for account in accounts],

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fedmed.numbers import MISSING, format_epsilon, format_number
+from fedmed.privacy.second_opinion import SECOND_OPINION
 from fedmed.protocol import RoundStatus
 from fedmed.report.site import SiteAccount
 
@@ -82,8 +83,9 @@ def _budget_table(accounts: list[SiteAccount]) -> Table:
     header = [
         "site",
         "budget (epsilon)",
-        "spent (RDP, ledger)",
-        "spent (PLD, second opinion)",
+        "spent (ledger)",
+        "ledger accountant",
+        f"spent ({SECOND_OPINION.upper()}, second opinion)",
         "left",
         "used",
         "delta",
@@ -100,6 +102,7 @@ def _budget_table(accounts: list[SiteAccount]) -> Table:
                 a.site,
                 format_number(a.budget),
                 format_epsilon(a.epsilon_spent, dp),
+                a.accountant.upper(),
                 format_epsilon(a.epsilon_second_opinion, dp),
                 format_number(a.budget_left),
                 used,
@@ -184,7 +187,7 @@ def _site_blocks(a: SiteAccount) -> list:
         Heading(f"Site {a.site}"),
         Text(
             f"Ledger {a.ledger} ({a.ledger_lines} lines).{_chain_text(a.ledger_chain)} "
-            f"Accountant {a.accountant}; "
+            f"Accountant {a.accountant} (of the latest line; each round names its own); "
             f"second opinion {a.second_opinion_accountant}. Privacy unit: {', '.join(units)} "
             "(each epsilon bounds what is revealed about one such record; a patient with k "
             "images is protected by about k times an image-level epsilon)."
@@ -218,8 +221,8 @@ def _site_blocks(a: SiteAccount) -> list:
                 "sample rate",
                 "steps",
                 "examples",
-                "epsilon after (RDP)",
-                "epsilon after (PLD)",
+                "epsilon after (ledger)",
+                f"epsilon after ({SECOND_OPINION.upper()}, second opinion)",
                 "delta",
                 "first round at",
                 "last round at",
@@ -233,7 +236,7 @@ def _site_blocks(a: SiteAccount) -> list:
             "Every statistic the site sent, per run, from its ledger. Each reply also carries the "
             "public description of the site's guarantee (status, whether DP, steps, epsilon, delta, "
             "noise multiplier). Epsilon alone is what each kind of release would cost by itself; the "
-            "site's epsilon composes all private releases (RDP) and is less than their sum."
+            "site's epsilon composes all private releases (by the ledger's accountant) and is less than their sum."
         )
     )
     rows = [
@@ -264,6 +267,7 @@ def _site_blocks(a: SiteAccount) -> list:
             format_number(r["max_grad_norm"]),
             format_number(r["delta"]),
             format_epsilon(r["epsilon"], r["dp"]),
+            r["accountant"].upper(),
             format_epsilon(r["epsilon_second_opinion"], r["dp"]),
             "paid, round discarded" if r.get("wasted") else "",
         ]
@@ -282,8 +286,9 @@ def _site_blocks(a: SiteAccount) -> list:
                 "noise multiplier",
                 "clip norm",
                 "delta",
-                "epsilon (RDP)",
-                "epsilon (PLD)",
+                "epsilon (ledger)",
+                "accountant",
+                f"epsilon ({SECOND_OPINION.upper()}, second opinion)",
                 "wasted",
             ],
             rows,

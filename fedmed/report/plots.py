@@ -19,7 +19,7 @@ def report_figures(report: dict) -> tuple[list[Figure], dict[str, bytes]]:
         figures.append(
             Figure(
                 "epsilon.png",
-                "Cumulative epsilon per site (solid: ledger RDP, dotted: PLD second opinion, dashed: budget)",
+                "Cumulative epsilon per site (solid: ledger, PLD; dotted: RDP second opinion; dashed: budget)",
             )
         )
         images["epsilon.png"] = epsilon

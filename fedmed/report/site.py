@@ -7,8 +7,10 @@ critical and counts as spent: what it spent is unknown, so the site's budget is 
 fully spent (nothing left, epsilon at least the budget) until the ledger is restored, as
 the site itself refuses to train on it. Every entry is re-checked: its epsilon is recomputed from its accountant
 state, the state must follow from the previous one and the round's (or release's)
-parameters, and the same history is given to an independent accountant (PLD) for a second
-opinion. Each run lists what left the site: its model updates and every other release,
+parameters, and the same history is given to an independent accountant (RDP) for a second
+opinion. Each line's epsilon is rechecked with the accountant it names: lines written with
+PLD by the rule ``PrivacyLedger.epsilon`` keeps (never below an epsilon recorded before),
+older lines with RDP as it was. Each run lists what left the site: its model updates and every other release,
 private or not.
 """
 
@@ -20,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from fedmed.privacy.accounting import ACCOUNTANT, epsilon, extend
+from fedmed.privacy.accounting import ACCOUNTANT, accountant_epsilon, epsilon, extend
 from fedmed.privacy.ledger import (
     ChainCheck,
     LedgerEntry,
@@ -132,6 +134,7 @@ def ledger_account(ledger_path: Path, budget: float | None = None) -> tuple[Site
         )
         account = replace(
             account,
+            accountant=latest["accountant"],
             budget=budget if budget is not None else last.max_epsilon,
             target_epsilon=last.target_epsilon,
             delta=last.delta,
@@ -227,7 +230,11 @@ def _history(records: list[LedgerEntry | LedgerRelease], site: str) -> tuple[lis
     """The rounds and the releases, each checked to follow from the one before."""
     rows, releases, findings, seen = [], [], [], set()
     state: list = []
+    recorded: list[tuple[float, float]] = []  # (delta, epsilon) of the lines before: the floor of later ones
     for line, record in enumerate(records):
+        floor = max((e for d, e in recorded if d <= record.delta), default=0.0)
+        if record.epsilon is not None:
+            recorded.append((record.delta, record.epsilon))
         if isinstance(record, LedgerRelease):
             expected_state = extend(state, record.noise_multiplier, 1.0, 1) if record.private else state
             what = f"run {record.run_id} round {record.round} ({record.statistic} release)"
@@ -257,9 +264,9 @@ def _history(records: list[LedgerEntry | LedgerRelease], site: str) -> tuple[lis
             )
         state = recorded_state
         if isinstance(record, LedgerRelease):
-            releases.append(_release_row(record, state, line, site, findings))
+            releases.append(_release_row(record, state, floor, line, site, findings))
             continue
-        rows.append(_round_row(record, state, site, findings) | {"line": line})
+        rows.append(_round_row(record, state, floor, site, findings) | {"line": line})
         if record.delta >= 1.0 / record.examples:
             findings.append(
                 critical(
@@ -284,14 +291,18 @@ def _history(records: list[LedgerEntry | LedgerRelease], site: str) -> tuple[lis
     return rows, releases, findings
 
 
-def _release_row(release: LedgerRelease, state: list, line: int, site: str, findings: list[Finding]) -> dict:
+def _release_row(
+    release: LedgerRelease, state: list, floor: float, line: int, site: str, findings: list[Finding]
+) -> dict:
     """A release, its epsilon checked (the second opinion is asked for the site's total only:
     a report of many runs holds many releases)."""
     if release.private:
         what = f"run {release.run_id} round {release.round} ({release.statistic} release)"
         if release.epsilon is None:  # fedmed writes every private release with its epsilon
             raise ValueError(f"{site}: {what} is private but records no epsilon; the ledger line is damaged")
-        _check_epsilon(state, release.delta, release.epsilon, what=what, site=site, findings=findings)
+        _check_epsilon(
+            release.accountant, state, release.delta, release.epsilon, floor, what=what, site=site, findings=findings
+        )
     return {
         "line": line,
         "run_id": release.run_id,
@@ -304,6 +315,7 @@ def _release_row(release: LedgerRelease, state: list, line: int, site: str, find
         "noise_std": release.noise_multiplier * release.sensitivity,
         "delta": release.delta,
         "epsilon": release.epsilon,
+        "accountant": release.accountant,
         "privacy_unit": release.privacy_unit,
     }
 
@@ -325,12 +337,12 @@ def _release_findings(releases: list[dict], site: str) -> list[Finding]:
     ]
 
 
-def _round_row(entry: LedgerEntry, state: list, site: str, findings: list[Finding]) -> dict:
+def _round_row(entry: LedgerEntry, state: list, floor: float, site: str, findings: list[Finding]) -> dict:
     recorded = entry.epsilon if entry.dp else None
     second = None
     if recorded is not None:
         what = f"run {entry.run_id} round {entry.round}"
-        _check_epsilon(state, entry.delta, recorded, what=what, site=site, findings=findings)
+        _check_epsilon(entry.accountant, state, entry.delta, recorded, floor, what=what, site=site, findings=findings)
         second = _second_opinion(state, entry.delta, what, site, findings)
     return {
         "run_id": entry.run_id,
@@ -354,15 +366,32 @@ def _round_row(entry: LedgerEntry, state: list, site: str, findings: list[Findin
 
 
 def _check_epsilon(
-    state: list, delta: float, recorded: float, *, what: str, site: str, findings: list[Finding]
+    accountant: str,
+    state: list,
+    delta: float,
+    recorded: float,
+    floor: float,
+    *,
+    what: str,
+    site: str,
+    findings: list[Finding],
 ) -> None:
-    """A recorded epsilon must be what its accountant state gives."""
-    recomputed = epsilon(state, delta)
+    """A recorded epsilon must be what its accountant state gives by the accountant the line
+    names; a line of the ledger's accountant never below ``floor``, the largest epsilon recorded
+    before at this delta or a smaller one (``PrivacyLedger.epsilon_of``)."""
+    try:
+        recomputed = accountant_epsilon(accountant, state, delta)
+    except ValueError as exc:
+        findings.append(critical("ledger-arithmetic", f"{what}: its epsilon cannot be rechecked: {exc}", site))
+        return
+    if accountant == ACCOUNTANT:
+        recomputed = max(recomputed, floor)
     if not math.isclose(recomputed, recorded, rel_tol=RELATIVE_TOLERANCE, abs_tol=1e-9):
         findings.append(
             critical(
                 "ledger-arithmetic",
-                f"{what}: recorded epsilon {recorded:.6g} but its accountant state gives {recomputed:.6g}",
+                f"{what}: recorded epsilon {recorded:.6g} but its accountant state gives {recomputed:.6g} "
+                f"({accountant})",
                 site,
             )
         )
