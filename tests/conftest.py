@@ -121,5 +121,11 @@ PROCESS_FIXTURES = {"simulation"}
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if PROCESS_FIXTURES & fixtures:
             item.add_marker(pytest.mark.e2e)
+        # `make test` runs two pytest-xdist workers (--dist loadgroup): a module's tests stay
+        # on one worker, and so do all the users of the shared simulation, so that each
+        # module- and session-scoped fixture runs once.
+        group = "shared-simulation" if "simulation" in fixtures else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))

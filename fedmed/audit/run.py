@@ -70,7 +70,8 @@ def audit_scenario(
     if audited not in names:
         raise ValueError(f"no site {audited!r} in this scenario; its sites are {', '.join(names)}")
     ledgers = {name: out / "sites" / name / "ledger.jsonl" for name in names}
-    drawn = Canaries.draw(canaries, run.image_size, len(run.class_names), secrets.randbits(63) if seed is None else seed)
+    secret = secrets.randbits(63) if seed is None else seed
+    drawn = Canaries.draw(canaries, run.image_size, len(run.class_names), secret)
     sites: list[SiteWork] = []
     for name, folder, settings in zip(names, data.site_dirs, scenario.site_settings):
         work = SiteWork(dataclasses.replace(settings, name=name, data=str(folder), ledger=str(ledgers[name])))

@@ -95,8 +95,9 @@ def _print_summary(report: dict) -> None:
     for account in report["sites"]:
         dp = not account["non_private_rounds"]
         print(
-            f"{account['site']}: epsilon {format_epsilon(account['epsilon_spent'], dp)} (RDP), "
-            f"{format_epsilon(account['epsilon_second_opinion'], dp)} (PLD) "
+            f"{account['site']}: epsilon {format_epsilon(account['epsilon_spent'], dp)} "
+            f"({account['accountant'].upper()}), {format_epsilon(account['epsilon_second_opinion'], dp)} "
+            f"({account['second_opinion_accountant'].upper()}, second opinion) "
             f"at delta {format_number(account['delta'])}; "
             f"budget {format_number(account['budget'])}, left {format_number(account['budget_left'])}; "
             f"{len(account['rounds'])} rounds in {len(account['runs'])} run(s)"

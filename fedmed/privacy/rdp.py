@@ -12,7 +12,6 @@ import warnings
 from functools import lru_cache
 
 import numpy as np
-from opacus.accountants.analysis import rdp as opacus_rdp
 
 from fedmed.privacy.history import HistoryLike
 
@@ -28,6 +27,8 @@ RDP_ORDERS = tuple(
 @lru_cache(maxsize=4096)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """RDP of one Poisson-subsampled Gaussian step at every order (Opacus's analysis)."""
+    from opacus.accountants.analysis import rdp as opacus_rdp  # opacus loads 1 s of modules
+
     return np.asarray(
         opacus_rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS)
     )
@@ -40,6 +41,8 @@ def rdp_epsilon(history: HistoryLike, delta: float) -> float:
     """
     if not history:
         return 0.0
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
     total = sum(steps * _rdp_per_step(float(sigma), float(rate)) for sigma, rate, steps in history)
     with warnings.catch_warnings():
         # Opacus warns when the smallest order is the best one, which happens for the very
