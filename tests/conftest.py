@@ -119,6 +119,7 @@ def simulation(tmp_path_factory):
 PROCESS_FIXTURES = {"simulation"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))

@@ -14,3 +14,7 @@ A lower bound is evidence, not a guarantee: a bound above the ledger's epsilon p
 claim wrong (at the stated confidence); a bound below it proves nothing about the claim,
 because a stronger attack could find more. docs/privacy-report.md explains.
 """
+
+# Beside a site's ledger: the audit's results for that site (its membership attacks, and the
+# canary audit where it held the canaries); fedmed-report shows them with the ledger.
+SITE_AUDIT_FILE = "privacy-audit.json"

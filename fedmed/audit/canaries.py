@@ -1,11 +1,13 @@
 """Canaries for the one-run audit: records the auditor made, half of them (at random) added
 to one site's training data, each as a patient of its own.
 
-A canary is an image of uniform noise with a class drawn at random: nothing like it is in
-any site's data, so whether the final model has learnt its class says whether it was
-trained on, and nothing else does. The attacker's score is how much the canary's loss fell
-from the model the run started from to the final model (a canary the network finds easy
-from the start is not mistaken for one it learnt).
+A canary is a held-out image (one no site holds: the scenario's test set) given a wrong
+class, drawn at random among the others. A model learns such a class only by remembering
+that very image, so whether the final model leans to it says whether the image was trained
+on. (Images of pure noise were tried first: a network that pools over the image sees every
+noise image alike and remembers none; BENCHMARKS.md, "Privacy audit".) The attacker's score
+is how much the canary's loss fell from the model the run started from to the final model,
+so that an image the network finds easy from the start is not mistaken for one it learnt.
 """
 
 from __future__ import annotations
@@ -34,14 +36,15 @@ class Canaries:
     included: np.ndarray  # (m,) bool
 
     @classmethod
-    def draw(cls, count: int, image_size: int, classes: int, seed: int) -> Canaries:
-        """``count`` noise images with random classes, each included with probability 1/2."""
-        if count < 2:
-            raise ValueError(f"an audit needs at least 2 canaries, got {count}")
+    def draw(cls, count: int, images: np.ndarray, labels: np.ndarray, classes: int, seed: int) -> Canaries:
+        """``count`` of the held-out ``images``, each with a wrong class and included with
+        probability 1/2."""
+        if not 2 <= count <= len(labels):
+            raise ValueError(f"an audit needs 2 to {len(labels)} canaries (the held-out images), got {count}")
         rng = np.random.default_rng(seed)
-        images = rng.random((count, image_size, image_size), dtype=np.float32)
-        labels = rng.integers(0, classes, count).astype(np.int64)
-        return cls(images, labels, rng.random(count) < 0.5)
+        chosen = rng.choice(len(labels), count, replace=False)
+        wrong = (labels[chosen] + rng.integers(1, classes, count)) % classes  # any class but the true one
+        return cls(np.asarray(images[chosen], dtype=np.float32), wrong.astype(np.int64), rng.random(count) < 0.5)
 
     def scores(self, start: nn.Module, final: nn.Module) -> np.ndarray:
         """The attacker's score of each canary: its loss under ``start`` minus under ``final``."""

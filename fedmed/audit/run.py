@@ -9,7 +9,8 @@ at its own budget and records its spending in its own ledger, exactly as in
   delta its ledger used, beside the epsilon its ledger recorded: a bound above the ledger's
   epsilon is a critical finding (the noise the ledger paid for is not in the model);
 - each site's membership-inference attacks on the final model (``fedmed.audit.membership``),
-  written beside its ledger (``membership.json``), where its privacy report finds them.
+  written beside its ledger (``privacy-audit.json``, with the canary audit for the site that
+  held them), where its privacy report finds them.
 
 Everything is written to ``out/audit.json``.
 """
@@ -26,10 +27,13 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from fedmed.audit import SITE_AUDIT_FILE
 from fedmed.audit.bounds import audit_bound
 from fedmed.audit.canaries import CANARY_PREFIX, Canaries, CanarySite
 from fedmed.audit.membership import membership_attacks
 from fedmed.config import RunSettings
+from fedmed.data.dicom import ReadOptions
+from fedmed.data.site import SiteData, SiteSource, load_site
 from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.simulate.baselines import starting_state
@@ -41,7 +45,6 @@ from fedmed.site.work import SiteWork
 from fedmed.weights import load_state
 
 AUDIT_FILE = "audit.json"
-MEMBERSHIP_FILE = "membership.json"  # beside a site's ledger
 CONFIDENCE = 0.95
 
 
@@ -71,7 +74,8 @@ def audit_scenario(
         raise ValueError(f"no site {audited!r} in this scenario; its sites are {', '.join(names)}")
     ledgers = {name: out / "sites" / name / "ledger.jsonl" for name in names}
     secret = secrets.randbits(63) if seed is None else seed
-    drawn = Canaries.draw(canaries, run.image_size, len(run.class_names), secret)
+    held_out = _held_out(run, data.test_dir)
+    drawn = Canaries.draw(canaries, np.asarray(held_out.images), held_out.labels, len(run.class_names), secret)
     sites: list[SiteWork] = []
     for name, folder, settings in zip(names, data.site_dirs, scenario.site_settings):
         work = SiteWork(dataclasses.replace(settings, name=name, data=str(folder), ledger=str(ledgers[name])))
@@ -88,11 +92,12 @@ def audit_scenario(
     bound = audit_bound(drawn.scores(start_model, final_model), drawn.included, delta, CONFIDENCE)
     membership = {}
     for work in sites:
-        attacks = site_membership(work, run, start_model, final_model)
-        membership[work.site.name] = attacks
-        (ledgers[work.site.name].parent / MEMBERSHIP_FILE).write_text(
-            json.dumps({"run_id": run.run_id, "attacks": attacks}, indent=2) + "\n"
-        )
+        name = work.site.name
+        membership[name] = site_membership(work, run, start_model, final_model)
+        found: dict[str, object] = {"run_id": run.run_id, "membership": membership[name]}
+        if name == audited:
+            found |= {"canary_audit": bound.to_json(), "ledger_epsilon": claimed}
+        (ledgers[name].parent / SITE_AUDIT_FILE).write_text(json.dumps(found, indent=2) + "\n")
     result = {
         "run_id": run.run_id,
         "scenario": scenario.name,
@@ -118,6 +123,14 @@ def site_membership(work: SiteWork, run: RunSettings, start: nn.Module, final: n
     train = (inputs.train[own], inputs.train_labels[own], split.train_patients[own])
     validation = (inputs.val, inputs.val_labels, inputs.val_patients)
     return [a.to_json() for a in membership_attacks(final, start, train, validation)]
+
+
+def _held_out(run: RunSettings, folder: Path) -> SiteData:
+    """The scenario's test images, which no site holds: the canaries come from them."""
+    data = load_site(SiteSource.from_path(str(folder), run.class_names), ReadOptions(image_size=run.image_size))
+    if len(data) == 0:
+        raise ValueError(f"the scenario's test set {folder} has no usable images to make canaries of")
+    return data
 
 
 def _model(run: RunSettings, state: dict[str, np.ndarray]) -> nn.Module:

@@ -294,6 +294,8 @@ def _site_blocks(a: SiteAccount) -> list:
             rows,
         )
     )
+    if a.audit is not None:
+        blocks += _audit_blocks(a)
     if a.refused:
         blocks.append(Heading(f"{a.site}: refused rounds", 3))
         rows = [
@@ -311,6 +313,46 @@ def _site_blocks(a: SiteAccount) -> list:
         blocks.append(
             Table(["run", "round", "time", "epsilon before", "epsilon it would reach", "budget", "reason"], rows)
         )
+    return blocks
+
+
+def _audit_blocks(a: SiteAccount) -> list:
+    """What an attacker learnt in ``fedmed audit``: lower bounds and attack AUCs, never proofs of privacy."""
+    assert a.audit is not None
+    blocks: list = [Heading(f"{a.site}: empirical audit (run {a.audit['run_id']})", 3)]
+    canary = a.audit["canary_audit"]
+    if canary is not None:
+        verdict = (
+            "ABOVE the ledger's epsilon: the claim is proven wrong"
+            if a.epsilon_spent is not None and canary["epsilon_lower_bound"] > a.epsilon_spent
+            else "below the ledger's epsilon, as it must be (a lower bound below the claim does not prove the claim)"
+        )
+        blocks.append(
+            Text(
+                f"Canary audit (one training run, Steinke, Nasr & Jagielski 2023): {canary['correct']} of "
+                f"{canary['guesses']} guesses right about {canary['canaries']} canaries, so epsilon >= "
+                f"{format_number(canary['epsilon_lower_bound'])} at delta {format_number(canary['delta'])} with "
+                f"{canary['confidence']:.0%} confidence; {verdict}."
+            )
+        )
+    blocks.append(
+        Text(
+            "Membership inference by the site on its own final model: its training patients against its "
+            "validation patients. AUC 0.5 is guessing; the interval is 95% (patients resampled). Computed "
+            "at the site; it never left it."
+        )
+    )
+    rows = [
+        [
+            m["attack"],
+            format_number(m["auc"]),
+            f"{format_number(m['interval'][0])} - {format_number(m['interval'][1])}",
+            format_number(m["members"]),
+            format_number(m["non_members"]),
+        ]
+        for m in a.audit["membership"]
+    ]
+    blocks.append(Table(["attack", "AUC", "95% interval", "training patients", "validation patients"], rows))
     return blocks
 
 

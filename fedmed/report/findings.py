@@ -31,6 +31,9 @@ CODES = {
     "sites-dropped": "sites that were asked to train did not return a usable update",
     "budget-wasted": "sites paid privacy budget for a round the coordinator discarded (too few valid updates)",
     "updates-bounded": "the coordinator scaled down an update longer than the norm bound or capped a claimed weight",
+    "audit-above-ledger": "an empirical audit (fedmed audit) found a lower bound on epsilon above what the ledger "
+    "records: the model reveals more than the ledger allows",
+    "audit-unreadable": "the audit file beside the ledger cannot be read",
     "secure-aggregation-failed": "too few sites completed secure aggregation: nothing was unmasked, the round "
     "changed nothing",
 }

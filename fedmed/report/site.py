@@ -16,12 +16,14 @@ private or not.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from fedmed.audit import SITE_AUDIT_FILE
 from fedmed.privacy.accounting import ACCOUNTANT, accountant_epsilon, epsilon, extend
 from fedmed.privacy.ledger import (
     ChainCheck,
@@ -62,6 +64,7 @@ class SiteAccount:
     releases: list[dict] = field(default_factory=list)
     refused: list[dict] = field(default_factory=list)
     unreadable_lines: list[int] = field(default_factory=list)
+    audit: dict[str, Any] | None = None  # the empirical audit beside the ledger (fedmed audit), if one ran
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,8 +162,55 @@ def ledger_account(ledger_path: Path, budget: float | None = None) -> tuple[Site
                 site,
             )
         )
+    audit, audit_findings = _site_audit(ledger_path, account)
     budget_left, budget_used = _budget_left(account)
-    return replace(account, budget_left=budget_left, budget_used=budget_used), findings
+    return replace(account, budget_left=budget_left, budget_used=budget_used, audit=audit), findings + audit_findings
+
+
+def _site_audit(ledger_path: Path, account: SiteAccount) -> tuple[dict | None, list[Finding]]:
+    """The audit ``fedmed audit`` wrote beside the ledger, read as untrusted input, and a
+    critical finding when its lower bound on epsilon is above what the ledger records (the
+    bound concerns one run, and the ledger's epsilon composes every run, so it may only be
+    larger)."""
+    path = ledger_path.parent / SITE_AUDIT_FILE
+    if not path.is_file():
+        return None, []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        membership = [
+            {
+                "attack": str(a["attack"]),
+                "auc": float(a["auc"]),
+                "interval": [float(a["interval"][0]), float(a["interval"][1])],
+                "members": int(a["members"]),
+                "non_members": int(a["non_members"]),
+            }
+            for a in data.get("membership", [])
+        ]
+        found = data.get("canary_audit")
+        canary = (
+            None
+            if found is None
+            else {
+                **{k: float(found[k]) for k in ("epsilon_lower_bound", "confidence", "delta")},
+                **{k: int(found[k]) for k in ("canaries", "guesses", "correct")},
+            }
+        )
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        return None, [warning("audit-unreadable", f"cannot read the audit {path}: {exc}", account.site)]
+    audit = {"file": str(path), "run_id": str(data.get("run_id", "")), "membership": membership, "canary_audit": canary}
+    spent = account.epsilon_spent
+    if canary is not None and spent is not None and canary["epsilon_lower_bound"] > spent:
+        return audit, [
+            critical(
+                "audit-above-ledger",
+                f"the canary audit of run {audit['run_id']} proves epsilon >= {canary['epsilon_lower_bound']:.3f} "
+                f"at {canary['confidence']:.0%} confidence, above the {spent:.3f} this ledger records: the model "
+                "reveals more about a record than the ledger allows (noise missing or too small?)",
+                account.site,
+            )
+        ]
+    return audit, []
 
 
 def _line_findings(path: Path, problems: list[tuple[int, str]], lines: int, site: str) -> list[Finding]:
