@@ -85,6 +85,11 @@ class TrainingData:
     images: np.ndarray
     labels: np.ndarray
     patient_of: np.ndarray | None = None
+    # ``fedmed audit`` only: gradient canaries, one record each, given as the coordinate of
+    # the model's trainable parameters (flattened in order) that each one's gradient points
+    # along. A sampled canary adds max_grad_norm there, as a clipped record would; DP-SGD
+    # rounds only. Sites never have any.
+    canaries: np.ndarray | None = None
 
 
 def train_round(
@@ -240,7 +245,11 @@ def _train_private(
     sampling, noise = _dp_generators(train.insecure_noise_seed, round_number)
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # opacus loads 1 s of modules
 
-    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=sampling, steps=steps)
+    canaries = np.zeros(0, dtype=np.int64) if data.canaries is None else np.asarray(data.canaries, dtype=np.int64)
+    records = n + len(canaries)  # a canary is one more record, sampled like the others
+    sampler = UniformWithReplacementSampler(
+        num_samples=records, sample_rate=sample_rate, generator=sampling, steps=steps
+    )
     clipper = PerSampleClipper(model, max_grad_norm)
     optimizer = _optimizer(model, train)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -257,6 +266,8 @@ def _train_private(
         for batch_indices in sampler:
             flat.zero_()
             batch_indices = np.asarray(batch_indices, dtype=np.int64)
+            canaries_drawn = canaries[batch_indices[batch_indices >= n] - n]
+            batch_indices = batch_indices[batch_indices < n]
             if row_of is not None:
                 batch_indices = row_of[batch_indices]
             batches: Sequence[tuple[np.ndarray, np.ndarray | None]]  # groups: None at image level
@@ -277,8 +288,12 @@ def _train_private(
                 )
                 total_loss += float(losses.sum())
                 seen += len(y)
+            if len(canaries_drawn):
+                flat.index_add_(
+                    0, torch.from_numpy(canaries_drawn), torch.full((len(canaries_drawn),), float(max_grad_norm))
+                )
             flat.add_(noise_buffer.normal_(0.0, noise_multiplier * max_grad_norm, generator=noise))
-            flat.div_(sample_rate * n)
+            flat.div_(sample_rate * records)
             optimizer.step()
     finally:
         clipper.remove()

@@ -1,76 +1,80 @@
-"""Canaries for the one-run audit: records the auditor made, half of them (at random) added
-to one site's training data, each as a patient of its own.
+"""Canaries for the one-run audit: records the auditor crafted, half of them (at random)
+added to one site's training data.
 
-A canary is a held-out image (one no site holds: the scenario's test set) given a wrong
-class, drawn at random among the others. A model learns such a class only by remembering
-that very image, so whether the final model leans to it says whether the image was trained
-on. (Images of pure noise were tried first: a network that pools over the image sees every
-noise image alike and remembers none; BENCHMARKS.md, "Privacy audit".) The attacker's score
-is how much the canary's loss fell from the model the run started from to the final model,
-so that an image the network finds easy from the start is not mistaken for one it learnt.
+A canary is a gradient canary (Steinke, Nasr & Jagielski 2023, section 6): a record whose
+clipped gradient points along one coordinate of the model's trained parameters, with the
+full clip norm, the largest contribution DP-SGD lets one record make. Each canary has a
+coordinate of its own, drawn at random. DP-SGD samples a canary like any other record
+(``fedmed.train.TrainingData.canaries``), so each step that draws it moves its coordinate by
+a clip norm's worth before the noise is added; a model trained with the noise the ledger
+paid for hides that move under the noise, one trained without it does not. The attacker's
+score of a canary is how far its coordinate fell from the model the run started from to
+the final model (SGD steps against the gradient).
+
+Canaries made of images, held-out X-rays given a wrong class, were tried first: in a
+CI-sized federated run a network does not remember them, with or without noise, so the
+audit could not tell (BENCHMARKS.md, "Privacy audit").
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 from torch import nn
 
-from fedmed.audit.membership import image_losses
-from fedmed.config import RunSettings
-from fedmed.model import fixed_inputs
-from fedmed.site.data import SiteSplit
-from fedmed.site.work import SiteWork
-
-CANARY_PREFIX = "fedmed-canary-"  # each canary's PatientID is this and its number: one patient each
+from fedmed.site.work import SiteInputs, SiteWork
+from fedmed.train import TrainingData
+from fedmed.vector import pack
+from fedmed.weights import model_state
 
 
 @dataclass(frozen=True)
 class Canaries:
     """The auditor's canaries and its secret: which of them the site trains on."""
 
-    images: np.ndarray  # (m, size, size) float32 in [0, 1], as a site's decoded images
-    labels: np.ndarray  # (m,) int64
+    coordinates: np.ndarray  # (m,) distinct indices into the trained parameters, flattened in order
     included: np.ndarray  # (m,) bool
 
     @classmethod
-    def draw(cls, count: int, images: np.ndarray, labels: np.ndarray, classes: int, seed: int) -> Canaries:
-        """``count`` of the held-out ``images``, each with a wrong class and included with
-        probability 1/2."""
-        if not 2 <= count <= len(labels):
-            raise ValueError(f"an audit needs 2 to {len(labels)} canaries (the held-out images), got {count}")
+    def draw(cls, count: int, model: nn.Module, seed: int) -> Canaries:
+        """``count`` canaries on distinct coordinates of ``model``'s trained parameters,
+        each included with probability 1/2."""
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if not 2 <= count <= trained:
+            raise ValueError(f"an audit needs 2 to {trained} canaries (the model's trained parameters), got {count}")
         rng = np.random.default_rng(seed)
-        chosen = rng.choice(len(labels), count, replace=False)
-        wrong = (labels[chosen] + rng.integers(1, classes, count)) % classes  # any class but the true one
-        return cls(np.asarray(images[chosen], dtype=np.float32), wrong.astype(np.int64), rng.random(count) < 0.5)
+        return cls(rng.choice(trained, count, replace=False).astype(np.int64), rng.random(count) < 0.5)
 
-    def scores(self, start: nn.Module, final: nn.Module) -> np.ndarray:
-        """The attacker's score of each canary: its loss under ``start`` minus under ``final``."""
-        return image_losses(start, fixed_inputs(start, self.images), self.labels) - image_losses(
-            final, fixed_inputs(final, self.images), self.labels
-        )
+    def scores(self, model: nn.Module, start: dict[str, np.ndarray], final: dict[str, np.ndarray]) -> np.ndarray:
+        """How far each canary's coordinate fell from ``start`` to ``final`` (global models of
+        ``model``'s architecture)."""
+        where = trained_positions(model)[self.coordinates]
+        return (pack(start).astype(np.float64) - pack(final).astype(np.float64))[where]
+
+
+def trained_positions(model: nn.Module) -> np.ndarray:
+    """For each trained parameter value, in the order DP-SGD flattens them, its position in
+    the packed model state (``fedmed.vector.pack`` of ``model_state``)."""
+    state = model_state(model)
+    offsets, offset = {}, 0
+    for name, array in state.items():
+        offsets[name] = offset
+        offset += array.size
+    positions = [offsets[name] + np.arange(p.numel()) for name, p in model.named_parameters() if p.requires_grad]
+    return np.concatenate(positions)
 
 
 class CanarySite(SiteWork):
-    """A site whose training split also holds the included canaries (its validation split
-    and everything else are the site's own)."""
+    """A site whose DP-SGD rounds also draw the included canaries (its data, validation and
+    ledger are its own)."""
 
     def __init__(self, work: SiteWork, canaries: Canaries) -> None:
         super().__init__(work.site)
         self.canaries = canaries
 
-    def split(self, run: RunSettings) -> SiteSplit:
-        own = super().split(run)
-        chosen = np.flatnonzero(self.canaries.included)
-        data = own.data
-        first = len(data)
-        with_canaries = dataclasses.replace(
-            data,
-            images=np.concatenate([np.asarray(data.images), self.canaries.images[chosen]]),
-            labels=np.concatenate([data.labels, self.canaries.labels[chosen]]),
-            patient_ids=[*data.patient_ids, *(f"{CANARY_PREFIX}{i:05d}" for i in chosen)],
-            paths=[*data.paths, *(f"<canary {i}>" for i in chosen)],
+    def training_data(self, inputs: SiteInputs) -> TrainingData:
+        own = super().training_data(inputs)
+        return TrainingData(
+            own.images, own.labels, own.patient_of, canaries=self.canaries.coordinates[self.canaries.included]
         )
-        return SiteSplit(with_canaries, np.concatenate([own.train, first + np.arange(len(chosen))]), own.val)

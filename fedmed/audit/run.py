@@ -3,7 +3,8 @@ and what an attacker learns from its final model, beside what the ledgers claim.
 
 The rounds are fedmed's own (``fedmed.simulate.in_process``): every site trains with DP-SGD
 at its own budget and records its spending in its own ledger, exactly as in
-``fedmed-simulate``. One site (``site``) also trains on the included canaries. Afterwards:
+``fedmed-simulate``. One site (``site``) also draws the included canaries in its DP-SGD
+steps (``fedmed.audit.canaries``). Afterwards:
 
 - the canary audit's lower bound on that site's epsilon (``fedmed.audit.bounds``), at the
   delta its ledger used, beside the epsilon its ledger recorded: a bound above the ledger's
@@ -29,11 +30,9 @@ from torch import nn
 
 from fedmed.audit import SITE_AUDIT_FILE
 from fedmed.audit.bounds import audit_bound
-from fedmed.audit.canaries import CANARY_PREFIX, Canaries, CanarySite
+from fedmed.audit.canaries import Canaries, CanarySite
 from fedmed.audit.membership import membership_attacks
 from fedmed.config import RunSettings
-from fedmed.data.dicom import ReadOptions
-from fedmed.data.site import SiteData, SiteSource, load_site
 from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.simulate.baselines import starting_state
@@ -73,23 +72,24 @@ def audit_scenario(
     if audited not in names:
         raise ValueError(f"no site {audited!r} in this scenario; its sites are {', '.join(names)}")
     ledgers = {name: out / "sites" / name / "ledger.jsonl" for name in names}
-    secret = secrets.randbits(63) if seed is None else seed
-    held_out = _held_out(run, data.test_dir)
-    drawn = Canaries.draw(canaries, np.asarray(held_out.images), held_out.labels, len(run.class_names), secret)
+    start = starting_state(run)
+    start_model = _model(run, start)
+    drawn = Canaries.draw(canaries, start_model, secrets.randbits(63) if seed is None else seed)
     sites: list[SiteWork] = []
     for name, folder, settings in zip(names, data.site_dirs, scenario.site_settings):
         work = SiteWork(dataclasses.replace(settings, name=name, data=str(folder), ledger=str(ledgers[name])))
+        if name == audited and not work.site.dp:
+            raise ValueError(f"site {audited} trains without DP: there is no epsilon to audit")
         sites.append(CanarySite(work, drawn) if name == audited else work)
-    start = starting_state(run)
     final = run_rounds(run, sites, start, on_round)
-    start_model, final_model = _model(run, start), _model(run, final)
+    final_model = _model(run, final)
 
     ledger = PrivacyLedger(ledgers[audited])
     if not ledger.entries:
         raise ValueError(f"site {audited} trained no round, so there is nothing to audit (see its ledger)")
     delta = ledger.entries[-1].delta
     claimed = ledger.epsilon(delta)
-    bound = audit_bound(drawn.scores(start_model, final_model), drawn.included, delta, CONFIDENCE)
+    bound = audit_bound(drawn.scores(start_model, start, final), drawn.included, delta, CONFIDENCE)
     membership = {}
     for work in sites:
         name = work.site.name
@@ -115,22 +115,13 @@ def audit_scenario(
 
 
 def site_membership(work: SiteWork, run: RunSettings, start: nn.Module, final: nn.Module) -> list[dict]:
-    """The membership attacks on ``final`` at one site: its own training patients (not the
-    auditor's canaries) against its validation patients."""
+    """The membership attacks on ``final`` at one site: its training patients against its
+    validation patients."""
     split = work.split(run)
-    own = np.array([not p.startswith(CANARY_PREFIX) for p in split.train_patients], dtype=bool)
     inputs = work.inputs(run, final)
-    train = (inputs.train[own], inputs.train_labels[own], split.train_patients[own])
+    train = (inputs.train, inputs.train_labels, split.train_patients)
     validation = (inputs.val, inputs.val_labels, inputs.val_patients)
     return [a.to_json() for a in membership_attacks(final, start, train, validation)]
-
-
-def _held_out(run: RunSettings, folder: Path) -> SiteData:
-    """The scenario's test images, which no site holds: the canaries come from them."""
-    data = load_site(SiteSource.from_path(str(folder), run.class_names), ReadOptions(image_size=run.image_size))
-    if len(data) == 0:
-        raise ValueError(f"the scenario's test set {folder} has no usable images to make canaries of")
-    return data
 
 
 def _model(run: RunSettings, state: dict[str, np.ndarray]) -> nn.Module:

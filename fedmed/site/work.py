@@ -106,7 +106,7 @@ class SiteWork:
         count = releases.count(round_number)
         result = train_round(
             model,
-            TrainingData(inputs.train, inputs.train_labels, inputs.train_patient_of),
+            self.training_data(inputs),
             train=TrainConfig.from_settings(run, round_number),
             privacy=privacy,
             ledger=ledger,
@@ -257,6 +257,10 @@ class SiteWork:
                 )
             }
         return self._inputs[key]
+
+    def training_data(self, inputs: SiteInputs) -> TrainingData:
+        """What the round's step loop trains on (``fedmed.audit.canaries`` adds its canaries here)."""
+        return TrainingData(inputs.train, inputs.train_labels, inputs.train_patient_of)
 
     def held_bytes(self) -> int:
         """Memory held for the prepared inputs of the current run."""
