@@ -18,10 +18,10 @@ $(INSTALLED): pyproject.toml
 demo: $(INSTALLED)
 	$(BIN)/fedmed-simulate simulations/default.toml --mode all --out $(DEMO)
 
-# Two workers (pytest-xdist): a module's tests, and the users of the shared simulation, stay
-# on one worker (tests/conftest.py), so every expensive fixture runs once.
+# Two workers (pytest-xdist): a module's tests stay on one worker, so each module's fixtures
+# run once, and the shared simulation runs once for both (tests/conftest.py).
 test: $(INSTALLED)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadscope
 
 # The part without real Flower processes, simulations or long training: for the edit-test loop.
 test-fast: $(INSTALLED)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from filelock import FileLock
 
 from fedmed.data.export import SITE_STYLES, export_site
 from fedmed.data.synthetic import synthesize, synthetic_labels
@@ -98,8 +100,23 @@ TINY_SCENARIO = ["data.images=240", "data.image_size=16", "partition.sites=3", "
 def simulation(tmp_path_factory):
     """A 3-site, 2-round fedmed-simulate run in all modes (about a minute), evaluating only
     the initial and the final model; shared by the simulation and report tests. Returns
-    (results dir, survivors, processes seen, output)."""
-    tmp = tmp_path_factory.mktemp("simulate")
+    (results dir, survivors, processes seen, output).
+
+    Run once per test session: under pytest-xdist (``make test``) the first worker to ask
+    runs it while the others wait on a lock, then all read what it recorded."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this session
+    with FileLock(str(root / "simulation.lock")):
+        record = root / "simulation.json"
+        if not record.exists():
+            record.write_text(json.dumps(_run_shared_simulation(root / "simulation")))
+        results, survivors, seen, output = json.loads(record.read_text())
+    return Path(results), survivors, seen, output
+
+
+def _run_shared_simulation(tmp: Path) -> list:
+    tmp.mkdir(exist_ok=True)
     command = [str(BIN / "fedmed-simulate"), "--mode", "all", "--out", str(tmp / "out"),
                "--set", "privacy.max_epsilon=[8.0, 8.0, 4.0]", "--set", "privacy.target_epsilon=[8.0, 8.0, 4.0]",
                "--set", "privacy.max_epsilon_per_run=[8.0, 8.0, 4.0]",
@@ -109,8 +126,7 @@ def simulation(tmp_path_factory):
     code, survivors, seen = run_simulate(command, tmp)
     assert code == 0, (tmp / "simulate.out").read_text()
     results = sorted((tmp / "out").glob("results-*"))[-1]
-    return results, survivors, seen, (tmp / "simulate.out").read_text()
-
+    return [str(results), survivors, seen, (tmp / "simulate.out").read_text()]
 
 
 # Tests that start real Flower processes or a whole fedmed-simulate run (pyproject.toml's
@@ -119,14 +135,7 @@ def simulation(tmp_path_factory):
 PROCESS_FIXTURES = {"simulation"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if PROCESS_FIXTURES & fixtures:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
-        # `make test` runs two pytest-xdist workers (--dist loadgroup): a module's tests stay
-        # on one worker, and so do all the users of the shared simulation, so that each
-        # module- and session-scoped fixture runs once.
-        group = "shared-simulation" if "simulation" in fixtures else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
