@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fedmed.config.command_line import add_scenario_overrides
+
 CRITICAL_EXIT = 3  # the exit code when the audit's lower bound is above the ledger's epsilon
 
 
@@ -22,14 +24,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("scenario", type=Path, metavar="SCENARIO", help="a fedmed-simulate scenario file")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the audit's run and report go")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a scenario setting, as fedmed-simulate --set",
-    )
+    add_scenario_overrides(p)
     p.add_argument("--site", default="", help="the site given the canaries (default: the first)")
     p.add_argument("--canaries", type=int, default=200, help="how many canaries (default 200)")
     p.add_argument(

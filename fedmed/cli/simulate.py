@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from fedmed.config.command_line import add_scenario_overrides
 from fedmed.config.files import settings_table
 from fedmed.flower.waits import check_flower
 from fedmed.runtime import entry_point, keep_freed_memory
@@ -28,14 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "scenario", type=Path, nargs="?", help="scenario TOML file (see simulations/); default: built-in defaults"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a scenario value, e.g. --set training.rounds=3 (repeatable; keys below)",
-    )
+    add_scenario_overrides(p)
     p.add_argument(
         "--mode",
         default="federated",

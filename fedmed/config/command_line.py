@@ -14,6 +14,19 @@ from fedmed.config.fields import allowed_values, build, flag, key, options, type
 from fedmed.config.files import read_toml, route
 
 
+def add_scenario_overrides(parser: argparse.ArgumentParser) -> None:
+    """``--set SECTION.KEY=VALUE`` (repeatable): a scenario's settings overridden one by one,
+    into ``args.overrides`` (``fedmed.simulate.scenario.load_scenario`` reads them)."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a scenario value, e.g. --set training.rounds=3 (repeatable)",
+    )
+
+
 def add_options(parser: argparse.ArgumentParser, cls: type, title: str, only: tuple[str, ...] | None = None) -> None:
     """One option per setting of ``cls`` (or of ``only``), grouped under ``title``.
     Options given nowhere stay unset, so a --config file's values are not overridden by
