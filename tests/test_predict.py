@@ -4,22 +4,28 @@ model card, and the per-round results (CSV, TensorBoard). The model is the one t
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import shutil
 import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pydicom.data import get_testdata_file
 
+import fedmed.export
 from fedmed.config import RunSettings
 from fedmed.coordinator.model_card import model_card, model_card_markdown, weights_sha256
 from fedmed.data.cache import decode_files
 from fedmed.data.dicom import ReadOptions
-from fedmed.export import TOLERANCE, export_model, exported_probabilities
+from fedmed.export import DEFAULT_FORMAT, FILE_NAMES, TOLERANCE, export_model, exported_probabilities
 from fedmed.inference import load_model_dir
 from fedmed.metrics import calibration, classification_metrics
 from fedmed.model import ModelConfig, build_model
@@ -129,8 +135,8 @@ def test_predict_refuses_what_is_not_a_model(tmp_path):
     assert result.returncode == 2 and "is not a fedmed model: model.npz and model_card.json not found" in result.stderr
 
 
-def _scattering_model_dir(tmp: Path) -> Path:
-    run = RunSettings(run_id="export-test", depth=10, width=8, image_size=28, frontend="scattering")
+def _scattering_model_dir(tmp: Path, frontend: str = "scattering") -> Path:
+    run = RunSettings(run_id="export-test", depth=10, width=8, image_size=28, frontend=frontend)
     state = model_state(build_model(ModelConfig.from_settings(run), seed=5))
     card = model_card(run, {}, 1, None, weights=state)
     run_dir = RunDirectory(tmp / "run")
@@ -144,29 +150,88 @@ def _pydicom_images(image_size: int) -> np.ndarray:
     return np.asarray(decoded.images)
 
 
-@pytest.mark.parametrize("which,export_format", [("simulation", "torchscript"), ("simulation", "onnx"),
-                                                 ("scattering", "torchscript")])
+@contextlib.contextmanager
+def _loads_without_warnings(export_format: str) -> Iterator[None]:
+    """TorchScript is legacy: its loader's deprecation warning is expected, and checked, there
+    alone; the other formats must load without any warning."""
+    if export_format == "torchscript":
+        with pytest.warns(FutureWarning, match="torch.jit.load` is deprecated"):
+            yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+@pytest.mark.parametrize("which,export_format", [("simulation", "pt2"), ("scattering", "pt2"),
+                                                 ("simulation", "onnx"), ("scattering", "onnx"),
+                                                 ("simulation", "torchscript"), ("scattering", "torchscript")])
 @pytest.mark.slow
 def test_an_exported_model_gives_fedmeds_probabilities(which, export_format, model_dir, tmp_path):
+    if export_format == "onnx":
+        pytest.importorskip("onnxruntime")
     folder = model_dir if which == "simulation" else _scattering_model_dir(tmp_path)
     result = _fedmed("export", str(folder), "--format", export_format, "--out", str(tmp_path / "export"),
                      tmp=tmp_path)
     assert result.returncode == 0, result.stderr
     loaded = load_model_dir(folder)
     images = _pydicom_images(loaded.image_size)
-    exported = next(p for p in (tmp_path / "export").iterdir() if p.name.startswith("model."))
-    got = exported_probabilities(exported, images[:, None])
+    exported = tmp_path / "export" / FILE_NAMES[export_format]
+    assert result.stdout.splitlines()[0] == f"wrote {exported}"
+    with _loads_without_warnings(export_format):
+        got = exported_probabilities(exported, images[:, None])
     np.testing.assert_allclose(got, predict(loaded.model, images), rtol=0, atol=TOLERANCE)
     assert got.shape == (len(PYDICOM_FILES), len(loaded.classes)) and np.ptp(got[:, 0]) > 0
     preprocessing = json.loads((tmp_path / "export" / "preprocessing.json").read_text())
+    assert preprocessing["file"] == exported.name and preprocessing["input"]["name"] == "images"
     assert preprocessing["input"]["image_size"] == loaded.image_size
     assert preprocessing["output"]["classes"] == list(loaded.classes)
 
 
-def test_onnx_export_of_the_scattering_stem_is_refused_with_the_way_out(tmp_path):
-    with pytest.raises(ValueError, match="--format torchscript"):
+def test_the_default_export_is_a_torch_export_program_that_takes_any_batch(tmp_path):
+    folder = _scattering_model_dir(tmp_path)
+    written = export_model(folder, DEFAULT_FORMAT)
+    assert DEFAULT_FORMAT == "pt2" and [p.name for p in written] == ["model.pt2", "preprocessing.json"]
+    assert written[0].parent == folder / "export", "MODEL/export unless --out says otherwise"
+    program = torch.export.load(str(written[0])).module()  # torch alone: no fedmed class inside
+    loaded = load_model_dir(folder)
+    images = _pydicom_images(loaded.image_size)
+    for batch in (images[:1], images):
+        with torch.no_grad():
+            got = program(torch.from_numpy(batch[:, None].astype(np.float32))).numpy()
+        np.testing.assert_allclose(got, predict(loaded.model, batch), rtol=0, atol=TOLERANCE)
+
+
+def test_an_export_that_disagrees_is_refused_with_the_difference_and_nothing_kept(tmp_path, monkeypatch):
+    folder = _scattering_model_dir(tmp_path, frontend="pixels")
+    shifted = fedmed.export.exported_probabilities
+    monkeypatch.setattr(fedmed.export, "exported_probabilities", lambda path, images: shifted(path, images) + 2e-5)
+    with pytest.raises(RuntimeError, match=r"the pt2 export differs from fedmed's probabilities by 2e-05"):
+        export_model(folder, "pt2", tmp_path / "export")
+    assert list((tmp_path / "export").iterdir()) == []
+
+
+def test_a_format_torch_no_longer_has_is_refused_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(fedmed.export, "torchscript_available", lambda: False)
+    with pytest.raises(ValueError, match=r"TorchScript is no longer in the installed torch .*; use --format pt2"):
+        export_model(_scattering_model_dir(tmp_path), "torchscript", tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_onnx_without_its_extra_is_refused_with_the_install_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed: importing it fails
+    with pytest.raises(ValueError, match=r"ONNX export needs the onnx extra: pip install 'fedmed\[onnx\]'"):
         export_model(_scattering_model_dir(tmp_path), "onnx", tmp_path / "export")
-    assert not (tmp_path / "export" / "model.onnx").exists()
+    assert not (tmp_path / "export").exists()
+
+
+def test_the_export_command_names_the_formats_without_loading_torch(tmp_path):
+    code = ("import sys; from fedmed.cli.main import build_parser; build_parser('export'); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, env=process_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    helped = _fedmed("export", "--help", tmp=tmp_path)
+    assert "{pt2,onnx,torchscript}" in helped.stdout and "default pt2; torchscript is legacy" in helped.stdout
 
 
 def test_the_model_card_holds_every_field_a_reader_needs(simulation):
