@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 from fedmed.deploy.processes import ProcessWatch, alive, descendants, free_port
 
 BIN = Path(sys.executable).parent
@@ -104,12 +106,20 @@ class Federation:
         deadline = time.monotonic() + 20
         while (living := [p for p in self.seen_pids if alive(p)]) and time.monotonic() < deadline:
             time.sleep(0.5)
+        named = {pid: _command_line(pid) for pid in living}
         for pid in living:  # report, then clean up by pid
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        assert not living, f"processes outlived the federation: {living}"
+        assert not living, f"processes outlived the federation: {named}"
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return " ".join(psutil.Process(pid).cmdline())[:200]
+    except psutil.Error:
+        return "?"
 
 
 def run_simulate(command: list[str], tmp: Path, timeout: float = 900,

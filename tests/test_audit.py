@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 # Three small synthetic sites from the default scenario; site-1 holds the canaries.
-SMALL = ["data.images=600", "partition.sites=3", "pretrain.data=", "training.rounds=5", "training.evaluate_every=5"]
+SMALL = ["data.images=600", "partition.sites=3", "pretrain.data=", "training.rounds=3", "training.evaluate_every=3"]
 
 
 def _budget(epsilon: float) -> list[str]:
@@ -51,9 +53,17 @@ def test_the_audit_catches_a_site_whose_noise_was_switched_off(tmp_path, monkeyp
 
 
 def test_with_the_noise_in_place_the_bound_stays_below_the_claim(tmp_path):
-    result = _audit(tmp_path, 8.0)
+    """Through the command a privacy officer runs: exit 0, the bound printed beside the ledger."""
+    command = [sys.executable, "-m", "fedmed.cli.main", "audit", str(REPO / "simulations" / "default.toml"),
+               "--out", str(tmp_path / "audit"), "--canaries", "200", "--seed", "11"]
+    for value in [*SMALL, *_budget(8.0)]:
+        command += ["--set", value]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert 7.0 < result["ledger_epsilon"] <= 8.0
     assert result["canary_audit"]["epsilon_lower_bound"] < result["ledger_epsilon"] and not result["critical"]
+    assert f"ledger epsilon {result['ledger_epsilon']:.3f}" in done.stdout and "CRITICAL" not in done.stdout
     assert sorted(result["membership"]) == ["site-1", "site-2", "site-3"]
-    _, findings = ledger_account(tmp_path / "sites" / "site-1" / "ledger.jsonl")
+    _, findings = ledger_account(tmp_path / "audit" / "sites" / "site-1" / "ledger.jsonl")
     assert not [f for f in findings if f.code.startswith("audit")]

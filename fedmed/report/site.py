@@ -67,7 +67,10 @@ class SiteAccount:
     audit: dict[str, Any] | None = None  # the empirical audit beside the ledger (fedmed audit), if one ran
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["audit"] is None:  # no audit: the account reads as before audits existed
+            del data["audit"]
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SiteAccount:
