@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from fedmed.config import SiteSettings
 from fedmed.site.work import SiteInputs, SiteWork
 from fedmed.train import TrainingData
 from fedmed.vector import pack
@@ -69,8 +70,8 @@ class CanarySite(SiteWork):
     """A site whose DP-SGD rounds also draw the included canaries (its data, validation and
     ledger are its own)."""
 
-    def __init__(self, work: SiteWork, canaries: Canaries) -> None:
-        super().__init__(work.site)
+    def __init__(self, site: SiteSettings, canaries: Canaries) -> None:
+        super().__init__(site)
         self.canaries = canaries
 
     def training_data(self, inputs: SiteInputs) -> TrainingData:

@@ -77,10 +77,10 @@ def audit_scenario(
     drawn = Canaries.draw(canaries, start_model, secrets.randbits(63) if seed is None else seed)
     sites: list[SiteWork] = []
     for name, folder, settings in zip(names, data.site_dirs, scenario.site_settings):
-        work = SiteWork(dataclasses.replace(settings, name=name, data=str(folder), ledger=str(ledgers[name])))
-        if name == audited and not work.site.dp:
+        own = dataclasses.replace(settings, name=name, data=str(folder), ledger=str(ledgers[name]))
+        if name == audited and not own.dp:
             raise ValueError(f"site {audited} trains without DP: there is no epsilon to audit")
-        sites.append(CanarySite(work, drawn) if name == audited else work)
+        sites.append(CanarySite(own, drawn) if name == audited else SiteWork(own))
     final = run_rounds(run, sites, start, on_round)
     final_model = _model(run, final)
 
