@@ -4,7 +4,9 @@ A private round runs DP-SGD: Poisson sampling of each logical batch (Opacus's
 ``UniformWithReplacementSampler``), per-sample clipping to ``max_grad_norm``, Gaussian noise
 of standard deviation ``noise_multiplier * max_grad_norm`` on the summed gradient, and an
 average over the expected batch size. A logical batch is processed in physical chunks of
-``physical_batch_size``, so memory does not grow with the logical batch.
+``physical_batch_size``, so memory does not grow with the logical batch. With
+``clip_quantile`` the clip norm moves each step towards that quantile of the records'
+gradient norms, never above ``max_grad_norm`` (``fedmed.privacy.adaptive_clipping``).
 
 Unbalanced classes are handled with a logit-adjusted loss for a public ``class_prior``
 (Menon et al. 2021: cross-entropy of logits + log prior, so the unadjusted logits'
@@ -33,10 +35,11 @@ from torch import nn
 from fedmed.config import RunSettings
 from fedmed.metrics import classification_metrics
 from fedmed.privacy.accounting import HistoryLike
+from fedmed.privacy.adaptive_clipping import AdaptiveClipping
 from fedmed.privacy.budget import PrivacyConfig, RoundPrivacy
 from fedmed.privacy.clipping import PerSampleClipper
 from fedmed.privacy.ledger import PrivacyLedger
-from fedmed.privacy.spending import RoundResult, SpendRequest, spend_round
+from fedmed.privacy.spending import RoundResult, SpendRequest, TrainedRound, spend_round
 
 log = logging.getLogger("fedmed")
 
@@ -87,8 +90,8 @@ class TrainingData:
     patient_of: np.ndarray | None = None
     # ``fedmed audit`` only: gradient canaries, one record each, given as the coordinate of
     # the model's trainable parameters (flattened in order) that each one's gradient points
-    # along. A sampled canary adds max_grad_norm there, as a clipped record would; DP-SGD
-    # rounds only. Sites never have any.
+    # along. A sampled canary adds the step's clip norm there, as a clipped record would (and
+    # counts as unclipped under adaptive clipping); DP-SGD rounds only. Sites never have any.
     canaries: np.ndarray | None = None
 
 
@@ -125,14 +128,21 @@ def train_round(
         unit="image" if data.patient_of is None else "patient",
     )
 
-    def run_steps(plan: RoundPrivacy) -> float:
+    def run_steps(plan: RoundPrivacy, clipping: AdaptiveClipping | None) -> TrainedRound:
         if plan.dp:
             return _train_private(
-                model, data, train=train, plan=plan, round_number=round_number, max_grad_norm=privacy.max_grad_norm
+                model,
+                data,
+                train=train,
+                plan=plan,
+                round_number=round_number,
+                max_grad_norm=privacy.max_grad_norm,
+                clipping=clipping,
             )
-        return _train_plain(
+        loss = _train_plain(
             model, data, train=train, steps=plan.steps, round_number=round_number, max_grad_norm=privacy.max_grad_norm
         )
+        return TrainedRound(loss)
 
     return spend_round(ledger, privacy, request, run_steps, reserved)
 
@@ -229,10 +239,15 @@ def _train_private(
     plan: RoundPrivacy,
     round_number: int,
     max_grad_norm: float,
-) -> float:
-    """DP-SGD steps of ``plan``; with ``data.patient_of`` the sampled and clipped records are patients."""
+    clipping: AdaptiveClipping | None = None,
+) -> TrainedRound:
+    """DP-SGD steps of ``plan``; with ``data.patient_of`` the sampled and clipped records are
+    patients. Without ``clipping`` the clip norm is ``max_grad_norm`` and the noise
+    multiplier the plan's; with it, both follow ``clipping`` (the clip norm step by step)."""
     images, labels, patient_of = data.images, data.labels, data.patient_of
-    sample_rate, steps, noise_multiplier = plan.sample_rate, plan.steps, plan.noise_multiplier
+    sample_rate, steps = plan.sample_rate, plan.steps
+    noise_multiplier = plan.noise_multiplier if clipping is None else clipping.gradient_noise
+    clip_norm = max_grad_norm if clipping is None else clipping.start
     model.train()
     n = len(labels) if patient_of is None else int(patient_of.max()) + 1
     members = None  # each patient's image rows, by one sort instead of a scan per patient
@@ -250,7 +265,7 @@ def _train_private(
     sampler = UniformWithReplacementSampler(
         num_samples=records, sample_rate=sample_rate, generator=sampling, steps=steps
     )
-    clipper = PerSampleClipper(model, max_grad_norm)
+    clipper = PerSampleClipper(model, clip_norm)
     optimizer = _optimizer(model, train)
     params = [p for p in model.parameters() if p.requires_grad]
     # Every gradient is a view of one flat buffer, so a step clears it, adds the noise and
@@ -266,7 +281,9 @@ def _train_private(
         for batch_indices in sampler:
             flat.zero_()
             batch_indices = np.asarray(batch_indices, dtype=np.int64)
+            drawn = len(batch_indices)  # records, canaries included
             canaries_drawn = canaries[batch_indices[batch_indices >= n] - n]
+            unclipped = len(canaries_drawn)  # a canary's gradient is exactly the clip norm
             batch_indices = batch_indices[batch_indices < n]
             if row_of is not None:
                 batch_indices = row_of[batch_indices]
@@ -280,7 +297,7 @@ def _train_private(
                 batches = _patient_batches(batch_indices, members, train.physical_batch_size)
             for rows, groups in batches:
                 x, y = _batch(images, labels, rows)
-                losses, _ = clipper.accumulate(
+                losses, norms = clipper.accumulate(
                     x,
                     _loss_function(train, y, weighted=False),
                     _clipped_gradient_weights(train, y),
@@ -288,17 +305,36 @@ def _train_private(
                 )
                 total_loss += float(losses.sum())
                 seen += len(y)
+                if clipping is not None:
+                    unclipped += int((norms <= clip_norm).sum())
             if len(canaries_drawn):
                 flat.index_add_(
-                    0, torch.from_numpy(canaries_drawn), torch.full((len(canaries_drawn),), float(max_grad_norm))
+                    0, torch.from_numpy(canaries_drawn), torch.full((len(canaries_drawn),), float(clip_norm))
                 )
-            flat.add_(noise_buffer.normal_(0.0, noise_multiplier * max_grad_norm, generator=noise))
+            flat.add_(noise_buffer.normal_(0.0, noise_multiplier * clip_norm, generator=noise))
             flat.div_(sample_rate * records)
             optimizer.step()
+            if clipping is not None:
+                clip_norm = _next_clip_norm(clipping, clip_norm, unclipped, drawn, sample_rate * records, noise)
+                clipper.max_grad_norm = clip_norm
     finally:
         clipper.remove()
         model.zero_grad(set_to_none=True)  # the buffer is not kept past the round
-    return total_loss / seen if seen else math.nan
+    return TrainedRound(total_loss / seen if seen else math.nan, None if clipping is None else clip_norm)
+
+
+def _next_clip_norm(
+    clipping: AdaptiveClipping,
+    clip_norm: float,
+    unclipped: int,
+    drawn: int,
+    expected_records: float,
+    noise: torch.Generator,
+) -> float:
+    """The clip norm after a step, from its count of unclipped records and the count's noise,
+    drawn from the step's (secret) noise generator after the gradient's."""
+    count_noise = float(torch.empty(1, dtype=torch.float64).normal_(0.0, clipping.count_noise, generator=noise))
+    return clipping.step(clip_norm, unclipped, drawn, count_noise, expected_records)
 
 
 def _dp_generators(insecure_seed: int | None, round_number: int) -> tuple[torch.Generator, torch.Generator]:

@@ -49,7 +49,8 @@ ROUND_SCHEDULE = {"learning_rate_schedule"}  # changes the sites' learning rate 
 INTO_PRIVACY = {"max_grad_norm": "max_grad_norm", "rounds": "planned_rounds", "dp": "dp",
                 "max_epsilon": "max_epsilon", "target_epsilon": "target_epsilon", "delta": "delta",
                 "privacy_unit": "privacy_unit", "release_share": "release_share", "release_exact": "release_exact",
-                "max_epsilon_per_run": "max_epsilon_per_run"}
+                "max_epsilon_per_run": "max_epsilon_per_run", "clip_quantile": "clip_quantile",
+                "clip_learning_rate": "clip_learning_rate"}
 INTO_MODEL = {"depth": "depth", "width": "width", "frontend": "frontend", "image_size": "image_size",
               "classes": "num_classes"}
 SITE_SPLIT = {"classes", "image_size", "val_fraction", "seed"}  # the site's data and its validation split

@@ -192,7 +192,29 @@ class RunSettings:
     momentum: float = setting(0.9, "the sites' SGD momentum", section="training", low=0.0, below=1.0)
     weight_decay: float = setting(0.0, "the sites' SGD weight decay", section="training", low=0.0)
     max_grad_norm: float = setting(
-        1.0, "DP-SGD clipping norm of each example's gradient", section="training", above=0.0
+        1.0,
+        "DP-SGD clipping norm of each record's gradient; with clip_quantile, the adaptive clip "
+        "norm's start and ceiling",
+        section="training",
+        above=0.0,
+    )
+    clip_quantile: float = setting(
+        0.0,
+        "adaptive clipping (Andrew et al. 2021): the share of records whose gradient the clip "
+        "norm should leave unclipped, e.g. 0.5; each DP-SGD step moves the clip norm towards "
+        "that quantile of the gradient norms, from a noisy count that shares the round's noise "
+        "(no extra epsilon). It starts at max_grad_norm and never exceeds it, since the "
+        "coordinator bounds an honest update with max_grad_norm (0: fixed clipping at max_grad_norm)",
+        section="training",
+        low=0.0,
+        below=1.0,
+    )
+    clip_learning_rate: float = setting(
+        0.2,
+        "adaptive clipping: the clip norm's geometric step size towards clip_quantile per DP-SGD step",
+        section="training",
+        above=0.0,
+        high=10.0,
     )
     class_weights: str = setting(
         "",

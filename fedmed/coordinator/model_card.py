@@ -92,6 +92,8 @@ def model_card(
             "learning_rate_schedule": run.learning_rate_schedule,
             "momentum": run.momentum,
             "max_grad_norm": run.max_grad_norm,
+            "clip_quantile": run.clip_quantile,  # 0: fixed; else adaptive, max_grad_norm its ceiling
+            "clip_learning_rate": run.clip_learning_rate,
             "class_prior": run.class_prior,
             "class_weights": run.class_weights,
             "aggregation": _aggregation(run),

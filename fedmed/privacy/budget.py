@@ -42,7 +42,9 @@ class PrivacyConfig:
     # The most one run may spend, its own mechanisms composed alone (None: only the lifetime budget)
     max_epsilon_per_run: float | None = None
     delta: float | None = None  # defaults to default_delta(n)
-    max_grad_norm: float = RunSettings.max_grad_norm
+    max_grad_norm: float = RunSettings.max_grad_norm  # the clip norm; under adaptive clipping its start and ceiling
+    clip_quantile: float = RunSettings.clip_quantile  # 0: fixed clipping; see fedmed.privacy.adaptive_clipping
+    clip_learning_rate: float = RunSettings.clip_learning_rate
     planned_rounds: int = 1
     privacy_unit: str = SiteSettings.privacy_unit  # "patient" or "image": see fedmed.train
     release_share: float = SiteSettings.release_share  # see fedmed.privacy.release
@@ -57,6 +59,10 @@ class PrivacyConfig:
             raise ValueError(f"max_epsilon_per_run must be positive, got {self.max_epsilon_per_run}")
         if self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
+        if not 0 <= self.clip_quantile < 1:
+            raise ValueError(f"clip_quantile must be in [0, 1) (0: fixed clipping), got {self.clip_quantile}")
+        if self.clip_learning_rate <= 0:
+            raise ValueError(f"clip_learning_rate must be positive, got {self.clip_learning_rate}")
         if self.planned_rounds < 1:
             raise ValueError(f"planned_rounds must be at least 1, got {self.planned_rounds}")
 
@@ -70,6 +76,8 @@ class PrivacyConfig:
             max_epsilon_per_run=per_run_ceiling(site) if site.dp else None,
             delta=site.delta or None,
             max_grad_norm=run.max_grad_norm,
+            clip_quantile=run.clip_quantile,
+            clip_learning_rate=run.clip_learning_rate,
             planned_rounds=run.rounds,
             privacy_unit=site.privacy_unit,
             release_share=site.release_share,
@@ -79,6 +87,11 @@ class PrivacyConfig:
     @property
     def exact_releases(self) -> frozenset[str]:
         return exact_releases(self.release_exact)
+
+    @property
+    def adaptive_clipping(self) -> bool:
+        """Whether DP rounds move the clip norm towards ``clip_quantile``."""
+        return self.dp and self.clip_quantile > 0
 
     @property
     def budget(self) -> float | None:

@@ -95,8 +95,8 @@ class LedgerEntry(_LedgerLine):
     examples: int
     steps: int
     sample_rate: float
-    noise_multiplier: float  # 0.0 for a non-private round
-    max_grad_norm: float
+    noise_multiplier: float  # 0.0 for a non-private round; under adaptive clipping the joint z_eff
+    max_grad_norm: float  # the clip norm at the round's start
     delta: float
     epsilon: float | None  # cumulative after this round; None once any round was non-private
     accountant: str = ACCOUNTANT
@@ -109,11 +109,24 @@ class LedgerEntry(_LedgerLine):
     # existed were all image-level, which is what a missing value reads as.
     privacy_unit: str = "image"
     max_epsilon_per_run: float | None = None  # the site's per-run ceiling when the round ran (None: none)
+    # Adaptive clipping (``fedmed.privacy.adaptive_clipping``); all None for a fixed clip norm
+    # and in lines written before it existed. ``noise_multiplier`` is then the joint mechanism's
+    # z_eff, what the accountant composes, split into these two:
+    clip_quantile: float | None = None  # the target share of unclipped records
+    gradient_noise_multiplier: float | None = None  # z_grad: the update's noise std over the clip norm
+    count_noise: float | None = None  # sigma_b: the noisy count's std (sensitivity 1/2)
+    clip_norm_after: float | None = None  # after the round's last step: where the run's next round starts
+    clip_norm_ceiling: float | None = None  # the run's max_grad_norm, which no step clipped above
     previous: str | None = None  # hash of the line before; None: written before the chain existed
 
     @classmethod
     def from_dict(cls, data: dict) -> LedgerEntry:
         return cls(**_with_history(data))
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """The noise on the model update over the clip norm: z_grad under adaptive clipping."""
+        return self.noise_multiplier if self.gradient_noise_multiplier is None else self.gradient_noise_multiplier
 
 
 @dataclass(frozen=True)
@@ -360,6 +373,12 @@ class PrivacyLedger:
 
     def run_entries(self, run_id: str) -> list[LedgerEntry]:
         return [e for e in self.entries if e.run_id == run_id]
+
+    def clip_norm(self, run_id: str, ceiling: float) -> float:
+        """Where run ``run_id``'s next round's clip norm starts: where its last adaptive round
+        left it (also across a restart), else at ``ceiling``; never above it."""
+        left = [e.clip_norm_after for e in self.run_entries(run_id) if e.clip_norm_after is not None]
+        return min(left[-1], ceiling) if left else ceiling
 
     def trained(self, run_id: str, round_number: int) -> LedgerEntry | None:
         """The entry of round ``round_number`` of run ``run_id`` if the site trained it: such

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from fedmed.numbers import finite_or_none
 from fedmed.privacy.accounting import ACCOUNTANT, HistoryLike, extend
+from fedmed.privacy.adaptive_clipping import AdaptiveClipping
 from fedmed.privacy.budget import PrivacyConfig, RoundPrivacy, plan_round_privacy
 from fedmed.privacy.ledger import LedgerEntry, LedgerRefusal, PrivacyLedger, timestamp_now
 from fedmed.protocol import RoundStatus
@@ -44,20 +45,49 @@ class RoundResult:
     loss: float | None
     epsilon: float  # cumulative after the round (before it, when refused); inf if non-private
     delta: float
+    # A trained round's noise on the update over the clip norm (under adaptive clipping the
+    # gradient's z_grad, a little above the ledger's joint multiplier), which the coordinator
+    # bounds updates with; a refused round's calibrated multiplier.
     noise_multiplier: float
     message: str = ""
+
+
+@dataclass(frozen=True)
+class TrainedRound:
+    """What a round's training returns: its mean loss, and under adaptive clipping the clip
+    norm after its last step (the run's next round starts there)."""
+
+    loss: float
+    clip_norm: float | None = None
+
+
+def round_clipping(
+    privacy: PrivacyConfig, plan: RoundPrivacy, request: SpendRequest, ledger: PrivacyLedger
+) -> AdaptiveClipping | None:
+    """The round's adaptive clipping (None: a fixed clip norm), continuing where the run's
+    last round left its clip norm."""
+    if not (privacy.adaptive_clipping and plan.dp and plan.noise_multiplier > 0):
+        return None
+    return AdaptiveClipping.for_round(
+        plan.noise_multiplier,
+        plan.sample_rate * request.records,
+        quantile=privacy.clip_quantile,
+        learning_rate=privacy.clip_learning_rate,
+        start=ledger.clip_norm(request.run_id, privacy.max_grad_norm),
+        ceiling=privacy.max_grad_norm,
+    )
 
 
 def spend_round(
     ledger: PrivacyLedger,
     privacy: PrivacyConfig,
     request: SpendRequest,
-    train: Callable[[RoundPrivacy], float],
+    train: Callable[[RoundPrivacy, AdaptiveClipping | None], TrainedRound],
     reserved: HistoryLike = (),
 ) -> RoundResult:
-    """Run ``train(plan)`` (which returns the round's mean loss) if the budget allows the
-    round, and record either the spend or the refusal. ``reserved`` is the privacy cost of
-    the run's releases still to come (``fedmed.privacy.release``)."""
+    """Run ``train(plan, clipping)`` if the budget allows the round, and record either the
+    spend or the refusal. ``clipping`` is None for a fixed clip norm. ``reserved`` is the
+    privacy cost of the run's releases still to come (``fedmed.privacy.release``)."""
     with ledger.locked():
         plan = plan_round_privacy(
             privacy,
@@ -104,7 +134,8 @@ def spend_round(
                 request.round,
                 request.run_id,
             )
-        loss = train(plan)
+        clipping = round_clipping(privacy, plan, request, ledger)
+        trained = train(plan, clipping)
         ledger.append(
             LedgerEntry(
                 site=request.site,
@@ -116,7 +147,7 @@ def spend_round(
                 steps=plan.steps,
                 sample_rate=plan.sample_rate,
                 noise_multiplier=plan.noise_multiplier,
-                max_grad_norm=privacy.max_grad_norm if plan.dp else 0.0,
+                max_grad_norm=(privacy.max_grad_norm if clipping is None else clipping.start) if plan.dp else 0.0,
                 delta=plan.delta,
                 epsilon=plan.epsilon_after if plan.dp else None,
                 accountant=ACCOUNTANT,
@@ -127,6 +158,7 @@ def spend_round(
                 max_epsilon_per_run=privacy.max_epsilon_per_run if plan.dp else None,
                 target_epsilon=privacy.target_epsilon if plan.dp else None,
                 privacy_unit=request.unit,
+                **_adaptive_fields(clipping, trained),
             )
         )
     return RoundResult(
@@ -134,9 +166,24 @@ def spend_round(
         plan.dp,
         request.examples,
         plan.steps,
-        loss,
+        trained.loss,
         plan.epsilon_after,
         plan.delta,
-        plan.noise_multiplier,
+        plan.noise_multiplier if clipping is None else clipping.gradient_noise,
         plan.reason,
     )
+
+
+def _adaptive_fields(clipping: AdaptiveClipping | None, trained: TrainedRound) -> dict:
+    """The ledger fields of an adaptive round (none for a fixed clip norm, so its line is as before)."""
+    if clipping is None:
+        return {}
+    if trained.clip_norm is None:
+        raise ValueError("an adaptively clipped round must return its final clip norm")
+    return {
+        "clip_quantile": clipping.quantile,
+        "gradient_noise_multiplier": clipping.gradient_noise,
+        "count_noise": clipping.count_noise,
+        "clip_norm_after": trained.clip_norm,
+        "clip_norm_ceiling": clipping.ceiling,
+    }

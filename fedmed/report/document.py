@@ -181,6 +181,19 @@ def _run_blocks(run: dict, figures: dict[str, Figure]) -> list:
     return blocks
 
 
+def _adaptive_clip_text(row: dict) -> str:
+    """A round's adaptive clipping in a cell: the quantile, where the clip norm ended, and the
+    two noises whose joint multiplier is the round's; MISSING for a fixed clip norm."""
+    if row.get("clip_quantile") is None:
+        return MISSING
+    return (
+        f"quantile {format_number(row['clip_quantile'])}, clip norm to {format_number(row['clip_norm_after'], 4)} "
+        f"(ceiling {format_number(row['clip_norm_ceiling'])}); noise multiplier "
+        f"{format_number(row['gradient_noise_multiplier'], 4)} on the gradient, count noise "
+        f"{format_number(row['count_noise'], 4)}"
+    )
+
+
 def _site_blocks(a: SiteAccount) -> list:
     units = sorted({r["privacy_unit"] for r in a.rounds}) or ["image"]
     blocks = [
@@ -265,6 +278,7 @@ def _site_blocks(a: SiteAccount) -> list:
             format_number(r["sample_rate"]),
             format_number(r["noise_multiplier"]),
             format_number(r["max_grad_norm"]),
+            _adaptive_clip_text(r),
             format_number(r["delta"]),
             format_epsilon(r["epsilon"], r["dp"]),
             r["accountant"].upper(),
@@ -285,6 +299,7 @@ def _site_blocks(a: SiteAccount) -> list:
                 "sample rate",
                 "noise multiplier",
                 "clip norm",
+                "adaptive clipping",
                 "delta",
                 "epsilon (ledger)",
                 "accountant",

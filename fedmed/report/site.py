@@ -8,7 +8,9 @@ fully spent (nothing left, epsilon at least the budget) until the ledger is rest
 the site itself refuses to train on it. Every entry is re-checked: its epsilon is recomputed from its accountant
 state, the state must follow from the previous one and the round's (or release's)
 parameters, and the same history is given to an independent accountant (RDP) for a second
-opinion. Each line's epsilon is rechecked with the accountant it names: lines written with
+opinion. An adaptively clipped round's two noises must make the joint noise multiplier its
+accountant composed, and its clip norms must stay under the run's ceiling.
+Each line's epsilon is rechecked with the accountant it names: lines written with
 PLD by the rule ``PrivacyLedger.epsilon`` keeps (never below an epsilon recorded before),
 older lines with RDP as it was. Each run lists what left the site: its model updates and every other release,
 private or not.
@@ -25,6 +27,7 @@ from typing import Any
 
 from fedmed.audit import SITE_AUDIT_FILE
 from fedmed.privacy.accounting import ACCOUNTANT, accountant_epsilon, epsilon, extend
+from fedmed.privacy.adaptive_clipping import joint_noise
 from fedmed.privacy.ledger import (
     ChainCheck,
     LedgerEntry,
@@ -38,6 +41,7 @@ from fedmed.privacy.second_opinion import SECOND_OPINION, second_opinion_epsilon
 from fedmed.report.findings import NEARLY_SPENT, Finding, critical, warning
 
 RELATIVE_TOLERANCE = 1e-6
+JOINT_NOISE_TOLERANCE = 1e-9  # z_eff from its two parts: floating-point rounding only
 
 
 @dataclass(frozen=True)
@@ -397,6 +401,7 @@ def _round_row(entry: LedgerEntry, state: list, floor: float, site: str, finding
         what = f"run {entry.run_id} round {entry.round}"
         _check_epsilon(entry.accountant, state, entry.delta, recorded, floor, what=what, site=site, findings=findings)
         second = _second_opinion(state, entry.delta, what, site, findings)
+        findings += _adaptive_findings(entry, what, site)
     return {
         "run_id": entry.run_id,
         "round": entry.round,
@@ -414,8 +419,46 @@ def _round_row(entry: LedgerEntry, state: list, floor: float, site: str, finding
         "max_epsilon": entry.max_epsilon,
         "max_epsilon_per_run": entry.max_epsilon_per_run,
         "privacy_unit": entry.privacy_unit,
+        "clip_quantile": entry.clip_quantile,
+        "gradient_noise_multiplier": entry.gradient_noise_multiplier,
+        "count_noise": entry.count_noise,
+        "clip_norm_after": entry.clip_norm_after,
+        "clip_norm_ceiling": entry.clip_norm_ceiling,
         "wasted": False,  # set by the run's cross-check when the coordinator discarded the round
     }
+
+
+def _adaptive_findings(entry: LedgerEntry, what: str, site: str) -> list[Finding]:
+    """An adaptive round's gradient noise and count noise must make exactly the joint noise
+    multiplier its accountant composed, and its clip norms must stay within the run's
+    ceiling (the coordinator bounds honest updates by it)."""
+    if entry.clip_quantile is None:
+        return []
+    gradient, count = entry.gradient_noise_multiplier, entry.count_noise
+    after, ceiling = entry.clip_norm_after, entry.clip_norm_ceiling
+    if gradient is None or count is None or after is None or ceiling is None or min(gradient, count, after) <= 0:
+        return [critical("ledger-arithmetic", f"{what}: adaptive clipping with missing or non-positive fields", site)]
+    findings = []
+    joint = joint_noise(gradient, count)
+    if not math.isclose(joint, entry.noise_multiplier, rel_tol=JOINT_NOISE_TOLERANCE):
+        findings.append(
+            critical(
+                "ledger-arithmetic",
+                f"{what}: gradient noise multiplier {gradient:.6g} and count noise {count:.6g} make a joint "
+                f"noise multiplier of {joint:.6g}, not the {entry.noise_multiplier:.6g} its accountant composed",
+                site,
+            )
+        )
+    if not (0 < entry.max_grad_norm <= ceiling and after <= ceiling):
+        findings.append(
+            critical(
+                "ledger-arithmetic",
+                f"{what}: adaptive clip norm {entry.max_grad_norm:.6g} -> {after:.6g} passes the run's ceiling "
+                f"{ceiling:.6g} (max_grad_norm), which bounds an honest update",
+                site,
+            )
+        )
+    return findings
 
 
 def _check_epsilon(
@@ -483,10 +526,12 @@ def _runs(rounds: list[dict], releases: list[dict]) -> list[dict]:
                 "sample_rate": row["sample_rate"],
                 "examples": row["examples"],
                 "steps": 0,
-                "max_grad_norm": row["max_grad_norm"],
+                "max_grad_norm": row["max_grad_norm"],  # at the run's first round's start
+                "clip_quantile": row["clip_quantile"],
                 "privacy_unit": row["privacy_unit"],
             },
         )
+        run["clip_norm_after"] = row["clip_norm_after"]
         run["rounds"].append(row["round"])
         run["ended"] = row["timestamp"]
         run["dp"] = run["dp"] and row["dp"]
@@ -513,8 +558,7 @@ def _released(run: dict, releases: list[dict]) -> list[dict]:
         "privacy_unit": run["privacy_unit"],
         "mechanism": (
             f"DP-SGD: noise multiplier {', '.join(f'{s:.4g}' for s in run['noise_multipliers'])}, "
-            f"clip norm {run['max_grad_norm']:g}, sample rate {run['sample_rate']:.4g}, "
-            f"{run['steps']} steps"
+            f"{_clip_text(run)}, sample rate {run['sample_rate']:.4g}, {run['steps']} steps"
         )
         if run["dp"]
         else "NON-PRIVATE training",
@@ -543,6 +587,16 @@ def _released(run: dict, releases: list[dict]) -> list[dict]:
             }
         )
     return rows
+
+
+def _clip_text(run: dict) -> str:
+    """The run's clip norm: fixed, or where adaptive clipping took it."""
+    if run["clip_quantile"] is None or run["clip_norm_after"] is None:
+        return f"clip norm {run['max_grad_norm']:g}"
+    return (
+        f"clip norm {run['max_grad_norm']:g} -> {run['clip_norm_after']:.3g} (adaptive, quantile "
+        f"{run['clip_quantile']:g}; the noise multiplier is the joint one of the gradient and the count)"
+    )
 
 
 def _refusal_row(refusal: LedgerRefusal) -> dict:

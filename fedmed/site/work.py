@@ -187,7 +187,7 @@ class SiteWork:
                 "steps": 0,
                 "epsilon": metric_value(ledger.epsilon(entry.delta)),
                 "delta": float(entry.delta),
-                "noise-multiplier": float(entry.noise_multiplier),
+                "noise-multiplier": float(entry.update_noise_multiplier),
                 "privacy-unit": PRIVACY_UNITS.index(entry.privacy_unit),
             },
             message[: protocol.MAX_TEXT],
