@@ -10,6 +10,10 @@ site sent besides its model updates is a line with ``"kind": "release"`` (see
 history and its noisy values, so the same release asked again is resent and not drawn and
 paid again, an exact one marked as a non-private release.
 
+A round trained with adaptive clipping (``fedmed.privacy.adaptive_clipping``) also records
+how its joint noise multiplier was split between the gradient and the count, and its clip
+norm at the end, where the run's next round starts (``clip_norm``).
+
 A spend is never lost and never repeated:
 
 * a (run, round) the ledger holds as trained is never trained again (``trained``); the

@@ -21,7 +21,8 @@ CODES = {
     "restored from a backup",
     "ledger-chain-broken": "a ledger line does not link to the line before it: a line was edited, inserted or removed",
     "ledger-unchained": "ledger lines written before the hash chain existed: an edit to them cannot be detected",
-    "ledger-arithmetic": "a ledger entry's epsilon or accountant state does not follow from its parameters",
+    "ledger-arithmetic": "a ledger entry's epsilon, accountant state or adaptive clipping does not follow from its "
+    "parameters",
     "ledger-duplicate-round": "the ledger holds the same run and round twice",
     "ledger-missing-round": "the run directory says the site trained a round its ledger lacks",
     "ledger-extra-round": "the ledger holds a round of this run that the run directory does not record",
