@@ -238,6 +238,9 @@ def test_clip_quantile_zero_trains_bit_for_bit_as_before(tmp_path, one_conv_rout
         trained.append(model)
     [entry] = PrivacyLedger(tmp_path / "zero.jsonl").entries
     assert entry.clip_quantile is entry.gradient_noise_multiplier is entry.clip_norm_after is None
+    line = json.loads((tmp_path / "zero.jsonl").read_text())
+    assert not {"clip_quantile", "gradient_noise_multiplier", "count_noise", "clip_norm_after"} & set(line), \
+        "a fixed-clip line is written as before: a fedmed older than adaptive clipping still reads it"
     assert result.noise_multiplier == entry.noise_multiplier and entry.max_grad_norm == 0.3
     reference = build_model(SMALL_MODEL, seed=0)
     _todays_fixed_round(reference, images, labels, train, entry.sample_rate, entry.steps, entry.noise_multiplier, 0.3)

@@ -68,6 +68,8 @@ from fedmed.privacy.accounting import ACCOUNTANT, History, HistoryLike, epsilon,
 LEDGER_VERSION = 1
 GENESIS = "0" * 64  # the ``previous`` of a ledger's first line
 OLD_RELEASE_ACCOUNTANT = "rdp"  # what a release line without an ``accountant`` was computed with
+# A round line's adaptive clipping fields, written only for an adaptively clipped round
+ADAPTIVE_FIELDS = ("clip_quantile", "gradient_noise_multiplier", "count_noise", "clip_norm_after", "clip_norm_ceiling")
 
 
 def timestamp_now() -> str:
@@ -126,6 +128,12 @@ class LedgerEntry(_LedgerLine):
     @classmethod
     def from_dict(cls, data: dict) -> LedgerEntry:
         return cls(**_with_history(data))
+
+    def to_json(self) -> str:
+        """The line; a fixed-clip round's has no adaptive fields, so it stays readable by a
+        fedmed older than them (which refuses a ledger with fields it does not know)."""
+        data = {k: v for k, v in asdict(self).items() if not (k in ADAPTIVE_FIELDS and v is None)}
+        return json.dumps(data, sort_keys=True, allow_nan=False)
 
     @property
     def update_noise_multiplier(self) -> float:

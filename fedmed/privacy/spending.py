@@ -175,7 +175,7 @@ def spend_round(
 
 
 def _adaptive_fields(clipping: AdaptiveClipping | None, trained: TrainedRound) -> dict:
-    """The ledger fields of an adaptive round (none for a fixed clip norm, so its line is as before)."""
+    """The ledger fields of an adaptive round (none for a fixed clip norm: its line is written without them)."""
     if clipping is None:
         return {}
     if trained.clip_norm is None:
