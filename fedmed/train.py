@@ -142,7 +142,7 @@ def train_round(
         loss = _train_plain(
             model, data, train=train, steps=plan.steps, round_number=round_number, max_grad_norm=privacy.max_grad_norm
         )
-        return TrainedRound(loss)
+        return TrainedRound(loss, privacy.max_grad_norm)
 
     return spend_round(ledger, privacy, request, run_steps, reserved)
 
@@ -320,7 +320,7 @@ def _train_private(
     finally:
         clipper.remove()
         model.zero_grad(set_to_none=True)  # the buffer is not kept past the round
-    return TrainedRound(total_loss / seen if seen else math.nan, None if clipping is None else clip_norm)
+    return TrainedRound(total_loss / seen if seen else math.nan, clip_norm)
 
 
 def _next_clip_norm(

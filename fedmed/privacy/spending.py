@@ -54,11 +54,11 @@ class RoundResult:
 
 @dataclass(frozen=True)
 class TrainedRound:
-    """What a round's training returns: its mean loss, and under adaptive clipping the clip
-    norm after its last step (the run's next round starts there)."""
+    """What a round's training returns: its mean loss, and the clip norm after its last step
+    (under adaptive clipping, where the run's next round starts)."""
 
     loss: float
-    clip_norm: float | None = None
+    clip_norm: float
 
 
 def round_clipping(
@@ -178,8 +178,6 @@ def _adaptive_fields(clipping: AdaptiveClipping | None, trained: TrainedRound) -
     """The ledger fields of an adaptive round (none for a fixed clip norm: its line is written without them)."""
     if clipping is None:
         return {}
-    if trained.clip_norm is None:
-        raise ValueError("an adaptively clipped round must return its final clip norm")
     return {
         "clip_quantile": clipping.quantile,
         "gradient_noise_multiplier": clipping.gradient_noise,
