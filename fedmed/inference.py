@@ -25,7 +25,7 @@ from fedmed.data.dicom import DicomReadError, ReadOptions
 from fedmed.data.picture import is_picture, read_picture
 from fedmed.data.report import FileOutcome, SkipReason
 from fedmed.metrics import calibration, classification_metrics
-from fedmed.model import ModelConfig, build_model
+from fedmed.model import ModelConfig, build_model, card_architecture
 from fedmed.rundir import CARD_FILE, MODEL_FILE, load_arrays
 from fedmed.train import predict
 from fedmed.weights import load_state
@@ -69,7 +69,7 @@ def load_model_dir(path: Path | str) -> LoadedModel:
             f"fedmed reads images with version {PREPROCESSING_VERSION}; use the fedmed release that "
             "trained it"
         )
-    model = build_model(ModelConfig(**card["architecture"]))
+    model = build_model(ModelConfig(**card_architecture(card["architecture"])))
     try:
         load_state(model, load_arrays(folder / MODEL_FILE))
     except ValueError as exc:

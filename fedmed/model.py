@@ -10,11 +10,14 @@ or small images want:
   stem without max-pooling, so a 28x28 image is not shrunk to 7x7 before the first block.
 
 With ``frontend="scattering"`` the stem is a fixed (untrained) wavelet scattering transform
-(kymatio, J=2: 81 channels at a quarter of the side) followed by GroupNorm and one 3x3
-convolution, and the residual stages learn on top of it. Under DP-SGD every trained
-parameter pays noise, so features that need no training help most where data is scarce:
-Tramer & Boneh (ICLR 2021) found ScatterNet+CNN well ahead of end-to-end CNNs at small
-budgets, and it is fedmed's best recipe on PneumoniaMNIST (BENCHMARKS.md).
+(kymatio) followed by GroupNorm and one 3x3 convolution, and the residual stages learn on
+top of it. Its number of scales J grows with the image (:func:`scattering_scales`), so the
+stages see a map of at most 8 px a side at any resolution: J=2 (81 channels at a quarter
+of the side) up to 32 px, J=3 (217 channels) at 64 px, J=4 (417) at 128 px and J=5 (681)
+at 224 px. Under DP-SGD every trained parameter pays noise, so features that need no
+training help most where data is scarce: Tramer & Boneh (ICLR 2021) found ScatterNet+CNN
+well ahead of end-to-end CNNs at small budgets, and it is fedmed's best recipe on
+PneumoniaMNIST (BENCHMARKS.md).
 
 The scattering transform has no parameters and sees one image at a time, so a site computes
 its images' coefficients once (:func:`fixed_inputs`) and feeds those instead of the images:
@@ -39,14 +42,36 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from fedmed.config import FRONTENDS, NORM_GROUPS, RunSettings
 
 SMALL_INPUT_MAX = 64
-SCATTERING_SCALES = 2  # J: the output has a quarter of the input's side
+SCATTERING_MIN_SCALES = 2  # J at 32 px and less: every model trained before J grew with the image
+SCATTERING_MAX_SIDE = 8  # px: the scattering map's side the rule keeps under
 SCATTERING_ANGLES = 8  # L
-SCATTERING_CHANNELS = (
-    1
-    + SCATTERING_SCALES * SCATTERING_ANGLES
-    + (SCATTERING_ANGLES**2 * SCATTERING_SCALES * (SCATTERING_SCALES - 1) // 2)
-)  # orders 0, 1 and 2: 81
-SCATTERING_GROUPS = 9  # GroupNorm groups over the 81 scattering channels
+SCATTERING_GROUP_SIZE = 9  # channels per GroupNorm group aimed at (81 channels: 9 groups of 9)
+
+
+def scattering_scales(image_size: int) -> int:
+    """J for ``image_size``: the smallest J >= 2 that leaves at most 8 px a side.
+
+    Each scale halves the side, so a fixed J would hand the residual stages a 56 px map at
+    224 px, which the stages (and per-sample clipping, whose cost grows with positions)
+    pay for at every step; a larger J instead spends the extra pixels on coarser wavelets,
+    which cost nothing to train. Up to 32 px this is 2, the J of every earlier model."""
+    scales = SCATTERING_MIN_SCALES
+    while image_size > SCATTERING_MAX_SIDE * 2**scales:
+        scales += 1
+    return scales
+
+
+def scattering_channels(scales: int) -> int:
+    """kymatio's orders 0, 1 and 2 for J scales and L angles: 1 + JL + L^2 J(J-1)/2."""
+    return 1 + scales * SCATTERING_ANGLES + SCATTERING_ANGLES**2 * scales * (scales - 1) // 2
+
+
+def scattering_groups(channels: int) -> int:
+    """GroupNorm groups over the scattering channels: a divisor of ``channels`` whose
+    groups come nearest 9 channels each, as J=2's 9 groups of 9 (81: 9, 217: 31, 417: 139,
+    681: 227)."""
+    sizes = [size for size in range(1, channels + 1) if channels % size == 0]
+    return channels // min(sizes, key=lambda size: (abs(size - SCATTERING_GROUP_SIZE), size))
 
 
 class OutOfPlaceBasicBlock(BasicBlock):
@@ -89,18 +114,20 @@ class _FixedScattering(ScatteringTorch2D):
 class ScatteringStem(nn.Module):
     """Fixed scattering coefficients of a grey image, normalised per image, as channels."""
 
-    def __init__(self, image_size: int) -> None:
+    def __init__(self, image_size: int, scales: int) -> None:
         super().__init__()
-        self.scattering = _FixedScattering(J=SCATTERING_SCALES, shape=(image_size, image_size), L=SCATTERING_ANGLES)
-        self.norm = nn.GroupNorm(SCATTERING_GROUPS, SCATTERING_CHANNELS)
+        self.scales = scales
+        self.channels = scattering_channels(scales)
+        self.scattering = _FixedScattering(J=scales, shape=(image_size, image_size), L=SCATTERING_ANGLES)
+        self.norm = nn.GroupNorm(scattering_groups(self.channels), self.channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: images (B, 1, H, W), or their coefficients (B, 81, H/4, W/4) from
+        """``x``: images (B, 1, H, W), or their coefficients (B, C, H/2^J, W/2^J) from
         :meth:`coefficients`."""
-        return self.norm(x if x.shape[1] == SCATTERING_CHANNELS else self.coefficients(x))
+        return self.norm(x if x.shape[1] == self.channels else self.coefficients(x))
 
     def coefficients(self, images: torch.Tensor) -> torch.Tensor:
-        return self.scattering(images.contiguous()).flatten(1, 2)  # (B, 81, H/4, W/4)
+        return self.scattering(images.contiguous()).flatten(1, 2)  # (B, C, H/2^J, W/2^J)
 
 
 DEPTHS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {
@@ -122,6 +149,9 @@ class ModelConfig:
     image_size: int = RunSettings.image_size
     in_channels: int = 1
     norm_groups: int = NORM_GROUPS
+    # J of the scattering front-end; None: scattering_scales(image_size). A model card
+    # records it, so a model rebuilds with its own J; it stays None for pixels.
+    scattering_scales: int | None = None
 
     def __post_init__(self) -> None:
         if self.depth not in DEPTHS:
@@ -133,13 +163,25 @@ class ModelConfig:
             )
         if self.frontend not in FRONTENDS:
             raise ValueError(f"frontend must be one of {', '.join(FRONTENDS)}, got {self.frontend!r}")
-        if self.frontend == "scattering" and self.image_size % 2**SCATTERING_SCALES:
-            raise ValueError(
-                f"the scattering front-end needs an image size divisible by {2**SCATTERING_SCALES}, "
-                f"got {self.image_size}; set data.image_size to a multiple of it"
-            )
+        self._check_scattering_scales()
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
+
+    def _check_scattering_scales(self) -> None:
+        """Fill in the rule's J for the scattering front-end and check the image divides by 2^J."""
+        if self.frontend != "scattering":
+            if self.scattering_scales is not None:
+                raise ValueError(f"scattering_scales is a scattering front-end setting, not {self.frontend!r}'s")
+            return
+        scales = scattering_scales(self.image_size) if self.scattering_scales is None else self.scattering_scales
+        object.__setattr__(self, "scattering_scales", scales)  # frozen: set once, here
+        if scales < 1:
+            raise ValueError(f"scattering_scales must be at least 1, got {scales}")
+        if self.image_size % 2**scales:
+            raise ValueError(
+                f"the scattering front-end (J={scales}) needs an image size divisible by {2**scales}, "
+                f"got {self.image_size}; set data.image_size to a multiple of it"
+            )
 
     @classmethod
     def from_settings(cls, run: RunSettings) -> ModelConfig:
@@ -150,6 +192,15 @@ class ModelConfig:
             num_classes=len(run.class_names),
             image_size=run.image_size,
         )
+
+
+def card_architecture(architecture: dict) -> dict:
+    """A model card's architecture with its J: cards written before J was recorded (all at
+    28 px, J=2) have none, and read as the rule's J for their size, which was theirs."""
+    if "scattering_scales" in architecture:
+        return dict(architecture)
+    scattering = architecture.get("frontend") == "scattering"
+    return {**architecture, "scattering_scales": scattering_scales(architecture["image_size"]) if scattering else None}
 
 
 class GroupNormResNet(ResNet):
@@ -180,11 +231,13 @@ class GroupNormResNet(ResNet):
 
     def _set_stem(self, config: ModelConfig) -> None:
         """A 1-channel stem; for small images a 3x3 stride-1 convolution without max-pooling;
-        with the scattering front-end, a 3x3 convolution over its 81 channels."""
+        with the scattering front-end, a 3x3 convolution over its channels."""
         self.frontend: nn.Module = nn.Identity()
         if config.frontend == "scattering":
-            self.frontend = ScatteringStem(config.image_size)
-            self.conv1 = nn.Conv2d(SCATTERING_CHANNELS, config.width, 3, stride=1, padding=1, bias=False)
+            assert config.scattering_scales is not None  # ModelConfig fills it in
+            stem = ScatteringStem(config.image_size, config.scattering_scales)
+            self.frontend = stem
+            self.conv1 = nn.Conv2d(stem.channels, config.width, 3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
         elif config.image_size <= SMALL_INPUT_MAX:
             self.conv1 = nn.Conv2d(config.in_channels, config.width, 3, stride=1, padding=1, bias=False)
@@ -234,8 +287,8 @@ def fixed_inputs(model: nn.Module, images: np.ndarray, batch_size: int = 256) ->
     stem = getattr(model, "frontend", None)
     if not isinstance(stem, ScatteringStem) or len(images) == 0:
         return images
-    side = images.shape[-1] // 2**SCATTERING_SCALES
-    if len(images) * SCATTERING_CHANNELS * side * side * 4 > FIXED_INPUTS_LIMIT:
+    side = images.shape[-1] // 2**stem.scales
+    if len(images) * stem.channels * side * side * 4 > FIXED_INPUTS_LIMIT:
         return images
     chunks = [
         stem.coefficients(

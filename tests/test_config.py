@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomli_w
+import torch
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
 from fedmed.cli import client as client_cli
@@ -331,6 +332,19 @@ def test_the_kits_config_files_load():
     assert not (REPO / "server" / "server.args").exists() and not (REPO / "client" / "client.args").exists()
     for readme, config in (("server", "coordinator.toml"), ("client", "site.toml")):
         assert f"--config {readme}/{config}" in (REPO / readme / "README.md").read_text()
+
+
+def test_the_64px_scenario_trains_at_64px_with_the_rules_scattering_scales():
+    """simulations/synthetic-5-sites-64px.toml: synthetic sites and the NIH set at 64 px, and
+    a model whose scattering front-end takes J=3 (an 8 x 8 map of 217 channels)."""
+    scenario = load_scenario(REPO / "simulations" / "synthetic-5-sites-64px.toml")
+    assert scenario.run.image_size == 64 and scenario.simulation.source == "synthetic"
+    assert scenario.simulation.sites == 5 and scenario.pretrain.data.endswith("nih-cxr-public-64.npz")
+    config = ModelConfig.from_settings(scenario.run)
+    assert config.frontend == "scattering" and config.scattering_scales == 3
+    with torch.device("meta"):
+        model = build_model(config)
+    assert model.conv1.in_channels == 217 and model.frontend.norm.num_groups == 31
 
 
 def test_every_declared_field_is_described_and_reachable():

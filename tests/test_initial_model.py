@@ -11,14 +11,38 @@ import subprocess
 import pytest
 
 from fedmed.config import RunSettings, SiteSettings
-from fedmed.coordinator.model_card import weights_sha256
+from fedmed.coordinator.initial_model import load_initial_model
+from fedmed.coordinator.model_card import model_card, weights_sha256
+from fedmed.data.cache import PREPROCESSING_VERSION
+from fedmed.inference import load_model_dir
 from fedmed.model import ModelConfig, build_model
-from fedmed.rundir import RunDirectory, load_arrays
+from fedmed.rundir import RunDirectory, load_arrays, write_model_folder
 from fedmed.site.work import SiteWork
 from fedmed.vector import pack
 from fedmed.weights import load_state, model_state
 from tests.conftest import TINY_SCENARIO
 from tests.federation_helpers import BIN, process_env, run_simulate
+
+# A model card's architecture as fedmed wrote it before it recorded the scattering front-end's J.
+CARD_WITHOUT_J = {"depth": 10, "width": 8, "frontend": "scattering", "num_classes": 2, "image_size": 28,
+                  "in_channels": 1, "norm_groups": 8}
+
+
+def test_a_model_card_without_j_loads_as_j_2(tmp_path):
+    """Every card written before J was recorded is of a 28 px model, J=2: `fedmed predict`
+    and a run started from it rebuild that model, and new cards record J."""
+    state = model_state(build_model(ModelConfig(**CARD_WITHOUT_J), seed=0))
+    card = {"architecture": CARD_WITHOUT_J, "classes": ["normal", "pneumonia"],
+            "input": {"image_size": 28, "preprocessing_version": PREPROCESSING_VERSION}}
+    write_model_folder(tmp_path / "model", state, card, "")
+    loaded = load_model_dir(tmp_path / "model")
+    assert loaded.model.frontend.scales == 2 and loaded.model.conv1.in_channels == 81
+    run = RunSettings(depth=10, width=8, frontend="scattering", image_size=28, initial_model=str(tmp_path / "model"))
+    weights, _ = load_initial_model(run)
+    assert pack(weights).tobytes() == pack(state).tobytes()
+    assert model_card(run, {}, 1, None)["architecture"]["scattering_scales"] == 2
+    at_64 = dataclasses.replace(run, image_size=64)
+    assert model_card(at_64, {}, 1, None)["architecture"]["scattering_scales"] == 3
 
 
 def _validations(run_dir: RunDirectory) -> dict[int, dict]:

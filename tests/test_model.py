@@ -7,7 +7,14 @@ import torch.nn.functional as F
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from fedmed.model import ModelConfig, build_model, fixed_inputs
+from fedmed.model import (
+    ModelConfig,
+    build_model,
+    fixed_inputs,
+    scattering_channels,
+    scattering_groups,
+    scattering_scales,
+)
 from fedmed.privacy.clipping import PerSampleClipper
 
 VARIANTS = [
@@ -103,3 +110,59 @@ def test_precomputed_scattering_coefficients_train_exactly_as_the_images_do():
 def test_a_model_without_a_fixed_stem_is_fed_the_images():
     images = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)
     assert fixed_inputs(build_model(ModelConfig(depth=10, width=8, image_size=28)), images) is images
+
+
+@pytest.mark.parametrize("size, scales", [(16, 2), (28, 2), (32, 2), (64, 3), (96, 4), (128, 4), (224, 5)])
+def test_the_scattering_scales_grow_with_the_image_to_leave_at_most_8_px(size, scales):
+    assert scattering_scales(size) == scales
+    assert size // 2**scales <= 8 and (scales == 2 or size // 2 ** (scales - 1) > 8), "the smallest such J"
+
+
+@pytest.mark.parametrize("scales, channels, groups", [(2, 81, 9), (3, 217, 31), (4, 417, 139), (5, 681, 227)])
+def test_the_scattering_channels_split_into_groupnorm_groups(scales, channels, groups):
+    assert scattering_channels(scales) == channels and scattering_groups(channels) == groups
+    assert channels % groups == 0
+
+
+@pytest.mark.parametrize("size", [16, 28, 32])
+def test_a_scattering_model_of_32_px_or_less_is_the_j2_model_of_before(size):
+    """Every model trained before J grew with the image (J=2, 81 channels, 9 GroupNorm
+    groups) rebuilds with the same tensors, names and shapes: stored weights still load."""
+    config = ModelConfig(depth=10, width=8, image_size=size, frontend="scattering")
+    assert config.scattering_scales == 2
+    model = build_model(config, seed=0)
+    fixed = build_model(ModelConfig(depth=10, width=8, image_size=size, frontend="scattering", scattering_scales=2),
+                        seed=0)
+    state = model.state_dict()
+    assert list(state)[:3] == ["frontend.norm.weight", "frontend.norm.bias", "conv1.weight"]
+    assert state["frontend.norm.weight"].shape == (81,) and state["conv1.weight"].shape == (8, 81, 3, 3)
+    assert model.frontend.norm.num_groups == 9
+    assert [(k, v.shape) for k, v in state.items()] == [(k, v.shape) for k, v in fixed.state_dict().items()]
+    assert all(torch.equal(state[k], v) for k, v in fixed.state_dict().items())
+
+
+def test_a_64_px_scattering_model_gives_its_stages_an_8_px_map():
+    config = ModelConfig(depth=10, width=8, image_size=64, frontend="scattering")
+    model = build_model(config, seed=0).eval()
+    images = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert model.frontend(images).shape == (2, 217, 8, 8)
+    assert model.conv1.in_channels == 217 and model(images).shape == (2, 2)
+    coefficients = fixed_inputs(model, images.squeeze(1).numpy())
+    assert coefficients.shape == (2, 217, 8, 8), "a site precomputes them at the model's J"
+    torch.testing.assert_close(model(torch.from_numpy(coefficients)), model(images))
+
+
+def test_a_cards_scattering_scales_win_over_the_rule():
+    """A model card records J, so a model rebuilds with its own J whatever the rule says."""
+    model = build_model(ModelConfig(depth=10, width=8, image_size=64, frontend="scattering", scattering_scales=2))
+    assert model.conv1.in_channels == 81 and model.frontend(torch.rand(1, 1, 64, 64)).shape == (1, 81, 16, 16)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(frontend="scattering", image_size=60), r"\(J=3\) needs an image size divisible by 8, got 60"),
+    (dict(frontend="scattering", image_size=64, scattering_scales=0), "scattering_scales must be at least 1"),
+    (dict(frontend="pixels", scattering_scales=2), "scattering front-end setting"),
+])
+def test_bad_scattering_scales_are_explained(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**bad)

@@ -26,7 +26,9 @@ TORCHVISION = {
     34: resnet34,
     50: resnet50,
 }
-SCATTERING_CHANNELS = 81  # kymatio's orders 0-2 for J=2, L=8: 1 + 16 + 64
+# kymatio's orders 0-2 with L=8 at the J fedmed picks for the size: 28 px J=2 (1 + 16 + 64),
+# 96 px J=4 (1 + 32 + 384)
+SCATTERING_CHANNELS = {28: 81, 96: 417}
 
 
 def expected_shapes(config: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
@@ -39,9 +41,10 @@ def expected_shapes(config: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
               for name, t in reference.state_dict().items()]
     scattering = config.frontend == "scattering"
     kernel = 3 if scattering or config.image_size <= SMALL_INPUT_MAX else 7
-    stem = [("conv1.weight", (config.width, SCATTERING_CHANNELS if scattering else 1, kernel, kernel))]
+    channels = SCATTERING_CHANNELS[config.image_size] if scattering else 1
+    stem = [("conv1.weight", (config.width, channels, kernel, kernel))]
     if scattering:
-        stem = [("frontend.norm.weight", (SCATTERING_CHANNELS,)), ("frontend.norm.bias", (SCATTERING_CHANNELS,))] + stem
+        stem = [("frontend.norm.weight", (channels,)), ("frontend.norm.bias", (channels,))] + stem
     assert scaled[0][0] == "conv1.weight"
     return stem + scaled[1:]
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from fedmed.config import RunSettings
 from fedmed.coordinator.model_card import weights_sha256
-from fedmed.model import ModelConfig, build_model
+from fedmed.model import ModelConfig, build_model, card_architecture
 from fedmed.rundir import CARD_FILE, MODEL_FILE, load_arrays
 from fedmed.weights import check_state, model_state
 
@@ -32,10 +32,11 @@ def load_initial_model(run: RunSettings) -> tuple[dict[str, np.ndarray], dict]:
     card = json.loads(card_path.read_text()) if card_path.is_file() else None
     expected = asdict(ModelConfig.from_settings(run))
     if card is not None:
+        stored = card_architecture(card["architecture"])  # a card without J: the rule's J for its size
         differences = [
-            f"{key} {card['architecture'].get(key)!r} there, {value!r} in this run"
+            f"{key} {stored.get(key)!r} there, {value!r} in this run"
             for key, value in expected.items()
-            if card["architecture"].get(key) != value
+            if stored.get(key) != value
         ]
         if differences:
             raise ValueError(

@@ -11,7 +11,7 @@ import numpy as np
 
 from fedmed.config import PretrainSettings, RunSettings
 from fedmed.data.cache import PREPROCESSING_VERSION
-from fedmed.model import ModelConfig
+from fedmed.model import ModelConfig, card_architecture
 from fedmed.numbers import format_epsilon, format_number
 from fedmed.vector import pack
 
@@ -173,10 +173,23 @@ def _versions() -> dict:
     return versions
 
 
+def _resolution_caveat(image_size: int) -> str:
+    """What the training size hides; below 64 px, where a larger size exists in fedmed."""
+    caveat = (
+        f"inputs are downsampled to {image_size} x {image_size} px grey images: findings smaller than "
+        "a few pixels at that size cannot be seen"
+    )
+    if image_size < 64:
+        caveat += (
+            "; where they matter, train at a larger data.image_size (simulations/synthetic-5-sites-64px.toml "
+            "runs a federation at 64 px)"
+        )
+    return caveat
+
+
 def _limitations(run: RunSettings, sites: dict[str, dict]) -> list[str]:
     limitations = [
-        f"inputs are downsampled to {run.image_size} x {run.image_size} px grey images: findings smaller than "
-        "a few pixels at that size cannot be seen",
+        _resolution_caveat(run.image_size),
         "the training population is that of the sites listed; their class balance differed (label skew), "
         "and the model was not checked for bias across age, sex or scanner",
         "DP noise makes each training run differ: compare runs by their spread, not one number",
@@ -228,6 +241,13 @@ def _aggregation(run: RunSettings) -> str:
     return text
 
 
+def _frontend_text(architecture: dict) -> str:
+    """The front-end for people; a scattering one with its J, which sets what size of
+    structure the stages see (cards from before J was recorded read as the rule's J)."""
+    scales = card_architecture(architecture)["scattering_scales"]
+    return f"{architecture['frontend']} front-end" + (f" (J={scales})" if scales else "")
+
+
 def model_card_markdown(card: dict) -> str:
     """The card for people, under Mitchell et al.'s headings."""
     arch, details, use = card["architecture"], card["model_details"], card["intended_use"]
@@ -238,7 +258,7 @@ def model_card_markdown(card: dict) -> str:
         "## Model details",
         "",
         f"- {details['type']}; created {card['created']}",
-        f"- Architecture: GroupNorm ResNet-{arch['depth']}, width {arch['width']}, {arch['frontend']} front-end, "
+        f"- Architecture: GroupNorm ResNet-{arch['depth']}, width {arch['width']}, {_frontend_text(arch)}, "
         f"{arch['in_channels']} input channel, {arch['num_classes']} classes ({', '.join(card['classes'])})",
         f"- Weights SHA-256 (float32 arrays in name order): {details['weights_sha256']}",
         f"- Started from: {initial.get('source')}"
@@ -402,7 +422,7 @@ def public_model_card_markdown(card: dict) -> str:
             f"# Model card: {card['model_details']['name']}",
             "",
             f"- {card['model_details']['type']}; created {card['created']}",
-            f"- Architecture: GroupNorm ResNet-{arch['depth']}, width {arch['width']}, {arch['frontend']} front-end, "
+            f"- Architecture: GroupNorm ResNet-{arch['depth']}, width {arch['width']}, {_frontend_text(arch)}, "
             f"{arch['image_size']} px, classes {', '.join(card['classes'])}",
             f"- Weights SHA-256: {card['model_details']['weights_sha256']}",
             "",
