@@ -97,6 +97,18 @@ class Federation:
             pass
         process.wait(30)
 
+    def crash(self, process: subprocess.Popen) -> None:
+        """As a host crash: ``process`` and everything it started die at once (SIGKILL). A
+        child in a session of its own (Flower's ServerApp) would otherwise outlive a killed
+        coordinator for as long as it keeps retrying its dead parent."""
+        children = descendants({process.pid})
+        self.kill(process)
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def stop_all(self) -> None:
         """Stop every process this federation started, then check none of theirs survives."""
         self.remember_descendants()

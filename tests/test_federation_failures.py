@@ -52,7 +52,7 @@ def failed_and_recovered(tmp_path_factory):
                                 *server_options)
         _wait_for(lambda: (run_dir.path / "checkpoints" / "round-0001.npz").exists(), 300,
                   "the checkpoint of round 1", federation)
-        federation.kill(federation.server)  # the coordinator crashes
+        federation.crash(federation.server)  # the coordinator's host crashes
         first_exit = federation.server.returncode
 
         federation.start_server("--resume", str(run_dir.path), *server_options)

@@ -19,7 +19,7 @@ Each divided by its noise std is a Gaussian query with noise 1 and sensitivity 1
 1/(2 sigma_b); together they are ONE Gaussian mechanism of L2 sensitivity
 sqrt(z_grad^-2 + (2 sigma_b)^-2), whose noise multiplier is
 
-    z_eff = (z_grad^-2 + (2 sigma_b)^-2)^(-1/2)        (Andrew et al., Theorem 1).
+    z_eff = (z_grad^-2 + (2 sigma_b)^-2)^(-1/2)        (as in Andrew et al.).
 
 This is exact, not a bound of a bound: the site calibrates z_eff as it calibrates a fixed
 clip norm's noise, its ledger and accountant compose z_eff, and training splits it
