@@ -9,7 +9,7 @@ import torch
 
 from fedmed.audit.membership import attack_auc, membership_attacks
 from fedmed.data.synthetic import synthesize, synthetic_labels
-from fedmed.model import ModelConfig, build_model
+from fedmed.model import ModelConfig, build_model, fixed_inputs
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.train import TrainConfig, TrainingData, train_round
@@ -34,8 +34,9 @@ def _attacks(privacy: PrivacyConfig, tmp_path) -> dict[str, object]:
     model = build_model(MODEL, seed=0)
     ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
     train = TrainConfig(epochs=1, steps=0, batch_size=16, learning_rate=0.05, momentum=0.9)
+    inputs = fixed_inputs(model, members[0])  # the scattering coefficients, once, as a site computes them
     for round_number in range(1, 61):
-        train_round(model, TrainingData(members[0], members[1]), train=train, privacy=privacy, ledger=ledger,
+        train_round(model, TrainingData(inputs, members[1]), train=train, privacy=privacy, ledger=ledger,
                     site="site-a", run_id="mia", round_number=round_number)
     return {a.attack: a for a in membership_attacks(model, start, members, non_members)}
 
