@@ -246,8 +246,8 @@ def test_under_secure_aggregation_a_site_dropping_mid_protocol_is_unmasked_aroun
     """site-3 shares its secrets, then refuses to train (its budget is too small): the
     coordinator rebuilds its secret from the others' shares and removes its masks. The
     unmasked sum of weight shares is the two survivors' record counts (to the protocol's
-    rounding), as their
-    ledgers recorded them (the round is then too small to change the model: min sites 3)."""
+    rounding), as their ledgers recorded them (the round is then too small to change the
+    model: min sites 3)."""
     federation = Federation(tmp_path, sites_dir, certificates)
     try:
         federation.start_server("--rounds", "1", "--min-sites", "3", "--run-dir", str(tmp_path / "run"),
