@@ -18,8 +18,8 @@ from collections.abc import Callable
 from fedmed.privacy.history import History, HistoryLike, extend
 from fedmed.privacy.pld import NAME as PLD
 from fedmed.privacy.pld import pld_epsilon
+from fedmed.privacy.rdp import GUESS_ORDERS, RDP_ORDERS, rdp_epsilon
 from fedmed.privacy.rdp import NAME as RDP
-from fedmed.privacy.rdp import RDP_ORDERS, rdp_epsilon
 
 __all__ = [
     "ACCOUNTANT",
@@ -139,14 +139,18 @@ def _bracket(fits: Callable[[float], bool], guess: float) -> tuple[float, float]
 def _rdp_guess(target_epsilon: float, delta: float, sample_rate: float, steps: int, spent: History) -> float:
     """RDP's noise multiplier for the same target: cheap to find, and close above the ledger
     accountant's (RDP is the looser bound), so the search starts next to its answer."""
-    if rdp_epsilon(spent, delta) >= target_epsilon:
+
+    def rdp(history: History) -> float:
+        return rdp_epsilon(history, delta, GUESS_ORDERS)
+
+    if rdp(spent) >= target_epsilon:
         return 1.0  # RDP sees no room where the tighter accountant does: search from a typical value
     low, high = MIN_NOISE, 1.0
-    while rdp_epsilon(extend(spent, high, sample_rate, steps), delta) > target_epsilon and high < MAX_NOISE:
+    while rdp(extend(spent, high, sample_rate, steps)) > target_epsilon and high < MAX_NOISE:
         low, high = high, high * 2
     for _ in range(20):  # to 1e-6 of the bracket: RDP is cheap, and a close start saves PLD work
         middle = (low + high) / 2
-        if rdp_epsilon(extend(spent, middle, sample_rate, steps), delta) <= target_epsilon:
+        if rdp(extend(spent, middle, sample_rate, steps)) <= target_epsilon:
             high = middle
         else:
             low = middle
