@@ -12,14 +12,16 @@ from fedmed.config import RunSettings, SiteSettings
 from fedmed.deploy.launch import launch, start_simulation_superlink
 from fedmed.deploy.processes import ProcessWatch, free_port
 from fedmed.rundir import RunDirectory
-from fedmed.simulate.scenario import Scenario
+from fedmed.simulate.scenario import Scenario, simulation_device
 from fedmed.simulate.sites import SimulationData
 
 SIMULATION_ROUND_TIMEOUT = 24 * 3600.0  # virtual sites share the machine: a round may take long
 
 
 def site_settings(scenario: Scenario, data: SimulationData, state_dir: Path, cache_dir: Path) -> list[SiteSettings]:
-    """Each virtual site's settings, as a real site's node config would hold them."""
+    """Each virtual site's settings, as a real site's node config would hold them, with the
+    simulation's device (``simulation_device``)."""
+    device = simulation_device(scenario)
     return [
         replace(
             privacy,
@@ -27,6 +29,7 @@ def site_settings(scenario: Scenario, data: SimulationData, state_dir: Path, cac
             data=str(folder),
             ledger=str(state_dir / name / "ledger.jsonl"),
             cache_dir=str(cache_dir),
+            device=device,
         )
         for privacy, name, folder in zip(scenario.site_settings, data.names, data.site_dirs)
     ]
@@ -68,7 +71,10 @@ def run_federated(scenario: Scenario, data: SimulationData, run_dir: Path, cache
     superlink = start_simulation_superlink(port, run_dir / "logs" / "superlink.log", run_dir / ".flwr", env)
     watch = ProcessWatch()
     try:
-        resources = f"num-supernodes={len(data.names)} client-resources-num-cpus={scenario.simulation.cpus_per_site}"
+        simulation = scenario.simulation
+        resources = f"num-supernodes={len(data.names)} client-resources-num-cpus={simulation.cpus_per_site}"
+        if simulation.gpus_per_site > 0:  # Ray's share of a GPU per virtual site
+            resources += f" client-resources-num-gpus={simulation.gpus_per_site}"
         status = launch(
             run,
             directory,
@@ -76,6 +82,7 @@ def run_federated(scenario: Scenario, data: SimulationData, run_dir: Path, cache
             "127.0.0.1",
             port,
             federation_config=resources,
+            device=simulation_device(scenario),
             live=live,
             on_tick=lambda: watch.look({superlink.pid}),
         )
