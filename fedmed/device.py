@@ -3,7 +3,8 @@
 ``auto`` is CUDA when torch finds it, else the CPU; ``cpu``, ``cuda`` and ``cuda:N`` name
 one. A name that is not one of these, or CUDA that this machine lacks, is refused with the
 setting's name and what to set instead, before any site, round or epoch starts: a device
-found missing in round 3 would have cost the budget of rounds 1 and 2 for nothing.
+found missing in round 3 would end a run whose first two rounds had already spent the
+sites' privacy budgets.
 
 What leaves a site never depends on the device: weights are packed from CPU copies
 (``fedmed.weights.model_state``) and metrics are Python numbers.

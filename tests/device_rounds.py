@@ -26,6 +26,7 @@ from fedmed.model import ModelConfig, build_model, fixed_inputs
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.clipping import PerSampleClipper
 from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.protocol import RoundStatus
 from fedmed.train import TrainConfig, TrainingData, train_round
 from fedmed.vector import pack
 from fedmed.weights import model_state
@@ -61,7 +62,7 @@ def seeded_round(kind: str, ledger_dir: Path, **options: Any) -> np.ndarray:
         privacy = PrivacyConfig(dp=False, max_grad_norm=0.3)
     one_route = functools.partial(PerSampleClipper, conv_route="unfold")
     with mock.patch.object(fedmed.train, "PerSampleClipper", one_route):
-        train_round(
+        result = train_round(
             model,
             data,
             train=train,
@@ -72,6 +73,7 @@ def seeded_round(kind: str, ledger_dir: Path, **options: Any) -> np.ndarray:
             round_number=1,
             **options,
         )
+    assert result.status == RoundStatus.TRAINED and result.steps == TRAIN.steps, result.message
     return pack(model_state(model))
 
 

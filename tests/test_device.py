@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import math
+import time
+import types
 
 import numpy as np
 import pytest
@@ -16,12 +18,16 @@ import fedmed.cli.client
 import fedmed.cli.main
 import fedmed.cli.server
 import fedmed.cli.simulate
+import fedmed.privacy.clipping
 from fedmed.config import DeviceSettings, RunSettings, SimulationSettings, SiteSettings
-from fedmed.device import resolve_device
+from fedmed.device import exact_float32, resolve_device, synchronize
 from fedmed.model import ModelConfig, build_model
 from fedmed.privacy.clipping import PerSampleClipper
 from fedmed.rundir import RunDirectory
+from fedmed.simulate.federated import federation_config
+from fedmed.simulate.federated import site_settings as simulated_sites
 from fedmed.simulate.scenario import load_scenario, simulation_device
+from fedmed.simulate.sites import SimulationData
 from fedmed.site.work import SiteWork
 from fedmed.train import _dp_generators, predict
 from tests.device_rounds import ROUNDS, digest, one_thread, seeded_round
@@ -34,11 +40,26 @@ needs_no_cuda = pytest.mark.skipif(CUDA, reason="needs a machine without CUDA")
 # those rounds on the code before the device refactor (commit abb360b, before fedmed.device
 # existed), on one thread: see test_cpu_rounds_are_bit_for_bit_those_of_the_code_before_devices.
 BEFORE_DEVICES = {
-    "image": "",
-    "patient-adaptive": "",
-    "scattering": "",
-    "plain": "",
+    "image": "20c2ce7f58e99fe10bf6bd96ae78174447c9c7213471384eb1676a7ae2358da9",
+    "patient-adaptive": "5f2f4b12ee6c85d675f0c30c586265b45f16b44124830d7b8d4e04140ed35a6f",
+    "scattering": "cec00a171a8e56622a7950a7b6fa73abc6a2d246abd449fb2dcdae83d43b921e",
+    "plain": "e4b031017148977323eaa45bbcf70b6a8e92411f98898c9e307adff874c64f96",
 }
+
+
+def _clipped_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, groups=None) -> torch.Tensor:
+    clipper = PerSampleClipper(model, 0.3)
+    try:
+        clipper.accumulate(x, lambda out: F.cross_entropy(out, y, reduction="none"), None, groups)
+    finally:
+        clipper.remove()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+def command(main, argv: list[str]) -> int:
+    """A command's ``main`` in this process, without ``fedmed.runtime.entry_point``'s
+    ``gc.freeze``, which would hold this test session's garbage to its end."""
+    return main.__wrapped__(argv)
 
 
 # -- the names ---------------------------------------------------------------------------
@@ -85,10 +106,10 @@ def test_a_simulation_on_cuda_is_refused_before_any_site_starts(tmp_path, capsys
     with pytest.raises(ValueError, match=r'resources\.device = "cuda", but torch finds no CUDA'):
         simulation_device(scenario)
     out = tmp_path / "out"
-    assert fedmed.cli.simulate.main(["--set", "resources.device=cuda", "--out", str(out)]) == 2
+    assert command(fedmed.cli.simulate.main, ["--set", "resources.device=cuda", "--out", str(out)]) == 2
     assert 'error: resources.device = "cuda", but torch finds no CUDA' in capsys.readouterr().err
     assert not out.exists(), "nothing was started or written"
-    assert fedmed.cli.simulate.main(["--set", "resources.gpus_per_site=0.5", "--out", str(out)]) == 2
+    assert command(fedmed.cli.simulate.main, ["--set", "resources.gpus_per_site=0.5", "--out", str(out)]) == 2
     assert ("error: resources.gpus_per_site = 0.5 reserves GPUs for the virtual sites, but torch finds no CUDA "
             "device on this machine; set resources.gpus_per_site = 0") in capsys.readouterr().err
     assert not out.exists()
@@ -117,25 +138,38 @@ def test_a_simulation_s_device_and_gpu_share_must_agree(monkeypatch):
         device(["resources.gpus_per_site=-0.5"])
 
 
+def test_virtual_sites_get_the_simulation_s_device_and_ray_their_gpu_share(tmp_path, monkeypatch):
+    data = SimulationData(("a", "b"), (tmp_path / "a", tmp_path / "b"), tmp_path / "test", "")
+    scenario = load_scenario(None, ["partition.sites=2"])
+    assert [s.device for s in simulated_sites(scenario, data, tmp_path, tmp_path)] == ["cpu", "cpu"]
+    assert federation_config(scenario.simulation, 2) == "num-supernodes=2 client-resources-num-cpus=1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    scenario = load_scenario(None, ["partition.sites=2", "resources.gpus_per_site=0.5"])
+    assert [s.device for s in simulated_sites(scenario, data, tmp_path, tmp_path)] == ["cuda", "cuda"]
+    assert federation_config(scenario.simulation, 2) == (
+        "num-supernodes=2 client-resources-num-cpus=1 client-resources-num-gpus=0.5"
+    )
+
+
 @needs_no_cuda
 def test_every_command_refuses_cuda_at_start(tmp_path, capsys):
     """The coordinator before its run directory exists, a site before it reads its data or
     connects, and predict and pretrain before they read anything."""
     message = 'error: resources.device = "cuda", but torch finds no CUDA'
     run_dir = tmp_path / "run"
-    assert fedmed.cli.server.main(["--insecure", "--device", "cuda", "--run-dir", str(run_dir)]) == 2
+    assert command(fedmed.cli.server.main, ["--insecure", "--device", "cuda", "--run-dir", str(run_dir)]) == 2
     assert message in capsys.readouterr().err and not run_dir.exists()
     site = ["--site", "st-mary", "--data", str(tmp_path / "no-such-data"), "--server", "coordinator:9092"]
-    assert fedmed.cli.client.main([*site, "--insecure", "--device", "cuda"]) == 2
+    assert command(fedmed.cli.client.main, [*site, "--insecure", "--device", "cuda"]) == 2
     assert message in capsys.readouterr().err
     config = tmp_path / "site.toml"
     config.write_text('[resources]\ndevice = "cuda:1"\n')
-    assert fedmed.cli.client.main([*site, "--insecure", "--config", str(config)]) == 2
+    assert command(fedmed.cli.client.main, [*site, "--insecure", "--config", str(config)]) == 2
     assert 'error: resources.device = "cuda:1", but torch finds no CUDA' in capsys.readouterr().err
-    assert fedmed.cli.main.main(["predict", str(tmp_path / "model"), str(tmp_path), "--device", "cuda"]) == 2
+    assert command(fedmed.cli.main.main, ["predict", str(tmp_path / "model"), str(tmp_path), "--device", "cuda"]) == 2
     assert message in capsys.readouterr().err
     out = tmp_path / "public-model"
-    assert fedmed.cli.main.main(["pretrain", str(tmp_path / "public"), "--out", str(out), "--device", "cuda"]) == 2
+    assert command(fedmed.cli.main.main, ["pretrain", str(tmp_path / "public"), "--out", str(out), "--device", "cuda"]) == 2
     assert message in capsys.readouterr().err and not out.exists()
 
 
@@ -196,16 +230,39 @@ def test_cpu_noise_is_torch_s_cpu_generator_seeded_as_before():
     assert secret[1].initial_seed() != _dp_generators(None, 1)[1].initial_seed()
 
 
+def test_the_autotuner_reads_its_clock_only_after_the_device_finished(monkeypatch):
+    """CUDA kernels run asynchronously: every clock read of the route timing follows a
+    synchronize of the batch's device, or the timing would be of the kernels' launch."""
+    events: list[str] = []
+    monkeypatch.setattr(fedmed.privacy.clipping, "synchronize", lambda device: events.append(f"sync {device}"))
+    clock = types.SimpleNamespace(perf_counter=lambda: events.append("clock") or time.perf_counter())
+    monkeypatch.setattr(fedmed.privacy.clipping, "time", clock)
+    model = build_model(ModelConfig(depth=10, width=8, image_size=16), seed=0)
+    x, y = torch.rand(6, 1, 16, 16), torch.tensor([0, 1, 0, 1, 1, 0])
+    _clipped_sum(model, x, y)
+    assert events.count("clock") >= 2 and events[0] != "clock"
+    assert all(before == "sync cpu" for before, now in zip(events, events[1:]) if now == "clock")
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    synchronize(torch.device("cpu"))
+    assert waited == []
+    synchronize(torch.device("cuda:0"))
+    assert waited == [torch.device("cuda:0")]
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="needs torch's fp32_precision settings")
+def test_cuda_computes_float32_in_float32_not_tf32():
+    """A clip factor from a TF32 norm could let a clipped gradient pass the clip norm."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    with exact_float32(torch.device("cpu")):
+        assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with exact_float32(torch.device("cuda")):
+        assert conv.fp32_precision == matmul.fp32_precision == "ieee"
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+
+
 # -- CUDA agrees with the CPU ------------------------------------------------------------
-
-
-def _clipped_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, groups=None) -> torch.Tensor:
-    clipper = PerSampleClipper(model, 0.3)
-    try:
-        clipper.accumulate(x, lambda out: F.cross_entropy(out, y, reduction="none"), None, groups)
-    finally:
-        clipper.remove()
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
 @needs_cuda

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from fedmed.config import RunSettings, SiteSettings
+from fedmed.config import RunSettings, SimulationSettings, SiteSettings
 from fedmed.deploy.launch import launch, start_simulation_superlink
 from fedmed.deploy.processes import ProcessWatch, free_port
 from fedmed.rundir import RunDirectory
@@ -56,6 +56,15 @@ def run_settings(scenario: Scenario, data: SimulationData, run_dir: Path, cache_
     return run
 
 
+def federation_config(simulation: SimulationSettings, sites: int) -> str:
+    """Flower's simulation settings: one SuperNode per site, each reserving
+    ``cpus_per_site`` CPUs and, when ``gpus_per_site`` > 0, that share of a GPU (Ray)."""
+    config = f"num-supernodes={sites} client-resources-num-cpus={simulation.cpus_per_site}"
+    if simulation.gpus_per_site > 0:
+        config += f" client-resources-num-gpus={simulation.gpus_per_site}"
+    return config
+
+
 def run_federated(scenario: Scenario, data: SimulationData, run_dir: Path, cache_dir: Path, live: bool) -> RunDirectory:
     """Run the scenario's federation; returns its run directory (the same layout as
     ``fedmed-server``'s, with each virtual site's ledger under ``sites/``). Every process
@@ -71,17 +80,13 @@ def run_federated(scenario: Scenario, data: SimulationData, run_dir: Path, cache
     superlink = start_simulation_superlink(port, run_dir / "logs" / "superlink.log", run_dir / ".flwr", env)
     watch = ProcessWatch()
     try:
-        simulation = scenario.simulation
-        resources = f"num-supernodes={len(data.names)} client-resources-num-cpus={simulation.cpus_per_site}"
-        if simulation.gpus_per_site > 0:  # Ray's share of a GPU per virtual site
-            resources += f" client-resources-num-gpus={simulation.gpus_per_site}"
         status = launch(
             run,
             directory,
             superlink,
             "127.0.0.1",
             port,
-            federation_config=resources,
+            federation_config=federation_config(scenario.simulation, len(data.names)),
             device=simulation_device(scenario),
             live=live,
             on_tick=lambda: watch.look({superlink.pid}),
