@@ -208,9 +208,7 @@ def pretrain_public(
     if not settings.data:
         raise ValueError("no public data given (pretrain.data)")
     public = load_public(Path(settings.data), run.class_names, run.image_size)
-    result = pretrain(
-        public.images, public.labels, public.patient_ids, run, settings, progress=progress, device=device
-    )
+    result = pretrain(public.images, public.labels, public.patient_ids, run, settings, progress=progress, device=device)
     card = public_model_card(
         run,
         settings,

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.config.fields import check_ranges, options
-from fedmed.device import DEVICE_NAMES, check_device_name
 from fedmed.config.files import tomllib
 from fedmed.config.flower_config import from_flower, to_flower
+from fedmed.device import DEVICE_NAMES, check_device_name
 
 __all__ = ["tomllib"]  # re-exported: the one TOML reader of Python 3.10 and 3.11+
 

@@ -32,7 +32,9 @@ def simulate(scenario: Scenario, modes: tuple[str, ...], out: Path, live: bool) 
     data = prepare_sites(scenario, out / "data")
     print(data.table, flush=True)
     if scenario.pretrain.data:  # every row starts from the same public model
-        scenario = replace(scenario, run=replace(scenario.run, initial_model=str(pretrained_model(scenario, out, device))))
+        scenario = replace(
+            scenario, run=replace(scenario.run, initial_model=str(pretrained_model(scenario, out, device)))
+        )
     results = out / datetime.now().strftime("results-%Y%m%d-%H%M%S")
     results.mkdir(parents=True)
     comparison: list[dict] = []
