@@ -251,8 +251,16 @@ def test_the_autotuner_reads_its_clock_only_after_the_device_finished(monkeypatc
 
 
 @pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="needs torch's fp32_precision settings")
-def test_cuda_computes_float32_in_float32_not_tf32():
-    """A clip factor from a TF32 norm could let a clipped gradient pass the clip norm."""
+def test_cuda_computes_float32_in_float32_not_tf32(monkeypatch):
+    """A clip factor from a TF32 norm could let a clipped gradient pass the clip norm: the
+    clipper computes under ``exact_float32`` for its batch's device, which on CUDA asks for
+    IEEE float32 and restores the setting after."""
+    seen = []
+    real = fedmed.privacy.clipping.exact_float32
+    monkeypatch.setattr(fedmed.privacy.clipping, "exact_float32", lambda device: seen.append(device) or real(device))
+    _clipped_sum(build_model(ModelConfig(depth=10, width=8, image_size=16), seed=0), torch.rand(4, 1, 16, 16),
+                 torch.tensor([0, 1, 1, 0]))
+    assert seen == [torch.device("cpu")]
     conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
     before = conv.fp32_precision, matmul.fp32_precision
     with exact_float32(torch.device("cpu")):

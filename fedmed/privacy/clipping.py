@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
-from fedmed.device import synchronize
+from fedmed.device import exact_float32, synchronize
 
 SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm)
 
@@ -112,7 +112,19 @@ class PerSampleClipper:
         the weights then scale each sample's gradient before its group's sum is clipped.
 
         Returns (per-sample losses, gradient norms before clipping: per sample, or per group).
+        On CUDA every float32 product is computed in float32, not TF32 (``exact_float32``):
+        a norm computed short would let a clipped gradient pass the clip norm.
         """
+        with exact_float32(inputs.device):
+            return self._accumulate(inputs, per_sample_loss, sample_weights, groups)
+
+    def _accumulate(
+        self,
+        inputs: torch.Tensor,
+        per_sample_loss: Callable[[torch.Tensor], torch.Tensor],
+        sample_weights: torch.Tensor | None,
+        groups: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if sample_weights is not None and not bool(((sample_weights >= 0) & (sample_weights <= 1)).all()):
             raise ValueError(
                 "sample weights after clipping must lie in [0, 1]: larger ones would raise the "

@@ -19,10 +19,10 @@ from fedmed.config.files import parse_override, read_toml, route
 
 PARTS = {
     "simulation": SimulationSettings,
+    "device": DeviceSettings,  # [resources] device, listed beside the simulation's other resources
     "run": RunSettings,
     "site": SiteSettings,
     "pretrain": PretrainSettings,
-    "device": DeviceSettings,
 }
 TOP_LEVEL = ("name", "description")
 
