@@ -18,12 +18,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from fedmed.data.cache import PREPROCESSING_VERSION, Decoded, decode_files
 from fedmed.data.dicom import DicomReadError, ReadOptions
 from fedmed.data.picture import is_picture, read_picture
 from fedmed.data.report import FileOutcome, SkipReason
+from fedmed.device import resolve_device
 from fedmed.metrics import calibration, classification_metrics
 from fedmed.model import ModelConfig, build_model, card_architecture
 from fedmed.rundir import CARD_FILE, MODEL_FILE, load_arrays
@@ -51,8 +53,9 @@ class LoadedModel:
         return int(self.card["input"]["image_size"])
 
 
-def load_model_dir(path: Path | str) -> LoadedModel:
-    """The model in ``path`` (a run's ``model`` folder, or its ``model.npz``)."""
+def load_model_dir(path: Path | str, device: str | torch.device = "cpu") -> LoadedModel:
+    """The model in ``path`` (a run's ``model`` folder, or its ``model.npz``), on ``device``
+    (a ``resources.device`` name or a torch device), where it then scores."""
     path = Path(path)
     folder = path.parent if path.is_file() and path.name == MODEL_FILE else path
     missing = [name for name in (MODEL_FILE, CARD_FILE) if not (folder / name).is_file()]
@@ -74,7 +77,7 @@ def load_model_dir(path: Path | str) -> LoadedModel:
         load_state(model, load_arrays(folder / MODEL_FILE))
     except ValueError as exc:
         raise ValueError(f"{folder / MODEL_FILE} does not fit the architecture in its model card: {exc}") from exc
-    return LoadedModel(model.eval(), card, folder)
+    return LoadedModel(model.to(resolve_device(device) if isinstance(device, str) else device).eval(), card, folder)
 
 
 @dataclass(frozen=True)

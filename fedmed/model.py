@@ -40,6 +40,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from fedmed.config import FRONTENDS, NORM_GROUPS, RunSettings
+from fedmed.device import device_of
 
 SMALL_INPUT_MAX = 64
 SCATTERING_MIN_SCALES = 2  # J at 32 px and less: every model trained before J grew with the image
@@ -282,18 +283,22 @@ FIXED_INPUTS_LIMIT = 2 * 2**30  # bytes of precomputed coefficients a site may h
 @torch.no_grad()
 def fixed_inputs(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """What ``model`` should be fed for ``images`` (N, H, W): their scattering coefficients,
-    computed once, when its stem is fixed and they fit in ``FIXED_INPUTS_LIMIT``; otherwise
-    the images themselves (the stem then computes them at every step)."""
+    computed once on the stem's device and kept in memory, when its stem is fixed and they
+    fit in ``FIXED_INPUTS_LIMIT``; otherwise the images themselves (the stem then computes
+    them at every step)."""
     stem = getattr(model, "frontend", None)
     if not isinstance(stem, ScatteringStem) or len(images) == 0:
         return images
     side = images.shape[-1] // 2**stem.scales
     if len(images) * stem.channels * side * side * 4 > FIXED_INPUTS_LIMIT:
         return images
+    device = device_of(stem)  # the scattering filters are buffers: they move with the model
     chunks = [
         stem.coefficients(
-            torch.from_numpy(np.asarray(images[s : s + batch_size], dtype=np.float32)).unsqueeze(1)
-        ).numpy()
+            torch.from_numpy(np.asarray(images[s : s + batch_size], dtype=np.float32)).unsqueeze(1).to(device)
+        )
+        .cpu()
+        .numpy()
         for s in range(0, len(images), batch_size)
     ]
     return np.concatenate(chunks)

@@ -13,6 +13,10 @@ Rules it keeps:
 * augmentation is what suits chest X-rays: small shifts, small rotations and contrast
   changes, never a horizontal flip (the heart is on one side);
 * the class order is the run's: public label i trains output i.
+
+It trains on the device it is given (``fedmed pretrain --device``, a simulation's
+``resources.device``); the augmentations are drawn on the CPU from the run's seed either
+way, so both devices see the same shifted and rotated images.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch import nn
 
 from fedmed.config import PretrainSettings, RunSettings
 from fedmed.data.split import split_by_patient
+from fedmed.device import device_of, resolve_device
 from fedmed.model import ModelConfig, build_model, fixed_inputs
 from fedmed.train import evaluate
 from fedmed.weights import model_state
@@ -64,15 +69,16 @@ class PretrainResult:
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each image (B, 1, H, W) shifted, rotated and contrast-changed by its own random amount."""
+    """Each image (B, 1, H, W) shifted, rotated and contrast-changed by its own random
+    amount, drawn from ``generator`` (a CPU one) and applied on the images' device."""
     n = images.shape[0]
 
     def uniform(low: float, high: float) -> torch.Tensor:
-        return torch.rand(n, generator=generator) * (high - low) + low
+        return (torch.rand(n, generator=generator) * (high - low) + low).to(images.device)
 
     angle = uniform(-MAX_ROTATION, MAX_ROTATION)
     shift = uniform(-2 * MAX_SHIFT, 2 * MAX_SHIFT), uniform(-2 * MAX_SHIFT, 2 * MAX_SHIFT)  # grid units: side = 2
-    theta = torch.zeros(n, 2, 3)
+    theta = torch.zeros(n, 2, 3, device=images.device)
     theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = angle.cos(), -angle.sin(), shift[0]
     theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = angle.sin(), angle.cos(), shift[1]
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
@@ -91,10 +97,12 @@ def pretrain(
     settings: PretrainSettings,
     *,
     progress: Callable[[EpochRecord], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> PretrainResult:
     """Train the run's architecture on public ``images`` (N, H, W) in [0, 1] at the run's
-    size, without privacy; returns the last epoch's weights, or with ``patience`` the best
-    validation epoch's."""
+    size, without privacy, on ``device`` (a ``resources.device`` name or a torch device);
+    returns the last epoch's weights, or with ``patience`` the best validation epoch's."""
+    device = resolve_device(device) if isinstance(device, str) else device
     classes = len(run.class_names)
     if len(labels) == 0 or int(labels.max()) >= classes:
         raise ValueError(
@@ -107,7 +115,7 @@ def pretrain(
             f"{run.image_size} px: read them at data.image_size"
         )
     train_idx, val_idx = split_by_patient(labels, list(patient_ids), settings.val_fraction, run.seed)
-    model = build_model(ModelConfig.from_settings(run), seed=run.seed)
+    model = build_model(ModelConfig.from_settings(run), seed=run.seed).to(device)
     if not settings.augment:  # the same images every epoch: a fixed front-end's output is computed once
         images = fixed_inputs(model, images)
     optimizer = torch.optim.SGD(
@@ -157,14 +165,15 @@ def _train_epoch(
     schedule: torch.optim.lr_scheduler.LRScheduler,
     generator: torch.Generator,
 ) -> float:
-    """One pass in mini-batches; returns the mean training loss."""
+    """One pass in mini-batches on the model's device; returns the mean training loss."""
     model.train()
+    device = device_of(model)
     total, seen = 0.0, 0
     for start in range(0, len(order), settings.batch_size):
         rows = order[start : start + settings.batch_size]
-        x = torch.from_numpy(np.ascontiguousarray(images[rows], dtype=np.float32))
+        x = torch.from_numpy(np.ascontiguousarray(images[rows], dtype=np.float32)).to(device)
         x = x.unsqueeze(1) if x.dim() == 3 else x  # images, or precomputed front-end inputs
-        y = torch.from_numpy(np.asarray(labels[rows], dtype=np.int64))
+        y = torch.from_numpy(np.asarray(labels[rows], dtype=np.int64)).to(device)
         if settings.augment:
             x = augment(x, generator)
         optimizer.zero_grad()
@@ -183,11 +192,15 @@ def _finite(scores: dict | None, key: str) -> float | None:
 
 
 def pretrain_public(
-    run: RunSettings, settings: PretrainSettings, out: Path, progress: Callable[[EpochRecord], None] | None = None
+    run: RunSettings,
+    settings: PretrainSettings,
+    out: Path,
+    progress: Callable[[EpochRecord], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> Path:
-    """Read ``settings.data`` (public), pre-train the run's architecture on it and write
-    ``out`` as a model folder (``model.npz`` and its public model card), which
-    ``--initial-model`` and ``fedmed predict`` accept; returns ``out``."""
+    """Read ``settings.data`` (public), pre-train the run's architecture on it on
+    ``device`` and write ``out`` as a model folder (``model.npz`` and its public model
+    card), which ``--initial-model`` and ``fedmed predict`` accept; returns ``out``."""
     from fedmed.coordinator.model_card import public_model_card, public_model_card_markdown
     from fedmed.data.public import load_public  # Pillow and pydicom: only when pre-training
     from fedmed.rundir import write_model_folder
@@ -195,7 +208,7 @@ def pretrain_public(
     if not settings.data:
         raise ValueError("no public data given (pretrain.data)")
     public = load_public(Path(settings.data), run.class_names, run.image_size)
-    result = pretrain(public.images, public.labels, public.patient_ids, run, settings, progress=progress)
+    result = pretrain(public.images, public.labels, public.patient_ids, run, settings, progress=progress, device=device)
     card = public_model_card(
         run,
         settings,

@@ -17,6 +17,10 @@ weights scale each sample's gradient after clipping, divided by the largest weig
 weight on the loss before clipping is mostly undone by the clipping (every large gradient
 ends at the clip norm whatever its weight), and a weight above 1 would raise the
 sensitivity above the clip norm.
+
+Training runs where the model is (``fedmed.device``; a site's ``resources.device``): the
+batches, the per-sample clipping, the clipped sum and the noise are computed there, and
+the trained weights leave as CPU arrays, the same on every device (``model_state``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmed.config import RunSettings
+from fedmed.device import device_of, exact_float32, resolve_device
 from fedmed.metrics import classification_metrics
 from fedmed.privacy.accounting import HistoryLike
 from fedmed.privacy.adaptive_clipping import AdaptiveClipping
@@ -106,14 +111,19 @@ def train_round(
     run_id: str,
     round_number: int,
     reserved: HistoryLike = (),
+    device: str | torch.device | None = None,
 ) -> RoundResult:
     """Train ``model`` in place for one round unless the site's budget forbids it; the
     spend (or the refusal) is recorded in ``ledger`` (``fedmed.privacy.spending``).
+    ``device`` (a ``resources.device`` name or a torch device) moves ``model`` there
+    first; None trains where the model already is.
 
     At patient level patients are Poisson-sampled, each patient's summed gradient is
     clipped, and the accounting uses the patient sampling rate, with the same expected
     number of images per step as image-level training. ``reserved`` is the privacy cost of
     the run's releases still to come (``fedmed.privacy.release``)."""
+    if device is not None:
+        model.to(resolve_device(device) if isinstance(device, str) else device)
     examples = len(data.labels)
     records = record_count(data.labels, data.patient_of)
     request = SpendRequest(
@@ -129,6 +139,10 @@ def train_round(
     )
 
     def run_steps(plan: RoundPrivacy, clipping: AdaptiveClipping | None) -> TrainedRound:
+        with exact_float32(device_of(model)):
+            return train_steps(plan, clipping)
+
+    def train_steps(plan: RoundPrivacy, clipping: AdaptiveClipping | None) -> TrainedRound:
         if plan.dp:
             return _train_private(
                 model,
@@ -195,8 +209,11 @@ def _patient_batches(
 def _loss_function(train: TrainConfig, labels: torch.Tensor, weighted: bool = True):
     """Per-sample losses; ``weighted=False`` leaves the class weights out (DP applies them
     after clipping, see :func:`_clipped_gradient_weights`)."""
-    weights = torch.tensor(train.class_weights, dtype=torch.float32) if train.class_weights and weighted else None
-    prior = torch.tensor(train.class_prior, dtype=torch.float32) if train.class_prior else None
+    on = labels.device
+    weights = (
+        torch.tensor(train.class_weights, dtype=torch.float32, device=on) if train.class_weights and weighted else None
+    )
+    prior = torch.tensor(train.class_prior, dtype=torch.float32, device=on) if train.class_prior else None
     adjustment = torch.log(prior / prior.sum()) if prior is not None else 0.0
 
     def per_sample(outputs: torch.Tensor) -> torch.Tensor:
@@ -209,7 +226,7 @@ def _clipped_gradient_weights(train: TrainConfig, labels: torch.Tensor) -> torch
     """Each sample's class weight divided by the largest, applied to its clipped gradient."""
     if not train.class_weights:
         return None
-    weights = torch.tensor(train.class_weights, dtype=torch.float32)
+    weights = torch.tensor(train.class_weights, dtype=torch.float32, device=labels.device)
     return (weights / weights.max())[labels]
 
 
@@ -219,16 +236,19 @@ def _optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     )
 
 
-def _images(images: np.ndarray, indices: np.ndarray) -> torch.Tensor:
-    """Selected images as a (batch, 1, H, W) tensor, or precomputed inputs
+def _images(images: np.ndarray, indices: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Selected images as a (batch, 1, H, W) tensor on ``device``, or precomputed inputs
     (``fedmed.model.fixed_inputs``, already (N, C, H, W)) as they are; only these rows are
     read from a memory map."""
-    batch = torch.from_numpy(np.ascontiguousarray(images[indices], dtype=np.float32))
+    batch = torch.from_numpy(np.ascontiguousarray(images[indices], dtype=np.float32)).to(device)
     return batch.unsqueeze(1) if batch.dim() == 3 else batch
 
 
-def _batch(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    return _images(images, indices), torch.from_numpy(np.asarray(labels[indices], dtype=np.int64))
+def _batch(
+    images: np.ndarray, labels: np.ndarray, indices: np.ndarray, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    labels_of = torch.from_numpy(np.asarray(labels[indices], dtype=np.int64)).to(device)
+    return _images(images, indices, device), labels_of
 
 
 def _train_private(
@@ -243,8 +263,10 @@ def _train_private(
 ) -> TrainedRound:
     """DP-SGD steps of ``plan``; with ``data.patient_of`` the sampled and clipped records are
     patients. Without ``clipping`` the clip norm is ``max_grad_norm`` and the noise
-    multiplier the plan's; with it, both follow ``clipping`` (the clip norm step by step)."""
+    multiplier the plan's; with it, both follow ``clipping`` (the clip norm step by step).
+    Everything of a step but the sampling is computed on the model's device."""
     images, labels, patient_of = data.images, data.labels, data.patient_of
+    device = device_of(model)
     sample_rate, steps = plan.sample_rate, plan.steps
     noise_multiplier = plan.noise_multiplier if clipping is None else clipping.gradient_noise
     clip_norm = max_grad_norm if clipping is None else clipping.start
@@ -257,7 +279,7 @@ def _train_private(
     elif patient_of is not None:
         boundaries = np.cumsum(np.bincount(patient_of, minlength=n))[:-1]
         members = np.split(np.argsort(patient_of, kind="stable"), boundaries)
-    sampling, noise = _dp_generators(train.insecure_noise_seed, round_number)
+    sampling, noise = _dp_generators(train.insecure_noise_seed, round_number, device)
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # opacus loads 1 s of modules
 
     canaries = np.zeros(0, dtype=np.int64) if data.canaries is None else np.asarray(data.canaries, dtype=np.int64)
@@ -270,7 +292,7 @@ def _train_private(
     params = [p for p in model.parameters() if p.requires_grad]
     # Every gradient is a view of one flat buffer, so a step clears it, adds the noise and
     # scales it in one operation each instead of one per parameter.
-    flat = torch.zeros(sum(p.numel() for p in params))
+    flat = torch.zeros(sum(p.numel() for p in params), device=device)
     noise_buffer = torch.empty_like(flat)
     offset = 0
     for p in params:
@@ -296,12 +318,12 @@ def _train_private(
             else:
                 batches = _patient_batches(batch_indices, members, train.physical_batch_size)
             for rows, groups in batches:
-                x, y = _batch(images, labels, rows)
+                x, y = _batch(images, labels, rows, device)
                 losses, norms = clipper.accumulate(
                     x,
                     _loss_function(train, y, weighted=False),
                     _clipped_gradient_weights(train, y),
-                    None if groups is None else torch.from_numpy(groups),
+                    None if groups is None else torch.from_numpy(groups).to(device),
                 )
                 total_loss += float(losses.sum())
                 seen += len(y)
@@ -309,7 +331,9 @@ def _train_private(
                     unclipped += int((norms <= clip_norm).sum())
             if len(canaries_drawn):
                 flat.index_add_(
-                    0, torch.from_numpy(canaries_drawn), torch.full((len(canaries_drawn),), float(clip_norm))
+                    0,
+                    torch.from_numpy(canaries_drawn).to(device),
+                    torch.full((len(canaries_drawn),), float(clip_norm), device=device),
                 )
             flat.add_(noise_buffer.normal_(0.0, noise_multiplier * clip_norm, generator=noise))
             flat.div_(sample_rate * records)
@@ -333,20 +357,36 @@ def _next_clip_norm(
 ) -> float:
     """The clip norm after a step, from its count of unclipped records and the count's noise,
     drawn from the step's (secret) noise generator after the gradient's."""
-    count_noise = float(torch.empty(1, dtype=torch.float64).normal_(0.0, clipping.count_noise, generator=noise))
+    count = torch.empty(1, dtype=torch.float64, device=noise.device)
+    count_noise = float(count.normal_(0.0, clipping.count_noise, generator=noise))
     return clipping.step(clip_norm, unclipped, drawn, count_noise, expected_records)
 
 
-def _dp_generators(insecure_seed: int | None, round_number: int) -> tuple[torch.Generator, torch.Generator]:
+def _dp_generators(
+    insecure_seed: int | None, round_number: int, device: torch.device | None = None
+) -> tuple[torch.Generator, torch.Generator]:
     """Generators for Poisson sampling and Gaussian noise; secret unless a seed is forced
-    (then each round still gets its own streams)."""
+    (then each round still gets its own streams).
+
+    Both are torch generators seeded with 63 bits from ``secrets`` (the OS's randomness).
+    Sampling always draws on the CPU (Opacus's sampler draws there; a record's inclusion is
+    one number per record). The noise is drawn where the gradients are: on the CPU by
+    torch's CPU generator (Mersenne Twister), as always; on CUDA by a ``torch.Generator``
+    on that device, which is torch's Philox4x32-10 generator, so the model-sized noise
+    vector is drawn in place on the GPU each step instead of on the CPU and copied over.
+    The two devices therefore draw different noise from the same seed, of the same
+    distribution; a forced seed reproduces a round only on the same kind of device."""
+    on = torch.device("cpu") if device is None else device
     if insecure_seed is None:
         return (
             torch.Generator().manual_seed(secrets.randbits(63)),
-            torch.Generator().manual_seed(secrets.randbits(63)),
+            torch.Generator(device=on).manual_seed(secrets.randbits(63)),
         )
     seeds = np.random.SeedSequence([insecure_seed, round_number]).generate_state(2, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(seeds[0] >> 1)), torch.Generator().manual_seed(int(seeds[1] >> 1))
+    return (
+        torch.Generator().manual_seed(int(seeds[0] >> 1)),
+        torch.Generator(device=on).manual_seed(int(seeds[1] >> 1)),
+    )
 
 
 def _train_plain(
@@ -356,6 +396,7 @@ def _train_plain(
     step size tuned for DP-SGD (whose averaged clipped gradients are never longer than the
     clip norm) does not diverge here, and one recipe serves both modes."""
     images, labels = data.images, data.labels
+    device = device_of(model)
     model.train()
     n = len(labels)
     rng = np.random.default_rng([train.seed, round_number])
@@ -367,7 +408,7 @@ def _train_plain(
         batch_indices, order = order[: train.batch_size], order[train.batch_size :]
         optimizer.zero_grad()
         for start in range(0, len(batch_indices), train.physical_batch_size):
-            x, y = _batch(images, labels, batch_indices[start : start + train.physical_batch_size])
+            x, y = _batch(images, labels, batch_indices[start : start + train.physical_batch_size], device)
             losses = _loss_function(train, y)(model(x))
             (losses.sum() / len(batch_indices)).backward()
             total_loss += float(losses.detach().sum())
@@ -379,12 +420,14 @@ def _train_plain(
 
 @torch.no_grad()
 def predict(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities, (n, classes)."""
+    """Class probabilities, (n, classes), computed on the model's device."""
     model.eval()
-    outputs = [
-        torch.softmax(model(_images(images, np.arange(s, min(s + batch_size, len(images))))), 1)
-        for s in range(0, len(images), batch_size)
-    ]
+    device = device_of(model)
+    with exact_float32(device):
+        outputs = [
+            torch.softmax(model(_images(images, np.arange(s, min(s + batch_size, len(images))), device)), 1).cpu()
+            for s in range(0, len(images), batch_size)
+        ]
     return torch.cat(outputs).numpy() if outputs else np.zeros((0, 2), dtype=np.float32)
 
 

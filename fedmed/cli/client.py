@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedmed.config import ClientSettings, RunSettings, SiteSettings
+from fedmed.config import ClientSettings, DeviceSettings, RunSettings, SiteSettings
 from fedmed.config.command_line import add_options, load_settings
 from fedmed.flower.waits import check_flower
 from fedmed.runtime import entry_point, keep_freed_memory
@@ -18,7 +18,8 @@ from fedmed.runtime import entry_point, keep_freed_memory
 if TYPE_CHECKING:
     from fedmed.site.data import SiteSplit
 
-PARTS = {"client": ClientSettings, "site": SiteSettings, "data": RunSettings}
+# resources: where this site trains, its own choice (the coordinator's run settings cannot set it)
+PARTS = {"client": ClientSettings, "site": SiteSettings, "data": RunSettings, "resources": DeviceSettings}
 ONLY = {"data": ("classes", "image_size")}  # what the site needs of the run before the first round
 
 
@@ -33,11 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         metavar="TOML",
-        help="site config file with [site], [connection], [privacy] and [data] sections (see "
+        help="site config file with [site], [connection], [privacy], [data] and [resources] sections (see "
         "client/site.toml); options given here override it",
     )
     add_options(p, SiteSettings, "this hospital")
     add_options(p, ClientSettings, "the connection to the coordinator")
+    add_options(p, DeviceSettings, "this machine")
     add_options(p, RunSettings, "as the coordinator's (fills the cache before the first round)", only=ONLY["data"])
     return p
 
@@ -69,7 +71,7 @@ def print_site_data(split: SiteSplit, site: SiteSettings) -> None:
     print(split.data.report.to_text(), flush=True)
     print(
         f"site {printable(site.name)}: {len(split.train)} training and {len(split.val)} validation images; "
-        f"ledger {printable(site.ledger)}",
+        f"ledger {printable(site.ledger)}; computing on {site.device}",
         flush=True,
     )
 
@@ -80,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_flower()
         settings = load_settings(args, PARTS, args.config, ONLY)
+        from fedmed.device import resolve_device  # torch: once the settings are read
+
+        device = str(resolve_device(settings["resources"].device))  # before the site connects
     except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedmed.deploy.site import serve, site_settings  # Flower's runtime internals: after check_flower
     from fedmed.site.work import SiteWork
 
-    site = site_settings(settings["site"], client)
+    site = site_settings(settings["site"], client, device)
     work = SiteWork(site)
     try:
         split = work.split(settings["data"])

@@ -6,6 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedmed.config import DeviceSettings
+from fedmed.config.command_line import add_options, given
+from fedmed.config.fields import build
+from fedmed.device import resolve_device
 from fedmed.inference import FORMATS, list_studies, load_model_dir, predict_studies, write_predictions
 from fedmed.numbers import format_number
 
@@ -40,6 +44,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--format", default="csv", help=f"comma-separated output formats: {', '.join(FORMATS)} (default csv)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_options(p, DeviceSettings, "this machine")
     p.set_defaults(handler=_predict)
 
 
@@ -48,12 +53,13 @@ def _predict(args: argparse.Namespace) -> int:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ValueError(f"--format takes {', '.join(FORMATS)} (comma-separated), got {args.format!r}")
-    loaded = load_model_dir(args.model)
+    device = resolve_device(build(DeviceSettings, given(args, DeviceSettings), "command line").device)
+    loaded = load_model_dir(args.model, device)
     studies, skipped, labels_from = list_studies(args.data, loaded.classes)
     if not args.quiet:
         print(
             f"scoring {len(studies)} files from {args.data} with {loaded.path} "
-            f"({', '.join(loaded.classes)}; labels: {labels_from or 'none'})",
+            f"({', '.join(loaded.classes)}; labels: {labels_from or 'none'}) on {device}",
             file=sys.stderr,
         )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedmed.config import PretrainSettings, RunSettings
+from fedmed.config import DeviceSettings, PretrainSettings, RunSettings
 from fedmed.config.command_line import add_options, given
 from fedmed.config.fields import build
 
@@ -29,16 +29,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_options(
         p, PretrainSettings, "pre-training", only=tuple(f for f in PretrainSettings.__dataclass_fields__ if f != "data")
     )
+    add_options(p, DeviceSettings, "this machine")
     p.set_defaults(handler=_pretrain)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    from fedmed.device import resolve_device
     from fedmed.pretrain import pretrain_public  # torch: only when pre-training
 
     run = build(RunSettings, given(args, RunSettings), "command line")
     settings = build(PretrainSettings, {**given(args, PretrainSettings), "data": str(args.data)}, "command line")
+    device = resolve_device(build(DeviceSettings, given(args, DeviceSettings), "command line").device)
     if (args.out / "model.npz").exists():
         raise FileExistsError(f"{args.out} already holds a model; choose another --out")
+    print(f"pre-training on {device}", flush=True)
 
     def show(record) -> None:
         val = (
@@ -52,7 +56,7 @@ def _pretrain(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    out = pretrain_public(run, settings, args.out, show)
+    out = pretrain_public(run, settings, args.out, show, device=device)
     print(
         f"public model: {out} (model card: {out / 'model_card.md'}); no privacy budget was spent.\n"
         f"Start a federation from it: fedmed-server --initial-model {out} (same model settings)"

@@ -8,13 +8,15 @@ import signal
 import sys
 from pathlib import Path
 
-from fedmed.config import RunSettings, ServerSettings
+from fedmed.config import DeviceSettings, RunSettings, ServerSettings
 from fedmed.config.command_line import add_options, load_settings
 from fedmed.deploy.server import check_server, coordinate, new_run, resumed_run
+from fedmed.device import resolve_device
 from fedmed.flower.waits import check_flower
 from fedmed.runtime import entry_point
 
-PARTS = {"server": ServerSettings, "run": RunSettings}
+# resources: where the coordinator scores its own held-out set; never sent to the sites
+PARTS = {"server": ServerSettings, "run": RunSettings, "resources": DeviceSettings}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         metavar="TOML",
-        help="coordinator config file with [server], [data], [model], [training] and [federation] "
-        "sections (see server/coordinator.toml); options given here override it",
+        help="coordinator config file with [server], [data], [model], [training], [federation] "
+        "and [resources] sections (see server/coordinator.toml); options given here override it",
     )
     p.add_argument("--run-dir", type=Path, help="where to write the run (default runs/<date-time>)")
     p.add_argument(
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_options(p, ServerSettings, "the coordinator")
     add_options(p, RunSettings, "the run (sent to every site)")
+    add_options(p, DeviceSettings, "this machine (the coordinator's own held-out scoring; never sent)")
     return p
 
 
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args, PARTS, args.config)
         server = settings["server"]
         check_server(server)
+        device = str(resolve_device(settings["resources"].device))  # before any site joins
         run, run_dir = resumed_run(args.resume) if args.resume else new_run(settings["run"], args.run_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds like Ctrl-C: the SuperLink is stopped
     try:
-        status = coordinate(run, run_dir, server, live=sys.stdout.isatty())
+        status = coordinate(run, run_dir, server, live=sys.stdout.isatty(), device=device)
     except KeyboardInterrupt:
         print("\ninterrupted; resume later with --resume", run_dir.path, file=sys.stderr)
         return 130

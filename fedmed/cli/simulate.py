@@ -13,7 +13,7 @@ from fedmed.config.command_line import add_scenario_overrides
 from fedmed.config.files import settings_table
 from fedmed.flower.waits import check_flower
 from fedmed.runtime import entry_point, keep_freed_memory
-from fedmed.simulate.scenario import PARTS, TOP_LEVEL, load_scenario
+from fedmed.simulate.scenario import PARTS, TOP_LEVEL, load_scenario, simulation_device
 
 MODES = ("federated", "centralized", "local")
 
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"unknown mode {', '.join(unknown)}; choose from {', '.join(MODES)} or all")
         check_flower()
         scenario = load_scenario(args.scenario, args.overrides)
+        simulation_device(scenario)  # a device this machine lacks is refused before any site starts
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ from typing import Any
 from fedmed.config.fields import check_ranges, options
 from fedmed.config.files import tomllib
 from fedmed.config.flower_config import from_flower, to_flower
+from fedmed.device import DEVICE_NAMES, check_device_name
 
 __all__ = ["tomllib"]  # re-exported: the one TOML reader of Python 3.10 and 3.11+
 
@@ -523,9 +524,15 @@ class SiteSettings:
         below=1.0,
     )
     ledger: str = internal("", "the site's privacy ledger (fedmed-client keeps it in the state directory)")
+    device: str = internal(
+        "cpu",
+        "where the site trains and validates: fedmed-client's resources.device, or a simulation's for its "
+        "virtual sites, resolved (fedmed.device); never the coordinator's to choose",
+    )
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        check_device_name(self.device)
         unknown = sorted(set(self.exact_releases) - set(EXACT_RELEASES))
         if unknown:
             raise ValueError(
@@ -644,6 +651,25 @@ class ClientSettings:
 
 
 @dataclass(frozen=True)
+class DeviceSettings:
+    """Where this machine computes (``fedmed.device``): a hospital's training and
+    validation, the coordinator's scoring of its held-out set, a simulation, ``fedmed
+    pretrain`` and ``fedmed predict``. Each machine chooses its own; it is never part of
+    the run's settings, so a coordinator cannot choose a site's."""
+
+    device: str = setting(
+        "auto",
+        f"where to compute: {DEVICE_NAMES} (auto: CUDA when torch finds it, else the CPU); what leaves a "
+        "site is the same either way",
+        section="resources",
+    )
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        check_device_name(self.device)
+
+
+@dataclass(frozen=True)
 class SimulationSettings:
     """A simulation's own settings: where its data comes from, how it is split over
     virtual hospitals, and the simulation's resources."""
@@ -674,6 +700,13 @@ class SimulationSettings:
     seed: int = setting(0, "seed of the data split over sites", section="partition", low=0)
     min_site_size: int = setting(20, "fewest images a site gets", section="partition", low=1)
     cpus_per_site: int = setting(1, "CPUs reserved per virtual site (Ray)", section="resources", low=1)
+    gpus_per_site: float = setting(
+        0.0,
+        "GPUs reserved per virtual site (Ray), a share: 0.25 lets four sites train on one GPU at once; "
+        "needs CUDA (0: the virtual sites train on CPUs, as Ray hides the GPUs from them)",
+        section="resources",
+        low=0.0,
+    )
     ray_address: str = setting("", "attach to this Ray cluster instead of starting one", section="resources")
 
     @property

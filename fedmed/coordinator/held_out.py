@@ -1,5 +1,7 @@
 """The coordinator's own held-out set (``run.server_eval_data``), scored exactly and at no
-privacy cost: no site's data is involved."""
+privacy cost: no site's data is involved. It is scored where the coordinator's model is,
+on the coordinator's own ``resources.device`` (``RunDirectory.device``): the run's
+settings, which every site receives, carry no device."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from fedmed.weights import load_state
 
 def load_server_eval(run: RunSettings, model: nn.Module) -> tuple[np.ndarray, np.ndarray] | None:
     """The coordinator's own held-out set, if it has one, as ``model`` is fed it
-    (``fedmed.model.fixed_inputs``), with its labels."""
+    (``fedmed.model.fixed_inputs``, computed on the model's device), with its labels."""
     if not run.server_eval_data:
         return None
     from fedmed.data.cache import default_cache_dir
@@ -31,7 +33,7 @@ def load_server_eval(run: RunSettings, model: nn.Module) -> tuple[np.ndarray, np
 
 
 def evaluate_held_out(model: nn.Module, state: dict[str, np.ndarray], held_out: tuple[np.ndarray, np.ndarray]) -> dict:
-    """``state``'s scores on the held-out set, with its size."""
+    """``state``'s scores on the held-out set, with its size, computed on ``model``'s device."""
     from fedmed.train import evaluate
 
     load_state(model, state)

@@ -132,11 +132,14 @@ def launch(
     root_certificate: Path | None = None,
     authorized_keys: Path | None = None,
     federation_config: str = "",
+    device: str = "cpu",
     live: bool = False,
     on_tick: Callable[[], None] | None = None,
 ) -> dict:
     """Submit fedmed's apps with ``run``'s settings to a started SuperLink and follow the
-    run until it ends; returns its final status (see ``follow_run``)."""
+    run until it ends; returns its final status (see ``follow_run``). ``device`` (resolved)
+    is where the ServerApp scores the coordinator's held-out set."""
+    run_dir.write_device(device)
     wait_for_port(host, port, 60, superlink)
     env = write_flower_home(run_dir.path / ".flwr", f"{host}:{port}", root_certificate)
     if authorized_keys is not None:

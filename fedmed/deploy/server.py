@@ -74,10 +74,13 @@ def _check_running(process: ManagedProcess, what: str) -> None:
         raise RuntimeError(f"{what} stopped (code {process.process.returncode}):\n{process.log_tail()}")
 
 
-def coordinate(run: RunSettings, run_dir: RunDirectory, server: ServerSettings, live: bool) -> dict:
+def coordinate(
+    run: RunSettings, run_dir: RunDirectory, server: ServerSettings, live: bool, device: str = "cpu"
+) -> dict:
     """Start the SuperLink on loopback and the sites' gateway on the operator's address,
     register the sites' keys, sign the run's settings and run the rounds; both processes
-    are stopped before this returns the run's final status."""
+    are stopped before this returns the run's final status. ``device`` (resolved) scores
+    the coordinator's held-out set."""
     certificates = certificates_dir(server)
     keys = Path(server.authorized_keys) if server.authorized_keys else None
     key = signing_key(server)
@@ -107,6 +110,7 @@ def coordinate(run: RunSettings, run_dir: RunDirectory, server: ServerSettings, 
             superlink_port,
             root_certificate=ca,
             authorized_keys=keys,
+            device=device,
             live=live,
             on_tick=lambda: _check_running(gateway, "the sites' gateway"),
         )

@@ -32,10 +32,12 @@ def state_dir(site: SiteSettings, client: ClientSettings) -> Path:
     return Path(client.state_dir or Path.home() / ".fedmed" / "sites" / site.name).resolve()
 
 
-def site_settings(site: SiteSettings, client: ClientSettings) -> SiteSettings:
-    """The site's settings with absolute paths and its ledger in the state directory."""
+def site_settings(site: SiteSettings, client: ClientSettings, device: str | None = None) -> SiteSettings:
+    """The site's settings with absolute paths, its ledger in the state directory and, when
+    given, its device (its own ``resources.device``, resolved)."""
     return replace(
         site,
+        device=site.device if device is None else device,
         data=str(Path(site.data).resolve()),
         ledger=str(state_dir(site, client) / "ledger.jsonl"),
         cache_dir=str(Path(site.cache_dir or default_cache_dir()).resolve()),

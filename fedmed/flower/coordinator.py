@@ -26,6 +26,7 @@ from fedmed.coordinator.initial_model import load_initial_model
 from fedmed.coordinator.outcome import RoundOutcome
 from fedmed.coordinator.recorder import RunRecorder
 from fedmed.coordinator.replies import Accepted, check_evaluation, check_reply
+from fedmed.device import resolve_device
 from fedmed.flower.packing import vector_to_record
 from fedmed.flower.replies import FlowerReply
 from fedmed.flower.rounds import PlainRound, RoundKind, SecureRound
@@ -55,6 +56,7 @@ class FederatedRun:
         self.model = build_model(ModelConfig.from_settings(run), seed=run.seed)
         self.reference = model_state(self.model)
         self.trained_parameters = trained_parameter_count(ModelConfig.from_settings(run))
+        self.model.to(resolve_device(self.run_dir.device()))  # scores the held-out set there
         self.server_eval = load_server_eval(run, self.model)
         self.velocity: State | None = None  # server momentum (FedAvgM)
         self.returning = 0  # on a resume: how many sites trained the last recorded round

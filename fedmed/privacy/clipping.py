@@ -20,6 +20,8 @@ what makes DP training slow. This module instead:
 
 Supported parameterised layers: Conv2d (groups=1, zero padding), Linear and GroupNorm; a
 model with any other parameterised layer is refused with the layer's name.
+
+Everything is computed on the device of the batch (the model's: ``fedmed.device``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
+
+from fedmed.device import exact_float32, synchronize
 
 SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm)
 
@@ -108,7 +112,19 @@ class PerSampleClipper:
         the weights then scale each sample's gradient before its group's sum is clipped.
 
         Returns (per-sample losses, gradient norms before clipping: per sample, or per group).
+        On CUDA every float32 product is computed in float32, not TF32 (``exact_float32``):
+        a norm computed short would let a clipped gradient pass the clip norm.
         """
+        with exact_float32(inputs.device):
+            return self._accumulate(inputs, per_sample_loss, sample_weights, groups)
+
+    def _accumulate(
+        self,
+        inputs: torch.Tensor,
+        per_sample_loss: Callable[[torch.Tensor], torch.Tensor],
+        sample_weights: torch.Tensor | None,
+        groups: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if sample_weights is not None and not bool(((sample_weights >= 0) & (sample_weights <= 1)).all()):
             raise ValueError(
                 "sample weights after clipping must lie in [0, 1]: larger ones would raise the "
@@ -129,7 +145,7 @@ class PerSampleClipper:
             if groups is not None:
                 rows = int(groups.max()) + 1
                 pieces = [_grouped(piece, groups, rows, sample_weights) for piece in pieces]
-            squared = torch.zeros(rows, dtype=torch.float64)  # summed over layers in double
+            squared = torch.zeros(rows, dtype=torch.float64, device=inputs.device)  # summed over layers in double
             for piece in pieces:
                 squared += piece.squared_norms().double()
             norms = squared.sqrt().to(inputs.dtype)
@@ -189,12 +205,15 @@ class _GhostConv(_Pieces):
         pixels = padded.flatten(2)  # (B, C, P)
         pixel_gram = torch.bmm(pixels.transpose(1, 2), pixels)  # (B, P, P)
         rows, cols = g.shape[2], g.shape[3]
+        on = x.device
         starts = (
-            torch.arange(rows)[:, None] * m.stride[0] * width + torch.arange(cols)[None, :] * m.stride[1]
+            torch.arange(rows, device=on)[:, None] * m.stride[0] * width
+            + torch.arange(cols, device=on)[None, :] * m.stride[1]
         ).flatten()
         kh, kw = m.kernel_size
         offsets = (
-            torch.arange(kh)[:, None] * m.dilation[0] * width + torch.arange(kw)[None, :] * m.dilation[1]
+            torch.arange(kh, device=on)[:, None] * m.dilation[0] * width
+            + torch.arange(kw, device=on)[None, :] * m.dilation[1]
         ).flatten()
         index = offsets[:, None] + starts[None, :]  # (kernel positions, T)
         patch_gram = pixel_gram[:, index[:, :, None], index[:, None, :]].sum(dim=1)  # (B, T, T)
@@ -264,7 +283,9 @@ class _Autotuner:
     """Remembers, per layer and per-sample input shape, which conv route ran fastest.
 
     Routes estimated at more than ``SLACK`` times the cheapest one's multiply-adds are not
-    even tried; the rest are timed once, on the first batch that reaches the layer.
+    even tried; the rest are timed once, on the first batch that reaches the layer. On CUDA
+    the clock is read only after the device has finished (``fedmed.device.synchronize``):
+    kernels run asynchronously, and without it the timing would be of their launch.
     """
 
     SLACK = 4.0
@@ -283,8 +304,10 @@ class _Autotuner:
             timings: dict[str, float] = {}
             for name, cost in costs.items():
                 if cost <= self.SLACK * cheapest:
+                    synchronize(x.device)  # the work queued before is not this route's
                     start = time.perf_counter()
                     CONV_ROUTES[name](m, x, g).squared_norms()
+                    synchronize(x.device)
                     timings[name] = time.perf_counter() - start
             self.choice[key] = min(timings, key=timings.__getitem__)
         return CONV_ROUTES[self.choice[key]](m, x, g)
@@ -300,7 +323,7 @@ def _grouped(piece: _Pieces, groups: torch.Tensor, count: int, weights: torch.Te
     for param, per_sample in piece.per_sample:
         if weights is not None:
             per_sample = per_sample * weights.to(per_sample.dtype).view(-1, *[1] * (per_sample.dim() - 1))
-        total = torch.zeros((count, *per_sample.shape[1:]), dtype=per_sample.dtype)
+        total = torch.zeros((count, *per_sample.shape[1:]), dtype=per_sample.dtype, device=per_sample.device)
         summed.append((param, total.index_add_(0, groups, per_sample)))
     return _Instantiated(summed)
 

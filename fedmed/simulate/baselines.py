@@ -24,6 +24,7 @@ from fedmed.config import RunSettings, SiteSettings
 from fedmed.coordinator.fedavg import server_step
 from fedmed.data.dicom import ReadOptions
 from fedmed.data.site import SiteSource, load_site
+from fedmed.device import resolve_device
 from fedmed.model import ModelConfig, build_model
 from fedmed.simulate.scenario import Scenario
 from fedmed.simulate.sites import SimulationData
@@ -42,11 +43,11 @@ def load_test_set(run: RunSettings, data: SimulationData, cache_dir: Path) -> tu
     return np.asarray(test.images), test.labels
 
 
-def test_scores(run: RunSettings, vector: np.ndarray, test: tuple[np.ndarray, np.ndarray]) -> dict:
-    """A packed model's scores on the held-out test set."""
+def test_scores(run: RunSettings, vector: np.ndarray, test: tuple[np.ndarray, np.ndarray], device: str = "cpu") -> dict:
+    """A packed model's scores on the held-out test set, computed on ``device``."""
     model = build_model(ModelConfig.from_settings(run))
     load_state(model, unpack(vector, model_state(model)))
-    return evaluate(model, *test)
+    return evaluate(model.to(resolve_device(device)), *test)
 
 
 NON_PRIVATE_EPOCHS = 20  # full passes of the pooled non-private baseline (its validation AUROC had levelled off)
@@ -86,9 +87,9 @@ def starting_state(run: RunSettings) -> dict[str, np.ndarray]:
     return model_state(build_model(ModelConfig.from_settings(run), seed=run.seed))
 
 
-def public_row(run: RunSettings, test: tuple[np.ndarray, np.ndarray]) -> dict:
+def public_row(run: RunSettings, test: tuple[np.ndarray, np.ndarray], device: str = "cpu") -> dict:
     """The public pre-trained model alone on the held-out test set: no site's data, no budget."""
-    scores = test_scores(run, pack(starting_state(run)), test)
+    scores = test_scores(run, pack(starting_state(run)), test, device)
     return {**_row("public", "public model alone", True, {"epsilon": 0.0}, scores), "schedule": "public pre-training"}
 
 
@@ -141,8 +142,10 @@ def run_centralized(
     out_dir: Path,
     cache_dir: Path,
     test: tuple[np.ndarray, np.ndarray],
+    device: str = "cpu",
 ) -> list[dict]:
-    """Pooled data, one model: non-private, then private at the scenario's largest budget."""
+    """Pooled data, one model: non-private, then private at the scenario's largest budget,
+    trained and scored on ``device`` (``simulation_device``)."""
     manifest = pooled_manifest(data, out_dir / "pooled.csv")
     budget = max(site.max_epsilon for site in scenario.site_settings)
     rows = []
@@ -159,24 +162,27 @@ def run_centralized(
             target_epsilon=budget,
             dp=dp,
             allow_outside_paths=True,
+            device=device,
         )  # the pooled manifest names the sites' own folders
         schedule = pooled_private_schedule(run, len(data.site_dirs)) if dp else non_private_schedule(run)
         vector, metrics = train_alone(schedule, site)
         rows.append(
-            {**_row(name, "pooled", dp, metrics, test_scores(run, vector, test)), "schedule": schedule_of(schedule)}
+            {
+                **_row(name, "pooled", dp, metrics, test_scores(run, vector, test, device)),
+                "schedule": schedule_of(schedule),
+            }
         )
     return rows
 
 
 def run_local(run: RunSettings, sites: list[SiteSettings], test: tuple[np.ndarray, np.ndarray]) -> list[dict]:
-    """Every site alone, with its own privacy settings; the ``sites``' ledgers are this
-    baseline's own (not the federation's)."""
+    """Every site alone, with its own privacy settings, on its own device; the ``sites``'
+    ledgers are this baseline's own (not the federation's)."""
     rows = []
     for site in sites:
         vector, metrics = train_alone(run, site)
-        rows.append(
-            {**_row("local", site.name, site.dp, metrics, test_scores(run, vector, test)), "schedule": schedule_of(run)}
-        )
+        scores = test_scores(run, vector, test, site.device)
+        rows.append({**_row("local", site.name, site.dp, metrics, scores), "schedule": schedule_of(run)})
     return rows
 
 

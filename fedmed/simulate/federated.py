@@ -8,18 +8,20 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from fedmed.config import RunSettings, SiteSettings
+from fedmed.config import RunSettings, SimulationSettings, SiteSettings
 from fedmed.deploy.launch import launch, start_simulation_superlink
 from fedmed.deploy.processes import ProcessWatch, free_port
 from fedmed.rundir import RunDirectory
-from fedmed.simulate.scenario import Scenario
+from fedmed.simulate.scenario import Scenario, simulation_device
 from fedmed.simulate.sites import SimulationData
 
 SIMULATION_ROUND_TIMEOUT = 24 * 3600.0  # virtual sites share the machine: a round may take long
 
 
 def site_settings(scenario: Scenario, data: SimulationData, state_dir: Path, cache_dir: Path) -> list[SiteSettings]:
-    """Each virtual site's settings, as a real site's node config would hold them."""
+    """Each virtual site's settings, as a real site's node config would hold them, with the
+    simulation's device (``simulation_device``)."""
+    device = simulation_device(scenario)
     return [
         replace(
             privacy,
@@ -27,6 +29,7 @@ def site_settings(scenario: Scenario, data: SimulationData, state_dir: Path, cac
             data=str(folder),
             ledger=str(state_dir / name / "ledger.jsonl"),
             cache_dir=str(cache_dir),
+            device=device,
         )
         for privacy, name, folder in zip(scenario.site_settings, data.names, data.site_dirs)
     ]
@@ -53,6 +56,15 @@ def run_settings(scenario: Scenario, data: SimulationData, run_dir: Path, cache_
     return run
 
 
+def federation_config(simulation: SimulationSettings, sites: int) -> str:
+    """Flower's simulation settings: one SuperNode per site, each reserving
+    ``cpus_per_site`` CPUs and, when ``gpus_per_site`` > 0, that share of a GPU (Ray)."""
+    config = f"num-supernodes={sites} client-resources-num-cpus={simulation.cpus_per_site}"
+    if simulation.gpus_per_site > 0:
+        config += f" client-resources-num-gpus={simulation.gpus_per_site}"
+    return config
+
+
 def run_federated(scenario: Scenario, data: SimulationData, run_dir: Path, cache_dir: Path, live: bool) -> RunDirectory:
     """Run the scenario's federation; returns its run directory (the same layout as
     ``fedmed-server``'s, with each virtual site's ledger under ``sites/``). Every process
@@ -68,14 +80,14 @@ def run_federated(scenario: Scenario, data: SimulationData, run_dir: Path, cache
     superlink = start_simulation_superlink(port, run_dir / "logs" / "superlink.log", run_dir / ".flwr", env)
     watch = ProcessWatch()
     try:
-        resources = f"num-supernodes={len(data.names)} client-resources-num-cpus={scenario.simulation.cpus_per_site}"
         status = launch(
             run,
             directory,
             superlink,
             "127.0.0.1",
             port,
-            federation_config=resources,
+            federation_config=federation_config(scenario.simulation, len(data.names)),
+            device=simulation_device(scenario),
             live=live,
             on_tick=lambda: watch.look({superlink.pid}),
         )

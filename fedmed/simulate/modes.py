@@ -12,7 +12,7 @@ from fedmed.report.write import write_run_report
 from fedmed.simulate.baselines import load_test_set, public_row, run_centralized, run_local
 from fedmed.simulate.federated import run_federated, run_settings, site_settings
 from fedmed.simulate.pretrained import pretrained_model
-from fedmed.simulate.scenario import Scenario
+from fedmed.simulate.scenario import Scenario, simulation_device
 from fedmed.simulate.sites import prepare_sites
 from fedmed.simulate.summary import comparison_table, federated_rows, sites_table, write_summary
 
@@ -21,16 +21,20 @@ def simulate(scenario: Scenario, modes: tuple[str, ...], out: Path, live: bool) 
     """Run ``modes`` of ``scenario`` under ``out`` (results in a new results-<time> folder),
     printing progress and the comparison."""
     started = time.monotonic()
+    device = simulation_device(scenario)  # refused here, before any site starts
     cache = out / "cache"
     print(
         f"scenario {scenario.name}: {scenario.site_count} sites, {scenario.run.rounds} rounds, "
-        f"{'DP' if all(s.dp for s in scenario.site_settings) else 'NON-PRIVATE'}; modes {', '.join(modes)}",
+        f"{'DP' if all(s.dp for s in scenario.site_settings) else 'NON-PRIVATE'}; modes {', '.join(modes)}; "
+        f"computing on {device}",
         flush=True,
     )
     data = prepare_sites(scenario, out / "data")
     print(data.table, flush=True)
     if scenario.pretrain.data:  # every row starts from the same public model
-        scenario = replace(scenario, run=replace(scenario.run, initial_model=str(pretrained_model(scenario, out))))
+        scenario = replace(
+            scenario, run=replace(scenario.run, initial_model=str(pretrained_model(scenario, out, device)))
+        )
     results = out / datetime.now().strftime("results-%Y%m%d-%H%M%S")
     results.mkdir(parents=True)
     comparison: list[dict] = []
@@ -43,11 +47,11 @@ def simulate(scenario: Scenario, modes: tuple[str, ...], out: Path, live: bool) 
     if "centralized" in modes or "local" in modes or run.initial_model:
         test = load_test_set(run, data, cache)
         if run.initial_model:
-            comparison.insert(0, public_row(run, test))
+            comparison.insert(0, public_row(run, test, device))
         if "centralized" in modes:
             print("centralized baselines (pooled data, non-private and private) ...", flush=True)
             comparison += run_centralized(
-                scenario, run, data, out_dir=results / "centralized", cache_dir=cache, test=test
+                scenario, run, data, out_dir=results / "centralized", cache_dir=cache, test=test, device=device
             )
         if "local" in modes:
             print("local baselines (each site alone) ...", flush=True)

@@ -26,9 +26,10 @@ def public_data(scenario: Scenario, out: Path) -> Path:
     return path
 
 
-def pretrained_model(scenario: Scenario, out: Path) -> Path:
-    """The public model for ``scenario``: trained now, or reused from an earlier simulation
-    under ``out`` with the same public data, pre-training settings and architecture."""
+def pretrained_model(scenario: Scenario, out: Path, device: str = "cpu") -> Path:
+    """The public model for ``scenario``: trained now on ``device``, or reused from an
+    earlier simulation under ``out`` with the same public data, pre-training settings and
+    architecture."""
     data = public_data(scenario, out)
     settings = replace(scenario.pretrain, data=str(data))
     stat = data.stat()
@@ -54,4 +55,4 @@ def pretrained_model(scenario: Scenario, out: Path) -> Path:
         val = f", public validation AUROC {record.val_auroc:.3f}" if record.val_auroc is not None else ""
         print(f"  public epoch {record.epoch}/{settings.epochs}: loss {record.train_loss:.4f}{val}", flush=True)
 
-    return pretrain_public(scenario.run, settings, folder, show)
+    return pretrain_public(scenario.run, settings, folder, show, device=device)

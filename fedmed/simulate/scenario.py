@@ -13,11 +13,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fedmed.config import PretrainSettings, RunSettings, SimulationSettings, SiteSettings
+from fedmed.config import DeviceSettings, PretrainSettings, RunSettings, SimulationSettings, SiteSettings
 from fedmed.config.fields import build, coerce, options
 from fedmed.config.files import parse_override, read_toml, route
 
-PARTS = {"simulation": SimulationSettings, "run": RunSettings, "site": SiteSettings, "pretrain": PretrainSettings}
+PARTS = {
+    "simulation": SimulationSettings,
+    "device": DeviceSettings,  # [resources] device, listed beside the simulation's other resources
+    "run": RunSettings,
+    "site": SiteSettings,
+    "pretrain": PretrainSettings,
+}
 TOP_LEVEL = ("name", "description")
 
 
@@ -31,6 +37,8 @@ class Scenario:
     site_settings: tuple[SiteSettings, ...] = ()
     # Public pre-training before the federation and the baselines (pretrain.data empty: none).
     pretrain: PretrainSettings = field(default_factory=PretrainSettings)
+    # Where the simulation computes ([resources] device): see simulation_device.
+    device: DeviceSettings = field(default_factory=DeviceSettings)
     scenario_file: str = field(default="", compare=False)
 
     @property
@@ -60,6 +68,7 @@ def load_scenario(path: Path | None, overrides: Sequence[str] = ()) -> Scenario:
         simulation=simulation,
         run=run,
         pretrain=build(PretrainSettings, values["pretrain"]),
+        device=build(DeviceSettings, values["device"]),
         site_settings=_per_site(values["site"], simulation.site_count),
         scenario_file=str(Path(path).resolve()) if path is not None else "",
     )
@@ -79,3 +88,49 @@ def _per_site(values: dict, count: int) -> tuple[SiteSettings, ...]:
         chosen = {name: value[index] if isinstance(value, list) else value for name, value in values.items()}
         sites.append(SiteSettings(**{name: coerce(SiteSettings, name, value) for name, value in chosen.items()}))
     return tuple(sites)
+
+
+def simulation_device(scenario: Scenario) -> str:
+    """Where the simulation computes, resolved; raises ValueError naming the setting to
+    change. One device serves the virtual sites, the coordinator's held-out scoring, the
+    baselines and the public pre-training, so that every row of the comparison is
+    computed alike.
+
+    The virtual sites are Ray actors: Ray hides the GPUs from an actor that reserves none
+    (``CUDA_VISIBLE_DEVICES`` empty) and shows one that reserves a share only its own GPU,
+    as cuda:0. So CUDA needs ``resources.gpus_per_site > 0``, "auto" means CUDA only
+    then, and a GPU is never named by its number here. Checked when the simulation
+    starts, before any site does (torch is loaded only now)."""
+    from fedmed.device import resolve_device
+
+    gpus, name = scenario.simulation.gpus_per_site, scenario.device.device
+    if gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"resources.gpus_per_site = {gpus:g} reserves GPUs for the virtual sites, but torch finds no "
+                "CUDA device on this machine; set resources.gpus_per_site = 0"
+            )
+    device = resolve_device(name)
+    if device.type == "cpu":
+        if gpus > 0:
+            raise ValueError(
+                f'resources.gpus_per_site = {gpus:g} reserves GPUs that resources.device = "{name}" leaves '
+                'idle; set resources.gpus_per_site = 0, or resources.device = "cuda"'
+            )
+        return "cpu"
+    if gpus == 0:
+        if name == "auto":
+            return "cpu"
+        raise ValueError(
+            f'resources.device = "{name}" needs resources.gpus_per_site > 0 in a simulation: Ray hides the '
+            "GPUs from virtual sites that reserve none; set resources.gpus_per_site (e.g. 0.25: four sites "
+            'share a GPU) or resources.device = "cpu"'
+        )
+    if device.index is not None:
+        raise ValueError(
+            f'resources.device = "{name}": in a simulation Ray gives each virtual site its own GPU; set '
+            'resources.device = "cuda"'
+        )
+    return "cuda"

@@ -3,7 +3,9 @@ model on the site's validation split, then train one private round through the l
 
 A ``SiteWork`` keeps the site's decoded, split data between rounds, so a long-lived
 process (the site runtime of ``fedmed-client``, or a simulation actor) loads it once, and
-its built network, so a round only loads the received weights into it.
+its built network, so a round only loads the received weights into it. The network lives
+on the site's own device (``site.device``: its ``resources.device``, never the run's), where
+the site validates and trains; its update leaves as the same CPU vector on any device.
 
 A spend is never lost and never repeated:
 
@@ -32,6 +34,7 @@ from torch import nn
 
 from fedmed import protocol
 from fedmed.config import PRIVACY_UNITS, RunSettings, SiteSettings
+from fedmed.device import resolve_device
 from fedmed.model import ModelConfig, build_model, fixed_inputs
 from fedmed.privacy.budget import PrivacyConfig
 from fedmed.privacy.ledger import PrivacyLedger
@@ -52,6 +55,7 @@ class SiteWork:
 
     def __init__(self, site: SiteSettings) -> None:
         self.site = site
+        self.device = resolve_device(site.device)  # a device this machine lacks fails here, not in a round
         self._splits: dict[tuple, SiteSplit] = {}
         self._models: dict[ModelConfig, nn.Module] = {}
         self._inputs: dict[tuple, SiteInputs] = {}  # one entry: the current run's
@@ -114,6 +118,7 @@ class SiteWork:
             run_id=run.run_id,
             round_number=round_number,
             reserved=releases.reserved(),
+            device=self.device,
         )
         trained = result.status == RoundStatus.TRAINED
         metrics.update(
@@ -273,7 +278,7 @@ class SiteWork:
         and every parameter and buffer is overwritten each time."""
         config = ModelConfig.from_settings(run)
         if config not in self._models:
-            self._models[config] = build_model(config)
+            self._models[config] = build_model(config).to(self.device)
         model = self._models[config]
         load_state(model, unpack(vector, model_state(model)))
         model.zero_grad(set_to_none=True)  # nothing of the last round's training carries over
