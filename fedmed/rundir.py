@@ -13,7 +13,7 @@
     tensorboard/           the same as TensorBoard event files, when tensorboard is installed
     flower-runs.jsonl      the Flower runs that carried this fedmed run (one per start or resume)
     identities.json        with site keys: the site name each registered key's node id is bound to
-    device.json            where the coordinator scores its held-out set (its resources.device, resolved)
+    device.json            where the coordinator scores its held-out set (its resources.device)
     logs/, server.log      the SuperLink's and the ServerApp's logs
     .flwr/, app/           Flower's config for this run and the app spec it submits
 
@@ -100,9 +100,10 @@ class RunDirectory:
         return {int(node): str(name) for node, name in json.loads(path.read_text(encoding="utf-8")).items()}
 
     def write_device(self, device: str) -> None:
-        """The coordinator's device for its own held-out scoring, resolved when the command
-        started; the ServerApp reads it here because the run's settings go to every site,
-        and a site's device is the site's own choice."""
+        """The coordinator's device for its own held-out scoring, checked when the command
+        started (``auto``, which cannot fail, is resolved by the ServerApp). The ServerApp
+        reads it here because the run's settings go to every site, and a site's device is
+        the site's own choice."""
         write_atomic(self.private(self.path / "device.json"), _json_bytes({"device": device}))
 
     def device(self) -> str:

@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args, PARTS, args.config)
         server = settings["server"]
         check_server(server)
-        device = str(resolve_device(settings["resources"].device))  # before any site joins
+        device = settings["resources"].device
+        if device not in ("auto", "cpu"):  # CUDA named: checked before any site joins; "auto"
+            device = str(resolve_device(device))  # cannot fail, and the ServerApp resolves it
         run, run_dir = resumed_run(args.resume) if args.resume else new_run(settings["run"], args.run_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
