@@ -53,7 +53,6 @@ def export_model(model_dir: Path | str, export_format: str, out_dir: Path | None
     out_dir = Path(out_dir) if out_dir is not None else loaded.path / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FILE_NAMES[export_format]
-    _traceable(loaded.model)
     wrapped = _probabilities(loaded.model).eval()
     example = torch.rand(2, 1, loaded.image_size, loaded.image_size, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():  # the tracers' notes on kymatio's shape arithmetic, not for users
@@ -148,25 +147,6 @@ def _export_pt2(wrapped: nn.Module, example: torch.Tensor, path: Path) -> None:
 
     program = torch.export.export(wrapped, (example,), dynamic_shapes=_batch_dimension())
     torch.export.save(program, str(path))
-
-
-def _traceable(model: nn.Module) -> None:
-    """Give a scattering stem a modulus that tracing can record (kymatio's is a custom
-    autograd function, which only matters for training; the values are the same)."""
-    from fedmed.model import ScatteringStem
-
-    stem = getattr(model, "frontend", None)
-    if isinstance(stem, ScatteringStem):
-        backend = stem.scattering.backend
-        stem.scattering.backend = type(
-            "TraceableBackend",
-            (backend if isinstance(backend, type) else type(backend),),
-            {"modulus": staticmethod(_modulus)},
-        )
-
-
-def _modulus(x: torch.Tensor) -> torch.Tensor:
-    return (x[..., 0] * x[..., 0] + x[..., 1] * x[..., 1]).sqrt()[..., None]
 
 
 def _export_onnx(wrapped: nn.Module, example: torch.Tensor, path: Path) -> None:

@@ -41,6 +41,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from fedmed.config import FRONTENDS, NORM_GROUPS, RunSettings
 from fedmed.device import device_of
+from fedmed.scattering import regroup, scattering_coefficients
 
 SMALL_INPUT_MAX = 64
 SCATTERING_MIN_SCALES = 2  # J at 32 px and less: every model trained before J grew with the image
@@ -105,6 +106,13 @@ class _FixedScattering(ScatteringTorch2D):
         current_filter = torch.from_numpy(v).unsqueeze(-1)
         self.register_buffer(f"tensor{n}", current_filter, persistent=False)
         return current_filter
+
+    def scattering(self, input: torch.Tensor) -> torch.Tensor:
+        """kymatio's transform with each scale's wavelets applied at once (``fedmed.scattering``)."""
+        phi, psi = self.load_filters()
+        images = input.reshape((-1,) + tuple(input.shape[-2:]))
+        coefficients = scattering_coefficients(images, self.pad, self.unpad, regroup(phi, psi, self.J))
+        return coefficients.reshape(tuple(input.shape[:-2]) + tuple(coefficients.shape[-3:]))
 
     # kymatio 0.3's deprecated aliases call a name it never imports; TorchScript export
     # (fedmed.export) reads every attribute, so they are plain properties here.

@@ -166,3 +166,20 @@ def test_a_cards_scattering_scales_win_over_the_rule():
 def test_bad_scattering_scales_are_explained(bad, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**bad)
+
+
+@pytest.mark.parametrize("size", [28, 64])
+def test_fedmeds_scattering_gives_kymatios_coefficients_to_the_last_bit(size):
+    """fedmed applies each scale's wavelets at once (fedmed.scattering); kymatio walks its
+    paths one by one. Same filters, same arithmetic: the same coefficients, bit for bit and
+    in kymatio's channel order (a swapped pair of paths would differ: random images give
+    every path its own values)."""
+    # kymatio's own module, imported by its path: kymatio.torch also loads its 3-D code
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D as Scattering2D
+
+    scales = scattering_scales(size)
+    stem = build_model(ModelConfig(depth=10, width=8, image_size=size, frontend="scattering")).frontend
+    images = torch.from_numpy(np.random.default_rng(size).random((3, 1, size, size), dtype=np.float32))
+    images[1] = images[1] ** 4  # a darker, skewed image beside the uniform ones
+    reference = Scattering2D(J=scales, shape=(size, size), L=8)(images).flatten(1, 2)
+    assert torch.equal(stem.coefficients(images), reference)
