@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-from pathlib import Path
 
-import numpy as np
-import pydicom
-import pytest
-from filelock import FileLock
+# One thread per process for torch's (OpenMP) pool, in the tests and in every process they
+# start (fedmed-client, fedmed-simulate, their sites), unless the caller chose otherwise.
+# `make test` runs two workers on two cores, each starting processes that train: with
+# torch's default of a thread per core their pools spin against each other (in a suite run
+# beside other work, a DP test on real X-rays took 156 s of CPU; alone it takes 13 s of wall
+# time). Set before torch is imported, and again below for safety.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from fedmed.data.export import SITE_STYLES, export_site
-from fedmed.data.synthetic import synthesize, synthetic_labels
-from tests.federation_helpers import BIN, run_simulate
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pydicom  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
+
+from fedmed.data.export import SITE_STYLES, export_site  # noqa: E402
+from fedmed.data.synthetic import synthesize, synthetic_labels  # noqa: E402
+from tests.federation_helpers import BIN, run_simulate  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 SHARED_DATA = Path(os.environ.get("FEDMED_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -135,7 +147,23 @@ def _run_shared_simulation(tmp: Path) -> list:
 PROCESS_FIXTURES = {"simulation"}
 
 
+# The longest modules, longest first (CPU seconds in a fresh-clone run, 2026-12-03). `make
+# test`'s workers take whole modules in collection order, so these go first: started last,
+# the 4-minute model-quality run alone kept one worker busy minutes after the other was done.
+LONGEST_FIRST = (
+    "test_model_quality.py",
+    "test_federation.py",
+    "test_predict.py",
+    "test_site_runtime.py",
+    "test_audit.py",
+    "test_federation_failures.py",
+    "test_admin_door.py",
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's own order is kept
