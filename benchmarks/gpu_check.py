@@ -301,12 +301,17 @@ def step_memory(args: argparse.Namespace) -> dict:
     }
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        free, total = torch.cuda.mem_get_info(device)
+        # Device memory outside torch's allocator at the end: the context, cuDNN's and cuBLAS's
+        # handles and workspaces loaded by the round.
+        outside = ((total - free) - torch.cuda.memory_reserved(device)) / 2**20
         data["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         data["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
         data["context_mib"] = round(context_mib or 0.0, 1)
-        per_site = data["context_mib"] + data["peak_reserved_mib"]
+        data["outside_torch_mib"] = round(outside, 1)
+        per_site = outside + data["peak_reserved_mib"]
         data["per_site_mib"] = round(per_site, 1)
-        data["gpu_mib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**20)
+        data["gpu_mib"] = round(total / 2**20)
         data["sites_per_gpu"] = int(data["gpu_mib"] // per_site)
         rows = [
             ("torch's peak allocation (`max_memory_allocated`)", f"{data['peak_allocated_mib']:,.0f} MiB"),
@@ -315,10 +320,14 @@ def step_memory(args: argparse.Namespace) -> dict:
                 f"{data['peak_reserved_mib']:,.0f} MiB",
             ),
             (
-                "the process's CUDA context (device memory in use after its first allocation)",
+                "the CUDA context alone (device memory in use after the first allocation)",
                 f"{data['context_mib']:,.0f} MiB",
             ),
-            ("**one site's process** (context + peak reservation)", f"**{per_site:,.0f} MiB**"),
+            (
+                "outside torch's allocator after the round (context, cuDNN and cuBLAS handles and workspaces)",
+                f"{data['outside_torch_mib']:,.0f} MiB",
+            ),
+            ("**one site's process** (outside torch + torch's peak reservation)", f"**{per_site:,.0f} MiB**"),
             (
                 f"sites one {data['gpu_mib'] / 1024:.0f} GiB GPU holds by memory",
                 f"{data['sites_per_gpu']} (`resources.gpus_per_site` >= {1 / max(data['sites_per_gpu'], 1):.3g})",
@@ -463,7 +472,7 @@ def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda", help="cuda (the default), cuda:N or cpu")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cuda (the default) or cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script itself on a CPU")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of torch in each step")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="the steps to run, in order")
