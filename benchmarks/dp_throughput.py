@@ -17,7 +17,9 @@ process (rounds of every variant interleaved, ``--repeats`` times, medians):
 
 ``channels-last``: the model's parameters in channels-last memory format (convolutions then
 run and return channels-last); ``compile``: ``nn.Module.compile()`` (torch.compile) of the
-model's forward pass. A variant whose round fails is reported with its error.
+model's forward pass; ``compile-hooks-eager``: the same with the clipper's recording hook
+kept out of the compiled graphs (DP rounds only). A variant whose round fails is reported
+with its error. BENCHMARKS.md, "DP-SGD throughput", has the results (2026-12-03).
 """
 
 from __future__ import annotations
