@@ -488,14 +488,17 @@ def main() -> None:
     for step in args.steps:
         print(f"gpu_check: {step} (at most {TIME_LIMITS[step]} s)", file=sys.stderr, flush=True)
         results[step] = run_step(step, args, [sys.executable])
-        state = "failed" if "failed" in results[step] else "skipped" if "skipped" in results[step] else "done"
-        print(f"gpu_check: {step} {state} in {results[step].get('seconds', '?')} s", file=sys.stderr, flush=True)
-    text = report(results, args, shown)
+        result = results[step]
+        state = "failed" if "failed" in result else "skipped" if "skipped" in result else "done"
+        print(f"gpu_check: {step} {state} in {result.get('seconds', '?')} s", file=sys.stderr, flush=True)
+        shown_now = [result.get("markdown", ""), result.get("skipped", ""), result.get("failed", "")]
+        print("\n".join(part for part in shown_now if part), file=sys.stderr, flush=True)
+        if args.out:  # after every step, so that a run stopped from outside keeps what it measured
+            args.out.write_text(report(results, args, shown))
     if args.out:
-        args.out.write_text(text)
         print(f"gpu_check: wrote {args.out}", file=sys.stderr)
     else:
-        print(text)
+        print(report(results, args, shown))
 
 
 if __name__ == "__main__":
