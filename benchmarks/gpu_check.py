@@ -19,27 +19,29 @@ Steps, each in a fresh process (so no step's memory or CUDA state is another's):
    about how many sites share one GPU (``resources.gpus_per_site``).
 
 Packages. torch with CUDA, torchvision, numpy and pytest must be on the machine. No step
-imports flwr (nor Ray): ``fedmed.train`` and the modules these steps use load it nowhere.
-The steps do import, and are skipped, naming what is missing, without them:
+imports flwr (nor Ray): ``fedmed.train`` and the modules these steps use never load it.
+Before a step runs, its packages are looked up; a step that lacks one is skipped and the
+report names the package:
 
 * every step but ``facts``: kymatio (``fedmed.model`` imports its 2-D scattering) and scipy
   (kymatio's dependency), plus kymatio's own small ones (appdirs, configparser);
 * ``throughput`` and ``memory``'s round (DP rounds): opacus (Poisson sampler; RDP
   accountant) with opt_einsum, and dp-accounting (the PLD noise calibration) with absl-py,
-  attrs, dm-tree, mpmath; without them ``memory`` measures the DP step alone instead;
+  attrs, dm-tree (and its wrapt) and mpmath; without them ``memory`` measures the DP step
+  alone instead of a round;
 * ``tests`` (test collection imports fedmed's CLI, site and simulation modules, and
   tests/conftest.py): all of the above, and pydicom, pylibjpeg with pylibjpeg-libjpeg,
   pylibjpeg-openjpeg and pylibjpeg-rle, cryptography (with cffi), psutil, tomli-w, filelock
   and requests.
 
-Where the GPU machine has no internet, carry them as wheels (``wheels/`` is ignored by git
-only if you make it so: carry it by name):
+Where the GPU machine has no internet, bring them as wheels in a folder of the working tree
+(mpmath and filelock come with torch):
 
     pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \\
         --no-deps -d wheels kymatio scipy appdirs configparser opacus opt_einsum dp-accounting \\
-        absl-py attrs dm-tree mpmath pydicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg \\
-        pylibjpeg-rle cryptography cffi pycparser psutil tomli-w filelock requests certifi \\
-        idna urllib3 charset-normalizer
+        absl-py "attrs<24" "dm-tree~=0.1.8" wrapt pydicom pylibjpeg pylibjpeg-libjpeg \\
+        pylibjpeg-openjpeg pylibjpeg-rle cryptography cffi pycparser psutil tomli-w requests \\
+        certifi idna urllib3 charset-normalizer
     # on the GPU machine, leaving its torch as it is:
     python3 -m pip install --no-index --no-deps wheels/*.whl
 
