@@ -15,7 +15,9 @@ memory is the growth over the memory held just before the first step, across eve
 (the first ones included: a site's first step autotunes the clipping routes): on the CPU
 the peak resident set (VmHWM, reset through /proc/self/clear_refs, as dp_throughput.py
 measures it; torch's allocations are invisible to tracemalloc); on CUDA
-``torch.cuda.max_memory_allocated``.
+``torch.cuda.max_memory_allocated``, reset before the first step, with its absolute peak
+too: what one site's model, batch and step hold on the GPU at most (the CUDA context is
+not counted: ``benchmarks/gpu_check.py`` measures it).
 """
 
 from __future__ import annotations
@@ -110,10 +112,14 @@ class PeakMemory:
             Path("/proc/self/clear_refs").write_text("5\n")  # restart the peak (VmHWM) from here
 
     def growth_mib(self) -> float:
+        return self.peak_mib() - self.before
+
+    def peak_mib(self) -> float:
+        """The peak since ``start``: of torch's allocations on CUDA, of the resident set on the CPU."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.before
-        return _status_mib("VmHWM") - self.before
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return _status_mib("VmHWM")
 
 
 def _status_mib(field: str) -> float:
@@ -137,7 +143,7 @@ def measure(size: int, frontend: str, device: torch.device, warmup: int, steps: 
     for _ in range(warmup):  # the first steps autotune the clipping routes
         step()
     seconds = float(np.median([_timed(step, device) for _ in range(steps)]))
-    return {
+    row = {
         "image_size": size,
         "frontend": frontend,
         "scattering_scales": config.scattering_scales,
@@ -150,6 +156,9 @@ def measure(size: int, frontend: str, device: torch.device, warmup: int, steps: 
         "coefficients_ms_per_image": None if coefficient_s is None else round(coefficient_s * 1000, 2),
         "timed_steps": steps,
     }
+    if device.type == "cuda":  # one site's whole footprint in torch's allocations, not only the step's
+        row["peak_gpu_memory_mib"] = round(memory.peak_mib(), 1)
+    return row
 
 
 def _timed(step: Callable[[], None], device: torch.device) -> float:
@@ -165,12 +174,12 @@ def _synchronized(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def run_child(args: argparse.Namespace, size: int, frontend: str) -> dict:
-    """``measure`` in a fresh process with the same threads and device."""
+def run_child(args: argparse.Namespace, size: int, frontend: str, timeout: float | None = None) -> dict:
+    """``measure`` in a fresh process with the same threads and device (killed after ``timeout`` s)."""
     command = [sys.executable, __file__, "--child", str(size), frontend, "--threads", str(args.threads)]
     command += ["--device", args.device, "--warmup", str(args.warmup), "--steps", str(steps_for(args, size))]
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}  # the child's OpenMP pool as torch's
-    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env, timeout=timeout)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -180,11 +189,13 @@ def steps_for(args: argparse.Namespace, size: int) -> int:
 
 
 def markdown(rows: list[dict], device: str) -> str:
-    memory = "peak GPU memory growth (MiB)" if device != "cpu" else "peak RSS growth (MiB)"
+    gpu = device != "cpu"
+    memory = "peak GPU memory growth (MiB)" if gpu else "peak RSS growth (MiB)"
+    per_site = " peak GPU memory per site (MiB) |" if gpu else ""
     lines = [
         f"| px | front-end | J | stages' input | trained params | DP step (ms, median) | img/s | {memory} "
-        "| coefficients (ms/image, once) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"|{per_site} coefficients (ms/image, once) |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for r in rows:
         side = f"{r['input_channels']} x {r['stage_input_side']}^2" if r["stage_input_side"] else "image"
@@ -192,7 +203,8 @@ def markdown(rows: list[dict], device: str) -> str:
             f"| {r['image_size']} | {r['frontend']} | {r['scattering_scales'] or '-'} | {side} | "
             f"{r['trained_parameters']:,} | {r['dp_step_ms']:,.1f} | {r['images_per_s']:,.1f} | "
             f"{r['peak_memory_growth_mib']:,.0f} | "
-            f"{'-' if r['coefficients_ms_per_image'] is None else format(r['coefficients_ms_per_image'], '.1f')} |"
+            + (f"{r['peak_gpu_memory_mib']:,.0f} | " if gpu else "")
+            + f"{'-' if r['coefficients_ms_per_image'] is None else format(r['coefficients_ms_per_image'], '.1f')} |"
         )
     return "\n".join(lines)
 
