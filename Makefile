@@ -19,9 +19,11 @@ demo: $(INSTALLED)
 	$(BIN)/fedmed-simulate simulations/default.toml --mode all --out $(DEMO)
 
 # Two workers (pytest-xdist): a module's tests stay on one worker, so each module's fixtures
-# run once, and the shared simulation runs once for both (tests/conftest.py).
+# run once, and the shared simulation runs once for both (tests/conftest.py). Modules go out
+# in collection order, which puts the longest first (tests/conftest.py: LONGEST_FIRST);
+# xdist's own reordering, by number of tests, would leave the one-test model-quality run last.
 test: $(INSTALLED)
-	$(BIN)/python -m pytest -n 2 --dist loadscope
+	$(BIN)/python -m pytest -n 2 --dist loadscope --no-loadscope-reorder
 
 # The part without real Flower processes, simulations or long training: for the edit-test loop.
 test-fast: $(INSTALLED)
