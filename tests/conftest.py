@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 
-# One thread per process for torch's (OpenMP) pool, in the tests and in every process they
-# start (fedmed-client, fedmed-simulate, their sites), unless the caller chose otherwise.
-# `make test` runs two workers on two cores, each starting processes that train: with
-# torch's default of a thread per core their pools spin against each other (in a suite run
-# beside other work, a DP test on real X-rays took 156 s of CPU; alone it takes 13 s of wall
-# time). Set before torch is imported, and again below for safety.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Under pytest-xdist (`make test`: two workers on two cores, each starting processes that
+# train), one thread per process for torch's (OpenMP) pool, in the tests and in every
+# process they start (fedmed-client, fedmed-simulate, their sites), unless the caller chose
+# otherwise: with torch's default of a thread per core their pools spin against each other
+# (in a suite run beside other work, a DP test on real X-rays took 156 s of CPU; alone it
+# takes 13 s of wall time). A run in one process (`make test-fast`) keeps torch's default.
+# Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import hashlib  # noqa: E402
 import json  # noqa: E402
@@ -27,7 +29,8 @@ from fedmed.data.export import SITE_STYLES, export_site  # noqa: E402
 from fedmed.data.synthetic import synthesize, synthetic_labels  # noqa: E402
 from tests.federation_helpers import BIN, run_simulate  # noqa: E402
 
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+if os.environ.get("OMP_NUM_THREADS"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 SHARED_DATA = Path(os.environ.get("FEDMED_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
