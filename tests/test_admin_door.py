@@ -9,6 +9,7 @@ import json
 import ssl
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def sites_dir(tmp_path_factory):
 
 def stranger(tmp: Path, certificates: Path, port: int, *args: str) -> subprocess.CompletedProcess:
     """A ``flwr`` command by someone with the CA certificate and the sites' address only."""
-    env = write_flower_home(tmp / "stranger-flwr", f"localhost:{port}", certificates / "ca.crt")
+    env = write_flower_home(tmp / f"stranger-flwr-{args[0]}", f"localhost:{port}", certificates / "ca.crt")
     return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True,
                           env=child_environ(env), timeout=120)
 
@@ -61,7 +62,6 @@ def test_a_stranger_with_the_ca_certificate_cannot_administer_the_federation_and
     make_site_key(tmp_path / "keys", "intruder")
     federation = Federation(tmp_path, sites_dir, certificates)
     run_dir = RunDirectory(tmp_path / "run")
-    probes: dict[str, subprocess.CompletedProcess] = {}
     try:
         federation.start_server("--rounds", "3", "--min-sites", "1", "--run-dir", str(run_dir.path),
                                 "--round-timeout", "120")
@@ -74,12 +74,18 @@ def test_a_stranger_with_the_ca_certificate_cannot_administer_the_federation_and
         assert run_dir.flower_runs(), federation.output("server")
         real_run = str(run_dir.flower_runs()[0])
         port = federation.port
-        probes["ls"] = stranger(tmp_path, certificates, port, "ls", CONNECTION, "--format", "json")
-        probes["register"] = stranger(tmp_path, certificates, port, "supernode", "register",
-                                      str(tmp_path / "keys" / "intruder.pub"), CONNECTION, "--format", "json")
         app = write_app(tmp_path / "stranger-app", RunSettings(rounds=1, run_id="run-stranger"))
-        probes["run"] = stranger(tmp_path, certificates, port, "run", str(app), CONNECTION, "--format", "json")
-        probes["stop"] = stranger(tmp_path, certificates, port, "stop", real_run, CONNECTION, "--format", "json")
+        commands = {
+            "ls": ["ls", CONNECTION],
+            "register": ["supernode", "register", str(tmp_path / "keys" / "intruder.pub"), CONNECTION],
+            "run": ["run", str(app), CONNECTION],
+            "stop": ["stop", real_run, CONNECTION],
+        }
+        # All at once: the tiny real run must still be going (and its port open) when they ask.
+        with ThreadPoolExecutor(len(commands)) as pool:
+            asked = {name: pool.submit(stranger, tmp_path, certificates, port, *command, "--format", "json")
+                     for name, command in commands.items()}
+            probes = {name: future.result() for name, future in asked.items()}
         with httpx.Client(verify=ssl.create_default_context(cafile=certificates / "ca.crt")) as client:
             raw = client.post(f"https://localhost:{port}/v1/control/list-runs", content=b"")
         assert federation.wait_server(600) == 0, federation.output("server")
