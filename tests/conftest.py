@@ -9,7 +9,7 @@ import os
 # process they start (fedmed-client, fedmed-simulate, their sites), unless the caller chose
 # otherwise: with torch's default of a thread per core their pools spin against each other
 # (in a suite run beside other work, a DP test on real X-rays took 156 s of CPU; alone it
-# takes 13 s of wall time). A run in one process (`make test-fast`) keeps torch's default.
+# takes 13 s of wall time). A run in one process (`pytest tests/test_x.py`) keeps torch's default.
 # Set before torch is imported.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
