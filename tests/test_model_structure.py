@@ -6,7 +6,6 @@ change to the blocks, the stages, the norm layer or the stem shows here. Their o
 checked too: a model is sent as its state dict's tensors in order (fedmed.vector).
 """
 
-import hashlib
 from functools import partial
 
 import pytest
@@ -19,7 +18,9 @@ from torchvision.models import resnet18, resnet34, resnet50
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from fedmed.config import FRONTENDS
+from fedmed.coordinator.model_card import weights_sha256
 from fedmed.model import SMALL_INPUT_MAX, ModelConfig, build_model
+from fedmed.weights import model_state
 
 TORCHVISION = {
     10: partial(ResNet, BasicBlock, [1, 1, 1, 1]),  # torchvision names no ResNet-10
@@ -84,30 +85,27 @@ def test_opacus_computes_every_per_sample_gradient(depth, frontend):
         torch.testing.assert_close(p.grad_sample.sum(0), p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-# SHA-256 (first 16 hex digits) over the names and float bytes of each seeded model's state
-# dict, width 8, 3 classes, recorded at 548b16a, before the model was built on torchvision's
-# ResNet.__init__: the rebuild kept every weight's name, order and value.
+# The first 16 hex digits of each seeded model's weights_sha256 (the model card's
+# fingerprint: float32 bytes in state-dict order), width 8, 3 classes, recorded at 548b16a,
+# before the model was built on torchvision's ResNet.__init__. With the names and order
+# checked above, the rebuild kept every weight's name, order and value.
 SEEDED_DIGESTS = {
-    (10, "pixels", 28): "c78ffd6216010070",
-    (10, "pixels", 96): "e9c0953fec4f00f9",
-    (10, "scattering", 28): "e263f00f6baee04d",
-    (18, "pixels", 28): "79391a6f1149d1f2",
-    (18, "pixels", 96): "3f491f44920c018d",
-    (18, "scattering", 28): "971cb62fa7dc7aa9",
-    (34, "pixels", 28): "843507273bd89cf8",
-    (34, "pixels", 96): "b535e9906ef5feda",
-    (34, "scattering", 28): "d31f790caf9c7d3b",
-    (50, "pixels", 28): "e1d0cea209e50ceb",
-    (50, "pixels", 96): "0d340a83327bc5e3",
-    (50, "scattering", 28): "61902070bcacbb96",
+    (10, "pixels", 28): "ab6c71758df3177f",
+    (10, "pixels", 96): "0d9bbdaa08abfbf5",
+    (10, "scattering", 28): "a184dd30fc209300",
+    (18, "pixels", 28): "7259f90879a62f74",
+    (18, "pixels", 96): "e8d7f7a4f1f5aea4",
+    (18, "scattering", 28): "43332ec299c85619",
+    (34, "pixels", 28): "f0ab852d5bdb3de7",
+    (34, "pixels", 96): "35a29feb2e4c6b75",
+    (34, "scattering", 28): "8292bc9e9682f7e7",
+    (50, "pixels", 28): "b892d3726703cc8e",
+    (50, "pixels", 96): "e88f4011c6807613",
+    (50, "scattering", 28): "528cdb33df6465ad",
 }
 
 
 @pytest.mark.parametrize(("depth", "frontend", "size"), list(SEEDED_DIGESTS))
 def test_a_seeded_model_has_the_weights_it_had_before_the_torchvision_rebuild(depth, frontend, size):
     model = build_model(ModelConfig(depth=depth, width=8, frontend=frontend, image_size=size, num_classes=3), seed=0)
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.contiguous().numpy().tobytes())
-    assert digest.hexdigest()[:16] == SEEDED_DIGESTS[depth, frontend, size]
+    assert weights_sha256(model_state(model))[:16] == SEEDED_DIGESTS[depth, frontend, size]
